@@ -1,0 +1,57 @@
+"""The original research flags, each mapped onto exactly one config field, plus --config and --set."""
+from __future__ import annotations
+
+import argparse
+
+from Generation.TrainGen.core.config import Config, build_config, load_yaml, parse_set
+
+# flag -> (config field, type); `None` type means a store_true flag that sets the given value
+TRAIN_FLAGS = {
+    "mode": ("mode.name", str), "strategy": ("strategy.name", str), "epochs": ("optim.epochs", int),
+    "val_interval": ("runtime.val_interval", int), "batch_size": ("optim.batch_size", int),
+    "image_size": ("data.image_size", int), "compute": ("paths.compute", str),
+    "num_timesteps": ("strategy.num_timesteps", int), "warmup_epochs": ("optim.warmup_epochs", int),
+    "data_dir": ("data.data_dir", str), "run_dir": ("paths.run_dir", str), "seed": ("runtime.seed", int),
+    "max_steps": ("optim.max_steps", int), "resume": ("runtime.resume", str),
+    "init_from": ("runtime.init_from", str), "lr": ("optim.lr", float),
+}
+SWITCHES = {
+    "multi_gpu": ("runtime.multi_gpu", True), "find_lr": ("optim.find_lr", True), "no_ema": ("ema.enabled", False),
+    "no_min_snr": ("optim.min_snr", False), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
+    "positive_only": ("data.positive_only", True),
+}
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Register --name and, where it differs, --name-with-dashes (both spellings work everywhere)."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, flags=TRAIN_FLAGS, switches=SWITCHES) -> None:
+    add_flag(parser, "config", action="append", default=[], metavar="FILE", help="YAML preset(s), applied in order")
+    add_flag(parser, "set", action="append", default=[], metavar="KEY=VALUE",
+             help="override any field, e.g. --set optim.lr=3e-4 (repeatable)")
+    for name, (field, tp) in flags.items():
+        add_flag(parser, name, type=tp, default=None, help=f"-> {field}")
+    for name, (field, value) in switches.items():
+        add_flag(parser, name, action="store_true", help=f"-> {field}={value}")
+
+
+def _nested(field: str, value) -> dict:
+    out: dict = {}
+    node = out
+    keys = field.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace, flags=TRAIN_FLAGS, switches=SWITCHES) -> Config:
+    layers = [load_yaml(path) for path in args.config]
+    layers += [parse_set(item) for item in args.set]
+    layers += [_nested(field, getattr(args, name)) for name, (field, _) in flags.items()
+               if getattr(args, name) is not None]
+    layers += [_nested(field, value) for name, (field, value) in switches.items() if getattr(args, name)]
+    return build_config(*layers)

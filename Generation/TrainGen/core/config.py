@@ -1,0 +1,261 @@
+"""Typed configuration tree: defaults here, presets in config/*.yaml, overrides from the CLI.
+
+Precedence (later wins): dataclass defaults < --config FILE (one or more) < --set a.b=v < explicit flags.
+Unknown keys and wrong types raise UserError naming the key, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.fileio import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None          # None: the default root of paths.compute (locally the demo dataset)
+    format: Literal["auto", "nifti", "images"] = "auto"  # auto: image folders for mode=class, NIfTI otherwise
+    layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
+    modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
+    mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1}, BraTS labels)
+    image_size: int = 128                # square output size after crop/pad + resize
+    crop_size: int | None = None         # centre crop in-plane before resizing (e.g. 192 for 240x240 BraTS)
+    positive_only: bool = False          # keep only slices containing any mask voxel
+    norm_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume robust range -> [0,1]
+    mask_mode: Literal["binary", "classes"] = "binary"  # binary: mask>0; classes: keep label ids
+    val_fraction: float = 0.2            # flat folder of subjects: share held out for validation
+    split_seed: int = 0                  # seed of that split (independent of the training seed)
+    labels_csv: str | None = None        # image folders: optional CSV (filename,label) instead of class folders
+    cache: bool = True                   # build preprocessed slices once, reuse while inputs and params match
+    cache_dir: str | None = None         # None: <paths cache root>/slices
+    cache_device: Literal["cpu", "cuda"] = "cpu"  # where the cached tensors live during training
+    skip_bad: bool = False               # leave out subjects that fail the scan instead of stopping
+    num_workers: int = 0                 # processes reading volumes while building the cache (0: in-process)
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "data.image_size must be at least 8")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(len(self.norm_percentiles) == 2 and 0 <= self.norm_percentiles[0] < self.norm_percentiles[1] <= 100,
+               "data.norm_percentiles must be two increasing numbers in [0, 100]")
+        _check(self.layout != "custom" or bool(self.modalities), "data.layout=custom needs data.modalities")
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "small", "base128", "base256"] = "base128"  # see core/network.py
+    channels: list[int] | None = None    # override the preset's channels per level
+    attention_levels: list[bool] | None = None  # override the preset's attention per level
+    num_res_blocks: int | None = None    # override the preset's residual blocks per level
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddpm"                   # key of STRATEGIES (ddpm, rflow, or a registered one)
+    num_timesteps: int = 1000            # training time discretisation
+    schedule: Literal["linear", "cosine"] = "linear"  # DDPM beta schedule
+    prediction: Literal["epsilon", "v"] = "epsilon"   # DDPM network target (rflow always predicts velocity)
+    time_sampling: Literal["uniform", "logit-normal"] = "uniform"  # rflow training-time distribution
+    sampler: str | None = None           # None: the strategy's default (ddpm -> ddpm, rflow -> euler)
+    sample_steps: int | None = None      # None: num_timesteps for ancestral DDPM, 50 for DDIM, 30 for Euler
+
+    def __post_init__(self):
+        _check(self.num_timesteps >= 2, "strategy.num_timesteps must be at least 2")
+
+
+@dataclass
+class ModeConfig:
+    name: str = "bravo"                  # key of MODES (seg, bravo, dual, class, segment, or a registered one)
+    cfg_dropout: float = 0.1             # class mode: label dropout for classifier-free guidance
+    guidance_scale: float = 1.0          # class mode: sampling guidance (1 = plain conditional)
+    image_key: str = "bravo"             # segment mode: the conditioning image modality
+    ensemble: int = 1                    # segment mode: samples averaged per prediction at inference
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 500
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0            # AdamW; diffusion UNets are usually trained without decay
+    warmup_epochs: int = 5               # linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0               # max global grad norm
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    min_snr: bool = True                 # Min-SNR-gamma loss weighting (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    max_steps: int | None = None         # stop after this many optimizer steps (None: run all epochs)
+    find_lr: bool = False                # run the LR range test first
+    perceptual_weight: float = 0.0       # RadImageNet feature loss on the predicted clean image (0: off)
+
+    def __post_init__(self):
+        _check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
+               "optim.epochs, optim.batch_size and optim.grad_accum must be positive")
+        _check(self.lr > 0, "optim.lr must be positive")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    beta: float = 0.9999
+    update_after_step: int = 100         # plain copy before this, so early samples are not stuck at init
+    update_every: int = 10
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (no fp16: NaNs)
+    compile: bool = False                # torch.compile the UNet
+    channels_last: bool = True           # CUDA only
+    multi_gpu: bool = False              # DDP (torchrun / srun)
+    val_interval: int = 10               # epochs between validation + sample grids
+    num_val_samples: int = 16            # images in the sample grid
+    log_interval: int = 20               # steps between scalar logs (loss read back from the device only then)
+    keep_last: int = 3                   # checkpoints kept besides the best
+    resume: str | None = None            # auto | PATH
+    init_from: str | None = None         # weights of another run to fine-tune from
+    max_nonfinite: int = 5               # stop after this many consecutive non-finite steps
+    early_stop_patience: int | None = None  # segment mode: validations without Dice improvement
+
+
+@dataclass
+class PathsConfig:
+    compute: Literal["local", "cluster"] = "local"
+    run_dir: str | None = None           # None: <output root>/<mode>_<strategy>_<image_size>_<timestamp>
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return value as type tp, or raise UserError naming the key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{key} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}' (known in {prefix[:-1] or 'the top level'}: "
+                        f"{', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(item: str) -> dict:
+    """'a.b=3' -> {'a': {'b': 3}}; the value is parsed as a YAML scalar (3, 0.1, true, [1, 2], null)."""
+    if "=" not in item:
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    path, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    keys = path.strip().split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def build_config(*layers: dict) -> Config:
+    values: dict = {}
+    for layer in layers:
+        values = merge(values, layer)
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file + replace)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,249 @@
+"""NIfTI datasets: layout presets, subject discovery, a full-array scan, and slice preprocessing.
+
+Conventions (all loaders, the cache and the generator share them):
+  * volumes are reoriented to RAS; axial slices are taken along S and shown with anterior at the top
+    and the subject's left on the image's left (`to_slices` / `from_slices` are exact inverses);
+  * images are normalised per volume: the [p_lo, p_hi] percentiles of the non-zero voxels map to [0, 1],
+    values outside are clipped (data.norm_percentiles, default 0.5 and 99.5);
+  * masks are {0, 1} (data.mask_mode=binary: any label > 0) or integer label ids (mask_mode=classes);
+  * slices are centre-cropped (data.crop_size), zero-padded to a square and resized to data.image_size,
+    bilinear with antialiasing for images, nearest for masks;
+  * slices whose image channels are all zero (outside the head) are dropped; with data.positive_only
+    only slices holding at least one mask voxel are kept.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations as ornt
+
+from Generation.TrainGen.core.errors import UserError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Layout:
+    patterns: dict[str, str]          # role -> file name glob without suffix
+    mask_labels: tuple[int, ...]      # values a mask may hold
+
+
+LAYOUTS = {
+    "original": Layout({"seg": "seg", "bravo": "bravo", "t1_pre": "t1_pre", "t1_gd": "t1_gd"}, (0, 1)),
+    # BraTS: bravo is mapped onto FLAIR, the sequence on which edema shows, as in the original data.
+    "brats2021": Layout({"seg": "*_seg", "t1_pre": "*_t1", "t1_gd": "*_t1ce", "t2": "*_t2", "bravo": "*_flair"},
+                        (0, 1, 2, 4)),
+    "brats2023": Layout({"seg": "*-seg", "t1_pre": "*-t1n", "t1_gd": "*-t1c", "t2": "*-t2w", "bravo": "*-t2f"},
+                        (0, 1, 2, 3)),
+}
+
+
+def layout_from_config(data_cfg) -> Layout:
+    if data_cfg.layout == "custom":
+        base = Layout(dict(data_cfg.modalities), (0, 1))
+    else:
+        base = LAYOUTS[data_cfg.layout]
+        base = Layout({**base.patterns, **data_cfg.modalities}, base.mask_labels)
+    if data_cfg.mask_labels is not None:
+        base = Layout(base.patterns, tuple(data_cfg.mask_labels))
+    return base
+
+
+@dataclass
+class Problem:
+    path: Path
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+# ---------------------------------------------------------------- discovery
+def _match(folder: Path, pattern: str) -> list[Path]:
+    return sorted(p for s in NIFTI_SUFFIXES for p in folder.glob(pattern + s) if p.is_file())
+
+
+def _is_subject(folder: Path, layout: Layout) -> bool:
+    return any(_match(folder, pat) for pat in layout.patterns.values())
+
+
+def find_splits(root: Path, layout: Layout, val_fraction: float, split_seed: int) -> dict[str, list[Path]]:
+    """{split: [subject folders]} from <root>/<split>/<subject>/ or a flat <root>/<subject>/ (seeded split)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder does not exist")
+    named = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()}
+    if named:
+        splits = {s: sorted(d for d in p.iterdir() if d.is_dir() and _is_subject(d, layout)) for s, p in named.items()}
+    else:
+        subjects = sorted(d for d in root.iterdir() if d.is_dir() and _is_subject(d, layout))
+        order = np.random.default_rng(split_seed).permutation(len(subjects))
+        n_val = int(round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
+        splits = {"train": sorted(subjects[i] for i in order[n_val:]),
+                  "val": sorted(subjects[i] for i in order[:n_val])}
+    if not any(splits.values()):
+        expected = ", ".join(p + NIFTI_SUFFIXES[0] for p in layout.patterns.values())
+        raise UserError(f"{root}: no subject folders found (empty folder, or no files named like {expected})")
+    return splits
+
+
+def subject_files(subject: Path, layout: Layout, roles: list[str]) -> tuple[dict[str, Path], list[Problem]]:
+    files, problems = {}, []
+    for role in roles:
+        pattern = layout.patterns.get(role)
+        if pattern is None:
+            raise UserError(f"modality '{role}' is not defined by this layout (known: {', '.join(layout.patterns)})")
+        found = _match(subject, pattern)
+        if not found:
+            problems.append(Problem(subject, f"missing modality '{role}' (no file matching {pattern}.nii[.gz])"))
+        elif len(found) > 1:
+            problems.append(Problem(subject, f"ambiguous modality '{role}': {', '.join(p.name for p in found)}"))
+        else:
+            files[role] = found[0]
+    return files, problems
+
+
+# ---------------------------------------------------------------- reading and checking
+def read_volume(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, Problem | None]:
+    """Read the whole array (a truncated .nii.gz only fails on the last voxel) and reorient to RAS."""
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        affine = img.affine
+    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return None, None, Problem(path, f"unreadable or truncated file ({reason})")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        return None, None, Problem(path, f"wrong dimensionality: {data.ndim}D array of shape {data.shape}, "
+                                         "expected a 3D volume or a 2D slice")
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+    data = ornt.apply_orientation(data, transform)
+    affine = affine @ ornt.inv_ornt_aff(transform, data.shape)
+    return np.ascontiguousarray(data), affine, None
+
+
+def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: dict, layout: Layout) -> list[Problem]:
+    problems = []
+    ref = "seg" if "seg" in vols else next(iter(vols))
+    for role, vol in vols.items():
+        path = files[role]
+        if role != ref and vol.shape != vols[ref].shape:
+            problems.append(Problem(path, f"shape {vol.shape} differs from {files[ref].name} {vols[ref].shape}"))
+        elif role != ref and not np.allclose(affines[role], affines[ref], atol=1e-3):
+            problems.append(Problem(path, f"affine differs from {files[ref].name} (not in the same space)"))
+        n_bad = int(np.size(vol) - np.count_nonzero(np.isfinite(vol))) if vol.dtype.kind == "f" else 0
+        if n_bad:
+            problems.append(Problem(path, f"{n_bad} NaN/inf voxels"))
+            continue
+        if role == "seg":
+            values = np.unique(vol)
+            if not np.all(np.isin(values, layout.mask_labels)):
+                shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")
+                problems.append(Problem(path, f"mask values {{{shown}}} are not in the expected labels "
+                                              f"{set(layout.mask_labels)} (set data.mask_labels if intended)"))
+            elif not values.any():
+                problems.append(Problem(path, "empty mask (no tumour voxels)", fatal=False))
+        elif not np.any(vol):
+            problems.append(Problem(path, "all-zero image"))
+    return problems
+
+
+def load_subject(subject: Path, layout: Layout, roles: list[str]) -> tuple[dict[str, np.ndarray], list[Problem]]:
+    """Read and check every modality of one subject; volumes are returned only when nothing fatal was found."""
+    files, problems = subject_files(subject, layout, roles)
+    vols, affines = {}, {}
+    for role, path in files.items():
+        vol, affine, problem = read_volume(path)
+        if problem:
+            problems.append(problem)
+        else:
+            vols[role], affines[role] = vol, affine
+    if vols:
+        problems += check_volumes(files, vols, affines, layout)
+    return ({} if any(p.fatal for p in problems) else vols), problems
+
+
+# ---------------------------------------------------------------- preprocessing
+def to_slices(vol: np.ndarray) -> np.ndarray:
+    """RAS volume (X, Y, Z) -> axial slices (Z, H, W), anterior at the top, left on the left."""
+    return np.ascontiguousarray(np.flip(vol, 1).transpose(2, 1, 0))
+
+
+def from_slices(slices: np.ndarray) -> np.ndarray:
+    """Inverse of to_slices: (Z, H, W) -> RAS volume (X, Y, Z)."""
+    return np.ascontiguousarray(np.flip(slices.transpose(2, 1, 0), 1))
+
+
+def normalise(vol: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
+    vol = vol.astype(np.float32)
+    fg = vol[vol > 0]
+    if fg.size == 0:
+        return np.zeros_like(vol)
+    lo, hi = np.percentile(fg, percentiles)
+    if hi <= lo:
+        return (vol > 0).astype(np.float32)
+    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0)
+
+
+def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch.Tensor:
+    """(N, C, H, W): centre crop to `crop`, zero-pad to a square, resize to size x size."""
+    h, w = x.shape[-2:]
+    if crop is not None:
+        top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+        x = x[..., top:top + crop, left:left + crop]
+        h, w = x.shape[-2:]
+    side = max(h, w)
+    if (h, w) != (side, side):
+        ph, pw = side - h, side - w
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    if side == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest-exact")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
+
+
+@dataclass
+class Preprocess:
+    image_size: int
+    crop_size: int | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    mask_mode: str = "binary"
+    positive_only: bool = False
+    image_roles: list[str] = field(default_factory=list)
+    with_mask: bool = True
+
+    def __call__(self, vols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Volumes of one subject -> {'images': (S, C, H, W) float32, 'masks': (S, 1, H, W) uint8, 'index': (S,)}."""
+        imgs = np.stack([to_slices(normalise(vols[r], self.percentiles)) for r in self.image_roles], 1) \
+            if self.image_roles else None
+        mask = None
+        if self.with_mask:
+            seg = to_slices(vols["seg"])
+            mask = (seg > 0) if self.mask_mode == "binary" else np.rint(seg)
+            mask = mask.astype(np.uint8)[:, None]
+        keep = np.ones(len(mask if mask is not None else imgs), bool)
+        if imgs is not None:
+            keep &= imgs.reshape(len(imgs), -1).any(1)
+        if self.positive_only and mask is not None:
+            keep &= mask.reshape(len(mask), -1).any(1)
+        out = {"index": torch.from_numpy(np.flatnonzero(keep))}
+        if imgs is not None:
+            out["images"] = fit_square(torch.from_numpy(imgs[keep]), self.image_size, self.crop_size, "bilinear")
+            out["images"] = out["images"].clamp_(0, 1)
+        if mask is not None:
+            m = fit_square(torch.from_numpy(mask[keep]).float(), self.image_size, self.crop_size, "nearest")
+            out["masks"] = m.to(torch.uint8)
+        return out

@@ -1,0 +1,22 @@
+"""User-facing failures: one clear line and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, config, data). Printed as one line, exit code 2."""
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run an entry point; turn UserError into `error: ...` on stderr and exit 2."""
+    try:
+        code = main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

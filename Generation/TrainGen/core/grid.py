@@ -1,0 +1,50 @@
+"""Image grids as PNG: sample grids, dataset previews, mask outlines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from Generation.TrainGen.core.fileio import atomic_write
+
+OUTLINE_RGB = (1.0, 0.15, 0.1)
+
+
+def outline(mask: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) {0,1} -> the mask's inner boundary (mask minus its 4-neighbour erosion)."""
+    m = (mask > 0.5).float()
+    eroded = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    return (m - eroded).clamp(0, 1)
+
+
+def to_rgb(images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, H, W) in [0,1] with C in {1, 3} -> (N, 3, H, W); mask outlines painted on top when given."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+    if masks is not None:
+        edge = outline(masks.detach().float().cpu())
+        colour = torch.tensor(OUTLINE_RGB).view(1, 3, 1, 1)
+        rgb = rgb * (1 - edge) + colour * edge
+    return rgb
+
+
+def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """(N, 3, H, W) in [0,1] -> (rows*H, nrow*W, 3) uint8 with `pad` black pixels between tiles."""
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, masks: torch.Tensor | None = None,
+              scale: int = 1) -> Path:
+    arr = make_grid(to_rgb(images, masks), nrow)
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

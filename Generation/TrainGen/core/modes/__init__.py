@@ -1,0 +1,14 @@
+"""Modes: WHAT is generated. MODES maps a --mode name to its class; register your own the same way."""
+from Generation.TrainGen.core.modes.base import Mode
+from Generation.TrainGen.core.modes.masks import SegMode, SegmentMode
+from Generation.TrainGen.core.modes.images import BravoMode, ClassMode, DualMode
+
+MODES: dict[str, type[Mode]] = {
+    "seg": SegMode,
+    "bravo": BravoMode,
+    "dual": DualMode,
+    "class": ClassMode,
+    "segment": SegmentMode,
+}
+
+__all__ = ["MODES", "Mode"]

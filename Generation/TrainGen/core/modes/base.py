@@ -1,0 +1,67 @@
+"""A mode says what is generated and what conditions it.
+
+Data arrive in [0, 1] (masks {0, 1}); the diffusion space is [-1, 1]. A mode splits a batch into the
+clean target x0 and the conditioning, builds the network input from the noisy sample and the conditioning
+(channel concatenation for images and masks, class labels for the class embedding), and turns a generated
+tensor back into named outputs.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Mode:
+    name = "base"
+    image_folder = False              # True: reads class image folders instead of NIfTI subjects
+    generated_roles: list[str] = []   # data roles that are generated (in channel order)
+    condition_roles: list[str] = []   # data roles concatenated as conditioning channels
+
+    def __init__(self, cfg, num_classes: int | None = None, image_channels: int | None = None):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.image_channels = image_channels
+
+    def roles(self) -> list[str]:
+        return list(dict.fromkeys(self.generated_roles + self.condition_roles))
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.generated_roles)
+
+    @property
+    def in_channels(self) -> int:
+        return self.out_channels + len(self.condition_roles)
+
+    @property
+    def class_embeds(self) -> int | None:
+        return None
+
+    def _role(self, batch: dict, role: str) -> torch.Tensor:
+        if role == "seg":
+            return batch["masks"]
+        return batch["images"][:, self.image_roles.index(role)].unsqueeze(1)
+
+    @property
+    def image_roles(self) -> list[str]:
+        return [r for r in self.roles() if r != "seg"]
+
+    def split(self, batch: dict, train: bool = False, generator=None) -> tuple[torch.Tensor, dict]:
+        """batch -> (x0 in [-1, 1], cond). cond['concat'] holds conditioning channels in [-1, 1]."""
+        x0 = torch.cat([self._role(batch, r) for r in self.generated_roles], 1) * 2 - 1
+        cond = {}
+        if self.condition_roles:
+            cond["concat"] = torch.cat([self._role(batch, r) for r in self.condition_roles], 1) * 2 - 1
+        return x0, cond
+
+    def forward(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float = 1.0):
+        """The network's prediction for x_t at time t (guidance is used by class mode only)."""
+        net_in = torch.cat([x_t, cond["concat"]], 1) if "concat" in cond else x_t
+        return model(net_in, t)
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generated tensor in [-1, 1] -> {role: tensor in [0, 1]} (masks thresholded to {0, 1})."""
+        out = {}
+        for i, role in enumerate(self.generated_roles):
+            v = ((x[:, i:i + 1] + 1) / 2).clamp(0, 1)
+            out[role] = (v > 0.5).float() if role == "seg" else v
+        return out

@@ -1,0 +1,33 @@
+"""Train a diffusion model: a strategy (how to diffuse) x a mode (what to generate).
+
+    python Generation/TrainGen/train.py --mode bravo --strategy rflow --epochs 500 --batch_size 16 --image_size 128
+    python Generation/TrainGen/train.py --check_data --data_dir DIR       # scan a dataset and report problems
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from Generation.TrainGen.core.cli import add_config_flags, add_flag, config_from_args  # noqa: E402
+from Generation.TrainGen.core.dataset import check_data  # noqa: E402
+from Generation.TrainGen.core.errors import run_main  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
+    add_flag(parser, "check_data", action="store_true", help="scan the dataset in full, report problems, exit")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    if args.check_data:
+        return check_data(cfg)
+    from Generation.TrainGen.core.trainer import train
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)

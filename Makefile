@@ -1,0 +1,34 @@
+# Two commands do all the set-up:  `make demo`  and  `make test`.
+# Both build .venv on first use.  Torch is installed first, on its own:
+#   CPU machines (and this project's CI):  make test            -> torch==2.13.0 (CPU wheel from the local wheel cache)
+#   CUDA machines:  make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#   (or any build you already trust:  make venv TORCH_SPEC="torch==2.8.0")
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+DEMO_DIR    ?= .cache/demo
+STAMP       := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean-cache
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) Generation/TrainGen/demo.py --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/benchmark.py --device cpu --preset tiny
+
+clean-cache:
+	rm -rf .cache

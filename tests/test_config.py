@@ -1,0 +1,87 @@
+import argparse
+
+import pytest
+import yaml
+
+from Generation.TrainGen.core.cli import TRAIN_FLAGS, add_config_flags, config_from_args
+from Generation.TrainGen.core.config import Config, build_config, load_yaml, save_config
+from Generation.TrainGen.core.errors import UserError
+from config.paths import REPO_ROOT, PathConfig
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    return config_from_args(p.parse_args(list(argv)))
+
+
+def test_defaults_are_valid():
+    cfg = build_config()
+    assert cfg.strategy.num_timesteps == 1000 and cfg.optim.min_snr_gamma == 5.0 and cfg.ema.enabled
+
+
+def test_original_flags_map_onto_fields():
+    cfg = parse("--mode", "dual", "--strategy", "rflow", "--epochs", "7", "--batch_size", "3", "--image_size", "64",
+                "--num_timesteps", "50", "--warmup_epochs", "2", "--val_interval", "4", "--no_ema", "--no_min_snr",
+                "--multi_gpu", "--find_lr", "--seed", "9", "--max_steps", "11")
+    assert (cfg.mode.name, cfg.strategy.name, cfg.optim.epochs, cfg.optim.batch_size) == ("dual", "rflow", 7, 3)
+    assert (cfg.data.image_size, cfg.strategy.num_timesteps, cfg.optim.warmup_epochs) == (64, 50, 2)
+    assert cfg.runtime.val_interval == 4 and cfg.runtime.multi_gpu and cfg.optim.find_lr
+    assert not cfg.ema.enabled and not cfg.optim.min_snr
+    assert (cfg.runtime.seed, cfg.optim.max_steps) == (9, 11)
+
+
+def test_dash_spelling_is_accepted():
+    assert parse("--batch-size", "5", "--image-size", "32").optim.batch_size == 5
+
+
+def test_precedence_file_then_set_then_flag(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("optim:\n  lr: 0.5\n  batch_size: 2\ndata:\n  image_size: 48\n")
+    cfg = parse("--config", str(f), "--set", "optim.batch_size=4", "--set", "data.image_size=40",
+                "--image_size", "32")
+    assert cfg.optim.lr == 0.5 and cfg.optim.batch_size == 4 and cfg.data.image_size == 32
+
+
+@pytest.mark.parametrize("item,message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("nosuch.x=1", "unknown config key 'nosuch'"),
+    ("optim.epochs=abc", "optim.epochs must be int"),
+    ("runtime.multi_gpu=3", "runtime.multi_gpu must be bool"),
+    ("strategy.schedule=quadratic", "strategy.schedule must be one of linear, cosine"),
+    ("data.image_size=4", "data.image_size must be at least 8"),
+    ("optim", "--set expects section.key=value"),
+])
+def test_bad_values_are_clear_errors(item, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        parse("--set", item)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse("--mode", "seg", "--set", "data.modalities={seg: '*_m'}", "--set", "data.layout=custom")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = build_config(load_yaml(tmp_path / "config.yaml"))
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("preset", sorted((REPO_ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_presets_load(preset):
+    build_config(yaml.safe_load(preset.read_text()) or {})
+
+
+def test_every_flag_has_a_field():
+    cfg = build_config()
+    for name, (field, _) in TRAIN_FLAGS.items():
+        section, key = field.split(".")
+        assert hasattr(getattr(cfg, section), key), name
+
+
+def test_paths_local_and_cluster(tmp_path):
+    local = PathConfig.from_compute("local", {"MEDGEN_CACHE": str(tmp_path)})
+    assert local.data_root == tmp_path / "demo" / "brain"
+    with pytest.raises(UserError, match="MEDGEN_DATA_ROOT"):
+        PathConfig.from_compute("cluster", {})
+    cl = PathConfig.from_compute("cluster", {"MEDGEN_DATA_ROOT": "/d", "MEDGEN_OUTPUT_ROOT": "/o"})
+    assert str(cl.data_root) == "/d" and str(cl.cache_root) == "/o/.cache"
+    with pytest.raises(UserError, match="--compute"):
+        PathConfig.from_compute("laptop", {})
