@@ -25,7 +25,7 @@ def main() -> int:
     cfg = config_from_args(args)
     if args.check_data:
         return check_data(cfg)
-    from Generation.TrainGen.core.trainer import train
+    from Generation.TrainGen.core.run import train
     return train(cfg)
 
 

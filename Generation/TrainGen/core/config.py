@@ -91,6 +91,7 @@ class OptimConfig:
     min_snr_gamma: float = 5.0
     max_steps: int | None = None         # stop after this many optimizer steps (None: run all epochs)
     find_lr: bool = False                # run the LR range test first
+    find_lr_then_train: bool = True      # after the LR test, train with the suggested LR (false: stop)
     perceptual_weight: float = 0.0       # RadImageNet feature loss on the predicted clean image (0: off)
 
     def __post_init__(self):
@@ -119,6 +120,7 @@ class RuntimeConfig:
     num_val_samples: int = 16            # images in the sample grid
     log_interval: int = 20               # steps between scalar logs (loss read back from the device only then)
     keep_last: int = 3                   # checkpoints kept besides the best
+    checkpoint_every: int = 1            # epochs between checkpoints (each is atomic; a kill loses < 1 epoch)
     resume: str | None = None            # auto | PATH
     init_from: str | None = None         # weights of another run to fine-tune from
     max_nonfinite: int = 5               # stop after this many consecutive non-finite steps

@@ -1,0 +1,44 @@
+"""Checkpoints: atomic writes, prune only after the new file is complete, safe loading (weights_only)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.fileio import atomic_write
+
+CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, is_best: bool = False) -> Path:
+    path = atomic_write(Path(run_dir) / f"ckpt_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    if is_best:
+        atomic_write(Path(run_dir) / "best.pt", lambda tmp: torch.save(state, tmp))
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if CKPT_RE.match(p.name))
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"{path}: no checkpoint (ckpt_*.pt) in this run folder")
+        path = found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise UserError(f"{path}: not a loadable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]})") from None

@@ -1,0 +1,27 @@
+"""MONAI DiffusionModelUNet presets, always with SDPA attention (use_flash_attention=True): without it the
+attention matrix is materialised and 128-256 px runs out of memory (MONAI #7944)."""
+from __future__ import annotations
+
+from monai.networks.nets import DiffusionModelUNet
+
+# name -> channels, attention_levels, num_res_blocks, norm_num_groups, num_head_channels
+PRESETS = {
+    "tiny": ((16, 32, 32), (False, False, True), 1, 8, 16),          # 0.28M params: tests, demo, CPU
+    "small": ((32, 64, 64), (False, True, True), 1, 16, 32),         # 1.2M params
+    "base128": ((128, 256, 256), (False, True, True), 1, 32, 256),   # 18.5M: MONAI 2D DDPM tutorial size
+    "base256": ((128, 256, 256, 512), (False, False, True, True), 2, 32, 64),  # 74M
+}
+
+
+def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None):
+    channels, attention, res_blocks, groups, heads = PRESETS[model_cfg.preset]
+    channels = tuple(model_cfg.channels or channels)
+    attention = tuple(model_cfg.attention_levels if model_cfg.attention_levels is not None else attention)
+    if len(attention) != len(channels):
+        from Generation.TrainGen.core.errors import UserError
+        raise UserError("model.attention_levels needs one entry per model.channels level")
+    return DiffusionModelUNet(
+        spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+        attention_levels=attention, num_res_blocks=model_cfg.num_res_blocks or res_blocks,
+        norm_num_groups=min(groups, min(channels)), num_head_channels=min(heads, min(channels)),
+        num_class_embeds=num_class_embeds, use_flash_attention=True)

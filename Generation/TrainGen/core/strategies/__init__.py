@@ -1,0 +1,11 @@
+"""Strategies: HOW to diffuse. STRATEGIES maps a --strategy name to its class; register your own here."""
+from Generation.TrainGen.core.strategies.base import Strategy
+from Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
+from Generation.TrainGen.core.strategies.rflow import RFlowStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "ddpm": DDPMStrategy,
+    "rflow": RFlowStrategy,
+}
+
+__all__ = ["STRATEGIES", "Strategy"]

@@ -1,0 +1,65 @@
+"""A strategy says HOW to diffuse: training times, corruption, SNR, and one sampler step from t to t_next.
+
+Every strategy writes its forward process as x_t = a(t) * x0 + s(t) * noise, so the SNR is (a/s)^2 for all,
+and each sampler step is a pure function of (prediction, x_t, t, t_next). Subclass, then register the class
+in STRATEGIES (core/strategies/__init__.py) to add one.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B,) -> broadcastable (B, 1, 1, 1) in like's dtype."""
+    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Strategy:
+    name = "base"
+    prediction = "epsilon"            # what the network predicts: epsilon, v, sample or velocity
+    samplers: tuple[str, ...] = ()
+    default_sampler = ""
+    default_steps: dict[str, int] = {}
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.num_timesteps = cfg.num_timesteps
+
+    # --- training
+    def sample_times(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, s) with x_t = a * x0 + s * noise, per sample, float64."""
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def corrupt(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """(x_t, regression target)."""
+        a, s = (expand(c, x0) for c in self.coefficients(t))
+        return a * x0 + s * noise, self.target(x0, noise, t)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.coefficients(t)
+        return (a / s) ** 2
+
+    def predict_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- sampling
+    def timesteps(self, num_steps: int, sampler: str) -> list[tuple[float, float]]:
+        """[(t, t_next), ...] from pure noise to clean."""
+        raise NotImplementedError
+
+    def step(self, pred, x_t, t: float, t_next: float, sampler: str, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_sampler(self, sampler: str | None) -> str:
+        sampler = sampler or self.default_sampler
+        if sampler not in self.samplers:
+            from Generation.TrainGen.core.errors import UserError
+            raise UserError(f"sampler {sampler!r} does not fit strategy {self.name!r} "
+                            f"(choose from {', '.join(self.samplers)})")
+        return sampler

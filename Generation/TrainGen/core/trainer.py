@@ -1,0 +1,271 @@
+"""DiffusionTrainer: one training loop for every strategy x mode.
+
+The step reads the same for all combinations: the mode splits the batch into (x0, conditioning), the
+strategy draws times and corrupts, the network predicts, the loss is Min-SNR weighted per sample.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from ema_pytorch import EMA
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from Generation.TrainGen.core.checkpoint import load_checkpoint, save_checkpoint
+from Generation.TrainGen.core.config import to_dict
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
+from Generation.TrainGen.core.modes import MODES
+from Generation.TrainGen.core.network import build_unet
+from Generation.TrainGen.core.strategies import STRATEGIES
+
+N_BINS = 10  # loss is also logged per tenth of the time range
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def build_parts(cfg, num_classes: int | None, image_channels: int | None):
+    """(strategy, mode) objects for a config; unknown names are user errors."""
+    if cfg.strategy.name not in STRATEGIES:
+        raise UserError(f"--strategy {cfg.strategy.name!r} is unknown (choose from {', '.join(STRATEGIES)})")
+    if cfg.mode.name not in MODES:
+        raise UserError(f"--mode {cfg.mode.name!r} is unknown (choose from {', '.join(MODES)})")
+    return STRATEGIES[cfg.strategy.name](cfg.strategy), MODES[cfg.mode.name](cfg, num_classes, image_channels)
+
+
+class DiffusionTrainer:
+    def __init__(self, cfg, rt, train_data, val_data=None, run_dir: Path | None = None, logger=None):
+        self.cfg, self.rt, self.train_data, self.val_data = cfg, rt, train_data, val_data
+        self.run_dir, self.logger = run_dir, logger
+        channels = train_data.images.shape[1] if train_data.images is not None else None
+        self.meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
+                     "class_names": list(train_data.class_names)}
+        self.strategy, self.mode = build_parts(cfg, self.meta["num_classes"], channels)
+        dev = rt.device
+        self.net = build_unet(cfg.model, self.mode.in_channels, self.mode.out_channels, self.mode.class_embeds).to(dev)
+        self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.model = DDP(self.net, device_ids=[dev.index] if dev.type == "cuda" else None) if rt.distributed else self.net
+        if cfg.runtime.compile:
+            self.model = torch.compile(self.model)
+        self.ema = (EMA(self.net, beta=cfg.ema.beta, update_after_step=cfg.ema.update_after_step,
+                        update_every=cfg.ema.update_every, include_online_model=False)
+                    if cfg.ema.enabled else None)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                     fused=dev.type == "cuda")
+        o = cfg.optim
+        self.batches_per_epoch = len(train_data.batch_indices(o.batch_size, 0, cfg.runtime.seed, rt.rank, rt.world))
+        self.steps_per_epoch = self.batches_per_epoch // o.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the training split has {len(train_data)} slices: too few for batch_size "
+                            f"{o.batch_size} x grad_accum {o.grad_accum} x {rt.world} process(es)")
+        total = self.steps_per_epoch * o.epochs  # independent of max_steps, so a resumed run sees the same LR
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_cosine(o.warmup_epochs * self.steps_per_epoch, total))
+        self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
+        self.step, self.epoch, self.batch_pos = 0, 0, 0
+        self.skipped, self.streak, self.best, self.bad_vals = 0, 0, None, 0
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ the step
+    def sample_model(self):
+        return self.ema.ema_model if self.ema is not None else self.net
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+        if self.channels_last:
+            out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in out.items()}
+        return out
+
+    def loss(self, batch: dict, noise=None, t=None, generator=None, model=None, train=True):
+        """(weighted mean loss, per-sample unweighted loss, times) for one batch."""
+        gen = generator or self.gen
+        x0, cond = self.mode.split(batch, train=train, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device) if noise is None else noise
+        t = self.strategy.sample_times(len(x0), gen, x0.device) if t is None else t
+        x_t, target = self.strategy.corrupt(x0, noise, t)
+        with self.rt.autocast():
+            pred = self.mode.forward(model or self.model, x_t, t.float(), cond)
+        per = per_sample_mse(pred, target)
+        w = 1.0
+        if self.cfg.optim.min_snr:
+            w = min_snr_weight(self.strategy.snr(t).to(per), self.cfg.optim.min_snr_gamma, self.strategy.prediction)
+        return (w * per).mean(), per.detach(), t
+
+    def train_step(self, micro_batches: list[dict]) -> bool:
+        """One optimizer step over grad_accum micro-batches; False when skipped as non-finite."""
+        self.model.train()
+        total = torch.zeros((), device=self.rt.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            ctx = self.model.no_sync() if self.rt.distributed and not last and hasattr(self.model, "no_sync") \
+                else contextlib.nullcontext()
+            with ctx:
+                loss, per, t = self.loss(self._to_device(batch))
+                (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
+            self._record(per, t)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        # every rank must agree before stepping, or DDP replicas drift apart (one collective, every step)
+        ok = self.rt.all_true(torch.isfinite(total) & torch.isfinite(grad_norm))
+        if ok:
+            self.opt.step()
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.step += 1
+            self.streak = 0
+            self.stats["loss"] += total
+            self.stats["grad_norm"] += grad_norm.detach()
+            self.stats["n"] += 1
+        else:
+            self.skipped += 1
+            self.streak += 1
+            self.log_line(f"non-finite loss or gradient at optimizer step {self.step + 1} (epoch {self.epoch}): "
+                          f"step skipped ({self.skipped} so far)")
+            if self.streak >= self.cfg.runtime.max_nonfinite:
+                raise UserError(f"stopping: {self.streak} consecutive non-finite steps, the last at optimizer step "
+                                f"{self.step + 1} (epoch {self.epoch}); lower optim.lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        return ok
+
+    # ------------------------------------------------------------------ stats and logging
+    def _reset_stats(self):
+        z = lambda: torch.zeros((), device=self.rt.device)  # noqa: E731
+        self.stats = {"loss": z(), "grad_norm": z(), "n": 0, "t0": time.perf_counter(), "images": 0}
+        self.bin_sum = torch.zeros(N_BINS, device=self.rt.device)
+        self.bin_count = torch.zeros(N_BINS, device=self.rt.device)
+
+    def _record(self, per: torch.Tensor, t: torch.Tensor):
+        bins = (t.float() / self.strategy.num_timesteps * N_BINS).long().clamp(0, N_BINS - 1)
+        self.bin_sum.index_add_(0, bins, per.float())
+        self.bin_count.index_add_(0, bins, torch.ones_like(per, dtype=torch.float32))
+        self.stats["images"] += len(per) * self.rt.world
+
+    def log_line(self, text: str):
+        if self.logger is not None:
+            self.logger.text(text)
+        else:
+            self.rt.print(text)
+
+    def log_scalars(self):
+        n = self.stats["n"]
+        if n == 0 or self.logger is None:
+            self._reset_stats()
+            return
+        elapsed = time.perf_counter() - self.stats["t0"]
+        scalars = {"train/loss": (self.stats["loss"] / n).item(), "train/grad_norm": (self.stats["grad_norm"] / n).item(),
+                   "train/lr": self.sched.get_last_lr()[0], "train/images_per_s": self.stats["images"] / elapsed,
+                   "train/skipped_steps": self.skipped}
+        bins = (self.bin_sum / self.bin_count.clamp(min=1)).tolist()
+        for i, v in enumerate(bins):
+            if self.bin_count[i] > 0:
+                scalars[f"loss_by_t/{i / N_BINS:.1f}-{(i + 1) / N_BINS:.1f}"] = v
+        self.logger.scalars(scalars, self.step)
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, validate=None) -> None:
+        """Train until cfg.optim.epochs or cfg.optim.max_steps; validate(trainer) runs on every rank."""
+        cfg, o = self.cfg, self.cfg.optim
+        max_steps = o.max_steps if o.max_steps is not None else math.inf
+        accum = o.grad_accum
+        while self.epoch < o.epochs and self.step < max_steps:
+            order = self.train_data.batch_indices(o.batch_size, self.epoch, cfg.runtime.seed, self.rt.rank, self.rt.world)
+            n_use = self.steps_per_epoch * accum
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_pos // accum, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{o.epochs}", disable=not self.rt.is_main)
+            while self.batch_pos < n_use and self.step < max_steps:
+                micro = [self.train_data.batch(order[self.batch_pos + i]) for i in range(accum)]
+                self.train_step(micro)
+                self.batch_pos += accum
+                bar.update(1)
+                if self.step % cfg.runtime.log_interval == 0:
+                    self.log_scalars()
+            bar.close()
+            if self.batch_pos < n_use:
+                break  # max_steps reached mid-epoch: the position is saved below
+            self.epoch, self.batch_pos = self.epoch + 1, 0
+            is_best = False
+            if validate is not None and (self.epoch % cfg.runtime.val_interval == 0 or self.epoch == o.epochs):
+                is_best = validate(self)
+            if self.epoch % cfg.runtime.checkpoint_every == 0 or self.epoch == o.epochs or is_best:
+                self.checkpoint(is_best)
+            if self.stop_early():
+                self.log_line(f"early stop after epoch {self.epoch}: no validation improvement in "
+                              f"{self.bad_vals} validations")
+                break
+        self.log_scalars()
+        self.checkpoint(False)
+
+    def stop_early(self) -> bool:
+        patience = self.cfg.runtime.early_stop_patience
+        return patience is not None and self.bad_vals >= patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def gather_rng(self) -> list[torch.Tensor]:
+        state = self.gen.get_state()
+        if not self.rt.distributed:
+            return [state]
+        import torch.distributed as dist
+        out = [None] * self.rt.world
+        dist.all_gather_object(out, state)
+        return out
+
+    def state_dict(self, rng: list | None = None) -> dict:
+        return {"model": self.net.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "step": self.step,
+                "epoch": self.epoch, "batch_pos": self.batch_pos, "rng": rng or [self.gen.get_state()],
+                "best": self.best, "bad_vals": self.bad_vals, "skipped": self.skipped,
+                "config": to_dict(self.cfg), "meta": {**self.meta, "strategy": self.strategy.name,
+                                                      "mode": self.mode.name, "prediction": self.strategy.prediction}}
+
+    def checkpoint(self, is_best: bool) -> None:
+        """Called on every rank (the RNG gather is a collective); rank 0 writes."""
+        if self.run_dir is None:
+            return
+        rng = self.gather_rng()
+        if self.rt.is_main:
+            path = save_checkpoint(self.state_dict(rng), self.run_dir, self.step, self.cfg.runtime.keep_last, is_best)
+            self.log_line(f"saved {path.name}" + (" (best)" if is_best else ""))
+
+    def load_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        self.best, self.bad_vals, self.skipped = state["best"], state["bad_vals"], state["skipped"]
+        rng = state["rng"]
+        if len(rng) == self.rt.world:
+            self.gen.set_state(rng[self.rt.rank])
+        else:  # a different world size cannot continue the same noise streams; start fresh ones
+            self.gen.manual_seed(self.cfg.runtime.seed * self.rt.world + self.rt.rank + 7919 * self.step)
+
+    def init_weights(self, path) -> None:
+        """--init_from: weights (EMA when present) of another run; a different architecture is refused."""
+        state = load_checkpoint(path)
+        weights = state["model"]
+        if state.get("ema"):
+            prefix = "ema_model."
+            weights = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)} or weights
+        try:
+            self.net.load_state_dict(weights)
+        except RuntimeError as err:
+            first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
+            raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None
+        if self.ema is not None:
+            self.ema.ema_model.load_state_dict(self.net.state_dict())
