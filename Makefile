@@ -8,7 +8,6 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PY          := $(VENV)/bin/python
-DEMO_DIR    ?= .cache/demo
 STAMP       := $(VENV)/.installed
 
 .PHONY: venv demo test bench clean-cache
@@ -21,8 +20,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
+DEMO_EPOCHS ?= 40
+DEMO_TRAIN  := --config config/tiny.yaml --strategy rflow --positive_only --epochs $(DEMO_EPOCHS)
 demo: $(STAMP)
-	$(PY) Generation/TrainGen/demo.py --out $(DEMO_DIR)
+	$(PY) Generation/TrainGen/demo.py
+	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode seg --run_dir runs/demo/seg --resume auto
+	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode bravo --run_dir runs/demo/bravo --resume auto
+	@echo "demo done: .cache/demo/preview_*.png, runs/demo/{seg,bravo}/samples/*.png (tensorboard --logdir runs/demo)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -76,6 +76,7 @@ class DiffusionTrainer:
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.skipped, self.streak, self.best, self.bad_vals = 0, 0, None, 0
+        self.saved_step = -1
         self._reset_stats()
 
     # ------------------------------------------------------------------ the step
@@ -234,8 +235,9 @@ class DiffusionTrainer:
 
     def checkpoint(self, is_best: bool) -> None:
         """Called on every rank (the RNG gather is a collective); rank 0 writes."""
-        if self.run_dir is None:
+        if self.run_dir is None or (self.step == self.saved_step and not is_best):
             return
+        self.saved_step = self.step
         rng = self.gather_rng()
         if self.rt.is_main:
             path = save_checkpoint(self.state_dict(rng), self.run_dir, self.step, self.cfg.runtime.keep_last, is_best)
