@@ -89,10 +89,12 @@ class OptimConfig:
     grad_accum: int = 1                  # micro-batches per optimizer step
     min_snr: bool = True                 # Min-SNR-gamma loss weighting (Hang et al. 2023)
     min_snr_gamma: float = 5.0
+    perceptual_weight: float = 0.0       # RadImageNet ResNet-50 feature loss on the predicted x0 (0: off)
+    perceptual_weights: str | None = None  # local weights file (default $MEDGEN_WEIGHTS/radimagenet_resnet50.pt)
+    perceptual_sha256: str | None = None   # expected SHA-256 of that file (checked when given)
     max_steps: int | None = None         # stop after this many optimizer steps (None: run all epochs)
     find_lr: bool = False                # run the LR range test first
     find_lr_then_train: bool = True      # after the LR test, train with the suggested LR (false: stop)
-    perceptual_weight: float = 0.0       # RadImageNet feature loss on the predicted clean image (0: off)
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,

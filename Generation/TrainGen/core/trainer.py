@@ -73,6 +73,10 @@ class DiffusionTrainer:
         total = self.steps_per_epoch * o.epochs  # independent of max_steps, so a resumed run sees the same LR
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(o.warmup_epochs * self.steps_per_epoch, total))
+        self.perceptual = None
+        if o.perceptual_weight > 0:
+            from Generation.TrainGen.core.features import load_radimagenet
+            self.perceptual = load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev)
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.skipped, self.streak, self.best, self.bad_vals = 0, 0, None, 0
@@ -102,7 +106,14 @@ class DiffusionTrainer:
         w = 1.0
         if self.cfg.optim.min_snr:
             w = min_snr_weight(self.strategy.snr(t).to(per), self.cfg.optim.min_snr_gamma, self.strategy.prediction)
-        return (w * per).mean(), per.detach(), t
+        loss = (w * per).mean()
+        if self.perceptual is not None:
+            from Generation.TrainGen.core.features import perceptual_distance
+            x0_hat = self.strategy.predict_x0(pred.float(), x_t, t).clamp(-1, 1)
+            with self.rt.autocast():
+                dist = perceptual_distance(self.perceptual, (x0_hat + 1) / 2, (x0 + 1) / 2)
+            loss = loss + self.cfg.optim.perceptual_weight * dist.float().mean()
+        return loss, per.detach(), t
 
     def train_step(self, micro_batches: list[dict]) -> bool:
         """One optimizer step over grad_accum micro-batches; False when skipped as non-finite."""
