@@ -1,6 +1,5 @@
 """Bad input: one line per problem naming the file, a non-zero exit, never a traceback."""
 import gzip
-import shutil
 
 import numpy as np
 import pytest

@@ -37,8 +37,13 @@ def load_checkpoint(path: Path) -> dict:
         path = found[-1]
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    return safe_load(path, "checkpoint")
+
+
+def safe_load(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True): a file is untrusted input; any failure is one UserError line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"{path}: not a loadable checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]})") from None
+        reason = str(err).splitlines()[0][:200] if str(err) else ""
+        raise UserError(f"{path}: not a loadable {what} ({type(err).__name__}: {reason})") from None

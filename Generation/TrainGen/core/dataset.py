@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from Generation.TrainGen.core import data as nifti
 from Generation.TrainGen.core import imagefolder
-from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.errors import UserError, lookup
 from Generation.TrainGen.core.fileio import atomic_write
 
 CACHE_VERSION = 1
@@ -199,9 +199,7 @@ def data_source(cfg) -> DataSource:
     """Where the data of this config live and which modalities its mode reads."""
     from config.paths import PathConfig
     from Generation.TrainGen.core.modes import MODES
-    if cfg.mode.name not in MODES:
-        raise UserError(f"--mode {cfg.mode.name!r} is unknown (choose from {', '.join(MODES)})")
-    mode = MODES[cfg.mode.name](cfg)
+    mode = lookup(MODES, cfg.mode.name, "--mode")(cfg)
     paths = PathConfig.from_compute(cfg.paths.compute)
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)

@@ -9,6 +9,13 @@ class UserError(Exception):
     """A problem with the user's input (flags, config, data). Printed as one line, exit code 2."""
 
 
+def lookup(registry: dict, name: str, flag: str):
+    """registry[name], or a UserError naming the flag and the registered choices."""
+    if name not in registry:
+        raise UserError(f"{flag} {name!r} is unknown (choose from {', '.join(registry)})")
+    return registry[name]
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run an entry point; turn UserError into `error: ...` on stderr and exit 2."""
     try:

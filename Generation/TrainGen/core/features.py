@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from Generation.TrainGen.core.checkpoint import safe_load
 from Generation.TrainGen.core.errors import UserError
 
 RADIMAGENET_FILE = "radimagenet_resnet50.pt"
@@ -100,10 +101,7 @@ def load_radimagenet(path: str | Path | None = None, sha256: str | None = None) 
                         f"with MEDGEN_WEIGHTS)")
     if sha256 and sha256_of(path) != sha256.lower():
         raise UserError(f"{path}: SHA-256 {sha256_of(path)} does not match the expected {sha256}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"{path}: not a loadable weights file ({type(err).__name__})") from None
+    state = safe_load(path, "weights file")
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     net = ResNet50Features()

@@ -192,8 +192,8 @@ def train(cfg) -> int:
             if rt.is_main:
                 save_config(cfg, run_dir / "config.yaml")
             tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger)
-        tr.n_params = sum(p.numel() for p in tr.net.parameters())
-        tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {tr.n_params / 1e6:.2f}M parameters, "
+        n_params = sum(p.numel() for p in tr.net.parameters())
+        tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters, "
                     f"{tr.steps_per_epoch} steps/epoch")
         tr.fit(validate)
         return 0

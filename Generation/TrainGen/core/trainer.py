@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from Generation.TrainGen.core.checkpoint import load_checkpoint, save_checkpoint
 from Generation.TrainGen.core.config import to_dict
-from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.errors import UserError, lookup
+from Generation.TrainGen.core.features import load_radimagenet, perceptual_distance
 from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.network import build_unet
@@ -36,11 +37,8 @@ def warmup_cosine(warmup: int, total: int):
 
 def build_parts(cfg, num_classes: int | None, image_channels: int | None):
     """(strategy, mode) objects for a config; unknown names are user errors."""
-    if cfg.strategy.name not in STRATEGIES:
-        raise UserError(f"--strategy {cfg.strategy.name!r} is unknown (choose from {', '.join(STRATEGIES)})")
-    if cfg.mode.name not in MODES:
-        raise UserError(f"--mode {cfg.mode.name!r} is unknown (choose from {', '.join(MODES)})")
-    return STRATEGIES[cfg.strategy.name](cfg.strategy), MODES[cfg.mode.name](cfg, num_classes, image_channels)
+    strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
+    return strategy, lookup(MODES, cfg.mode.name, "--mode")(cfg, num_classes, image_channels)
 
 
 class DiffusionTrainer:
@@ -75,7 +73,6 @@ class DiffusionTrainer:
             self.opt, warmup_cosine(o.warmup_epochs * self.steps_per_epoch, total))
         self.perceptual = None
         if o.perceptual_weight > 0:
-            from Generation.TrainGen.core.features import load_radimagenet
             self.perceptual = load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev)
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
@@ -108,7 +105,6 @@ class DiffusionTrainer:
             w = min_snr_weight(self.strategy.snr(t).to(per), self.cfg.optim.min_snr_gamma, self.strategy.prediction)
         loss = (w * per).mean()
         if self.perceptual is not None:
-            from Generation.TrainGen.core.features import perceptual_distance
             x0_hat = self.strategy.predict_x0(pred.float(), x_t, t).clamp(-1, 1)
             with self.rt.autocast():
                 dist = perceptual_distance(self.perceptual, (x0_hat + 1) / 2, (x0 + 1) / 2)
