@@ -177,3 +177,9 @@ def test_nan_data_never_reaches_training(tmp_path):
     data = SliceData(torch.full((4, 1, 8, 8), float("nan")).half(), torch.zeros(4, 1, 8, 8, dtype=torch.uint8),
                      None, ["x"] * 4, [0] * 4, ["bravo"])
     assert torch.isnan(data.batch(torch.arange(2))["images"]).all()
+
+
+def test_wrong_sampler_is_refused_before_training(demo_root, tmp_path):
+    cfg = tiny_cfg(demo_root, tmp_path, "bravo", "rflow", strategy={"sampler": "ddim"})
+    with pytest.raises(UserError, match="sampler 'ddim' does not fit strategy 'rflow'"):
+        make_trainer(cfg)

@@ -49,6 +49,7 @@ class DiffusionTrainer:
         self.meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
                      "class_names": list(train_data.class_names)}
         self.strategy, self.mode = build_parts(cfg, self.meta["num_classes"], channels)
+        self.strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
         dev = rt.device
         self.net = build_unet(cfg.model, self.mode.in_channels, self.mode.out_channels, self.mode.class_embeds).to(dev)
         self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
