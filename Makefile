@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(PY) Generation/TrainGen/demo.py
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode seg --run_dir runs/demo/seg --resume auto
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode bravo --run_dir runs/demo/bravo --resume auto
-	@echo "demo done: .cache/demo/preview_*.png, runs/demo/{seg,bravo}/samples/*.png (tensorboard --logdir runs/demo)"
+	$(PY) Generation/TrainGen/generate.py --seg_model runs/demo/seg --image_model runs/demo/bravo \
+	    --num_images 48 --batch_size 16 --output_dir runs/demo/synthetic --progression
+	@echo "demo done: .cache/demo/preview_*.png, runs/demo/{seg,bravo}/samples/*.png, runs/demo/synthetic/preview_8x8.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -5,6 +5,9 @@
 Suites
   data   slice-cache build rate (slices/s, reading + checking + preprocessing NIfTI) and the batch rate
          served from the in-memory cache (batches/s), on the embedded demo dataset.
+  sampling  images/s of generate.py's sampling path (per-sample generators, batch-invariant UNet, bf16 on
+         CUDA) for DDPM-1000 (ancestral), DDIM-50 and RFlow Euler-30 on the same bravo UNet (random weights:
+         the cost does not depend on them).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +32,7 @@ PRESETS = {  # subjects, volume shape, image size, batch size
     "tiny": (16, (64, 64, 48), 32, 16),
     "research": (40, (128, 128, 64), 128, 16),
 }
+MODEL_PRESETS = {"tiny": ("tiny", 16), "research": ("base128", 256)}  # UNet preset, sampling batch
 
 
 def bench_data(device: str, preset: str, work: Path) -> list[dict]:
@@ -62,7 +67,37 @@ def bench_data(device: str, preset: str, work: Path) -> list[dict]:
     ]
 
 
-SUITES = {"data": bench_data}
+def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
+    from Generation.TrainGen.core.generate import BatchInvariant, Job, Model, draw
+    from Generation.TrainGen.core.network import build_unet
+    from Generation.TrainGen.core.trainer import build_parts
+    unet, batch = MODEL_PRESETS[preset]
+    size = PRESETS[preset][2]
+    dev = torch.device(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else None
+    job = Job(mode="bravo", output_dir=work, num_images=batch, batch_size=batch, device=dev, autocast=autocast)
+    mask = (torch.rand(batch, 1, size, size, device=dev) > 0.9).float()
+    rows = []
+    for strategy, sampler, steps in (("ddpm", "ddpm", 1000), ("ddpm", "ddim", 50), ("rflow", "euler", 30)):
+        cfg = build_config({"model": {"preset": unet}, "data": {"image_size": size},
+                            "strategy": {"name": strategy}, "mode": {"name": "bravo"}})
+        strat, mode = build_parts(cfg, None, None)
+        net = BatchInvariant(build_unet(cfg.model, mode.in_channels, mode.out_channels).to(dev).eval())
+        model = Model(net, strat, mode, cfg, {}, Path("-"), "", sampler, steps)
+        seeds = list(range(batch))
+        draw(job, replace(model, steps=2), seeds[:2], {"concat": mask[:2] * 2 - 1})  # warm-up
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        draw(job, model, seeds, {"concat": mask * 2 - 1})
+        sync()
+        rate = batch / (time.perf_counter() - t0)
+        rows.append({"suite": "sampling", "metric": f"{strategy} {sampler}-{steps}", "value": rate,
+                     "unit": "images/s", "note": f"{unet} UNet, {size}px bravo, batch {batch}, on {device}"})
+    return rows
+
+
+SUITES = {"data": bench_data, "sampling": bench_sampling}
 
 
 def main() -> int:

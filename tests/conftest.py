@@ -22,3 +22,19 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(demo_root, tmp_path_factory) -> dict:
+    """Run folders of tiny models trained for a few steps: seg and bravo (DDPM), bravo (RFlow), class (DDPM).
+    Only the machinery is under test here, not sample quality."""
+    from Generation.TrainGen.core.run import train
+    from tests.test_training import tiny_cfg
+    root = tmp_path_factory.mktemp("models")
+    runs = {}
+    for name, mode, strategy in [("seg", "seg", "ddpm"), ("bravo", "bravo", "ddpm"), ("bravo_rflow", "bravo", "rflow"),
+                                 ("class", "class", "ddpm")]:
+        cfg = tiny_cfg(demo_root, root / name, mode, strategy, optim={"max_steps": 4}, runtime={"val_interval": 100})
+        assert train(cfg) == 0
+        runs[name] = root / name / "run"
+    return runs

@@ -1,6 +1,163 @@
-"""Placeholder until its issue lands: prints a clear message and exits 2."""
+"""Build a synthetic dataset from trained models (resumable, sharded, with a provenance manifest).
+
+    # masks from the seg model, then bravo images conditioned on them (chained pipeline)
+    python Generation/TrainGen/generate.py --mode bravo --seg_model runs/seg_run --image_model runs/bravo_run \\
+        --num_images 15000 --batch_size 256 --output_dir synth/bravo
+    # condition on real masks instead (pairs for MAE/PSNR/LPIPS quality)
+    python Generation/TrainGen/generate.py --image_model runs/bravo_run --masks_from data/test --output_dir synth/paired
+    # class-conditional images with classifier-free guidance, balancing a dataset
+    python Generation/TrainGen/generate.py --image_model runs/class_run --class_counts melanoma=5900 --guidance_scale 3
+
+A model is a run folder (its best.pt, else its latest checkpoint; EMA weights) or a checkpoint file. Re-running
+the same command continues where it stopped. Under torchrun, or with --shard i/n in a SLURM array, the
+indices are divided among processes; the manifest is merged when each finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from Generation.TrainGen.core.cli import add_flag  # noqa: E402
+from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(p, "mode", default=None, help="seg, bravo, dual or class (default: the image model's, else seg)")
+    add_flag(p, "strategy", default=None, help="must match the checkpoints (default: theirs)")
+    add_flag(p, "seg_model", default=None, metavar="RUN", help="mask model: run folder or checkpoint file")
+    add_flag(p, "image_model", default=None, metavar="RUN", help="image model (bravo, dual or class)")
+    add_flag(p, "num_images", type=int, default=None, help="samples to make (default: one per real mask with "
+                                                           "--masks_from; the sum of --class_counts)")
+    add_flag(p, "num_steps", type=int, default=None, help="sampling steps (default: 1000 ddpm, 50 ddim, 30 euler)")
+    add_flag(p, "sampler", default=None, help="ddpm or ddim (DDPM models), euler (RFlow models); the image model's, "
+                                               "or the seg model's in seg mode")
+    add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
+    add_flag(p, "seg_num_steps", type=int, default=None, help="the seg model's steps in a chained run")
+    add_flag(p, "batch_size", type=int, default=64)
+    add_flag(p, "output_dir", required=True, metavar="DIR")
+    add_flag(p, "seed", type=int, default=0, help="sample i uses seeds derived from (seed, i)")
+    add_flag(p, "guidance_scale", type=float, default=None, help="class mode: classifier-free guidance scale")
+    add_flag(p, "masks_from", default=None, metavar="DIR",
+             help="condition on the real masks of this NIfTI dataset (slices with mask voxels) instead of generated ones")
+    add_flag(p, "class_counts", default=None, metavar="NAME=N,...", help="class mode: images per class")
+    add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
+    add_flag(p, "output_size", type=int, default=None, help="resize outputs (bilinear images, nearest masks)")
+    add_flag(p, "progression", action="store_true", help="write progression.png: the denoising trajectory of 4 samples")
+    add_flag(p, "compile", action="store_true", help="torch.compile the networks")
+    add_flag(p, "shard", default=None, metavar="I/N", help="take every N-th index starting at I (SLURM arrays)")
+    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_flag(p, "min_mask_area", type=float, default=0.0005, help="mask filter: smallest area, fraction of the image")
+    add_flag(p, "max_mask_area", type=float, default=0.25, help="mask filter: largest area, fraction of the image")
+    add_flag(p, "min_components", type=int, default=1, help="mask filter: fewest connected components")
+    add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
+    add_flag(p, "max_attempts", type=int, default=20, help="masks drawn per sample before giving up")
+    return p.parse_args(argv)
+
+
+def build_job(args, rt):
+    from Generation.TrainGen.core.generate import GENERATED_MODES, Job, MaskFilter, load_model, load_real_masks, \
+        parse_class_counts, split_work
+    if args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    if args.num_images is not None and args.num_images < 1:
+        raise UserError("--num_images must be at least 1")
+    if args.output_size is not None and args.output_size < 8:
+        raise UserError("--output_size must be at least 8")
+    if not args.seg_model and not args.image_model:
+        raise UserError("give --seg_model RUN and/or --image_model RUN")
+    load = lambda path, flag, sampler, steps: load_model(path, flag, rt.device, args.strategy,  # noqa: E731
+                                                         sampler, steps, args.compile)
+    image = load(args.image_model, "--image_model", args.sampler, args.num_steps) if args.image_model else None
+    if image is not None and image.meta["mode"] == "seg":
+        raise UserError(f"--image_model {image.path} is a seg model; pass it as --seg_model")
+    mode = args.mode or (image.meta["mode"] if image else "seg")
+    if mode not in GENERATED_MODES:
+        raise UserError(f"--mode {mode!r}: generate.py builds seg, bravo, dual or class datasets")
+    if image is not None and image.meta["mode"] != mode:
+        raise UserError(f"--mode {mode} contradicts --image_model {image.path}, which was trained for mode "
+                        f"{image.meta['mode']!r}")
+    if mode != "seg" and image is None:
+        raise UserError(f"--mode {mode} needs --image_model RUN")
+    seg = None
+    if args.seg_model and mode != "class":
+        chained = mode != "seg"
+        seg = load(args.seg_model, "--seg_model", args.seg_sampler if chained else args.sampler,
+                   args.seg_num_steps if chained else args.num_steps)
+        if seg.meta["mode"] != "seg":
+            raise UserError(f"--seg_model {seg.path} was trained for mode {seg.meta['mode']!r}, not seg")
+    if mode in ("bravo", "dual") and seg is None and not args.masks_from:
+        raise UserError(f"--mode {mode} needs masks: --seg_model RUN (generated) or --masks_from DIR (real)")
+    if args.masks_from and mode not in ("bravo", "dual"):
+        raise UserError("--masks_from conditions bravo or dual images on real masks; it does not apply to "
+                        f"mode {mode}")
+    if args.class_counts and mode != "class":
+        raise UserError("--class_counts applies to --mode class only")
+    if args.guidance_scale is not None and mode != "class":
+        raise UserError("--guidance_scale applies to --mode class only")
+    if seg is not None and image is not None and seg.cfg.data.image_size != image.cfg.data.image_size:
+        raise UserError(f"--seg_model makes {seg.cfg.data.image_size} px masks but --image_model expects "
+                        f"{image.cfg.data.image_size} px")
+    worker, workers = split_work(args.shard, rt.rank, rt.world)
+    job = Job(mode=mode, output_dir=Path(args.output_dir), num_images=args.num_images or 0,
+              batch_size=args.batch_size, seed=args.seed, image_model=image, seg_model=seg,
+              guidance=args.guidance_scale, masks_from=args.masks_from, class_counts=args.class_counts,
+              mask_filter=MaskFilter(args.min_mask_area, args.max_mask_area, args.min_components, args.max_components),
+              max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
+              progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast)
+    if args.masks_from:
+        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image)
+        job.masks_from = str(Path(args.masks_from).resolve())
+        job.num_images = args.num_images or len(job.real_sources)
+    if mode == "class":
+        names = job.class_names()
+        if args.class_counts:
+            job.class_plan = parse_class_counts(args.class_counts, names)
+            if args.num_images and args.num_images != len(job.class_plan):
+                raise UserError(f"--num_images {args.num_images} differs from the {len(job.class_plan)} images "
+                                "--class_counts asks for (leave --num_images out)")
+            job.num_images = len(job.class_plan)
+        elif args.num_images:
+            job.class_plan = [i % len(names) for i in range(args.num_images)]
+    if not job.num_images:
+        raise UserError("--num_images is required")
+    return job
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from Generation.TrainGen.core.config import RuntimeConfig
+    from Generation.TrainGen.core.generate import run_job, throughput_line
+    from Generation.TrainGen.core.runtime import init_runtime, shutdown
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rt = init_runtime(RuntimeConfig(seed=args.seed, device=args.device, multi_gpu=distributed))
+    try:
+        job = build_job(args, rt)
+        rt.print(f"{job.mode}: {job.num_images} samples into {job.output_dir} "
+                 f"({job.main_model.strategy.name}/{job.main_model.sampler}, {job.main_model.steps} steps"
+                 + (f"; masks from {job.seg_model.path}" if job.seg_model and job.mode != 'seg' else "")
+                 + f"; worker {job.worker + 1}/{job.workers} on {rt.device})")
+        barrier = None
+        if rt.distributed:
+            import torch.distributed as dist
+            barrier = dist.barrier
+        summary = run_job(job, barrier)
+        print(throughput_line(summary), flush=True)
+        if "committed" in summary:
+            missing = job.num_images - summary["committed"]
+            rt.print(f"{summary['committed']} samples in {job.output_dir / 'manifest.csv'}"
+                     + (f" ({missing} not yet made by other shards)" if missing > 0 else "")
+                     + "; previews: " + ", ".join(Path(p).name for p in summary["previews"])
+                     + (f"; {Path(summary['progression']).name}" if "progression" in summary else ""))
+        return 0
+    finally:
+        shutdown(rt)
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

@@ -40,6 +40,31 @@ def load_checkpoint(path: Path) -> dict:
     return safe_load(path, "checkpoint")
 
 
+def best_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or a run folder's best.pt (the latest ckpt_*.pt when no best was kept)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "best.pt").is_file():
+            return path / "best.pt"
+        found = list_checkpoints(path)
+        if not found:
+            raise UserError(f"{path}: no checkpoint (best.pt or ckpt_*.pt) in this run folder")
+        return found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def model_weights(state: dict) -> dict:
+    """The weights to sample with: the EMA model's when the checkpoint has one, else the online model's."""
+    prefix = "ema_model."
+    if state.get("ema"):
+        ema = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+        if ema:
+            return ema
+    return state["model"]
+
+
 def safe_load(path: Path, what: str) -> dict:
     """torch.load(weights_only=True): a file is untrusted input; any failure is one UserError line."""
     try:

@@ -40,7 +40,7 @@ def list_items(root: Path, labels_csv: str | None) -> tuple[list[tuple[Path, str
             raise UserError(f"{csv_path}: expected a header with columns filename,label")
         return [(root / r["filename"], r["label"]) for r in rows], []
     items, problems = [], []
-    for folder in sorted(d for d in root.iterdir() if d.is_dir()):
+    for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):  # not .rows etc.
         files = _images_in(folder)
         if not files:
             problems.append(Problem(folder, "empty class folder (no .png/.jpg images)"))

@@ -15,7 +15,7 @@ from ema_pytorch import EMA
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from Generation.TrainGen.core.checkpoint import load_checkpoint, save_checkpoint
+from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
 from Generation.TrainGen.core.config import to_dict
 from Generation.TrainGen.core.errors import UserError, lookup
 from Generation.TrainGen.core.features import load_radimagenet, perceptual_distance
@@ -267,13 +267,8 @@ class DiffusionTrainer:
 
     def init_weights(self, path) -> None:
         """--init_from: weights (EMA when present) of another run; a different architecture is refused."""
-        state = load_checkpoint(path)
-        weights = state["model"]
-        if state.get("ema"):
-            prefix = "ema_model."
-            weights = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)} or weights
         try:
-            self.net.load_state_dict(weights)
+            self.net.load_state_dict(model_weights(load_checkpoint(path)))
         except RuntimeError as err:
             first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
             raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None

@@ -14,6 +14,15 @@ def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise shaped like x, from one generator or from one generator per sample (a list):
+    per-sample generators make a sample's noise independent of the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                            for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 class Strategy:
     name = "base"
     prediction = "epsilon"            # what the network predicts: epsilon, v, sample or velocity

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from Generation.TrainGen.core.strategies.base import Strategy, expand
+from Generation.TrainGen.core.strategies.base import Strategy, expand, randn_like
 
 SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
@@ -62,6 +62,5 @@ class DDPMStrategy(Strategy):
         var = eta ** 2 * (1 - ab_n) / (1 - ab_t) * (1 - ab_t / ab_n)
         x_next = ab_n ** 0.5 * x0 + max(1 - ab_n - var, 0.0) ** 0.5 * eps
         if var > 0:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-            x_next = x_next + var ** 0.5 * noise
+            x_next = x_next + var ** 0.5 * randn_like(x_t, generator)
         return x_next
