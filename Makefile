@@ -28,7 +28,11 @@ demo: $(STAMP)
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode bravo --run_dir runs/demo/bravo --resume auto
 	$(PY) Generation/TrainGen/generate.py --seg_model runs/demo/seg --image_model runs/demo/bravo \
 	    --num_images 48 --batch_size 16 --output_dir runs/demo/synthetic --progression
-	@echo "demo done: .cache/demo/preview_*.png, runs/demo/{seg,bravo}/samples/*.png, runs/demo/synthetic/preview_8x8.png"
+	$(PY) Generation/TrainGen/generate.py --image_model runs/demo/bravo --masks_from .cache/demo/brain/val \
+	    --num_images 32 --batch_size 16 --output_dir runs/demo/synthetic_paired
+	$(PY) eval/obj_eval/run_evaluation.py --synthetic_dir runs/demo/synthetic_paired --real_dir .cache/demo/brain/val \
+	    --metrics all --positive-only --output runs/demo/eval
+	@echo "demo done: runs/demo/{seg,bravo}/samples/, runs/demo/synthetic/preview_8x8.png, runs/demo/eval/report.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -8,6 +8,8 @@ Suites
   sampling  images/s of generate.py's sampling path (per-sample generators, batch-invariant UNet, bf16 on
          CUDA) for DDPM-1000 (ancestral), DDIM-50 and RFlow Euler-30 on the same bravo UNet (random weights:
          the cost does not depend on them).
+  metrics  images/s (or pairs/s) of each evaluation metric: Inception and RadImageNet feature extraction,
+         LPIPS, MS-SSIM, MAE+PSNR, on random images (random weights: same cost as the published ones).
 """
 from __future__ import annotations
 
@@ -97,7 +99,37 @@ def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
     return rows
 
 
-SUITES = {"data": bench_data, "sampling": bench_sampling}
+def bench_metrics(device: str, preset: str, work: Path) -> list[dict]:
+    from eval.obj_eval.core import metrics as M
+    from eval.obj_eval.core.networks import LPIPS, InceptionFID, RadImageNetFID
+    from Generation.TrainGen.core.features import ResNet50Features
+    size = PRESETS[preset][2]
+    n = 16 if device == "cpu" else 512
+    dev = torch.device(device)
+    a, b = torch.rand(n, 1, size, size), torch.rand(n, 1, size, size)
+    window, weights = M.ms_ssim_settings(size)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    jobs = [
+        ("FID features, Inception-v3", "images/s", lambda: M.extract_features(InceptionFID().eval(), a, dev, 64)),
+        ("FID features, RadImageNet", "images/s",
+         lambda: M.extract_features(RadImageNetFID(ResNet50Features()).eval(), a, dev, 64)),
+        ("LPIPS alex", "pairs/s", lambda: M.pair_distances(LPIPS("alex").eval().to(dev), a, b, dev, 64)),
+        ("MS-SSIM", "pairs/s", lambda: M.pair_distances(lambda x, y: M.ms_ssim(x, y, 1.0, window, weights), a, b, dev)),
+        ("MAE + PSNR", "pairs/s", lambda: (M.pair_distances(M.mae, a, b, dev), M.pair_distances(M.psnr, a, b, dev))),
+    ]
+    rows = []
+    for name, unit, fn in jobs:
+        fn()  # warm-up (allocations, kernels)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        rows.append({"suite": "metrics", "metric": name, "value": n / (time.perf_counter() - t0), "unit": unit,
+                     "note": f"{n} images of {size}px, on {device}"})
+    return rows
+
+
+SUITES = {"data": bench_data, "sampling": bench_sampling, "metrics": bench_metrics}
 
 
 def main() -> int:

@@ -1,6 +1,64 @@
-"""Placeholder until its issue lands: prints a clear message and exits 2."""
+"""Turn evaluation results into a report: one metrics.json (or its folder) re-rendered as report.md and
+metrics.png, or several compared side by side in one Markdown table.
+
+    python eval/obj_eval/generate_report.py --results synth/bravo/eval [more results ...] [--output report.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from eval.obj_eval.core.cli import add_flag  # noqa: E402
+from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
+from Generation.TrainGen.core.fileio import atomic_write_text  # noqa: E402
+
+
+def load(path: str) -> tuple[Path, dict]:
+    p = Path(path)
+    p = p / "metrics.json" if p.is_dir() else p
+    if not p.is_file():
+        raise UserError(f"--results {path}: no metrics.json there")
+    try:
+        return p, json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{p}: not valid JSON ({err.msg})") from None
+
+
+def main(argv=None) -> int:
+    from tabulate import tabulate
+
+    from eval.obj_eval.core.report import markdown, plot_metrics
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flag(p, "results", nargs="+", required=True, help="metrics.json files or their folders")
+    add_flag(p, "output", default=None, help="Markdown file (default: report.md beside the first results)")
+    args = p.parse_args(argv)
+    loaded = [load(r) for r in args.results]
+    out = Path(args.output) if args.output else loaded[0][0].parent / "report.md"
+    if len(loaded) == 1:
+        text = markdown(loaded[0][1])
+        plot = plot_metrics(loaded[0][1], out.with_suffix(".png"))
+    else:
+        names = sorted({r["metric"] for _, res in loaded for r in res["metrics"]})
+        table = []
+        for name in names:
+            row = [name]
+            for _, res in loaded:
+                rec = next((r for r in res["metrics"] if r["metric"] == name), None)
+                row.append("" if rec is None else "unavailable" if rec.get("available") is False else
+                           f"{rec['value']:.4g}" + (f" [{rec['ci95'][0]:.4g}, {rec['ci95'][1]:.4g}]" if rec.get("ci95") else ""))
+            table.append(row)
+        heads = ["metric"] + [Path(res["synthetic_dir"]).name or str(path) for path, res in loaded]
+        text = "# Comparison\n\n" + tabulate(table, headers=heads, tablefmt="github") + "\n"
+        plot = None
+    atomic_write_text(out, text)
+    print(text)
+    print(f"wrote {out}" + (f", {plot}" if plot else ""))
+    return 0
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

@@ -1,6 +1,37 @@
-"""Placeholder until its issue lands: prints a clear message and exits 2."""
+"""Evaluate a synthetic dataset against a real one: FID (Inception, RadImageNet), LPIPS, MS-SSIM, MAE, PSNR.
+
+    python eval/obj_eval/run_evaluation.py --synthetic_dir synth/bravo --real_dir data/test --metrics all --positive-only
+    python eval/obj_eval/run_evaluation.py --synthetic-dir S --real-dir R --metrics fid,lpips --output results/run1
+
+Writes <output>/metrics.json (every value with its N, 95% CI and method), report.md and metrics.png /
+samples.png. A metric whose weights are missing, or that needs pairs the data do not have, is reported as
+unavailable with the reason.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from eval.obj_eval.core.cli import add_fid_flags, add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
+from Generation.TrainGen.core.errors import run_main  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_flags(p)
+    add_flag(p, "metrics", default="all", help="all, or a comma list of fid, lpips, ms_ssim, mae, psnr")
+    add_fid_flags(p, many=True)
+    add_weight_flags(p, ("inception", "radimagenet", "alex", "vgg"))
+    add_flag(p, "lpips-net", default="alex", choices=("alex", "vgg"))
+    add_flag(p, "max-pairs", type=int, default=2000, help="diversity: pairs drawn at most")
+    add_flag(p, "data-range", type=float, default=1.0, help="value range of the images (MAE/PSNR/MS-SSIM)")
+    args = p.parse_args(argv)
+    return run(options(args, args.metrics, lpips_net=args.lpips_net, max_pairs=args.max_pairs,
+                       data_range=args.data_range), strict=False)
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

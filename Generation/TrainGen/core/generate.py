@@ -248,7 +248,7 @@ def load_real_masks(directory: str, model: Model, positive_only: bool = True) ->
         if subjects:
             d = load_split(data_cfg, Path(directory), split, ["seg"], cache)
             masks.append(d.masks)
-            sources += [f"{src}#slice{k}" for src, k in zip(d.sources, d.slice_index)]
+            sources += [f"{Path(src).resolve()}#slice{k}" for src, k in zip(d.sources, d.slice_index)]
     if not sources:
         raise UserError(f"--masks_from {directory}: no usable mask slices")
     order = sorted(range(len(sources)), key=lambda i: (sources[i].rsplit("#slice", 1)[0], int(sources[i].rsplit("#slice", 1)[1])))

@@ -1,6 +1,31 @@
-"""Placeholder until its issue lands: prints a clear message and exits 2."""
+"""LPIPS (AlexNet v0.1 by default, VGG optional), torchvision-free.
+
+    python eval/obj_eval/metrics/lpips_eval.py --mode quality   --synthetic-dir S --real-dir R   # pairs
+    python eval/obj_eval/metrics/lpips_eval.py --mode diversity --synthetic-dir S --real-dir R   # among samples
+"""
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from eval.obj_eval.core.cli import add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
+from Generation.TrainGen.core.errors import run_main  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_flags(p)
+    add_flag(p, "mode", default="quality", choices=("quality", "diversity"))
+    add_flag(p, "net", default="alex", choices=("alex", "vgg"), help="trunk (its torchvision weights file)")
+    add_weight_flags(p, ("trunk",))
+    add_flag(p, "max-pairs", type=int, default=2000)
+    args = p.parse_args(argv)
+    return run(options(args, "lpips", weights_kind=args.net, lpips_net=args.net, modes=(args.mode,),
+                       max_pairs=args.max_pairs), strict=True)
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

@@ -1,6 +1,26 @@
-"""Placeholder until its issue lands: prints a clear message and exits 2."""
+"""MAE and PSNR on pairs (synthetic sample vs the real slice it was conditioned on, or the same sample id).
+
+    python eval/obj_eval/metrics/mae_psnr.py --synthetic-dir S --real-dir R --data-range 1.0
+"""
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402
+from Generation.TrainGen.core.errors import run_main  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_flags(p)
+    add_flag(p, "data-range", type=float, default=1.0, help="value range of the images (1.0 for [0, 1])")
+    args = p.parse_args(argv)
+    return run(options(args, "mae,psnr", modes=("quality",), data_range=args.data_range), strict=True)
+
 
 if __name__ == "__main__":
-    print(f"{sys.argv[0]}: not implemented yet", file=sys.stderr)
-    sys.exit(2)
+    run_main(main)

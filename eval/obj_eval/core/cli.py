@@ -1,0 +1,85 @@
+"""Shared flags of the evaluation scripts (every flag also takes the other spelling: --real-dir/--real_dir)."""
+from __future__ import annotations
+
+import argparse
+
+from eval.obj_eval.core.evaluate import Options, parse_metrics
+from Generation.TrainGen.core.cli import add_flag as _add
+from Generation.TrainGen.core.errors import UserError
+
+
+def add_flag(p, name: str, **kw):
+    _add(p, name.replace("-", "_"), **kw)
+
+
+def add_input_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "synthetic-dir", required=True, metavar="DIR", help="generated dataset (NIfTI subjects or image folder)")
+    add_flag(p, "real-dir", required=True, metavar="DIR", help="real dataset, any layout the training loaders read")
+    add_flag(p, "image-type", default="bravo", help="modality compared (bravo, t1_pre, t1_gd, seg, ...)")
+    add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
+    add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
+    add_flag(p, "positive-only", action="store_true", help="only slices with mask voxels")
+    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_flag(p, "batch-size", type=int, default=64)
+    add_flag(p, "seed", type=int, default=0, help="pair sampling, bootstrap and real-set halves")
+    add_flag(p, "output", default=None, metavar="DIR", help="where metrics.json and the report go "
+                                                           "(default: <synthetic-dir>/eval)")
+    add_flag(p, "no-floor", action="store_true", help="skip the real-vs-real reference")
+
+
+def add_fid_flags(p, many: bool) -> None:
+    add_flag(p, "feature-network", default="inception,radimagenet" if many else "inception",
+             help="inception and/or radimagenet (comma list)")
+    add_flag(p, "bootstrap", type=int, default=50, help="bootstrap resamples for the FID interval")
+
+
+def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
+    if len(kinds) == 1:
+        add_flag(p, "weights", default=None, metavar="PATH", help=f"{kinds[0]} weights file")
+        add_flag(p, "weights-sha256", default=None, help="pin the weights file's full SHA-256")
+        return
+    for k in kinds:
+        add_flag(p, f"{k}-weights", default=None, metavar="PATH", help=f"{k} weights file")
+        add_flag(p, f"{k}-sha256", default=None, help=f"pin the {k} file's full SHA-256")
+
+
+def options(args, metrics: str, **extra) -> Options:
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
+    for n in nets:
+        if n not in ("inception", "radimagenet"):
+            raise UserError(f"--feature-network {n!r} is unknown (choose inception or radimagenet)")
+    weights, shas = {}, {}
+    if hasattr(args, "weights"):
+        kind = extra.pop("weights_kind")
+        weights[kind], shas[kind] = args.weights, args.weights_sha256
+    for k in ("inception", "radimagenet", "alex", "vgg"):
+        if getattr(args, f"{k}_weights", None):
+            weights[k] = getattr(args, f"{k}_weights")
+        if getattr(args, f"{k}_sha256", None):
+            shas[k] = getattr(args, f"{k}_sha256")
+    extra.pop("weights_kind", None)
+    return Options(synthetic_dir=args.synthetic_dir, real_dir=args.real_dir, metrics=parse_metrics(metrics),
+                   image_type=args.image_type, image_size=args.image_size, positive_only=args.positive_only,
+                   layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
+                   bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
+                   seed=args.seed, floor=not args.no_floor, output=args.output, **extra)
+
+
+def run(opts: Options, strict: bool) -> int:
+    """Evaluate, write metrics.json + report.md + plots, print the table. strict (the single-metric scripts):
+    an unavailable metric is an error naming the reason."""
+    from pathlib import Path
+
+    from eval.obj_eval.core.evaluate import evaluate, write_outputs
+    from eval.obj_eval.core.report import markdown
+    result = evaluate(opts)
+    missing = [r for r in result["metrics"] if r.get("available") is False]
+    if strict and missing and len(missing) == len(result["metrics"]):
+        raise UserError(missing[0]["reason"])
+    out = Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval"
+    paths = write_outputs(result, out)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

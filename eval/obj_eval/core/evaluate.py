@@ -1,0 +1,231 @@
+"""One evaluation: load both sets, compute the requested metrics, write metrics.json, the report and plots.
+
+Every metric is a record {metric, value, n, ci95, method, floor?}; a metric that cannot be computed (weights
+missing, no pairs) is a record with available: false and the reason, never a made-up number.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from config.paths import PathConfig
+from eval.obj_eval.core import metrics as M
+from eval.obj_eval.core.inputs import EvalSet, load_set, pair
+from eval.obj_eval.core.networks import load_fid_network, load_lpips
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
+
+ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
+RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"
+
+
+@dataclass
+class Options:
+    synthetic_dir: str
+    real_dir: str
+    metrics: tuple[str, ...] = ALL_METRICS
+    image_type: str = "bravo"
+    image_size: int | None = None
+    positive_only: bool = False
+    layout: str = "original"
+    feature_networks: tuple[str, ...] = ("inception", "radimagenet")
+    weights: dict = field(default_factory=dict)          # kind -> path
+    weights_sha256: dict = field(default_factory=dict)   # kind -> digest
+    lpips_net: str = "alex"
+    modes: tuple[str, ...] = ("quality", "diversity")
+    data_range: float = 1.0
+    bootstrap: int = 50
+    max_pairs: int = 2000
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    floor: bool = True
+    output: str | None = None
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    names = ALL_METRICS if text == "all" else tuple(m.strip().replace("-", "_") for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in ALL_METRICS]
+    if unknown or not names:
+        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} "
+                        f"(choose all or a comma list of {', '.join(ALL_METRICS)})")
+    return names
+
+
+def unavailable(metric: str, reason: str, **extra) -> dict:
+    return {"metric": metric, "available": False, "reason": reason, **extra}
+
+
+def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
+    from eval.obj_eval.core.inputs import native_size
+    size = o.image_size or native_size(Path(o.synthetic_dir))
+    synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir")
+    real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir")
+    if synth.images.shape[1] != real.images.shape[1]:
+        raise UserError(f"--synthetic-dir has {synth.images.shape[1]}-channel images, --real-dir "
+                        f"{real.images.shape[1]}-channel ones")
+    return synth, real
+
+
+# ---------------------------------------------------------------- metric families
+def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]:
+    out = []
+    cache = PathConfig.from_compute("local").cache_root / "fid_features"
+    for kind in o.feature_networks:
+        name = f"fid_{kind}"
+        try:
+            net, digest = load_fid_network(kind, o.weights.get(kind), o.weights_sha256.get(kind))
+        except UserError as err:
+            out.append(unavailable(name, str(err), feature_network=kind))
+            continue
+        key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
+        if key.is_file():
+            real_f = np.load(key)
+        else:
+            real_f = M.extract_features(net, real.images, device, o.batch_size, f"{kind} features (real)")
+            atomic_write(key, lambda tmp, f=real_f: np.save(open(tmp, "wb"), f))
+        synth_f = M.extract_features(net, synth.images, device, o.batch_size, f"{kind} features (synthetic)")
+        res = M.fid_from_features(real_f, synth_f, o.bootstrap, o.seed)
+        rec = {"metric": name, "value": res["value"], "n": res["n"], "ci95": res["ci95"],
+               "method": {"feature_network": kind, "weights_sha256": digest, "features": real_f.shape[1],
+                          "statistics": "float64 mean and covariance",
+                          "ci": f"{o.bootstrap} bootstrap resamples of the synthetic set (real statistics fixed)",
+                          "input": ("bilinear resize to 299 px, [0,1] -> [-1,1], grey -> 3 channels"
+                                    if kind == "inception" else
+                                    "native size, grey -> 3 channels, RGB -> BGR, minus ImageNet BGR mean"),
+                          "resize": RESIZE, "real_features_cache": str(key)}}
+        n_min = min(len(real_f), len(synth_f))
+        if n_min < M.FID_MIN_N:
+            rec["warning"] = f"N = {n_min} < {M.FID_MIN_N}: FID is biased upwards at small N; compare only at equal N"
+            print(f"warning: {name}: {rec['warning']}", file=sys.stderr)
+        if o.floor and len(real_f) >= 4:
+            perm = np.random.default_rng(o.seed).permutation(len(real_f))
+            half = len(real_f) // 2
+            rec["floor"] = {"value": M.fid_from_features(real_f[perm[:half]], real_f[perm[half:2 * half]], 0)["value"],
+                            "n": half, "what": "real vs real (two random halves of the real set)"}
+        out.append(rec)
+    return out
+
+
+def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[str], lpips_net=None) -> list[dict]:
+    """Quality metrics on matched pairs: MAE, PSNR, MS-SSIM quality, LPIPS quality."""
+    s_idx, r_idx, how = pair(synth, real)
+    names = [n for n in ("mae", "psnr", "ms_ssim_quality", "lpips_quality") if n.split("_q")[0] in wanted]
+    if not s_idx:
+        reason = ("no synthetic sample could be paired with a real slice (pairs come from a generation manifest "
+                  "made with --masks_from, or from equal sample ids); these metrics need pairs")
+        return [unavailable(n, reason) for n in names]
+    a, b = synth.images[s_idx], real.images[r_idx]
+    common = {"pairs_by": how, "data_range": o.data_range, "resize": RESIZE}
+    out = []
+    if "mae" in wanted:
+        out.append(M.summary(M.pair_distances(M.mae, a, b, device, o.batch_size), "mae", dict(common), o.seed))
+    if "psnr" in wanted:
+        vals, n_inf = M.finite(M.pair_distances(lambda x, y: M.psnr(x, y, o.data_range), a, b, device, o.batch_size))
+        out.append(M.summary(vals, "psnr", {**common, "per_pair": "10 log10(range^2 / MSE), then the mean",
+                                            "identical_pairs_left_out": n_inf}, o.seed))
+    if "ms_ssim" in wanted:
+        window, weights = M.ms_ssim_settings(a.shape[-1])
+        vals = M.pair_distances(lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights), a, b, device, o.batch_size)
+        out.append(M.summary(vals, "ms_ssim_quality", {**common, "window": window, "scales": len(weights),
+                                                        "weights": weights, "sigma": 1.5}, o.seed))
+    if "lpips" in wanted:
+        if isinstance(lpips_net, str):
+            out.append(unavailable("lpips_quality", lpips_net))
+        else:
+            net, digest = lpips_net
+            vals = M.pair_distances(net.to(device), a, b, device, o.batch_size)
+            out.append(M.summary(vals, "lpips_quality", {**common, "network": f"{o.lpips_net} v0.1",
+                                                          "weights_sha256": digest}, o.seed))
+    return out
+
+
+def diversity_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[str], lpips_net=None) -> list[dict]:
+    """Mean pairwise similarity among synthetic samples (lower MS-SSIM / higher LPIPS = more diverse),
+    overall and within samples sharing a conditioning mask; the real set's value is the reference."""
+    fns = {}
+    if "ms_ssim" in wanted:
+        window, weights = M.ms_ssim_settings(synth.images.shape[-1])
+        fns["ms_ssim_diversity"] = (lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights),
+                                    {"window": window, "scales": len(weights), "weights": weights, "sigma": 1.5,
+                                     "data_range": o.data_range})
+    if "lpips" in wanted:
+        if isinstance(lpips_net, str):
+            fns["lpips_diversity"] = None
+        else:
+            net, digest = lpips_net
+            fns["lpips_diversity"] = (net.to(device), {"network": f"{o.lpips_net} v0.1", "weights_sha256": digest})
+    out = []
+    for name, spec in fns.items():
+        if spec is None:
+            out.append(unavailable(name, lpips_net))
+            continue
+        fn, method = spec
+
+        def mean_over(s: EvalSet, groups=None):
+            i, j = M.diversity_pairs(len(s), o.max_pairs, o.seed, groups)
+            return M.pair_distances(fn, s.images[i], s.images[j], device, o.batch_size) if len(i) else np.zeros(0)
+        vals = mean_over(synth)
+        if len(vals) == 0:
+            out.append(unavailable(name, "fewer than two synthetic samples"))
+            continue
+        rec = M.summary(vals, name, {**method, "pairs": f"distinct synthetic samples (at most {o.max_pairs}, seeded)",
+                                     "resize": RESIZE}, o.seed)
+        within = mean_over(synth, synth.groups) if synth.groups else np.zeros(0)
+        rec["within_condition"] = (M.summary(within, name + "_within_condition", {"pairs": "samples sharing a "
+                                             "conditioning mask"}, o.seed) if len(within) else
+                                   {"available": False, "reason": "no two samples share a conditioning mask"})
+        if o.floor:
+            ref = mean_over(real)
+            rec["floor"] = {"value": float(ref.mean()), "n": int(len(ref)),
+                            "what": "the same statistic among real slices"}
+        out.append(rec)
+    return out
+
+
+def evaluate(o: Options) -> dict:
+    t0 = time.perf_counter()
+    device = M.device_of(o.device)
+    synth, real = load_sets(o)
+    print(f"synthetic: {len(synth)} images from {synth.root}; real: {len(real)} images from {real.root}; "
+          f"{synth.images.shape[-1]} px, on {device}")
+    wanted = set(o.metrics)
+    lpips_net = None
+    if "lpips" in wanted:
+        try:
+            lpips_net = load_lpips(o.lpips_net, o.weights.get(o.lpips_net), o.weights_sha256.get(o.lpips_net))
+        except UserError as err:
+            lpips_net = str(err)
+    records = []
+    if "fid" in wanted:
+        records += fid_records(o, synth, real, device)
+    if "quality" in o.modes and wanted & {"mae", "psnr", "ms_ssim", "lpips"}:
+        records += pair_records(o, synth, real, device, wanted, lpips_net)
+    if "diversity" in o.modes and wanted & {"ms_ssim", "lpips"}:
+        records += diversity_records(o, synth, real, device, wanted, lpips_net)
+    for r in records:
+        if r.get("available") is False:
+            print(f"{r['metric']}: unavailable: {r['reason']}", file=sys.stderr)
+    return {"synthetic_dir": str(Path(o.synthetic_dir).resolve()), "real_dir": str(Path(o.real_dir).resolve()),
+            "n_synthetic": len(synth), "n_real": len(real), "image_size": int(synth.images.shape[-1]),
+            "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed,
+            "seconds": round(time.perf_counter() - t0, 2), "metrics": records,
+            "_sets": (synth, real)}
+
+
+def write_outputs(result: dict, out_dir: Path) -> list[Path]:
+    from eval.obj_eval.core.report import markdown, plot_metrics, plot_samples
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = result.pop("_sets", None)
+    paths = [atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False,
+                                                                   default=float))]
+    paths.append(atomic_write_text(out_dir / "report.md", markdown(result)))
+    paths.append(plot_metrics(result, out_dir / "metrics.png"))
+    if sets is not None:
+        paths.append(plot_samples(*sets, out_dir / "samples.png"))
+    return paths

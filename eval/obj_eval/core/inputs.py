@@ -1,0 +1,125 @@
+"""Evaluation inputs: NIfTI datasets (every layout the training loaders read, sliced and normalised the same
+way) and image folders, as tensors in [0, 1], with the keys that pair synthetic samples with real slices.
+
+Pairing (for MAE, PSNR and the quality modes of LPIPS and MS-SSIM):
+  * by conditioning mask: a generate.py manifest records, for --masks_from runs, the real slice each sample
+    was conditioned on ('<subject folder>#slice<k>'), which is matched against the real set's slices;
+  * else by sample id: the same subject folder name and slice index (or the same relative image path).
+Without a match these metrics report that no pairs exist; pairs are never invented.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import torch
+from PIL import Image
+
+from config.paths import PathConfig
+from Generation.TrainGen.core import imagefolder
+from Generation.TrainGen.core.config import DataConfig
+from Generation.TrainGen.core.data import NIFTI_SUFFIXES, find_splits, layout_from_config
+from Generation.TrainGen.core.dataset import load_split
+from Generation.TrainGen.core.errors import UserError
+
+
+@dataclass
+class EvalSet:
+    root: Path
+    kind: str                      # nifti | images
+    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]
+    ids: list[str]                 # '<subject name>#slice<k>' or the relative image path
+    paths: list[str]               # '<resolved subject folder>#slice<k>' or the resolved image file
+    groups: list[str] = field(default_factory=list)   # conditioning of each item (diversity within a mask)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> "EvalSet":
+        index = list(index)
+        pick = lambda xs: [xs[i] for i in index] if xs else xs  # noqa: E731
+        return EvalSet(self.root, self.kind, self.images[index], pick(self.ids), pick(self.paths), pick(self.groups))
+
+
+def is_nifti_dataset(root: Path) -> bool:
+    return any(p.name.endswith(NIFTI_SUFFIXES) for p in Path(root).rglob("*.nii*"))
+
+
+def native_size(root: Path) -> int:
+    """The in-plane size of a dataset's first image (the evaluation resolution when none is given): its first
+    NIfTI file, or for an image folder the first image inside a class folder (previews at the top are not data)."""
+    root = Path(root)
+    if is_nifti_dataset(root):
+        first = next(p for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES))
+        return max(nib.load(str(first)).shape[:2])
+    for path in sorted(root.rglob("*")):
+        if path.parent != root and path.suffix.lower() in imagefolder.IMAGE_SUFFIXES:
+            return max(Image.open(path).size)
+    raise UserError(f"{root}: no NIfTI or image files found")
+
+
+def manifest_conditions(root: Path) -> dict[str, str]:
+    """{sample folder name: the conditioning it was generated with} from a generate.py manifest.csv."""
+    path = Path(root) / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["files"].split("/")[0]: row.get("condition", "") for row in csv.DictReader(f) if row.get("files")}
+
+
+def load_set(root, image_type: str = "bravo", size: int | None = None, positive_only: bool = False,
+             layout: str = "original", crop_size: int | None = None, what: str = "--real-dir") -> EvalSet:
+    """A whole folder (every split) as an EvalSet at `size` px."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} {root}: folder does not exist")
+    size = size or native_size(root)
+    cache = PathConfig.from_compute("local").cache_root / "slices"
+    if not is_nifti_dataset(root):
+        splits, classes, problems = imagefolder.find_image_splits(root, None, 0.0, 0)
+        items = [it for s in splits.values() for it in s]
+        tensors, bad = imagefolder.load_images(items, classes, size)
+        if bad:
+            raise UserError(f"{what} {root}: {bad[0]}")
+        files = [Path(f) for f in tensors["files"]]
+        ids = [str(f.resolve().relative_to(root.resolve())) for f in files]
+        return EvalSet(root, "images", tensors["images"].float(), ids, [str(f.resolve()) for f in files],
+                       [classes[i] for i in tensors["labels"].tolist()])
+    cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
+                     positive_only=positive_only, val_fraction=0.0, format="nifti")
+    roles = [image_type, "seg"] if positive_only else [image_type]
+    splits = find_splits(root, layout_from_config(cfg), cfg.val_fraction, cfg.split_seed)
+    images, ids, paths = [], [], []
+    for split, subjects in splits.items():
+        if not subjects:
+            continue
+        data = load_split(replace(cfg), root, split, roles, cache)
+        images.append(data.images[:, :1].float())
+        for src, k in zip(data.sources, data.slice_index):
+            ids.append(f"{Path(src).name}#slice{k}")
+            paths.append(f"{Path(src).resolve()}#slice{k}")
+    if not images:
+        raise UserError(f"{what} {root}: no slices to evaluate")
+    conditions = manifest_conditions(root)
+    groups = [conditions.get(i.split("#")[0], p) or p for i, p in zip(ids, paths)]
+    return EvalSet(root, "nifti", torch.cat(images), ids, paths, groups)
+
+
+def pair(synthetic: EvalSet, real: EvalSet) -> tuple[list[int], list[int], str]:
+    """(synthetic indices, real indices, how) of matched pairs; empty lists when nothing matches."""
+    by_path = {p: i for i, p in enumerate(real.paths)}
+    s_idx, r_idx = [], []
+    for i, g in enumerate(synthetic.groups):
+        if g in by_path and g not in synthetic.paths:
+            s_idx.append(i)
+            r_idx.append(by_path[g])
+    if s_idx:
+        return s_idx, r_idx, "conditioning mask (generation manifest)"
+    by_id = {k: i for i, k in enumerate(real.ids)}
+    for i, k in enumerate(synthetic.ids):
+        if k in by_id:
+            s_idx.append(i)
+            r_idx.append(by_id[k])
+    return s_idx, r_idx, ("sample id" if s_idx else "none")

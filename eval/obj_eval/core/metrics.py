@@ -1,0 +1,195 @@
+"""The metrics, each computed the standard way and returned with what is needed to read it: value, N, 95%
+bootstrap interval and the method details.
+
+FID      Frechet distance between Gaussians fitted (float64) to feature sets; tr sqrt(S1 S2) is computed as
+         sum sqrt(eig(A S2 A)) with A = S1^(1/2) (symmetric, no complex round-off); the CI resamples the
+         synthetic features with the real statistics fixed.
+LPIPS    mean over pairs (quality: synthetic vs its real slice; diversity: distinct synthetic samples).
+MS-SSIM  Wang et al. 2003 with a Gaussian window (sigma 1.5), valid convolution, avg-pool 2 between scales,
+         ReLU-clipped cs at every scale but the last and SSIM at the last (MONAI's definition); the window and
+         the number of scales are chosen to fit the image (7 px and 5 scales at 128 px) and reported.
+MAE/PSNR on pairs, with an explicit data range; PSNR per pair (10 log10(range^2 / MSE)), then averaged.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+FID_MIN_N = 2048
+
+
+# ---------------------------------------------------------------- statistics
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float] | None:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def summary(values, name: str, method: dict, seed: int = 0, **extra) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"metric": name, "value": float(values.mean()) if len(values) else None, "n": int(len(values)),
+            "ci95": bootstrap_mean_ci(values, seed=seed), "std": float(values.std()) if len(values) else None,
+            "method": method, **extra}
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma1: np.ndarray | None = None) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), in float64."""
+    a = _sqrt_psd(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
+    m = a @ sigma2 @ a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0) -> dict:
+    mu_r, s_r = gaussian_stats(real)
+    mu_s, s_s = gaussian_stats(synthetic)
+    a = _sqrt_psd(s_r)
+    value = frechet_distance(mu_r, s_r, mu_s, s_s, a)
+    ci = None
+    if n_boot > 1 and len(synthetic) > 1:
+        rng = np.random.default_rng(seed)
+        boots = []
+        for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False):
+            mu_b, s_b = gaussian_stats(synthetic[rng.integers(0, len(synthetic), len(synthetic))])
+            boots.append(frechet_distance(mu_r, s_r, mu_b, s_b, a))
+        ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+    return {"value": value, "ci95": ci, "n": {"real": int(len(real)), "synthetic": int(len(synthetic))}}
+
+
+# ---------------------------------------------------------------- batched network passes
+def device_of(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+@torch.no_grad()
+def extract_features(net, images: torch.Tensor, device, batch_size: int = 64, desc: str = "features") -> np.ndarray:
+    net = net.to(device)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
+        out.append(net(images[i:i + batch_size].to(device, torch.float32)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def content_key(images: torch.Tensor, *parts: str) -> str:
+    h = hashlib.sha256(images.contiguous().numpy().tobytes())
+    for p in parts:
+        h.update(str(p).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def pair_distances(fn, a: torch.Tensor, b: torch.Tensor, device, batch_size: int = 64) -> np.ndarray:
+    """fn(a_batch, b_batch) -> (B,) for aligned pairs, batched on device."""
+    out = []
+    for i in range(0, len(a), batch_size):
+        out.append(fn(a[i:i + batch_size].to(device).float(), b[i:i + batch_size].to(device).float()).double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def diversity_pairs(n: int, max_pairs: int, seed: int, groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i != j) of distinct samples: all of them when few, else max_pairs drawn at random; with
+    groups, only pairs inside the same group."""
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        members: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        pairs = [(a, b) for idx in members.values() if len(idx) > 1 for k, a in enumerate(idx) for b in idx[k + 1:]]
+        if len(pairs) > max_pairs:
+            pairs = [pairs[k] for k in rng.choice(len(pairs), max_pairs, replace=False)]
+        arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
+    if n * (n - 1) // 2 <= max_pairs:
+        i, j = np.triu_indices(n, 1)
+        return i, j
+    i = rng.integers(0, n, max_pairs)
+    j = (i + rng.integers(1, n, max_pairs)) % n
+    return i, j
+
+
+# ---------------------------------------------------------------- MS-SSIM
+def ms_ssim_settings(size: int) -> tuple[int, tuple[float, ...]]:
+    """(window, weights) fitting a size-px image: the most scales (up to 5) that leave a window of at least 7
+    px at the coarsest scale (window at most 11, odd); weights are the first scales' standard weights,
+    renormalised. 128 px -> window 7, 5 scales; 64 px -> 7, 4 scales."""
+    for scales in range(5, 0, -1):
+        div = max(1, scales - 1) ** 2  # MONAI's size check uses (scales - 1)^2
+        limit = min(11, size // div, size // 2 ** (scales - 1) + 1)
+        window = limit if limit % 2 else limit - 1
+        if window >= 7 or scales == 1:
+            if window < 3:
+                raise ValueError(f"images of {size} px are too small for MS-SSIM")
+            w = np.array(MS_SSIM_WEIGHTS[:scales])
+            return int(window), tuple(float(x) for x in w / w.sum())
+    raise AssertionError
+
+
+def _gauss(window: int, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim_and_cs(x, y, window: int, data_range: float, k1=0.01, k2=0.03):
+    c = x.shape[1]
+    g = _gauss(window).to(x)
+    kh, kw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    filt = lambda z: F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)  # noqa: E731
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    ssim = (2 * mx * my + c1) / (mx * mx + my * my + c1) * cs
+    return ssim.flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int | None = None,
+            weights: tuple[float, ...] | None = None) -> torch.Tensor:
+    """(B,) MS-SSIM of aligned image batches."""
+    if window is None or weights is None:
+        window, weights = ms_ssim_settings(x.shape[-1])
+    x, y = x.double(), y.double()
+    levels = []
+    for i, _ in enumerate(weights):
+        ssim, cs = ssim_and_cs(x, y, window, data_range)
+        levels.append(torch.relu(ssim if i == len(weights) - 1 else cs))
+        if i < len(weights) - 1:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    w = torch.tensor(weights, dtype=torch.float64, device=x.device).view(-1, 1)
+    return torch.prod(torch.stack(levels) ** w, 0)
+
+
+# ---------------------------------------------------------------- pixel metrics
+def mae(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).abs().flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    mse = (a.double() - b.double()).square().flatten(1).mean(1)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def finite(values: np.ndarray) -> tuple[np.ndarray, int]:
+    values = np.asarray(values, np.float64)
+    ok = np.isfinite(values)
+    return values[ok], int((~ok).sum())
+

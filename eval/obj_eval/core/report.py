@@ -1,0 +1,96 @@
+"""Reports from metrics.json: a Markdown table (tabulate), a bar plot with 95% intervals beside the
+real-vs-real floor, and real vs synthetic sample grids side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from Generation.TrainGen.core.fileio import atomic_write
+from Generation.TrainGen.core.grid import save_grid
+
+LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, "psnr": False,
+                   "ms_ssim_quality": False, "lpips_quality": True}
+
+
+def _fmt(v, digits=4):
+    return "" if v is None else f"{v:.{digits}g}"
+
+
+def _n(rec) -> str:
+    n = rec.get("n")
+    return f"{n['synthetic']} synth / {n['real']} real" if isinstance(n, dict) else str(n)
+
+
+def _method(rec) -> str:
+    m = rec.get("method", {})
+    keys = ("feature_network", "network", "pairs_by", "window", "scales", "data_range")
+    return ", ".join(f"{k}={m[k]}" for k in keys if k in m)
+
+
+def rows(result: dict) -> list[list[str]]:
+    out = []
+    for r in result["metrics"]:
+        if r.get("available") is False:
+            out.append([r["metric"], "unavailable", "", "", "", r["reason"][:120]])
+            continue
+        ci = r.get("ci95")
+        floor = r.get("floor", {}).get("value")
+        out.append([r["metric"], _fmt(r["value"]), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "", _fmt(floor),
+                    _n(r), _method(r) + (f"; {r['warning']}" if "warning" in r else "")])
+    return out
+
+
+def markdown(result: dict) -> str:
+    head = (f"# Evaluation\n\nsynthetic: `{result['synthetic_dir']}` ({result['n_synthetic']} images)  \n"
+            f"real: `{result['real_dir']}` ({result['n_real']} images)  \n"
+            f"{result['image_size']} px, modality {result['image_type']}, positive-only {result['positive_only']}, "
+            f"seed {result['seed']}\n\n")
+    table = tabulate(rows(result), headers=["metric", "value", "95% CI", "real vs real", "N", "method"],
+                     tablefmt="github")
+    return head + table + "\n\nThe real-vs-real column is the floor to read each value against (FID between two " \
+                          "halves of the real set; diversity among real slices).\n"
+
+
+def plot_metrics(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = [r for r in result["metrics"] if r.get("available") is not False and r.get("value") is not None]
+    fig, axes = plt.subplots(1, max(1, len(recs)), figsize=(2.6 * max(1, len(recs)), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], recs):
+        vals, errs, labels = [r["value"]], [[0], [0]], ["synthetic"]
+        if r.get("ci95"):
+            errs = [[r["value"] - r["ci95"][0]], [r["ci95"][1] - r["value"]]]
+        if "floor" in r:
+            vals.append(r["floor"]["value"])
+            labels.append("real vs real")
+            errs = [errs[0] + [0], errs[1] + [0]]
+        ax.bar(labels, vals, yerr=np.clip(np.array(errs), 0, None), capsize=4, color=["#3b75af", "#999999"][:len(vals)])
+        if r["metric"].endswith("diversity"):
+            arrow = "lower = more diverse" if r["metric"].startswith("ms_ssim") else "higher = more diverse"
+        else:
+            arrow = "lower is better" if LOWER_IS_BETTER.get(r["metric"], True) else "higher is better"
+        ax.set_title(f"{r['metric']}\n({arrow})", fontsize=9)
+        ax.tick_params(labelsize=8)
+    if not recs:
+        axes[0][0].text(0.5, 0.5, "no metric available", ha="center")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def plot_samples(synth, real, path: Path, n: int = 32) -> Path:
+    """Left half real, right half synthetic: n images each, 8 per row."""
+    g = torch.Generator().manual_seed(0)
+    pick = lambda s: s.images[torch.randperm(len(s), generator=g)[:n]]  # noqa: E731
+    a, b = pick(real), pick(synth)
+    k = min(len(a), len(b))
+    tiles = []
+    for row in range(0, k, 4):
+        tiles += list(a[row:row + 4]) + [torch.zeros_like(a[0])] * (4 - len(a[row:row + 4]))
+        tiles += list(b[row:row + 4]) + [torch.zeros_like(b[0])] * (4 - len(b[row:row + 4]))
+    return save_grid(torch.stack(tiles), path, nrow=8, scale=max(1, 96 // a.shape[-1]))
