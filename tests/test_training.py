@@ -43,7 +43,7 @@ def test_every_strategy_and_mode_trains_and_samples(demo_root, tmp_path, mode, s
     before = [p.detach().clone() for p in tr.net.parameters()]
     order = tr.train_data.batch_indices(8, 0, 0)
     for i in range(3):
-        assert tr.train_step([tr.train_data.batch(order[i])])
+        assert tr.train_step([tr.train_data.batch(order[i])]).item() == 0
     assert tr.step == 3 and any(not torch.equal(a, b) for a, b in zip(before, tr.net.parameters()))
     assert validate(tr) is True
     tr.checkpoint(is_best=True)
@@ -93,17 +93,34 @@ def test_nan_guard_skips_and_stops_naming_the_step(demo_root, tmp_path):
     cfg = tiny_cfg(demo_root, tmp_path, runtime={"max_nonfinite": 3})
     tr = make_trainer(cfg)
     good = tr.train_data.batch(torch.arange(4))
-    assert tr.train_step([good])
+    assert tr.train_step([good]).item() == 0
     before = [p.detach().clone() for p in tr.net.parameters()]
     bad = {**good, "images": good["images"].clone()}
     bad["images"][0, 0, 0, 0] = float("nan")
-    assert tr.train_step([bad]) is False and tr.skipped == 1
+    assert tr.train_step([bad]).item() == 1                 # skipped on the device, nothing read back
     assert all(torch.equal(a, b) for a, b in zip(before, tr.net.parameters()))
-    assert tr.train_step([good]) and tr.streak == 0
-    tr.train_step([bad])
-    tr.train_step([bad])
-    with pytest.raises(UserError, match="3 consecutive non-finite steps, the last at optimizer step 3"):
+    assert tr.opt.state[tr.net.conv_in.conv.weight]["step"].item() == 1  # AdamW state untouched too
+    tr.check_health()
+    assert tr.skipped == 1 and tr.streak == 1
+    tr.train_step([good])
+    tr.check_health()
+    assert tr.streak == 0
+    for _ in range(3):
         tr.train_step([bad])
+    tr.train_step([good])                                   # a recovery before the check does not hide the streak
+    with pytest.raises(UserError, match="3 consecutive non-finite steps by optimizer step 7"):
+        tr.check_health()
+
+
+def test_preemption_request_checkpoints_and_leaves_the_requeue_mark(demo_root, tmp_path):
+    cfg = tiny_cfg(demo_root, tmp_path, optim={"epochs": 50}, runtime={"log_interval": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    tr = make_trainer(cfg, run)
+    (run / ".preempt").touch()
+    assert tr.fit() == "preempted"
+    assert tr.step == 2 and (run / ".requeue").is_file() and not (run / ".preempt").exists()
+    assert load_checkpoint(run)["step"] == 2
 
 
 def test_incompatible_init_from_is_refused(demo_root, tmp_path):

@@ -8,7 +8,7 @@ from Generation.TrainGen.core.config import Config, build_config, load_yaml, par
 # flag -> (config field, type); `None` type means a store_true flag that sets the given value
 TRAIN_FLAGS = {
     "mode": ("mode.name", str), "strategy": ("strategy.name", str), "epochs": ("optim.epochs", int),
-    "val_interval": ("runtime.val_interval", int), "batch_size": ("optim.batch_size", int),
+    "val_interval": ("runtime.val_interval", int), "batch_size": ("optim.batch_size", "int_or_auto"),
     "image_size": ("data.image_size", int), "compute": ("paths.compute", str),
     "num_timesteps": ("strategy.num_timesteps", int), "warmup_epochs": ("optim.warmup_epochs", int),
     "data_dir": ("data.data_dir", str), "run_dir": ("paths.run_dir", str), "seed": ("runtime.seed", int),
@@ -18,8 +18,17 @@ TRAIN_FLAGS = {
 SWITCHES = {
     "multi_gpu": ("runtime.multi_gpu", True), "find_lr": ("optim.find_lr", True), "no_ema": ("ema.enabled", False),
     "no_min_snr": ("optim.min_snr", False), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
-    "positive_only": ("data.positive_only", True),
+    "positive_only": ("data.positive_only", True), "no_compile": ("runtime.compile", False),
 }
+
+
+def int_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -33,7 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser, flags=TRAIN_FLAGS, switche
     add_flag(parser, "set", action="append", default=[], metavar="KEY=VALUE",
              help="override any field, e.g. --set optim.lr=3e-4 (repeatable)")
     for name, (field, tp) in flags.items():
-        add_flag(parser, name, type=tp, default=None, help=f"-> {field}")
+        add_flag(parser, name, type=int_or_auto if tp == "int_or_auto" else tp, default=None, help=f"-> {field}")
     for name, (field, value) in switches.items():
         add_flag(parser, name, action="store_true", help=f"-> {field}={value}")
 
@@ -51,7 +60,9 @@ def _nested(field: str, value) -> dict:
 def config_from_args(args: argparse.Namespace, flags=TRAIN_FLAGS, switches=SWITCHES) -> Config:
     layers = [load_yaml(path) for path in args.config]
     layers += [parse_set(item) for item in args.set]
-    layers += [_nested(field, getattr(args, name)) for name, (field, _) in flags.items()
-               if getattr(args, name) is not None]
+    layers += [_nested(field, getattr(args, name)) for name, (field, tp) in flags.items()
+               if getattr(args, name) is not None and not (tp == "int_or_auto" and getattr(args, name) == "auto")]
+    layers += [_nested("optim.auto_batch_size", True) for name, (_, tp) in flags.items()
+               if tp == "int_or_auto" and getattr(args, name) == "auto"]
     layers += [_nested(field, value) for name, (field, value) in switches.items() if getattr(args, name)]
     return build_config(*layers)

@@ -82,6 +82,7 @@ class ModeConfig:
 class OptimConfig:
     epochs: int = 500
     batch_size: int = 16
+    auto_batch_size: bool = False        # CUDA: probe the largest batch that fits (--batch_size auto), 90% of it
     lr: float = 1e-4
     weight_decay: float = 0.0            # AdamW; diffusion UNets are usually trained without decay
     warmup_epochs: int = 5               # linear warm-up, then cosine decay to 0
@@ -115,7 +116,7 @@ class RuntimeConfig:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (no fp16: NaNs)
-    compile: bool = False                # torch.compile the UNet
+    compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (see README)
     channels_last: bool = True           # CUDA only
     multi_gpu: bool = False              # DDP (torchrun / srun)
     val_interval: int = 10               # epochs between validation + sample grids

@@ -134,6 +134,19 @@ def write_sample_grid(tr, outputs: dict, batch: dict, path: Path) -> Path:
     return save_grid(torch.stack(tiles), path, nrow=min(16, 2 * len(outputs) * 4), masks=torch.stack(marks), scale=2)
 
 
+def _stop_on_sigusr1(tr) -> None:
+    """SLURM sends SIGUSR1 shortly before the time limit (--signal): the trainer checkpoints at its next log
+    interval and stops, leaving <run>/.requeue for the job script."""
+    import signal
+
+    def handler(signum, frame):
+        tr.stop_requested = True
+    try:
+        signal.signal(signal.SIGUSR1, handler)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGUSR1 on this platform
+        pass
+
+
 def _check_resume(cfg, state, path) -> None:
     saved = state["config"]
     for section in RESUME_FIXED:
@@ -161,6 +174,14 @@ def train(cfg) -> int:
         if cfg.data.cache_device == "cuda" and rt.device.type == "cuda":
             train_data = train_data.to(rt.device)
             val_data = val_data.to(rt.device) if val_data is not None else None
+        if cfg.optim.auto_batch_size:
+            from Generation.TrainGen.core.autobatch import find_batch_size
+            from Generation.TrainGen.core.trainer import build_parts
+            channels = train_data.images.shape[1] if train_data.images is not None else None
+            strategy, mode = build_parts(cfg, len(train_data.class_names) or None, channels)
+            bs = find_batch_size(cfg, rt, mode, strategy)
+            rt.print(f"--batch_size auto: {bs} per GPU ({int(100 * 0.9)}% of the largest that fits)")
+            cfg = replace(cfg, optim=replace(cfg.optim, batch_size=bs, auto_batch_size=False))
         run_dir = resolve_run_dir(cfg, rt)
         resume_path = None
         if cfg.runtime.resume:
@@ -195,6 +216,9 @@ def train(cfg) -> int:
         n_params = sum(p.numel() for p in tr.net.parameters())
         tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters, "
                     f"{tr.steps_per_epoch} steps/epoch")
+        _stop_on_sigusr1(tr)
+        if rt.is_main and run_dir is not None:
+            (run_dir / ".requeue").unlink(missing_ok=True)
         tr.fit(validate)
         return 0
     finally:

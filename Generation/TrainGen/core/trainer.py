@@ -25,6 +25,8 @@ from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.strategies import STRATEGIES
 
 N_BINS = 10  # loss is also logged per tenth of the time range
+PREEMPT_FILE = ".preempt"   # touched by the SLURM script's SIGUSR1 trap (or by hand): checkpoint and stop
+REQUEUE_FILE = ".requeue"   # left by a preempted run: the job script requeues itself
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -33,6 +35,10 @@ def warmup_cosine(warmup: int, total: int):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return factor
+
+
+def compile_enabled(cfg, device) -> bool:
+    return cfg.runtime.compile if cfg.runtime.compile is not None else device.type == "cuda"
 
 
 def build_parts(cfg, num_classes: int | None, image_channels: int | None):
@@ -56,13 +62,17 @@ class DiffusionTrainer:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.model = DDP(self.net, device_ids=[dev.index] if dev.type == "cuda" else None) if rt.distributed else self.net
-        if cfg.runtime.compile:
-            self.model = torch.compile(self.model)
+        if compile_enabled(cfg, dev):
+            # mode "default": fused kernels without CUDA graphs; "reduce-overhead" (CUDA graphs) would pin a
+            # second copy of activations and recapture on every validation shape; dynamic=False because every
+            # training batch has the same shape (batch_indices drops the tail).
+            self.model = torch.compile(self.model, mode="default", dynamic=False)
         self.ema = (EMA(self.net, beta=cfg.ema.beta, update_after_step=cfg.ema.update_after_step,
                         update_every=cfg.ema.update_every, include_online_model=False)
                     if cfg.ema.enabled else None)
+        # fused: one kernel for all parameters, and it can skip a non-finite step on the device (found_inf)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                     fused=dev.type == "cuda")
+                                     fused=True)
         o = cfg.optim
         self.batches_per_epoch = len(train_data.batch_indices(o.batch_size, 0, cfg.runtime.seed, rt.rank, rt.world))
         self.steps_per_epoch = self.batches_per_epoch // o.grad_accum
@@ -78,6 +88,9 @@ class DiffusionTrainer:
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.skipped, self.streak, self.best, self.bad_vals = 0, 0, None, 0
+        z = lambda: torch.zeros((), device=dev)  # noqa: E731
+        self.health = {"skipped": z(), "streak": z(), "worst": z()}
+        self.stop_requested = False
         self.saved_step = -1
         self._reset_stats()
 
@@ -112,8 +125,9 @@ class DiffusionTrainer:
             loss = loss + self.cfg.optim.perceptual_weight * dist.float().mean()
         return loss, per.detach(), t
 
-    def train_step(self, micro_batches: list[dict]) -> bool:
-        """One optimizer step over grad_accum micro-batches; False when skipped as non-finite."""
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the device flag 1.0 when it was skipped as
+        non-finite (read it only when needed: reading syncs)."""
         self.model.train()
         total = torch.zeros((), device=self.rt.device)
         for i, batch in enumerate(micro_batches):
@@ -127,33 +141,59 @@ class DiffusionTrainer:
             self._record(per, t)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
-        # every rank must agree before stepping, or DDP replicas drift apart (one collective, every step)
-        ok = self.rt.all_true(torch.isfinite(total) & torch.isfinite(grad_norm))
-        if ok:
-            self.opt.step()
-            self.sched.step()
-            if self.ema is not None:
-                self.ema.update()
-            self.step += 1
-            self.streak = 0
-            self.stats["loss"] += total
-            self.stats["grad_norm"] += grad_norm.detach()
-            self.stats["n"] += 1
-        else:
-            self.skipped += 1
-            self.streak += 1
-            self.log_line(f"non-finite loss or gradient at optimizer step {self.step + 1} (epoch {self.epoch}): "
-                          f"step skipped ({self.skipped} so far)")
-            if self.streak >= self.cfg.runtime.max_nonfinite:
-                raise UserError(f"stopping: {self.streak} consecutive non-finite steps, the last at optimizer step "
-                                f"{self.step + 1} (epoch {self.epoch}); lower optim.lr or check the data")
+        # The non-finite guard stays on the device: no host sync in the step. Every rank must skip together or
+        # DDP replicas drift apart (one all-reduce); fused AdamW skips the update itself when found_inf is set.
+        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        found_inf = (~finite).float()
+        if self.rt.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        self.opt.found_inf = found_inf
+        self.opt.step()
+        del self.opt.found_inf
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update()  # after a skipped step the weights are unchanged, so this is harmless
+        self.step += 1
+        ok = found_inf == 0
+        self.health["skipped"] += found_inf
+        self.health["streak"] = (self.health["streak"] + found_inf) * found_inf
+        self.health["worst"] = torch.maximum(self.health["worst"], self.health["streak"])
+        self.stats["loss"] += torch.where(ok, total, 0.0)
+        self.stats["grad_norm"] += torch.where(ok, grad_norm.detach(), 0.0)
+        self.stats["n"] += ok.float()
         self.opt.zero_grad(set_to_none=True)
-        return ok
+        return found_inf
+
+    def check_health(self) -> None:
+        """Read the device-side guard (one sync, at log intervals): log skipped steps, stop after
+        runtime.max_nonfinite consecutive ones."""
+        skipped, worst, streak = (int(v) for v in torch.stack([self.health["skipped"], self.health["worst"],
+                                                                self.health["streak"]]).tolist())
+        if skipped > self.skipped:
+            self.log_line(f"non-finite loss or gradient: {skipped - self.skipped} step(s) skipped up to optimizer "
+                          f"step {self.step} (epoch {self.epoch}; {skipped} so far)")
+        self.skipped = skipped
+        if worst >= self.cfg.runtime.max_nonfinite:
+            raise UserError(f"stopping: {worst} consecutive non-finite steps by optimizer step {self.step} "
+                            f"(epoch {self.epoch}); lower optim.lr or check the data")
+        self.health["worst"].copy_(self.health["streak"])
+        self.streak = streak
+
+    def preempted(self) -> bool:
+        """True on every rank once any rank was asked to stop (SIGUSR1 or a <run>/.preempt file): one
+        all-reduce, at log intervals and epoch ends only."""
+        asked = self.stop_requested or (self.run_dir is not None and (self.run_dir / PREEMPT_FILE).exists())
+        flag = torch.tensor([float(asked)], device=self.rt.device)
+        if self.rt.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ stats and logging
     def _reset_stats(self):
         z = lambda: torch.zeros((), device=self.rt.device)  # noqa: E731
-        self.stats = {"loss": z(), "grad_norm": z(), "n": 0, "t0": time.perf_counter(), "images": 0}
+        self.stats = {"loss": z(), "grad_norm": z(), "n": z(), "t0": time.perf_counter(), "images": 0, "steps": 0}
         self.bin_sum = torch.zeros(N_BINS, device=self.rt.device)
         self.bin_count = torch.zeros(N_BINS, device=self.rt.device)
 
@@ -170,12 +210,13 @@ class DiffusionTrainer:
             self.rt.print(text)
 
     def log_scalars(self):
-        n = self.stats["n"]
-        if n == 0 or self.logger is None:
+        if self.logger is None:
             self._reset_stats()
             return
+        n = self.stats["n"].clamp(min=1)
+        loss, grad_norm = (torch.stack([self.stats["loss"], self.stats["grad_norm"]]) / n).tolist()  # one read
         elapsed = time.perf_counter() - self.stats["t0"]
-        scalars = {"train/loss": (self.stats["loss"] / n).item(), "train/grad_norm": (self.stats["grad_norm"] / n).item(),
+        scalars = {"train/loss": loss, "train/grad_norm": grad_norm,
                    "train/lr": self.sched.get_last_lr()[0], "train/images_per_s": self.stats["images"] / elapsed,
                    "train/skipped_steps": self.skipped}
         bins = (self.bin_sum / self.bin_count.clamp(min=1)).tolist()
@@ -186,8 +227,9 @@ class DiffusionTrainer:
         self._reset_stats()
 
     # ------------------------------------------------------------------ loop
-    def fit(self, validate=None) -> None:
-        """Train until cfg.optim.epochs or cfg.optim.max_steps; validate(trainer) runs on every rank."""
+    def fit(self, validate=None) -> str:
+        """Train until cfg.optim.epochs or cfg.optim.max_steps ('done') or a preemption request ('preempted');
+        validate(trainer) runs on every rank."""
         cfg, o = self.cfg, self.cfg.optim
         max_steps = o.max_steps if o.max_steps is not None else math.inf
         accum = o.grad_accum
@@ -202,8 +244,13 @@ class DiffusionTrainer:
                 self.batch_pos += accum
                 bar.update(1)
                 if self.step % cfg.runtime.log_interval == 0:
+                    self.check_health()
                     self.log_scalars()
+                    if self.preempted():
+                        bar.close()
+                        return self.stop_for_requeue()
             bar.close()
+            self.check_health()
             if self.batch_pos < n_use:
                 break  # max_steps reached mid-epoch: the position is saved below
             self.epoch, self.batch_pos = self.epoch + 1, 0
@@ -216,8 +263,21 @@ class DiffusionTrainer:
                 self.log_line(f"early stop after epoch {self.epoch}: no validation improvement in "
                               f"{self.bad_vals} validations")
                 break
+            if self.preempted():
+                return self.stop_for_requeue()
         self.log_scalars()
         self.checkpoint(False)
+        return "done"
+
+    def stop_for_requeue(self) -> str:
+        """Preemption: checkpoint now (every rank takes part), leave <run>/.requeue for the job script."""
+        self.checkpoint(False)
+        if self.rt.is_main and self.run_dir is not None:
+            (self.run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+            (self.run_dir / REQUEUE_FILE).touch()
+            self.log_line(f"preempted at optimizer step {self.step} (epoch {self.epoch}): checkpoint saved; "
+                          f"the job script requeues and resumes with --resume auto")
+        return "preempted"
 
     def stop_early(self) -> bool:
         patience = self.cfg.runtime.early_stop_patience
@@ -259,6 +319,7 @@ class DiffusionTrainer:
         self.sched.load_state_dict(state["sched"])
         self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
         self.best, self.bad_vals, self.skipped = state["best"], state["bad_vals"], state["skipped"]
+        self.health["skipped"].fill_(self.skipped)
         rng = state["rng"]
         if len(rng) == self.rt.world:
             self.gen.set_state(rng[self.rt.rank])
