@@ -40,6 +40,11 @@ class SliceData:
         ref = self.images if self.images is not None else self.masks
         return 0 if ref is None else len(ref)
 
+    @property
+    def device(self) -> torch.device:
+        ref = self.images if self.images is not None else self.masks
+        return ref.device if ref is not None else torch.device("cpu")
+
     def to(self, device) -> "SliceData":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SliceData(move(self.images), move(self.masks), move(self.labels), self.sources, self.slice_index,

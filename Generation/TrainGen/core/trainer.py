@@ -235,6 +235,7 @@ class DiffusionTrainer:
         accum = o.grad_accum
         while self.epoch < o.epochs and self.step < max_steps:
             order = self.train_data.batch_indices(o.batch_size, self.epoch, cfg.runtime.seed, self.rt.rank, self.rt.world)
+            order = order.to(self.train_data.device)  # a GPU-resident cache then gathers batches without host work
             n_use = self.steps_per_epoch * accum
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch_pos // accum, leave=False,
                        desc=f"epoch {self.epoch + 1}/{o.epochs}", disable=not self.rt.is_main)
