@@ -225,3 +225,17 @@ def test_fid_without_weights_is_a_clear_error(paired_set, tmp_path):
     res = run_script("eval/obj_eval/metrics/fid.py", "--synthetic-dir", str(paired_set), "--real-dir",
                      str(paired_set), env={"MEDGEN_WEIGHTS": str(tmp_path)})
     assert res.returncode == 2 and "inception weights not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_image_folders_evaluate(tiny_models, demo_root, tmp_path):
+    out = tmp_path / "lesions"
+    assert generate_main(["--image_model", str(tiny_models["class"]), "--num_images", "6", "--num_steps", "3",
+                          "--sampler", "ddim", "--output_dir", str(out), "--device", "cpu"]) == 0
+    res = run_script("eval/obj_eval/metrics/ms_ssim.py", "--mode", "diversity", "--synthetic-dir", str(out),
+                     "--real-dir", str(demo_root / "lesions"), "--output", str(tmp_path / "ev"),
+                     env={"MEDGEN_CACHE": str(tmp_path / "c")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rec = result["metrics"][0]
+    assert rec["metric"] == "ms_ssim_diversity" and rec["n"] == 15 and 0 < rec["value"] <= 1   # 6 samples: 15 pairs
+    assert result["n_synthetic"] == 6 and result["image_size"] == 32 and "floor" in rec
