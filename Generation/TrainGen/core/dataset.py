@@ -40,6 +40,10 @@ class SliceData:
         ref = self.images if self.images is not None else self.masks
         return 0 if ref is None else len(ref)
 
+    def slice_keys(self) -> list[str]:
+        """'<resolved subject folder>#slice<k>' per slice: how generation manifests and evaluation name a slice."""
+        return [f"{Path(src).resolve()}#slice{k}" for src, k in zip(self.sources, self.slice_index)]
+
     @property
     def device(self) -> torch.device:
         ref = self.images if self.images is not None else self.masks
@@ -122,6 +126,17 @@ def load_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
                image_folder: bool = False, workers: int = 0) -> SliceData:
     """Preprocessed tensors of one split, from the cache when its key matches, else built and cached."""
     return scan_split(data_cfg, root, split, roles, cache_dir, image_folder, workers, raise_fatal=True)[0]
+
+
+def load_folder(data_cfg, root: Path, roles: list[str], cache_dir: Path | None) -> SliceData:
+    """Every split of a NIfTI dataset folder, concatenated (generation conditions, evaluation sets)."""
+    root = Path(root)
+    splits = nifti.find_splits(root, nifti.layout_from_config(data_cfg), data_cfg.val_fraction, data_cfg.split_seed)
+    parts = [load_split(data_cfg, root, split, roles, cache_dir) for split, subjects in splits.items() if subjects]
+    cat = lambda k: torch.cat([getattr(p, k) for p in parts]) if getattr(parts[0], k) is not None else None  # noqa: E731
+    return SliceData(cat("images"), cat("masks"), None, [s for p in parts for s in p.sources],
+                     [k for p in parts for k in p.slice_index], parts[0].channels,
+                     problems=[x for p in parts for x in p.problems])
 
 
 def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Path | None,

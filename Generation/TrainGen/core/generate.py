@@ -192,11 +192,19 @@ class Job:
     def main_model(self) -> Model:
         return self.image_model or self.seg_model
 
+    @property
+    def chained_seg(self) -> Model | None:
+        """The seg model when it only supplies masks to an image model (None in seg mode)."""
+        return self.seg_model if self.seg_model is not self.main_model else None
+
+    def guidance_of(self, model: Model) -> float:
+        return self.guidance if self.guidance is not None else model.cfg.mode.guidance_scale
+
     def settings(self) -> dict:
         """Everything that decides a sample's content: a re-run into the same folder must match it."""
         m, s = self.main_model, self.seg_model
         return {"mode": self.mode, "seed": self.seed, "sha256": m.sha256, "sampler": m.sampler, "steps": m.steps,
-                "guidance": self.guidance, "seg_sha256": s.sha256 if s and s is not m else None,
+                "guidance": self.guidance, "seg_sha256": self.chained_seg.sha256 if self.chained_seg else None,
                 "seg_sampler": s.sampler if s else None, "seg_steps": s.steps if s else None,
                 "masks_from": self.masks_from, "class_counts": self.class_counts,
                 "mask_filter": self.mask_filter.__dict__ if s else None, "max_attempts": self.max_attempts,
@@ -238,21 +246,15 @@ def load_real_masks(directory: str, model: Model, positive_only: bool = True) ->
     crop and layout), ordered by (subject, slice). Slices without mask voxels are left out unless
     positive_only is False."""
     from config.paths import PathConfig
-    from Generation.TrainGen.core.data import find_splits, layout_from_config
-    from Generation.TrainGen.core.dataset import load_split
+    from Generation.TrainGen.core.dataset import load_folder
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti")
-    splits = find_splits(Path(directory), layout_from_config(data_cfg), data_cfg.val_fraction, data_cfg.split_seed)
     cache = PathConfig.from_compute("local").cache_root / "slices" if data_cfg.cache else None
-    masks, sources = [], []
-    for split, subjects in splits.items():
-        if subjects:
-            d = load_split(data_cfg, Path(directory), split, ["seg"], cache)
-            masks.append(d.masks)
-            sources += [f"{Path(src).resolve()}#slice{k}" for src, k in zip(d.sources, d.slice_index)]
-    if not sources:
+    data = load_folder(data_cfg, Path(directory), ["seg"], cache)
+    if len(data) == 0:
         raise UserError(f"--masks_from {directory}: no usable mask slices")
-    order = sorted(range(len(sources)), key=lambda i: (sources[i].rsplit("#slice", 1)[0], int(sources[i].rsplit("#slice", 1)[1])))
-    return torch.cat(masks)[order].float().clamp(0, 1), [sources[i] for i in order]
+    keys = data.slice_keys()
+    order = sorted(range(len(keys)), key=lambda i: (data.sources[i], data.slice_index[i]))
+    return data.masks[order].float().clamp(0, 1), [keys[i] for i in order]
 
 
 # ---------------------------------------------------------------- sampling
@@ -262,9 +264,8 @@ def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list 
     gens = [torch.Generator(job.device).manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(model.mode.out_channels, size, size, generator=g, device=job.device)
                          for g in gens])
-    guidance = job.guidance if job.guidance is not None else model.cfg.mode.guidance_scale
-    return sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, guidance,
-                  gens, job.autocast, trajectory)
+    return sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps,
+                  job.guidance_of(model), gens, job.autocast, trajectory)
 
 
 def masks_for(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, Counter]]:
@@ -305,7 +306,7 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
         x = draw(job, job.image_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices],
                  {"labels": labels}, trajectory)
         outs = {"image": job.image_model.mode.outputs(x)["image"]}
-        for k, i in enumerate(indices):
+        for i in indices:
             info[i] = {"class": job.class_names()[job.class_plan[i]], "condition": ""}
     else:
         masks, attempts, why = masks_for(job, indices)
@@ -358,15 +359,13 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
         else:
             data = png_bytes(arr)
         atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
-    m, s = job.main_model, job.seg_model
+    m, s = job.main_model, job.chained_seg
     full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
             "sample_seed": sample_seed(job.seed, index, IMAGE_STREAM if job.mode != "seg" else MASK_STREAM),
-            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps,
-            "guidance": job.guidance if job.guidance is not None else m.cfg.mode.guidance_scale,
-            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "",
-            "checkpoint_sha256": m.sha256,
-            "seg_strategy": s.strategy.name if s and s is not m else "", "seg_sampler": s.sampler if s and s is not m else "",
-            "seg_steps": s.steps if s and s is not m else "", "seg_checkpoint_sha256": s.sha256 if s and s is not m else "",
+            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
+            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "checkpoint_sha256": m.sha256,
+            "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
+            "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
             "files": ";".join(files), **row}
     atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(full))  # the commit mark
     return full
@@ -416,18 +415,15 @@ def read_sample(out: Path, row: dict) -> dict[str, np.ndarray]:
 
 def write_previews(job: Job, rows: list[dict]) -> list[Path]:
     """preview_4x4.png and preview_8x8.png from the first committed samples (mask outlines on images)."""
-    paths = []
-    for side in (4, 8):
-        picked = [read_sample(job.output_dir, r) for r in rows[: side * side]]
-        if not picked:
-            break
-        show = "image" if job.mode == "class" else [r for r in job.roles() if r != "seg"][-1:] or ["seg"]
-        show = show if isinstance(show, str) else show[0]
-        images = torch.stack([torch.from_numpy(a[show]) for a in picked])
-        masks = torch.stack([torch.from_numpy(a["seg"]) for a in picked]) if show not in ("seg", "image") else None
-        paths.append(save_grid(images, job.output_dir / f"preview_{side}x{side}.png", nrow=side, masks=masks,
-                               scale=max(1, 128 // images.shape[-1])))
-    return paths
+    picked = [read_sample(job.output_dir, r) for r in rows[:64]]
+    if not picked:
+        return []
+    show = "image" if job.mode == "class" else next((r for r in reversed(job.roles()) if r != "seg"), "seg")
+    images = torch.stack([torch.from_numpy(a[show]) for a in picked])
+    masks = torch.stack([torch.from_numpy(a["seg"]) for a in picked]) if show not in ("seg", "image") else None
+    return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
+                      masks=None if masks is None else masks[:side * side], scale=max(1, 128 // images.shape[-1]))
+            for side in (4, 8)]
 
 
 def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
@@ -435,13 +431,12 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
     indices = list(range(min(n_samples, job.num_images)))
     trajectory: list = []
     generate_batch(replace(job, output_size=None, rejections=Counter()), indices, trajectory)
-    model = job.main_model
     picks = np.unique(np.linspace(0, len(trajectory) - 1, n_frames).round().astype(int))
-    frames = [model.mode.outputs(trajectory[k]) for k in picks]
-    role = next(iter(frames[0]))
-    tiles = torch.stack([frames[f][role][i, :1].float().cpu() if role == "seg" else
-                         ((trajectory[picks[f]][i, :1] + 1) / 2).clamp(0, 1).float().cpu()
-                         for i in range(len(indices)) for f in range(len(picks))])
+    # masks are shown thresholded, as they are written; images as the raw state (first channel)
+    as_tile = ((lambda x: job.main_model.mode.outputs(x)["seg"]) if job.mode == "seg" else
+               (lambda x: ((x[:, :1] + 1) / 2).clamp(0, 1)))
+    frames = [as_tile(trajectory[k]).float().cpu() for k in picks]
+    tiles = torch.stack([frame[i] for i in range(len(indices)) for frame in frames])
     return save_grid(tiles, job.output_dir / "progression.png", nrow=len(picks),
                      scale=max(1, 128 // tiles.shape[-1]))
 

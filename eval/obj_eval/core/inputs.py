@@ -10,7 +10,7 @@ Without a match these metrics report that no pairs exist; pairs are never invent
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -20,8 +20,8 @@ from PIL import Image
 from config.paths import PathConfig
 from Generation.TrainGen.core import imagefolder
 from Generation.TrainGen.core.config import DataConfig
-from Generation.TrainGen.core.data import NIFTI_SUFFIXES, find_splits, layout_from_config
-from Generation.TrainGen.core.dataset import load_split
+from Generation.TrainGen.core.data import NIFTI_SUFFIXES
+from Generation.TrainGen.core.dataset import load_folder
 from Generation.TrainGen.core.errors import UserError
 
 
@@ -76,9 +76,8 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
     if not root.is_dir():
         raise UserError(f"{what} {root}: folder does not exist")
     size = size or native_size(root)
-    cache = PathConfig.from_compute("local").cache_root / "slices"
     if not is_nifti_dataset(root):
-        splits, classes, problems = imagefolder.find_image_splits(root, None, 0.0, 0)
+        splits, classes, _ = imagefolder.find_image_splits(root, None, 0.0, 0)
         items = [it for s in splits.values() for it in s]
         tensors, bad = imagefolder.load_images(items, classes, size)
         if bad:
@@ -89,22 +88,15 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
                        [classes[i] for i in tensors["labels"].tolist()])
     cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
                      positive_only=positive_only, val_fraction=0.0, format="nifti")
-    roles = [image_type, "seg"] if positive_only else [image_type]
-    splits = find_splits(root, layout_from_config(cfg), cfg.val_fraction, cfg.split_seed)
-    images, ids, paths = [], [], []
-    for split, subjects in splits.items():
-        if not subjects:
-            continue
-        data = load_split(replace(cfg), root, split, roles, cache)
-        images.append(data.images[:, :1].float())
-        for src, k in zip(data.sources, data.slice_index):
-            ids.append(f"{Path(src).name}#slice{k}")
-            paths.append(f"{Path(src).resolve()}#slice{k}")
-    if not images:
+    cache = PathConfig.from_compute("local").cache_root / "slices"
+    data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
+    if len(data) == 0:
         raise UserError(f"{what} {root}: no slices to evaluate")
+    ids = [f"{Path(src).name}#slice{k}" for src, k in zip(data.sources, data.slice_index)]
+    paths = data.slice_keys()
     conditions = manifest_conditions(root)
     groups = [conditions.get(i.split("#")[0], p) or p for i, p in zip(ids, paths)]
-    return EvalSet(root, "nifti", torch.cat(images), ids, paths, groups)
+    return EvalSet(root, "nifti", data.images[:, :1].float(), ids, paths, groups)
 
 
 def pair(synthetic: EvalSet, real: EvalSet) -> tuple[list[int], list[int], str]:
