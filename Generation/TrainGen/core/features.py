@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -91,25 +92,57 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get("MEDGEN_WEIGHTS", Path.home() / ".cache" / "medgen" / "weights"))
 
 
-def load_radimagenet(path: str | Path | None = None, sha256: str | None = None) -> ResNet50Features:
-    """The feature network in eval mode with frozen weights, or a UserError saying where the file goes."""
-    path = Path(path) if path else default_weights_dir() / RADIMAGENET_FILE
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # torch.hub convention: a SHA-256 prefix in the name
+
+
+def resolve_weights(path, default_name: str, what: str, where: str, flag: str, sha256: str | None = None):
+    """(file, its SHA-256) of a pretrained weights file, or a UserError that says where to put it. A full
+    sha256 is checked when given, else the SHA-256 prefix a published name carries."""
+    path = Path(path) if path else default_weights_dir() / default_name
     if not path.is_file():
-        raise UserError(f"RadImageNet ResNet-50 weights not found at {path}. Download the PyTorch "
-                        f"(torchvision-layout) ResNet-50 weights on a machine with internet access and copy them "
-                        f"there, or pass the file with --set optim.perceptual_weights=PATH (the folder can be set "
-                        f"with MEDGEN_WEIGHTS)")
-    if sha256 and sha256_of(path) != sha256.lower():
-        raise UserError(f"{path}: SHA-256 {sha256_of(path)} does not match the expected {sha256}")
+        raise UserError(f"{what} weights not found at {path}. This machine downloads nothing: fetch "
+                        f"{default_name} from {where} elsewhere and copy it there (the folder is $MEDGEN_WEIGHTS, "
+                        f"default ~/.cache/medgen/weights), or pass {flag}")
+    digest = sha256_of(path)
+    if sha256:
+        if digest != sha256.lower():
+            raise UserError(f"{path}: SHA-256 {digest} does not match the expected {sha256}")
+    else:
+        m = HASH_IN_NAME.search(path.name)
+        if m and not digest.startswith(m.group(1)):
+            raise UserError(f"{path}: SHA-256 {digest[:16]}... does not start with {m.group(1)}, the prefix its "
+                            f"name promises (a corrupt or different file)")
+    return path, digest
+
+
+def weights_state(path: Path) -> dict:
+    """A weights file's state dict (unwrapping 'state_dict' and DataParallel's 'module.' prefix)."""
     state = safe_load(path, "weights file")
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    net = ResNet50Features()
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(net: nn.Module, state: dict, path: Path, what: str) -> nn.Module:
+    """net with the state loaded strictly, in eval mode and frozen; a mismatch is one UserError line."""
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"{path}: not ResNet-50 weights in torchvision layout ({str(err).splitlines()[1:2]})") from None
+        detail = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
+        raise UserError(f"{path}: not {what} weights ({detail[0][:160] if detail else err})") from None
     return net.eval().requires_grad_(False)
+
+
+def radimagenet_from_file(path: Path) -> ResNet50Features:
+    state = {k: v for k, v in weights_state(path).items() if not k.startswith("fc.")}  # a classifier head is ignored
+    return load_into(ResNet50Features(), state, path, "ResNet-50")
+
+
+def load_radimagenet(path: str | Path | None = None, sha256: str | None = None) -> ResNet50Features:
+    """The feature network in eval mode with frozen weights, or a UserError saying where the file goes."""
+    file, _ = resolve_weights(path, RADIMAGENET_FILE, "RadImageNet ResNet-50",
+                              "the RadImageNet PyTorch port (ResNet-50, torchvision layout)",
+                              "--set optim.perceptual_weights=PATH", sha256)
+    return radimagenet_from_file(file)
 
 
 def perceptual_distance(net: ResNet50Features, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

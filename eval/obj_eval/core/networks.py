@@ -16,7 +16,6 @@ the file's SHA-256 (the torch.hub convention), which is checked; --weights-sha25
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
 import torch
@@ -25,11 +24,11 @@ from torch import nn
 
 from Generation.TrainGen.core.checkpoint import safe_load
 from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.features import RADIMAGENET_FILE, ResNet50Features, default_weights_dir, sha256_of
+from Generation.TrainGen.core import features
 
 WEIGHT_FILES = {
     "inception": "pt_inception-2015-12-05-6726825d.pth",
-    "radimagenet": RADIMAGENET_FILE,
+    "radimagenet": features.RADIMAGENET_FILE,
     "alex": "alexnet-owt-7be5be79.pth",
     "vgg": "vgg16-397923af.pth",
 }
@@ -39,41 +38,11 @@ WHERE = {
     "alex": "https://download.pytorch.org/models/",
     "vgg": "https://download.pytorch.org/models/",
 }
-HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth?$")
 
 
 def resolve_weights(kind: str, path: str | Path | None = None, sha256: str | None = None) -> tuple[Path, str]:
     """(file, its SHA-256) for a feature network, or a UserError that says where to put the file."""
-    path = Path(path) if path else default_weights_dir() / WEIGHT_FILES[kind]
-    if not path.is_file():
-        raise UserError(f"{kind} weights not found at {path}. This machine downloads nothing: fetch "
-                        f"{WEIGHT_FILES[kind]} from {WHERE[kind]} elsewhere and copy it there (the folder is "
-                        f"$MEDGEN_WEIGHTS, default ~/.cache/medgen/weights), or pass --weights PATH")
-    digest = sha256_of(path)
-    if sha256:
-        if digest != sha256.lower():
-            raise UserError(f"{path}: SHA-256 {digest} does not match --weights-sha256 {sha256}")
-    else:
-        m = HASH_IN_NAME.search(path.name)
-        if m and not digest.startswith(m.group(1)):
-            raise UserError(f"{path}: SHA-256 {digest[:16]}... does not start with {m.group(1)}, the prefix its "
-                            f"name promises (a corrupt or different file)")
-    return path, digest
-
-
-def _state(path: Path) -> dict:
-    state = safe_load(path, "weights file")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _load(net: nn.Module, state: dict, path: Path, what: str, strict: bool = True) -> nn.Module:
-    try:
-        net.load_state_dict(state, strict=strict)
-    except RuntimeError as err:
-        detail = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
-        raise UserError(f"{path}: not {what} weights ({detail[0][:160] if detail else err})") from None
-    return net.eval().requires_grad_(False)
+    return features.resolve_weights(path, WEIGHT_FILES[kind], kind, WHERE[kind], "--weights PATH", sha256)
 
 
 # ---------------------------------------------------------------- Inception-v3 (FID)
@@ -203,7 +172,7 @@ class InceptionFID(nn.Module):
 class RadImageNetFID(nn.Module):
     """RadImageNet ResNet-50: (B, C, H, W) in [0, 1] -> (B, 2048) spatial mean of layer4."""
 
-    def __init__(self, trunk: ResNet50Features):
+    def __init__(self, trunk: features.ResNet50Features):
         super().__init__()
         self.trunk = trunk
 
@@ -211,16 +180,21 @@ class RadImageNetFID(nn.Module):
         return self.trunk.pooled(images)
 
 
+FID_NETWORKS = ("inception", "radimagenet")
+
+
+def check_fid_network(kind: str) -> None:
+    if kind not in FID_NETWORKS:
+        raise UserError(f"--feature-network {kind!r} is unknown (choose {' or '.join(FID_NETWORKS)})")
+
+
 def load_fid_network(kind: str, path=None, sha256=None) -> tuple[nn.Module, str]:
     """(network in eval mode, weights SHA-256) for kind = inception | radimagenet."""
-    if kind not in ("inception", "radimagenet"):
-        raise UserError(f"--feature-network {kind!r} is unknown (choose inception or radimagenet)")
+    check_fid_network(kind)
     file, digest = resolve_weights(kind, path, sha256)
-    state = _state(file)
     if kind == "inception":
-        return _load(InceptionFID(), state, file, "FID Inception-v3"), digest
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    return RadImageNetFID(_load(ResNet50Features(), state, file, "ResNet-50 (torchvision layout)")), digest
+        return features.load_into(InceptionFID(), features.weights_state(file), file, "FID Inception-v3"), digest
+    return RadImageNetFID(features.radimagenet_from_file(file)), digest
 
 
 # ---------------------------------------------------------------- LPIPS
@@ -301,8 +275,8 @@ def load_lpips(net: str = "alex", path=None, sha256=None) -> tuple[LPIPS, str]:
         raise UserError(f"--lpips-net {net!r} is unknown (choose alex or vgg)")
     file, digest = resolve_weights(net, path, sha256)
     model = LPIPS(net)
-    state = {k: v for k, v in _state(file).items() if k.startswith("features.")}
+    state = {k: v for k, v in features.weights_state(file).items() if k.startswith("features.")}
     heads = safe_load(lpips_heads_file(net), "lpips heads")
     state.update({f"lins.{k[3]}.weight": v for k, v in heads.items()})  # 'lin0.model.1.weight' -> 'lins.0.weight'
     state.update({"shift": model.shift, "scale": model.scale})
-    return _load(model, state, file, f"torchvision {net} trunk"), digest
+    return features.load_into(model, state, file, f"torchvision {net} trunk"), digest
