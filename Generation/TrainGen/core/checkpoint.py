@@ -28,31 +28,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if CKPT_RE.match(p.name))
 
 
-def load_checkpoint(path: Path) -> dict:
+def checkpoint_file(path: Path, prefer_best: bool = False) -> Path:
+    """A checkpoint file as given, or in a run folder its latest ckpt_*.pt (its best.pt first when
+    prefer_best and one was kept)."""
     path = Path(path)
     if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise UserError(f"{path}: no checkpoint (ckpt_*.pt) in this run folder")
-        path = found[-1]
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return safe_load(path, "checkpoint")
-
-
-def best_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or a run folder's best.pt (the latest ckpt_*.pt when no best was kept)."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "best.pt").is_file():
+        if prefer_best and (path / "best.pt").is_file():
             return path / "best.pt"
         found = list_checkpoints(path)
         if not found:
-            raise UserError(f"{path}: no checkpoint (best.pt or ckpt_*.pt) in this run folder")
+            raise UserError(f"{path}: no checkpoint ({'best.pt or ' if prefer_best else ''}ckpt_*.pt) in this run folder")
         return found[-1]
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The latest checkpoint of a run folder (for resuming), or the given file."""
+    return safe_load(checkpoint_file(path), "checkpoint")
+
+
+def best_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or a run folder's best.pt (the latest ckpt_*.pt when no best was kept)."""
+    return checkpoint_file(path, prefer_best=True)
 
 
 def model_weights(state: dict) -> dict:
