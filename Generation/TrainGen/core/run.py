@@ -16,7 +16,7 @@ from Generation.TrainGen.core.errors import UserError
 from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
 from Generation.TrainGen.core.sampling import sample
-from Generation.TrainGen.core.trainer import DiffusionTrainer
+from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer
 
 # sections a resumed run must share with its checkpoint
 RESUME_FIXED = ("model", "strategy", "mode")
@@ -175,12 +175,12 @@ def train(cfg) -> int:
             train_data = train_data.to(rt.device)
             val_data = val_data.to(rt.device) if val_data is not None else None
         if cfg.optim.auto_batch_size:
-            from Generation.TrainGen.core.autobatch import find_batch_size
+            from Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
             from Generation.TrainGen.core.trainer import build_parts
             channels = train_data.images.shape[1] if train_data.images is not None else None
             strategy, mode = build_parts(cfg, len(train_data.class_names) or None, channels)
             bs = find_batch_size(cfg, rt, mode, strategy)
-            rt.print(f"--batch_size auto: {bs} per GPU ({int(100 * 0.9)}% of the largest that fits)")
+            rt.print(f"--batch_size auto: {bs} per GPU ({SAFETY:.0%} of the largest that fits)")
             cfg = replace(cfg, optim=replace(cfg.optim, batch_size=bs, auto_batch_size=False))
         run_dir = resolve_run_dir(cfg, rt)
         resume_path = None
@@ -218,7 +218,7 @@ def train(cfg) -> int:
                     f"{tr.steps_per_epoch} steps/epoch")
         _stop_on_sigusr1(tr)
         if rt.is_main and run_dir is not None:
-            (run_dir / ".requeue").unlink(missing_ok=True)
+            (run_dir / REQUEUE_FILE).unlink(missing_ok=True)  # a fresh start clears a mark left for the job script
         tr.fit(validate)
         return 0
     finally:

@@ -39,12 +39,12 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def all_true(self, flag: torch.Tensor) -> bool:
-        """True only if flag is true on every rank (one collective, every rank takes part)."""
-        flag = flag.to(self.device, torch.int32).reshape(1)
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if flag is true on any rank (one collective, every rank takes part; reads back)."""
+        value = torch.tensor([float(flag)], device=self.device)
         if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         value = value.to(self.device, torch.float64).clone()

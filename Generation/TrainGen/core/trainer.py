@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ema_pytorch import EMA
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -121,8 +122,8 @@ class DiffusionTrainer:
         if self.perceptual is not None:
             x0_hat = self.strategy.predict_x0(pred.float(), x_t, t).clamp(-1, 1)
             with self.rt.autocast():
-                dist = perceptual_distance(self.perceptual, (x0_hat + 1) / 2, (x0 + 1) / 2)
-            loss = loss + self.cfg.optim.perceptual_weight * dist.float().mean()
+                percep = perceptual_distance(self.perceptual, (x0_hat + 1) / 2, (x0 + 1) / 2)
+            loss = loss + self.cfg.optim.perceptual_weight * percep.float().mean()
         return loss, per.detach(), t
 
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
@@ -146,7 +147,6 @@ class DiffusionTrainer:
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         found_inf = (~finite).float()
         if self.rt.distributed:
-            import torch.distributed as dist
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
         self.opt.found_inf = found_inf
         self.opt.step()
@@ -183,17 +183,13 @@ class DiffusionTrainer:
     def preempted(self) -> bool:
         """True on every rank once any rank was asked to stop (SIGUSR1 or a <run>/.preempt file): one
         all-reduce, at log intervals and epoch ends only."""
-        asked = self.stop_requested or (self.run_dir is not None and (self.run_dir / PREEMPT_FILE).exists())
-        flag = torch.tensor([float(asked)], device=self.rt.device)
-        if self.rt.distributed:
-            import torch.distributed as dist
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.rt.any_true(self.stop_requested or
+                                (self.run_dir is not None and (self.run_dir / PREEMPT_FILE).exists()))
 
     # ------------------------------------------------------------------ stats and logging
     def _reset_stats(self):
         z = lambda: torch.zeros((), device=self.rt.device)  # noqa: E731
-        self.stats = {"loss": z(), "grad_norm": z(), "n": z(), "t0": time.perf_counter(), "images": 0, "steps": 0}
+        self.stats = {"loss": z(), "grad_norm": z(), "n": z(), "t0": time.perf_counter(), "images": 0}
         self.bin_sum = torch.zeros(N_BINS, device=self.rt.device)
         self.bin_count = torch.zeros(N_BINS, device=self.rt.device)
 
@@ -289,7 +285,6 @@ class DiffusionTrainer:
         state = self.gen.get_state()
         if not self.rt.distributed:
             return [state]
-        import torch.distributed as dist
         out = [None] * self.rt.world
         dist.all_gather_object(out, state)
         return out
