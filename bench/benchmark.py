@@ -152,11 +152,10 @@ def timed_steps(step, n_warm: int, n: int, sync) -> float:
 
 
 def bench_training(device: str, preset: str, work: Path) -> list[dict]:
-    from monai.networks.nets import DiffusionModelUNet
     from monai.networks.schedulers import DDPMScheduler
 
     from Generation.TrainGen.core.dataset import data_source
-    from Generation.TrainGen.core.network import PRESETS as NET_PRESETS
+    from Generation.TrainGen.core.network import build_unet
     from Generation.TrainGen.core.runtime import init_runtime
     from Generation.TrainGen.core.trainer import DiffusionTrainer
     n_subjects, shape, size, batch = PRESETS[preset]
@@ -167,10 +166,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     n_warm, n_steps = (3, 10) if dev.type == "cpu" else (15, 50)
 
     # ---- baseline: MONAI tutorial loop
-    channels, attention, res_blocks, groups, heads = NET_PRESETS[unet]
-    base = DiffusionModelUNet(spatial_dims=2, in_channels=2, out_channels=1, channels=channels,
-                              attention_levels=attention, num_res_blocks=res_blocks, norm_num_groups=min(groups, channels[0]),
-                              num_head_channels=min(heads, channels[0]), use_flash_attention=False).to(dev)
+    base = build_unet(build_config({"model": {"preset": unet}}).model, 2, 1, flash_attention=False).to(dev)
     opt = torch.optim.AdamW(base.parameters(), lr=1e-4)
     sched = DDPMScheduler(num_train_timesteps=1000)
     subjects = sorted(p for p in (root / "train").iterdir() if p.is_dir())

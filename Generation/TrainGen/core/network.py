@@ -13,7 +13,9 @@ PRESETS = {
 }
 
 
-def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None):
+def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None,
+               flash_attention: bool = True):
+    """The preset's UNet; flash_attention=False (attention matrix materialised) only for the benchmark baseline."""
     channels, attention, res_blocks, groups, heads = PRESETS[model_cfg.preset]
     channels = tuple(model_cfg.channels or channels)
     attention = tuple(model_cfg.attention_levels if model_cfg.attention_levels is not None else attention)
@@ -24,4 +26,4 @@ def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds:
         spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
         attention_levels=attention, num_res_blocks=model_cfg.num_res_blocks or res_blocks,
         norm_num_groups=min(groups, min(channels)), num_head_channels=min(heads, min(channels)),
-        num_class_embeds=num_class_embeds, use_flash_attention=True)
+        num_class_embeds=num_class_embeds, use_flash_attention=flash_attention)
