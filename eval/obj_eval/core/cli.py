@@ -43,23 +43,22 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
         add_flag(p, f"{k}-sha256", default=None, help=f"pin the {k} file's full SHA-256")
 
 
-def options(args, metrics: str, **extra) -> Options:
+def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:
+    """Options from parsed flags; weights_kind names the network a single-metric script's --weights is for."""
+    from eval.obj_eval.core.networks import check_fid_network
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
     for n in nets:
-        if n not in ("inception", "radimagenet"):
-            raise UserError(f"--feature-network {n!r} is unknown (choose inception or radimagenet)")
+        check_fid_network(n)
     weights, shas = {}, {}
-    if hasattr(args, "weights"):
-        kind = extra.pop("weights_kind")
-        weights[kind], shas[kind] = args.weights, args.weights_sha256
+    if weights_kind is not None:
+        weights[weights_kind], shas[weights_kind] = args.weights, args.weights_sha256
     for k in ("inception", "radimagenet", "alex", "vgg"):
         if getattr(args, f"{k}_weights", None):
             weights[k] = getattr(args, f"{k}_weights")
         if getattr(args, f"{k}_sha256", None):
             shas[k] = getattr(args, f"{k}_sha256")
-    extra.pop("weights_kind", None)
     return Options(synthetic_dir=args.synthetic_dir, real_dir=args.real_dir, metrics=parse_metrics(metrics),
                    image_type=args.image_type, image_size=args.image_size, positive_only=args.positive_only,
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
