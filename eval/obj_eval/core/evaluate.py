@@ -62,8 +62,9 @@ def unavailable(metric: str, reason: str, **extra) -> dict:
 
 
 def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
-    from eval.obj_eval.core.inputs import native_size
-    size = o.image_size or native_size(Path(o.synthetic_dir))
+    from eval.obj_eval.core.inputs import existing_folder, native_size
+    existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
+    size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
     synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir")
     real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir")
     if synth.images.shape[1] != real.images.shape[1]:

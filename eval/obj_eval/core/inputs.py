@@ -47,10 +47,17 @@ def is_nifti_dataset(root: Path) -> bool:
     return any(p.name.endswith(NIFTI_SUFFIXES) for p in Path(root).rglob("*.nii*"))
 
 
-def native_size(root: Path) -> int:
+def existing_folder(root, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} {root}: folder does not exist")
+    return root
+
+
+def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     """The in-plane size of a dataset's first image (the evaluation resolution when none is given): its first
     NIfTI file, or for an image folder the first image inside a class folder (previews at the top are not data)."""
-    root = Path(root)
+    root = existing_folder(root, what)
     if is_nifti_dataset(root):
         first = next(p for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES))
         return max(nib.load(str(first)).shape[:2])
@@ -72,10 +79,8 @@ def manifest_conditions(root: Path) -> dict[str, str]:
 def load_set(root, image_type: str = "bravo", size: int | None = None, positive_only: bool = False,
              layout: str = "original", crop_size: int | None = None, what: str = "--real-dir") -> EvalSet:
     """A whole folder (every split) as an EvalSet at `size` px."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"{what} {root}: folder does not exist")
-    size = size or native_size(root)
+    root = existing_folder(root, what)
+    size = size or native_size(root, what)
     if not is_nifti_dataset(root):
         splits, classes, _ = imagefolder.find_image_splits(root, None, 0.0, 0)
         items = [it for s in splits.values() for it in s]
