@@ -4,7 +4,8 @@ Conventions (all loaders, the cache and the generator share them):
   * volumes are reoriented to RAS; axial slices are taken along S and shown with anterior at the top
     and the subject's left on the image's left (`to_slices` / `from_slices` are exact inverses);
   * images are normalised per volume: the [p_lo, p_hi] percentiles of the non-zero voxels map to [0, 1],
-    values outside are clipped (data.norm_percentiles, default 0.5 and 99.5);
+    values outside are clipped (data.norm_percentiles, default 0.5 and 99.5); a dataset written by
+    generate.py (a generation.json at its root) is already in [0, 1] and is read as written;
   * masks are {0, 1} (data.mask_mode=binary: any label > 0) or integer label ids (mask_mode=classes);
   * slices are centre-cropped (data.crop_size), zero-padded to a square and resized to data.image_size,
     bilinear with antialiasing for images, nearest for masks;
@@ -26,6 +27,7 @@ from nibabel import orientations as ornt
 from Generation.TrainGen.core.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+GENERATED_MARKER = "generation.json"   # written by generate.py at the root of every dataset it makes
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -186,8 +188,16 @@ def from_slices(slices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(slices.transpose(2, 1, 0), 1))
 
 
-def normalise(vol: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
+def is_generated(root: Path) -> bool:
+    """A dataset written by generate.py: its images are already normalised to [0, 1]."""
+    return (Path(root) / GENERATED_MARKER).is_file()
+
+
+def normalise(vol: np.ndarray, percentiles: tuple[float, float] | None = (0.5, 99.5)) -> np.ndarray:
+    """Percentiles of the non-zero voxels -> [0, 1]; None: the volume is already in [0, 1] (clipped only)."""
     vol = vol.astype(np.float32)
+    if percentiles is None:
+        return np.clip(vol, 0.0, 1.0)
     fg = vol[vol > 0]
     if fg.size == 0:
         return np.zeros_like(vol)
@@ -219,7 +229,7 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
 class Preprocess:
     image_size: int
     crop_size: int | None = None
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] | None = (0.5, 99.5)  # None: already in [0, 1] (generated data)
     mask_mode: str = "binary"
     positive_only: bool = False
     image_roles: list[str] = field(default_factory=list)

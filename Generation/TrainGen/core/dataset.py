@@ -154,7 +154,8 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
         layout = nifti.layout_from_config(data_cfg)
         splits = nifti.find_splits(root, layout, data_cfg.val_fraction, data_cfg.split_seed)
         image_roles = [r for r in roles if r != "seg"]
-        pre = nifti.Preprocess(data_cfg.image_size, data_cfg.crop_size, tuple(data_cfg.norm_percentiles),
+        percentiles = None if nifti.is_generated(root) else tuple(data_cfg.norm_percentiles)
+        pre = nifti.Preprocess(data_cfg.image_size, data_cfg.crop_size, percentiles,
                                data_cfg.mask_mode, data_cfg.positive_only, image_roles, "seg" in roles)
         subjects = splits.get(split, [])
         found = [nifti.subject_files(s, layout, roles) for s in subjects]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights, safe_load
 from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.data import fit_square, from_slices, to_slices
+from Generation.TrainGen.core.data import GENERATED_MARKER, fit_square, from_slices, to_slices
 from Generation.TrainGen.core.errors import UserError
 from Generation.TrainGen.core.features import sha256_of
 from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
@@ -40,7 +40,7 @@ from Generation.TrainGen.core.sampling import sample
 from Generation.TrainGen.core.trainer import build_parts
 
 ROWS_DIR = ".rows"
-SETTINGS_FILE = "generation.json"
+SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]
 MASK_STREAM, IMAGE_STREAM = 0, 1
 GENERATED_MODES = ("seg", "bravo", "dual", "class")
 MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",

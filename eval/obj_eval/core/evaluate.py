@@ -22,6 +22,7 @@ from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
 
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
 RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"
+DIVERSITY_CI = "bootstrap over samples (pairs formed among the drawn samples), not over pairs, which share samples"
 
 
 @dataclass
@@ -95,7 +96,8 @@ def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]
         rec = {"metric": name, "value": res["value"], "n": res["n"], "ci95": res["ci95"],
                "method": {"feature_network": kind, "weights_sha256": digest, "features": real_f.shape[1],
                           "statistics": "float64 mean and covariance",
-                          "ci": f"{o.bootstrap} bootstrap resamples of the synthetic set (real statistics fixed)",
+                          "ci": f"{o.bootstrap} resamples; {M.FID_CI_METHOD}" if res["ci95"] else "none",
+                          "resampling_bias": res.get("resampling_bias"),
                           "input": ("bilinear resize to 299 px, [0,1] -> [-1,1], grey -> 3 channels"
                                     if kind == "inception" else
                                     "native size, grey -> 3 channels, RGB -> BGR, minus ImageNet BGR mean"),
@@ -127,9 +129,10 @@ def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[
     if "mae" in wanted:
         out.append(M.summary(M.pair_distances(M.mae, a, b, device, o.batch_size), "mae", dict(common), o.seed))
     if "psnr" in wanted:
-        vals, n_inf = M.finite(M.pair_distances(lambda x, y: M.psnr(x, y, o.data_range), a, b, device, o.batch_size))
+        vals = M.pair_distances(lambda x, y: M.psnr(x, y, o.data_range), a, b, device, o.batch_size)
         out.append(M.summary(vals, "psnr", {**common, "per_pair": "10 log10(range^2 / MSE), then the mean",
-                                            "identical_pairs_left_out": n_inf}, o.seed))
+                                            "cap_db": M.PSNR_CAP_DB,
+                                            "identical_pairs": int((vals >= M.PSNR_CAP_DB).sum())}, o.seed))
     if "ms_ssim" in wanted:
         window, weights = M.ms_ssim_settings(a.shape[-1])
         vals = M.pair_distances(lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights), a, b, device, o.batch_size)
@@ -170,19 +173,21 @@ def diversity_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted:
 
         def mean_over(s: EvalSet, groups=None):
             i, j = M.diversity_pairs(len(s), o.max_pairs, o.seed, groups)
-            return M.pair_distances(fn, s.images[i], s.images[j], device, o.batch_size) if len(i) else np.zeros(0)
-        vals = mean_over(synth)
+            vals = M.pair_distances(fn, s.images[i], s.images[j], device, o.batch_size) if len(i) else np.zeros(0)
+            return vals, (i, j, len(s))
+        vals, pairs = mean_over(synth)
         if len(vals) == 0:
             out.append(unavailable(name, "fewer than two synthetic samples"))
             continue
         rec = M.summary(vals, name, {**method, "pairs": f"distinct synthetic samples (at most {o.max_pairs}, seeded)",
-                                     "resize": RESIZE}, o.seed)
-        within = mean_over(synth, synth.groups) if synth.groups else np.zeros(0)
+                                     "ci": DIVERSITY_CI, "resize": RESIZE}, o.seed, pairs)
+        within, wpairs = mean_over(synth, synth.groups) if synth.groups else (np.zeros(0), None)
         rec["within_condition"] = (M.summary(within, name + "_within_condition", {"pairs": "samples sharing a "
-                                             "conditioning mask"}, o.seed) if len(within) else
+                                             "conditioning mask", "ci": DIVERSITY_CI}, o.seed, wpairs)
+                                   if len(within) else
                                    {"available": False, "reason": "no two samples share a conditioning mask"})
         if o.floor:
-            ref = mean_over(real)
+            ref, _ = mean_over(real)
             rec["floor"] = {"value": float(ref.mean()), "n": int(len(ref)),
                             "what": "the same statistic among real slices"}
         out.append(rec)

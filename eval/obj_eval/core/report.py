@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -51,7 +50,16 @@ def markdown(result: dict) -> str:
     table = tabulate(rows(result), headers=["metric", "value", "95% CI", "real vs real", "N", "method"],
                      tablefmt="github")
     return head + table + "\n\nThe real-vs-real column is the floor to read each value against (FID between two " \
-                          "halves of the real set; diversity among real slices).\n"
+                          "halves of the real set; diversity among real slices).\n" + "".join(notes(result))
+
+
+def notes(result: dict) -> list[str]:
+    """Caveats a reader of the table needs: MS-SSIM settings that differ from the literature's."""
+    settings = {(m["window"], m["scales"]) for r in result["metrics"] if r["metric"].startswith("ms_ssim")
+                for m in [r.get("method", {})] if "window" in m}
+    return [f"\nNote: MS-SSIM uses a {w}-px window and {k} scales to fit {result['image_size']}-px images; these "
+            f"values are not comparable with MS-SSIM values in the literature (11-px window, 5 scales).\n"
+            for w, k in sorted(settings) if (w, k) != (11, 5)]
 
 
 def plot_metrics(result: dict, path: Path) -> Path:
@@ -61,14 +69,15 @@ def plot_metrics(result: dict, path: Path) -> Path:
     recs = [r for r in result["metrics"] if r.get("available") is not False and r.get("value") is not None]
     fig, axes = plt.subplots(1, max(1, len(recs)), figsize=(2.6 * max(1, len(recs)), 3.2), squeeze=False)
     for ax, r in zip(axes[0], recs):
-        vals, errs, labels = [r["value"]], [[0], [0]], ["synthetic"]
-        if r.get("ci95"):
-            errs = [[r["value"] - r["ci95"][0]], [r["ci95"][1] - r["value"]]]
+        vals, labels = [r["value"]], ["synthetic"]
         if "floor" in r:
             vals.append(r["floor"]["value"])
             labels.append("real vs real")
-            errs = [errs[0] + [0], errs[1] + [0]]
-        ax.bar(labels, vals, yerr=np.clip(np.array(errs), 0, None), capsize=4, color=["#3b75af", "#999999"][:len(vals)])
+        ax.bar(labels, vals, color=["#3b75af", "#999999"][:len(vals)])
+        if r.get("ci95"):  # drawn from its ends, so an interval that misses the value shows as such
+            lo, hi = r["ci95"]
+            ax.vlines(0, lo, hi, color="black", lw=1.2)
+            ax.hlines([lo, hi], -0.12, 0.12, color="black", lw=1.2)
         if r["metric"].endswith("diversity"):
             arrow = "lower = more diverse" if r["metric"].startswith("ms_ssim") else "higher = more diverse"
         else:
