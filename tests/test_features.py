@@ -68,3 +68,62 @@ def test_training_with_perceptual_loss(demo_root, tmp_path, weights):
     assert losses[1] > losses[0]
     tr.train_step([batch])
     assert tr.step == 1
+
+
+class _KerasPortBlock(torch.nn.Module):
+    """The Keras-converted RadImageNet bottleneck as that port defines it (biases, stride on the first 1x1,
+    eps 1.001e-5): an independent reference for the layout, written out here."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        conv = lambda i, o, k, s=1: torch.nn.Conv2d(i, o, k, s, k // 2, bias=True)  # noqa: E731
+        bn = lambda c: torch.nn.BatchNorm2d(c, eps=1.001e-5)  # noqa: E731
+        self.conv1, self.bn1 = conv(cin, width, 1, stride), bn(width)
+        self.conv2, self.bn2 = conv(width, width, 3), bn(width)
+        self.conv3, self.bn3 = conv(width, width * 4, 1), bn(width * 4)
+        self.downsample = (torch.nn.Sequential(conv(cin, width * 4, 1, stride), bn(width * 4))
+                           if stride != 1 or cin != width * 4 else None)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(y)))))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class _KerasPortResNet50(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 64, 7, 2, 3, bias=True), torch.nn.BatchNorm2d(64, eps=1.001e-5)
+        cin = 64
+        for n, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
+            mods = []
+            for i in range(blocks):
+                mods.append(_KerasPortBlock(cin, width, stride if i == 0 else 1))
+                cin = width * 4
+            setattr(self, f"layer{n + 1}", torch.nn.Sequential(*mods))
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def test_keras_port_layout_loads_and_matches_its_own_forward(tmp_path):
+    """The RadImageNet port MONAI Generative uses (conv biases, stride on the 1x1 convolution) loads, for FID and
+    the perceptual loss alike, and computes what that layout computes."""
+    torch.manual_seed(1)
+    ref = _KerasPortResNet50().eval()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "RadImageNet-ResNet50_notop.pth"
+    torch.save(ref.state_dict(), path)
+    assert "conv1.bias" in ref.state_dict()
+    net = load_radimagenet(path)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = ref(ResNet50Features.preprocess(x)).mean((2, 3))
+        assert torch.allclose(net.pooled(x), expected, atol=1e-5)
+    from eval.obj_eval.core.networks import load_fid_network
+    fid_net, digest = load_fid_network("radimagenet", path)
+    assert digest == sha256_of(path)

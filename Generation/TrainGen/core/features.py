@@ -1,7 +1,15 @@
 """RadImageNet ResNet-50 features, defined once for the perceptual loss (training) and FID (evaluation).
 
 The network is a plain ResNet-50 written here (no torchvision import: its CPU wheels need a CUDA torch) with
-torchvision's parameter names, so a RadImageNet PyTorch port in torchvision layout loads as it is.
+torchvision's parameter names. Two layouts of the weights load as they are, told apart by their keys:
+  keras        the PyTorch port of the official Keras weights (RadImageNet-ResNet50_notop) that MONAI
+               Generative's perceptual loss loads (repository Warvito/radimagenet-models, radimagenet_resnet50):
+               every convolution has a bias, a block's stride sits on its first 1x1 convolution (as in Keras),
+               batch-norm eps 1.001e-5. Recognised by the key 'conv1.bias'.
+  torchvision  torchvision's resnet50 layout (no conv biases, stride on the 3x3 convolution, eps 1e-5), as
+               written by ports that load the weights into torchvision's model.
+No SHA-256 of either file is published: the digest of the file used is recorded (metrics.json, checkpoint
+meta), and --radimagenet-sha256 / optim.perceptual_sha256 pins it.
 Preprocessing follows RadImageNet: grey -> 3 channels, RGB -> BGR, subtract the mean [0.406, 0.456, 0.485]
 (BGR order of the ImageNet mean), and the spatial mean of the last feature map gives 2048 features.
 Weights are never downloaded: pass a local file (optim.perceptual_weights) or put it at
@@ -22,21 +30,25 @@ from Generation.TrainGen.core.checkpoint import safe_load
 from Generation.TrainGen.core.errors import UserError
 
 RADIMAGENET_FILE = "radimagenet_resnet50.pt"
+RADIMAGENET_SOURCE = ("RadImageNet-ResNet50_notop.pth, the PyTorch port of the official Keras weights "
+                      "(github.com/Warvito/radimagenet-models, the file MONAI Generative's perceptual loss uses), "
+                      "or a torchvision-layout ResNet-50 port; saved under this name")
 BGR_MEAN = (0.406, 0.456, 0.485)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, keras: bool = False):
         super().__init__()
-        cout = width * self.expansion
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        cout, eps, bias = width * self.expansion, (1.001e-5 if keras else 1e-5), keras
+        s1, s2 = (stride, 1) if keras else (1, stride)   # Keras strides the 1x1 convolution, torchvision the 3x3
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, s1, bias=bias), nn.BatchNorm2d(width, eps=eps)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, s2, 1, bias=bias), nn.BatchNorm2d(width, eps=eps)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=bias), nn.BatchNorm2d(cout, eps=eps)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias), nn.BatchNorm2d(cout, eps=eps))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -46,16 +58,18 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50Features(nn.Module):
-    """ResNet-50 trunk; forward returns the activations of layer1..layer4."""
+    """ResNet-50 trunk; forward returns the activations of layer1..layer4. keras=True: the layout of the
+    Keras-converted RadImageNet weights (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, keras: bool = False):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        eps = 1.001e-5 if keras else 1e-5
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=keras), nn.BatchNorm2d(64, eps=eps)
         cin, layers = 64, []
         for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
             mods = []
             for i in range(blocks):
-                mods.append(Bottleneck(cin, width, stride if i == 0 else 1))
+                mods.append(Bottleneck(cin, width, stride if i == 0 else 1, keras))
                 cin = width * 4
             layers.append(nn.Sequential(*mods))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
@@ -133,14 +147,15 @@ def load_into(net: nn.Module, state: dict, path: Path, what: str) -> nn.Module:
 
 
 def radimagenet_from_file(path: Path) -> ResNet50Features:
+    """Either published layout (keras port or torchvision), told apart by the stem convolution's bias."""
     state = {k: v for k, v in weights_state(path).items() if not k.startswith("fc.")}  # a classifier head is ignored
-    return load_into(ResNet50Features(), state, path, "ResNet-50")
+    return load_into(ResNet50Features(keras="conv1.bias" in state), state, path, "ResNet-50")
 
 
 def load_radimagenet(path: str | Path | None = None, sha256: str | None = None) -> ResNet50Features:
     """The feature network in eval mode with frozen weights, or a UserError saying where the file goes."""
     file, _ = resolve_weights(path, RADIMAGENET_FILE, "RadImageNet ResNet-50",
-                              "the RadImageNet PyTorch port (ResNet-50, torchvision layout)",
+                              RADIMAGENET_SOURCE,
                               "--set optim.perceptual_weights=PATH", sha256)
     return radimagenet_from_file(file)
 

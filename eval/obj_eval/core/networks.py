@@ -34,7 +34,7 @@ WEIGHT_FILES = {
 }
 WHERE = {
     "inception": "https://github.com/mseitzer/pytorch-fid/releases (fid_weights)",
-    "radimagenet": "the RadImageNet PyTorch port (ResNet-50, torchvision layout)",
+    "radimagenet": features.RADIMAGENET_SOURCE,
     "alex": "https://download.pytorch.org/models/",
     "vgg": "https://download.pytorch.org/models/",
 }
