@@ -69,16 +69,19 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
 def run(opts: Options, strict: bool) -> int:
     """Evaluate, write metrics.json + report.md + plots, print the table. strict (the single-metric scripts):
     an unavailable metric is an error naming the reason."""
+    import json
     from pathlib import Path
 
     from eval.obj_eval.core.evaluate import evaluate, write_outputs
     from eval.obj_eval.core.report import markdown
-    result = evaluate(opts)
+    out = Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: exists and is not a folder")
+    result = evaluate(opts, None if strict else out)
     missing = [r for r in result["metrics"] if r.get("available") is False]
     if strict and missing and len(missing) == len(result["metrics"]):
         raise UserError(missing[0]["reason"])
-    out = Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval"
     paths = write_outputs(result, out)
-    print(markdown(result))
+    print(markdown(json.loads(paths[0].read_text())))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

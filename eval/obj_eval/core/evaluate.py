@@ -62,6 +62,18 @@ def unavailable(metric: str, reason: str, **extra) -> dict:
     return {"metric": metric, "available": False, "reason": reason, **extra}
 
 
+def guarded(name: str, compute) -> dict:
+    """One metric's record; a failure becomes an unavailable record with the reason, so that one metric that
+    cannot be computed never discards the others."""
+    try:
+        return compute()
+    except UserError as err:
+        return unavailable(name, str(err))
+    except Exception as err:  # noqa: BLE001 - reported in the record and on stderr, the other metrics go on
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        return unavailable(name, f"failed: {type(err).__name__}: {detail}")
+
+
 def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
     from eval.obj_eval.core.inputs import existing_folder, native_size
     existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
@@ -77,7 +89,6 @@ def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
 # ---------------------------------------------------------------- metric families
 def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]:
     out = []
-    cache = PathConfig.from_compute("local").cache_root / "fid_features"
     for kind in o.feature_networks:
         name = f"fid_{kind}"
         try:
@@ -85,34 +96,65 @@ def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]
         except UserError as err:
             out.append(unavailable(name, str(err), feature_network=kind))
             continue
-        key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
-        if key.is_file():
-            real_f = np.load(key)
-        else:
-            real_f = M.extract_features(net, real.images, device, o.batch_size, f"{kind} features (real)")
-            atomic_write(key, lambda tmp, f=real_f: np.save(open(tmp, "wb"), f))
-        synth_f = M.extract_features(net, synth.images, device, o.batch_size, f"{kind} features (synthetic)")
-        res = M.fid_from_features(real_f, synth_f, o.bootstrap, o.seed)
-        rec = {"metric": name, "value": res["value"], "n": res["n"], "ci95": res["ci95"],
-               "method": {"feature_network": kind, "weights_sha256": digest, "features": real_f.shape[1],
-                          "statistics": "float64 mean and covariance",
-                          "ci": f"{o.bootstrap} resamples; {M.FID_CI_METHOD}" if res["ci95"] else "none",
-                          "resampling_bias": res.get("resampling_bias"),
-                          "input": ("bilinear resize to 299 px, [0,1] -> [-1,1], grey -> 3 channels"
-                                    if kind == "inception" else
-                                    "native size, grey -> 3 channels, RGB -> BGR, minus ImageNet BGR mean"),
-                          "resize": RESIZE, "real_features_cache": str(key)}}
-        n_min = min(len(real_f), len(synth_f))
-        if n_min < M.FID_MIN_N:
-            rec["warning"] = f"N = {n_min} < {M.FID_MIN_N}: FID is biased upwards at small N; compare only at equal N"
-            print(f"warning: {name}: {rec['warning']}", file=sys.stderr)
-        if o.floor and len(real_f) >= 4:
-            perm = np.random.default_rng(o.seed).permutation(len(real_f))
-            half = len(real_f) // 2
-            rec["floor"] = {"value": M.fid_from_features(real_f[perm[:half]], real_f[perm[half:2 * half]], 0)["value"],
-                            "n": half, "what": "real vs real (two random halves of the real set)"}
-        out.append(rec)
+        out.append(guarded(name, lambda: fid_record(o, synth, real, device, kind, net, digest)))
     return out
+
+
+def read_feature_cache(path: Path, n: int) -> np.ndarray | None:
+    """Cached real-set features, or None when absent or unreadable (then rebuilt; said in one line)."""
+    if not path.is_file():
+        return None
+    try:
+        feats = np.load(path, allow_pickle=False)
+        if feats.ndim == 2 and len(feats) == n and np.isfinite(feats).all():
+            return feats
+    except (OSError, ValueError, EOFError):
+        pass
+    print(f"warning: {path}: unreadable FID feature cache; rebuilding it", file=sys.stderr)
+    return None
+
+
+def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net, digest: str) -> dict:
+    name = f"fid_{kind}"
+    cache = PathConfig.from_compute("local").cache_root / "fid_features"
+    key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
+    real_f = read_feature_cache(key, len(real))
+    if real_f is None:
+        real_f = M.extract_features(net, real.images, device, o.batch_size, f"{kind} features (real)")
+        atomic_write(key, lambda tmp, f=real_f: np.save(open(tmp, "wb"), f))
+    synth_f = M.extract_features(net, synth.images, device, o.batch_size, f"{kind} features (synthetic)")
+    res = M.fid_from_features(real_f, synth_f, o.bootstrap, o.seed)
+    rec = {"metric": name, "value": res["value"], "n": res["n"], "ci95": res["ci95"],
+           "method": {"feature_network": kind, "weights_sha256": digest, "features": real_f.shape[1],
+                      "statistics": "float64 mean and covariance",
+                      "ci": f"{o.bootstrap} resamples; {M.FID_CI_METHOD}" if res["ci95"] else "none",
+                      "resampling_bias": res.get("resampling_bias"),
+                      "input": ("bilinear resize to 299 px, [0,1] -> [-1,1], grey -> 3 channels"
+                                if kind == "inception" else
+                                "native size, grey -> 3 channels, RGB -> BGR, minus ImageNet BGR mean"),
+                      "resize": RESIZE, "real_features_cache": str(key)}}
+    n_min = min(len(real_f), len(synth_f))
+    if n_min < M.FID_MIN_N:
+        rec["warning"] = f"N = {n_min} < {M.FID_MIN_N}: FID is biased upwards at small N; compare only at equal N"
+        print(f"warning: {name}: {rec['warning']}", file=sys.stderr)
+    if o.floor and len(real_f) >= 4:
+        perm = np.random.default_rng(o.seed).permutation(len(real_f))
+        half = len(real_f) // 2
+        rec["floor"] = {"value": M.fid_from_features(real_f[perm[:half]], real_f[perm[half:2 * half]], 0)["value"],
+                        "n": half, "what": "real vs real (two random halves of the real set)"}
+    return rec
+
+
+def usable_lpips(lpips_net, size: int):
+    """(network, digest) when LPIPS can run on size-px images; else a UserError with the reason."""
+    if isinstance(lpips_net, str):
+        raise UserError(lpips_net)
+    net = lpips_net[0]
+    if size < net.min_size:
+        raise UserError(f"LPIPS-{net.net_name} needs images of at least {net.min_size} px (these are {size} px): "
+                        f"evaluate with --image-size {net.min_size} or larger" +
+                        (", or use --lpips-net vgg (16 px)" if net.net_name == "alex" and size >= 16 else ""))
+    return lpips_net
 
 
 def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[str], lpips_net=None) -> list[dict]:
@@ -125,76 +167,76 @@ def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[
         return [unavailable(n, reason) for n in names]
     a, b = synth.images[s_idx], real.images[r_idx]
     common = {"pairs_by": how, "data_range": o.data_range, "resize": RESIZE}
-    out = []
-    if "mae" in wanted:
-        out.append(M.summary(M.pair_distances(M.mae, a, b, device, o.batch_size), "mae", dict(common), o.seed))
-    if "psnr" in wanted:
+
+    def mae():
+        return M.summary(M.pair_distances(M.mae, a, b, device, o.batch_size), "mae", dict(common), o.seed)
+
+    def psnr():
         vals = M.pair_distances(lambda x, y: M.psnr(x, y, o.data_range), a, b, device, o.batch_size)
-        out.append(M.summary(vals, "psnr", {**common, "per_pair": "10 log10(range^2 / MSE), then the mean",
-                                            "cap_db": M.PSNR_CAP_DB,
-                                            "identical_pairs": int((vals >= M.PSNR_CAP_DB).sum())}, o.seed))
-    if "ms_ssim" in wanted:
+        return M.summary(vals, "psnr", {**common, "per_pair": "10 log10(range^2 / MSE), then the mean",
+                                        "cap_db": M.PSNR_CAP_DB,
+                                        "identical_pairs": int((vals >= M.PSNR_CAP_DB).sum())}, o.seed)
+
+    def ms_ssim():
         window, weights = M.ms_ssim_settings(a.shape[-1])
         vals = M.pair_distances(lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights), a, b, device, o.batch_size)
-        out.append(M.summary(vals, "ms_ssim_quality", {**common, "window": window, "scales": len(weights),
-                                                        "weights": weights, "sigma": 1.5}, o.seed))
-    if "lpips" in wanted:
-        if isinstance(lpips_net, str):
-            out.append(unavailable("lpips_quality", lpips_net))
-        else:
-            net, digest = lpips_net
-            vals = M.pair_distances(net.to(device), a, b, device, o.batch_size)
-            out.append(M.summary(vals, "lpips_quality", {**common, "network": f"{o.lpips_net} v0.1",
-                                                          "weights_sha256": digest}, o.seed))
-    return out
+        return M.summary(vals, "ms_ssim_quality", {**common, "window": window, "scales": len(weights),
+                                                    "weights": weights, "sigma": 1.5}, o.seed)
+
+    def lpips():
+        net, digest = usable_lpips(lpips_net, a.shape[-1])
+        vals = M.pair_distances(net.to(device), a, b, device, o.batch_size)
+        return M.summary(vals, "lpips_quality", {**common, "network": f"{o.lpips_net} v0.1",
+                                                  "weights_sha256": digest}, o.seed)
+    computes = {"mae": mae, "psnr": psnr, "ms_ssim_quality": ms_ssim, "lpips_quality": lpips}
+    return [guarded(n, computes[n]) for n in names]
 
 
 def diversity_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[str], lpips_net=None) -> list[dict]:
     """Mean pairwise similarity among synthetic samples (lower MS-SSIM / higher LPIPS = more diverse),
     overall and within samples sharing a conditioning mask; the real set's value is the reference."""
-    fns = {}
-    if "ms_ssim" in wanted:
-        window, weights = M.ms_ssim_settings(synth.images.shape[-1])
-        fns["ms_ssim_diversity"] = (lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights),
-                                    {"window": window, "scales": len(weights), "weights": weights, "sigma": 1.5,
-                                     "data_range": o.data_range})
-    if "lpips" in wanted:
-        if isinstance(lpips_net, str):
-            fns["lpips_diversity"] = None
-        else:
-            net, digest = lpips_net
-            fns["lpips_diversity"] = (net.to(device), {"network": f"{o.lpips_net} v0.1", "weights_sha256": digest})
-    out = []
-    for name, spec in fns.items():
-        if spec is None:
-            out.append(unavailable(name, lpips_net))
-            continue
-        fn, method = spec
+    size = synth.images.shape[-1]
 
-        def mean_over(s: EvalSet, groups=None):
-            i, j = M.diversity_pairs(len(s), o.max_pairs, o.seed, groups)
-            vals = M.pair_distances(fn, s.images[i], s.images[j], device, o.batch_size) if len(i) else np.zeros(0)
-            return vals, (i, j, len(s))
-        vals, pairs = mean_over(synth)
-        if len(vals) == 0:
-            out.append(unavailable(name, "fewer than two synthetic samples"))
-            continue
-        rec = M.summary(vals, name, {**method, "pairs": f"distinct synthetic samples (at most {o.max_pairs}, seeded)",
-                                     "ci": DIVERSITY_CI, "resize": RESIZE}, o.seed, pairs)
-        within, wpairs = mean_over(synth, synth.groups) if synth.groups else (np.zeros(0), None)
-        rec["within_condition"] = (M.summary(within, name + "_within_condition", {"pairs": "samples sharing a "
-                                             "conditioning mask", "ci": DIVERSITY_CI}, o.seed, wpairs)
-                                   if len(within) else
-                                   {"available": False, "reason": "no two samples share a conditioning mask"})
-        if o.floor:
-            ref, _ = mean_over(real)
-            rec["floor"] = {"value": float(ref.mean()), "n": int(len(ref)),
-                            "what": "the same statistic among real slices"}
-        out.append(rec)
-    return out
+    def ms_ssim():
+        window, weights = M.ms_ssim_settings(size)
+        return (lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights),
+                {"window": window, "scales": len(weights), "weights": weights, "sigma": 1.5, "data_range": o.data_range})
+
+    def lpips():
+        net, digest = usable_lpips(lpips_net, size)
+        return net.to(device), {"network": f"{o.lpips_net} v0.1", "weights_sha256": digest}
+    fns = {name: f for name, f, key in (("ms_ssim_diversity", ms_ssim, "ms_ssim"), ("lpips_diversity", lpips, "lpips"))
+           if key in wanted}
+    return [guarded(name, lambda: diversity_record(o, synth, real, device, name, *spec()))
+            for name, spec in fns.items()]
 
 
-def evaluate(o: Options) -> dict:
+def diversity_record(o: Options, synth: EvalSet, real: EvalSet, device, name: str, fn, method: dict) -> dict:
+
+    def mean_over(s: EvalSet, groups=None):
+        i, j = M.diversity_pairs(len(s), o.max_pairs, o.seed, groups)
+        vals = M.pair_distances(fn, s.images[i], s.images[j], device, o.batch_size) if len(i) else np.zeros(0)
+        return vals, (i, j, len(s))
+    vals, pairs = mean_over(synth)
+    if len(vals) == 0:
+        return unavailable(name, "fewer than two synthetic samples")
+    rec = M.summary(vals, name, {**method, "pairs": f"distinct synthetic samples (at most {o.max_pairs}, seeded)",
+                                 "ci": DIVERSITY_CI, "resize": RESIZE}, o.seed, pairs)
+    within, wpairs = mean_over(synth, synth.groups) if synth.groups else (np.zeros(0), None)
+    rec["within_condition"] = (M.summary(within, name + "_within_condition", {"pairs": "samples sharing a "
+                                         "conditioning mask", "ci": DIVERSITY_CI}, o.seed, wpairs)
+                               if len(within) else
+                               {"available": False, "reason": "no two samples share a conditioning mask"})
+    if o.floor:
+        ref, _ = mean_over(real)
+        rec["floor"] = {"value": float(ref.mean()), "n": int(len(ref)),
+                        "what": "the same statistic among real slices"}
+    return rec
+
+
+def evaluate(o: Options, out_dir: Path | None = None) -> dict:
+    """Every requested metric; with out_dir, metrics.json is rewritten after each metric family, so a crash or
+    a kill later on keeps what was computed (FID can take minutes)."""
     t0 = time.perf_counter()
     device = M.device_of(o.device)
     synth, real = load_sets(o)
@@ -207,29 +249,48 @@ def evaluate(o: Options) -> dict:
             lpips_net = load_lpips(o.lpips_net, o.weights.get(o.lpips_net), o.weights_sha256.get(o.lpips_net))
         except UserError as err:
             lpips_net = str(err)
-    records = []
+    result = {"synthetic_dir": str(Path(o.synthetic_dir).resolve()), "real_dir": str(Path(o.real_dir).resolve()),
+              "n_synthetic": len(synth), "n_real": len(real), "image_size": int(synth.images.shape[-1]),
+              "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed, "metrics": []}
+    families = []
     if "fid" in wanted:
-        records += fid_records(o, synth, real, device)
+        families.append(lambda: fid_records(o, synth, real, device))
     if "quality" in o.modes and wanted & {"mae", "psnr", "ms_ssim", "lpips"}:
-        records += pair_records(o, synth, real, device, wanted, lpips_net)
+        families.append(lambda: pair_records(o, synth, real, device, wanted, lpips_net))
     if "diversity" in o.modes and wanted & {"ms_ssim", "lpips"}:
-        records += diversity_records(o, synth, real, device, wanted, lpips_net)
-    for r in records:
+        families.append(lambda: diversity_records(o, synth, real, device, wanted, lpips_net))
+    for family in families:
+        result["metrics"] += family()
+        if out_dir is not None:
+            write_metrics_json(result, out_dir)
+    for r in result["metrics"]:
         if r.get("available") is False:
             print(f"{r['metric']}: unavailable: {r['reason']}", file=sys.stderr)
-    return {"synthetic_dir": str(Path(o.synthetic_dir).resolve()), "real_dir": str(Path(o.real_dir).resolve()),
-            "n_synthetic": len(synth), "n_real": len(real), "image_size": int(synth.images.shape[-1]),
-            "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed,
-            "seconds": round(time.perf_counter() - t0, 2), "metrics": records,
-            "_sets": (synth, real)}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return {**result, "_sets": (synth, real)}
+
+
+def write_metrics_json(result: dict, out_dir: Path) -> Path:
+    """metrics.json, merged with the one already there when it compares the same two folders: records of the
+    metrics computed now replace theirs, the others are kept (single-metric scripts run one after another)."""
+    path = Path(out_dir) / "metrics.json"
+    merged = {k: v for k, v in result.items() if k != "_sets"}
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    if old.get("synthetic_dir") == merged["synthetic_dir"] and old.get("real_dir") == merged["real_dir"]:
+        now = {r["metric"] for r in merged["metrics"]}
+        merged["metrics"] = [r for r in old.get("metrics", []) if r.get("metric") not in now] + merged["metrics"]
+    return atomic_write_text(path, json.dumps(merged, indent=2, allow_nan=False, default=float))
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:
     from eval.obj_eval.core.report import markdown, plot_metrics, plot_samples
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = result.pop("_sets", None)
-    paths = [atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False,
-                                                                   default=float))]
+    paths = [write_metrics_json(result, out_dir)]
+    result = json.loads(paths[0].read_text())  # the report shows every metric the file now holds
     paths.append(atomic_write_text(out_dir / "report.md", markdown(result)))
     paths.append(plot_metrics(result, out_dir / "metrics.png"))
     if sets is not None:

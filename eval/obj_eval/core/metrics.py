@@ -171,11 +171,11 @@ def pairwise_mean_ci(i: np.ndarray, j: np.ndarray, values: np.ndarray, n: int, n
 # ---------------------------------------------------------------- MS-SSIM
 def ms_ssim_settings(size: int) -> tuple[int, tuple[float, ...]]:
     """(window, weights) fitting a size-px image: the most scales (up to 5) that leave a window of at least 7
-    px at the coarsest scale (window at most 11, odd); weights are the first scales' standard weights,
-    renormalised. 128 px -> window 7, 5 scales; 64 px -> 7, 4 scales."""
+    px that fits the coarsest scale (window at most 11, odd); weights are the first scales' standard weights,
+    renormalised. 128 px -> window 7, 5 scales; 64 px -> 7, 4 scales; 20 px -> 9, 2 scales; 8 px -> 7, 1."""
     for scales in range(5, 0, -1):
         div = max(1, scales - 1) ** 2  # MONAI's size check uses (scales - 1)^2
-        limit = min(11, size // div, size // 2 ** (scales - 1) + 1)
+        limit = min(11, size // div, size // 2 ** (scales - 1))  # the window must fit the coarsest image
         window = limit if limit % 2 else limit - 1
         if window >= 7 or scales == 1:
             if window < 3:

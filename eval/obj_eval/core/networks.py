@@ -216,8 +216,11 @@ class LPIPS(nn.Module):
     """LPIPS v0.1 (Zhang et al. 2018): distance between channel-normalised trunk activations, weighted by the
     learned 1x1 heads, averaged over space, summed over layers. Inputs (B, C, H, W) in [0, 1]."""
 
+    MIN_SIZE = {"alex": 31, "vgg": 16}  # smallest input the trunk's strides and pools leave a feature map for
+
     def __init__(self, net: str = "alex"):
         super().__init__()
+        self.net_name, self.min_size = net, self.MIN_SIZE[net]
         layers, self.taps, pool = TRUNKS[net]
         self.features = nn.ModuleDict()
         self.plan, chans = [], []
