@@ -183,3 +183,14 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
         assert needed in metrics
     assert all(r["value"] is None or r["value"] > 0 for r in rows)
     assert "speed-up ours / baseline" in res.stdout
+
+
+def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):
+    """The Min-SNR side-by-side suite at a toy size: both settings trained, sampled and scored."""
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    from bench.benchmark import bench_minsnr
+    rows = bench_minsnr("cpu", "tiny", tmp_path, seeds=(0,), epochs=2)
+    assert [r["metric"].split(" ")[0] for r in rows] == ["mae", "psnr", "ms_ssim_quality", "ms_ssim_diversity",
+                                                          "intensity_w1"]
+    for r in rows:
+        assert r["value"] > 0 and "on: " in r["note"] and "off " in r["note"]

@@ -85,3 +85,10 @@ def test_paths_local_and_cluster(tmp_path):
     assert str(cl.data_root) == "/d" and str(cl.cache_root) == "/o/.cache"
     with pytest.raises(UserError, match="--compute"):
         PathConfig.from_compute("laptop", {})
+
+
+def test_min_snr_switches():
+    assert parse().optim.min_snr is None                 # the strategy decides
+    assert parse("--min_snr").optim.min_snr is True and parse("--no_min_snr").optim.min_snr is False
+    with pytest.raises(UserError, match="--no_min_snr and --min_snr contradict"):
+        parse("--no_min_snr", "--min_snr")

@@ -200,3 +200,18 @@ def test_wrong_sampler_is_refused_before_training(demo_root, tmp_path):
     cfg = tiny_cfg(demo_root, tmp_path, "bravo", "rflow", strategy={"sampler": "ddim"})
     with pytest.raises(UserError, match="sampler 'ddim' does not fit strategy 'rflow'"):
         make_trainer(cfg)
+
+
+@pytest.mark.parametrize("strategy, flag, expected", [
+    ("ddpm", None, True), ("rflow", None, False), ("rflow", True, True), ("ddpm", False, False)])
+def test_min_snr_default_is_per_strategy(demo_root, tmp_path, strategy, flag, expected):
+    """On for DDPM, off for rectified flow (its velocity weight starves the noisy end); an explicit setting wins.
+    The weighting really changes the loss only where it is on."""
+    optim = {} if flag is None else {"min_snr": flag}
+    tr = make_trainer(tiny_cfg(demo_root, tmp_path, "bravo", strategy, optim=optim))
+    assert tr.min_snr is expected
+    batch = tr.train_data.batch(torch.arange(4))
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(4, 1, 32, 32, generator=g), tr.strategy.sample_times(4, g, "cpu")
+    loss, per, _ = tr.loss(batch, noise, t)
+    assert bool(torch.isclose(loss, per.mean())) is (not expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from Generation.TrainGen.core.config import Config, build_config, load_yaml, parse_set
+from Generation.TrainGen.core.errors import UserError
 
 # flag -> (config field, type); `None` type means a store_true flag that sets the given value
 TRAIN_FLAGS = {
@@ -17,7 +18,7 @@ TRAIN_FLAGS = {
 }
 SWITCHES = {
     "multi_gpu": ("runtime.multi_gpu", True), "find_lr": ("optim.find_lr", True), "no_ema": ("ema.enabled", False),
-    "no_min_snr": ("optim.min_snr", False), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
+    "no_min_snr": ("optim.min_snr", False), "min_snr": ("optim.min_snr", True), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
     "positive_only": ("data.positive_only", True), "no_compile": ("runtime.compile", False),
 }
 
@@ -64,5 +65,10 @@ def config_from_args(args: argparse.Namespace, flags=TRAIN_FLAGS, switches=SWITC
                if getattr(args, name) is not None and not (tp == "int_or_auto" and getattr(args, name) == "auto")]
     layers += [_nested("optim.auto_batch_size", True) for name, (_, tp) in flags.items()
                if tp == "int_or_auto" and getattr(args, name) == "auto"]
-    layers += [_nested(field, value) for name, (field, value) in switches.items() if getattr(args, name)]
+    given = [(name, field, value) for name, (field, value) in switches.items() if getattr(args, name)]
+    for name, field, value in given:
+        other = next((n for n, f, v in given if f == field and v != value), None)
+        if other:
+            raise UserError(f"--{name} and --{other} contradict each other (both set {field})")
+    layers += [_nested(field, value) for _, field, value in given]
     return build_config(*layers)

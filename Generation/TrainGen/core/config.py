@@ -88,7 +88,8 @@ class OptimConfig:
     warmup_epochs: int = 5               # linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0               # max global grad norm
     grad_accum: int = 1                  # micro-batches per optimizer step
-    min_snr: bool = True                 # Min-SNR-gamma loss weighting (Hang et al. 2023)
+    min_snr: bool | None = None          # Min-SNR-gamma weighting (Hang et al. 2023); None: the strategy's default
+                                         # (on for ddpm, off for rflow: Strategy.min_snr_default says why)
     min_snr_gamma: float = 5.0
     perceptual_weight: float = 0.0       # RadImageNet ResNet-50 feature loss on the predicted x0 (0: off)
     perceptual_weights: str | None = None  # local weights file (default $MEDGEN_WEIGHTS/radimagenet_resnet50.pt)

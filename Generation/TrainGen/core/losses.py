@@ -7,7 +7,9 @@ network predicts:
   sample    the x0 loss itself                                -> w = min(SNR, g)
   velocity  rectified flow, x0_hat = x_t + t v_hat, so ||v err||^2 = ||x0 err||^2 / t^2 and with
             SNR = ((1-t)/t)^2, t = 1 / (1 + sqrt(SNR))        -> w = min(SNR, g) / (1 + sqrt(SNR))^2
-(diffusers shipped the v case as min(SNR, g)/SNR: diffusers #9451.)
+diffusers once shipped the v case as min(SNR + 1, g) / (SNR + 1) (issue #5654, fixed by PR #6307); its open
+issue #9451 asks whether the correct v weight falling towards 0 at high noise is a bug: it is not, it is the
+x0-space weight min(SNR, g) written for v, and it is the reason Min-SNR is off by default for rectified flow.
 """
 from __future__ import annotations
 

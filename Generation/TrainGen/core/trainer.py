@@ -83,6 +83,7 @@ class DiffusionTrainer:
         total = self.steps_per_epoch * o.epochs  # independent of max_steps, so a resumed run sees the same LR
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(o.warmup_epochs * self.steps_per_epoch, total))
+        self.min_snr = o.min_snr if o.min_snr is not None else self.strategy.min_snr_default
         self.perceptual = None
         if o.perceptual_weight > 0:
             self.perceptual = load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev)
@@ -116,7 +117,7 @@ class DiffusionTrainer:
             pred = self.mode.forward(model or self.model, x_t, t.float(), cond)
         per = per_sample_mse(pred, target)
         w = 1.0
-        if self.cfg.optim.min_snr:
+        if self.min_snr:
             w = min_snr_weight(self.strategy.snr(t).to(per), self.cfg.optim.min_snr_gamma, self.strategy.prediction)
         loss = (w * per).mean()
         if self.perceptual is not None:

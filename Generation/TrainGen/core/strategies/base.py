@@ -29,6 +29,7 @@ class Strategy:
     samplers: tuple[str, ...] = ()
     default_sampler = ""
     default_steps: dict[str, int] = {}
+    min_snr_default = False           # whether Min-SNR weighting is on when optim.min_snr is not set
 
     def __init__(self, cfg):
         self.cfg = cfg

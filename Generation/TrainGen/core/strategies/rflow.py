@@ -17,6 +17,10 @@ class RFlowStrategy(Strategy):
     samplers = ("euler",)
     default_sampler = "euler"
     default_steps = {"euler": 30}
+    # Off by default: for the velocity target the weight min(SNR, 5) / (1 + sqrt(SNR))^2 falls to 0.01 at t = 0.9,
+    # so the noisiest 30% of the path, where sampling starts, gets about 6% of the loss weight; SD3's flow recipe
+    # uses no such weighting (Esser et al. 2024). Measured on the demo data: BENCHMARKS.md, "Min-SNR for rflow".
+    min_snr_default = False
 
     def sample_times(self, n, generator, device):
         if self.cfg.time_sampling == "logit-normal":
