@@ -57,16 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "min_components", type=int, default=1, help="mask filter: fewest connected components")
     add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
     add_flag(p, "max_attempts", type=int, default=20, help="masks drawn per sample before giving up")
+    add_flag(p, "skip_bad", action="store_true", help="--masks_from: leave out subjects whose files fail the scan")
     return p.parse_args(argv)
 
 
 def build_job(args, rt):
     from Generation.TrainGen.core.generate import GENERATED_MODES, Job, MaskFilter, load_model, load_real_masks, \
         parse_class_counts, split_work
-    if args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
-    if args.num_images is not None and args.num_images < 1:
-        raise UserError("--num_images must be at least 1")
+    for flag in ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
     if args.output_size is not None and args.output_size < 8:
         raise UserError("--output_size must be at least 8")
     if not args.seg_model and not args.image_model:
@@ -111,7 +113,7 @@ def build_job(args, rt):
               max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
               progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast)
     if args.masks_from:
-        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image)
+        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image, skip_bad=args.skip_bad)
         job.masks_from = str(Path(args.masks_from).resolve())
         job.num_images = args.num_images or len(job.real_sources)
     if mode == "class":

@@ -44,9 +44,25 @@ def checkpoint_file(path: Path, prefer_best: bool = False) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The latest checkpoint of a run folder (for resuming), or the given file."""
-    return safe_load(checkpoint_file(path), "checkpoint")
+def load_checkpoint(path: Path, say=print) -> dict:
+    """The latest checkpoint of a run folder (for resuming), or the given file. In a run folder an unreadable
+    newest file (a full disk, a damaged copy) is passed over for the newest intact one, and said so."""
+    path = Path(path)
+    if not path.is_dir():
+        return safe_load(checkpoint_file(path), "checkpoint")
+    found = list_checkpoints(path)
+    for i, file in enumerate(reversed(found)):
+        try:
+            state = safe_load(file, "checkpoint")
+        except UserError as err:
+            if i == len(found) - 1:
+                raise UserError(f"{path}: no intact checkpoint (the oldest: {err})") from None
+            say(f"warning: {err}; trying the one before it")
+            continue
+        if i:
+            say(f"resuming from {file.name}, the newest intact checkpoint")
+        return state
+    return safe_load(checkpoint_file(path), "checkpoint")  # no ckpt_*.pt: the usual error
 
 
 def best_checkpoint(path: Path) -> Path:
@@ -69,5 +85,10 @@ def safe_load(path: Path, what: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        reason = str(err).splitlines()[0][:200] if str(err) else ""
-        raise UserError(f"{path}: not a loadable {what} ({type(err).__name__}: {reason})") from None
+        text = str(err)
+        if "weights_only" in text or "Weights only load failed" in text:
+            # torch's own message suggests weights_only=False, i.e. running code from the file: never do that
+            reason = "it holds objects other than tensors and plain containers, which are not loaded from files"
+        else:
+            reason = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else 'corrupt'}"
+        raise UserError(f"{path}: not a loadable {what} ({reason})") from None

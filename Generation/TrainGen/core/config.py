@@ -6,6 +6,7 @@ Unknown keys and wrong types raise UserError naming the key, so a typo never sil
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check(self.image_size >= 8, "data.image_size must be at least 8")
+        _check(self.crop_size is None or self.crop_size >= 8, "data.crop_size must be at least 8 px (or null)")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
         _check(len(self.norm_percentiles) == 2 and 0 <= self.norm_percentiles[0] < self.norm_percentiles[1] <= 100,
                "data.norm_percentiles must be two increasing numbers in [0, 100]")
@@ -101,7 +103,8 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
                "optim.epochs, optim.batch_size and optim.grad_accum must be positive")
-        _check(self.lr > 0, "optim.lr must be positive")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr (--lr) must be a positive finite number, got {self.lr}")
+        _check(self.max_steps is None or self.max_steps >= 1, "optim.max_steps (--max_steps) must be at least 1")
 
 
 @dataclass
@@ -225,6 +228,9 @@ def parse_set(item: str) -> dict:
     if "=" not in item:
         raise UserError(f"--set expects section.key=value, got {item!r}")
     path, raw = item.split("=", 1)
+    if path.strip() in {f.name for f in dataclasses.fields(Config)}:
+        raise UserError(f"--set {item}: {path.strip()} is a section; set its keys one by one "
+                        f"(--set {path.strip()}.KEY=VALUE)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -93,6 +93,17 @@ def _cache_file(cache_dir: Path, root: Path, split: str, key_data: dict) -> Path
     return Path(cache_dir) / f"{root_tag}-{split}-{key}.pt"
 
 
+def read_cache(path: Path) -> SliceData | None:
+    """A cached split, or None when the file cannot be read back (then it is rebuilt; said in one line)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return SliceData(**stored)
+    except Exception as err:  # noqa: BLE001 - a damaged cache is a cache miss, whatever the damage
+        print(f"warning: {path}: unreadable slice cache ({type(err).__name__}); rebuilding it", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
 def _process_subject(args):
     subject, layout, roles, pre = args
     vols, problems = nifti.load_subject(subject, layout, roles)
@@ -168,13 +179,14 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
            "skip_bad": data_cfg.skip_bad}
     path = _cache_file(cache_dir, root, split, key) if cache_dir is not None and data_cfg.cache else None
     if path is not None and path.is_file():
-        stored = torch.load(path, weights_only=True)
-        return SliceData(**stored), stored["problems"], 0
+        cached = read_cache(path)
+        if cached is not None:
+            return cached, cached.problems, 0
 
     desc = f"scanning {split} ({len(files)} files)"
     if image_folder:
         tensors, problems = imagefolder.load_images(splits[split], classes, data_cfg.image_size)
-        problems = folder_problems + problems
+        problems = (folder_problems if split == next(iter(splits)) else []) + problems  # said once, not per split
         data = SliceData(tensors["images"].half(), None, tensors["labels"], tensors["files"],
                          [-1] * len(tensors["files"]), ["rgb"] if tensors["images"].shape[1] == 3 else ["grey"],
                          classes)

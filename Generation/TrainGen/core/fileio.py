@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0) -> int:
+    """Delete the temp files (.NAME.*.tmp) that a killed atomic_write left in folder and its sub-folders, when
+    not modified for older_than_s seconds (0: all of them, for folders no other process writes into)."""
+    now, removed = time.time(), 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # finished or removed by its writer meanwhile
+            pass
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -33,7 +33,7 @@ from Generation.TrainGen.core.config import build_config
 from Generation.TrainGen.core.data import GENERATED_MARKER, fit_square, from_slices, to_slices
 from Generation.TrainGen.core.errors import UserError
 from Generation.TrainGen.core.features import sha256_of
-from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
+from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text, remove_stale_tmp
 from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.sampling import sample
@@ -116,7 +116,11 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
                         f"{meta['strategy']!r} (leave --strategy out to use the checkpoint's)")
     strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"])
     net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds)
-    net.load_state_dict(model_weights(state))
+    weights = model_weights(state)
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        raise UserError(f"{flag} {file}: the weights hold NaN/inf values (a diverged run); sample from an "
+                        "earlier checkpoint of that run")
+    net.load_state_dict(weights)
     net = BatchInvariant(net.to(device).eval())
     if compile_model:
         net = torch.compile(net)
@@ -241,13 +245,15 @@ def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
     return plan
 
 
-def load_real_masks(directory: str, model: Model, positive_only: bool = True) -> tuple[torch.Tensor, list[str]]:
+def load_real_masks(directory: str, model: Model, positive_only: bool = True,
+                    skip_bad: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Masks of every split of a NIfTI dataset, preprocessed as the image model's training data (its size,
     crop and layout), ordered by (subject, slice). Slices without mask voxels are left out unless
     positive_only is False."""
     from config.paths import PathConfig
     from Generation.TrainGen.core.dataset import load_folder
-    data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti")
+    data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
+                       skip_bad=skip_bad)
     cache = PathConfig.from_compute("local").cache_root / "slices" if data_cfg.cache else None
     data = load_folder(data_cfg, Path(directory), ["seg"], cache)
     if len(data) == 0:
@@ -445,6 +451,7 @@ def run_job(job: Job, barrier=None) -> dict:
     """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
     out = job.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out, older_than_s=600)  # other shards may be writing now: only files left long ago
     settings_path = out / SETTINGS_FILE
     settings = job.settings()
     if settings_path.is_file():

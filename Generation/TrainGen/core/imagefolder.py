@@ -19,6 +19,7 @@ from Generation.TrainGen.core.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+MIN_SIDE = 8   # smaller images hold too little to resize from (data.image_size is at least 8 too)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -77,6 +78,9 @@ def read_image(path: Path) -> tuple[Image.Image | None, Problem | None]:
     try:
         with Image.open(path) as img:
             img.load()  # full decode: a truncated file fails here, not in a worker hours later
+            if min(img.size) < MIN_SIDE:
+                return None, Problem(path, f"image is {img.size[0]}x{img.size[1]} px: too small (at least "
+                                           f"{MIN_SIDE} px a side)")
             return img.copy(), None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         return None, Problem(path, f"unreadable image ({str(err).splitlines()[0] if str(err) else 'corrupt'})")

@@ -9,10 +9,13 @@ import torch
 from tqdm import tqdm
 
 from config.paths import PathConfig
-from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
+from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints, load_checkpoint
 from Generation.TrainGen.core.config import save_config, to_dict
 from Generation.TrainGen.core.dataset import data_source, print_problems
-from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.errors import UserError, lookup
+from Generation.TrainGen.core.fileio import remove_stale_tmp
+from Generation.TrainGen.core.modes import MODES
+from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
 from Generation.TrainGen.core.sampling import sample
@@ -38,7 +41,9 @@ class RunLogger:
     def scalars(self, values: dict, step: int) -> None:
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
-        main = {k.split("/")[-1]: v for k, v in values.items() if k.startswith(("train/", "val/"))}
+        # training lines show the (Min-SNR weighted) loss as loss=, validation the unweighted one as val_loss=
+        main = {k.split("/")[-1] if k.startswith("train/") else k.replace("/", "_"): v
+                for k, v in values.items() if k.startswith(("train/", "val/"))}
         self.text(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in main.items()))
 
     def image(self, tag: str, path: Path, step: int) -> None:
@@ -155,7 +160,20 @@ def _check_resume(cfg, state, path) -> None:
                             f"resume with the same --{section if section != 'model' else 'config'}")
 
 
+def preflight(cfg) -> None:
+    """Errors in names, the sampler and the checkpoint paths, before any data is read or a run folder made."""
+    lookup(MODES, cfg.mode.name, "--mode")
+    lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy).check_sampler(cfg.strategy.sampler)
+    for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from)):
+        if path and path != "auto":
+            try:
+                checkpoint_file(Path(path))
+            except UserError as err:
+                raise UserError(f"{flag}: {err}") from None
+
+
 def train(cfg) -> int:
+    preflight(cfg)
     rt = init_runtime(cfg.runtime)
     logger = None
     try:
@@ -189,6 +207,8 @@ def train(cfg) -> int:
             if cfg.runtime.resume == "auto" and not list_checkpoints(run_dir):
                 resume_path = None  # first start of a job that always passes --resume auto
         if rt.is_main:
+            if run_dir.is_dir():
+                remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             logger = RunLogger(run_dir)
@@ -196,7 +216,7 @@ def train(cfg) -> int:
                         f"slices; {rt.world} process(es) on {rt.device}")
         tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger)
         if resume_path is not None:
-            state = load_checkpoint(resume_path)
+            state = load_checkpoint(resume_path, tr.log_line)
             _check_resume(cfg, state, resume_path)
             tr.load_state(state)
             tr.log_line(f"resumed from {resume_path} at step {tr.step} (epoch {tr.epoch})")

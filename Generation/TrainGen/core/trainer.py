@@ -207,6 +207,8 @@ class DiffusionTrainer:
             self.rt.print(text)
 
     def log_scalars(self):
+        if self.stats["images"] == 0:  # no step since the last line (a run ending at a log interval)
+            return
         if self.logger is None:
             self._reset_stats()
             return
@@ -302,6 +304,9 @@ class DiffusionTrainer:
         """Called on every rank (the RNG gather is a collective); rank 0 writes."""
         if self.run_dir is None or (self.step == self.saved_step and not is_best):
             return
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):  # one sync per checkpoint
+            raise UserError(f"stopping: the weights became NaN/inf by optimizer step {self.step} (epoch {self.epoch}); "
+                            "no checkpoint is written, the saved ones are intact; lower optim.lr")
         self.saved_step = self.step
         rng = self.gather_rng()
         if self.rt.is_main:

@@ -25,6 +25,7 @@ def add_input_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "output", default=None, metavar="DIR", help="where metrics.json and the report go "
                                                            "(default: <synthetic-dir>/eval)")
     add_flag(p, "no-floor", action="store_true", help="skip the real-vs-real reference")
+    add_flag(p, "skip-bad", action="store_true", help="NIfTI sets: leave out subjects whose files fail the scan")
 
 
 def add_fid_flags(p, many: bool) -> None:
@@ -48,6 +49,8 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
     from eval.obj_eval.core.networks import check_fid_network
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if args.image_size is not None and args.image_size < 8:
+        raise UserError("--image-size must be at least 8")
     nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
     for n in nets:
         check_fid_network(n)
@@ -63,7 +66,7 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
                    image_type=args.image_type, image_size=args.image_size, positive_only=args.positive_only,
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
                    bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
-                   seed=args.seed, floor=not args.no_floor, output=args.output, **extra)
+                   seed=args.seed, floor=not args.no_floor, output=args.output, skip_bad=args.skip_bad, **extra)
 
 
 def run(opts: Options, strict: bool) -> int:

@@ -47,6 +47,7 @@ class Options:
     seed: int = 0
     floor: bool = True
     output: str | None = None
+    skip_bad: bool = False                # NIfTI sets: leave out subjects whose files fail the scan
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -78,8 +79,9 @@ def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
     from eval.obj_eval.core.inputs import existing_folder, native_size
     existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
     size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
-    synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir")
-    real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir")
+    synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir",
+                     skip_bad=o.skip_bad)
+    real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir", skip_bad=o.skip_bad)
     if synth.images.shape[1] != real.images.shape[1]:
         raise UserError(f"--synthetic-dir has {synth.images.shape[1]}-channel images, --real-dir "
                         f"{real.images.shape[1]}-channel ones")

@@ -10,6 +10,7 @@ Without a match these metrics report that no pairs exist; pairs are never invent
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +60,16 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     NIfTI file, or for an image folder the first image inside a class folder (previews at the top are not data)."""
     root = existing_folder(root, what)
     if is_nifti_dataset(root):
-        first = next(p for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES))
-        return max(nib.load(str(first)).shape[:2])
-    for path in sorted(root.rglob("*")):
-        if path.parent != root and path.suffix.lower() in imagefolder.IMAGE_SUFFIXES:
-            return max(Image.open(path).size)
-    raise UserError(f"{root}: no NIfTI or image files found")
+        sizes = [max(nib.load(str(p)).shape[:2]) for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
+    else:
+        sizes = [max(Image.open(p).size) for p in sorted(root.rglob("*"))
+                 if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
+    if not sizes:
+        raise UserError(f"{root}: no NIfTI or image files found")
+    if len(set(sizes)) > 1:
+        print(f"warning: {what} {root} holds images of several sizes ({', '.join(f'{s} px' for s in sorted(set(sizes)))}); "
+              f"all are evaluated at {sizes[0]} px, the first file's (--image-size sets it)", file=sys.stderr)
+    return sizes[0]
 
 
 def manifest_conditions(root: Path) -> dict[str, str]:
@@ -77,7 +82,8 @@ def manifest_conditions(root: Path) -> dict[str, str]:
 
 
 def load_set(root, image_type: str = "bravo", size: int | None = None, positive_only: bool = False,
-             layout: str = "original", crop_size: int | None = None, what: str = "--real-dir") -> EvalSet:
+             layout: str = "original", crop_size: int | None = None, what: str = "--real-dir",
+             skip_bad: bool = False) -> EvalSet:
     """A whole folder (every split) as an EvalSet at `size` px."""
     root = existing_folder(root, what)
     size = size or native_size(root, what)
@@ -92,7 +98,7 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
         return EvalSet(root, "images", tensors["images"].float(), ids, [str(f.resolve()) for f in files],
                        [classes[i] for i in tensors["labels"].tolist()])
     cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
-                     positive_only=positive_only, val_fraction=0.0, format="nifti")
+                     positive_only=positive_only, val_fraction=0.0, format="nifti", skip_bad=skip_bad)
     cache = PathConfig.from_compute("local").cache_root / "slices"
     data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
     if len(data) == 0:
