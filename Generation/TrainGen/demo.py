@@ -11,13 +11,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from config.paths import PathConfig  # noqa: E402
+from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
 from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
 from Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
 from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="demo root (default: the local cache, as --compute local uses)")
     p.add_argument("--subjects", type=int, default=40, help="number of brain phantoms")
     p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from Generation.TrainGen.core.cli import add_flag  # noqa: E402
+from Generation.TrainGen.core.cli import HelpFormatter, add_flag  # noqa: E402
+from Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
 from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_flag(p, "mode", default=None, help="seg, bravo, dual or class (default: the image model's, else seg)")
     add_flag(p, "strategy", default=None, help="must match the checkpoints (default: theirs)")
     add_flag(p, "seg_model", default=None, metavar="RUN", help="mask model: run folder or checkpoint file")
@@ -39,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "or the seg model's in seg mode")
     add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
     add_flag(p, "seg_num_steps", type=int, default=None, help="the seg model's steps in a chained run")
-    add_flag(p, "batch_size", type=int, default=64)
-    add_flag(p, "output_dir", required=True, metavar="DIR")
+    add_flag(p, "batch_size", type=int, default=64, help="samples per batch; does not change any sample")
+    add_flag(p, "output_dir", required=True, metavar="DIR", help="the synthetic dataset (re-running continues it)")
     add_flag(p, "seed", type=int, default=0, help="sample i uses seeds derived from (seed, i)")
     add_flag(p, "guidance_scale", type=float, default=None, help="class mode: classifier-free guidance scale")
     add_flag(p, "masks_from", default=None, metavar="DIR",
@@ -51,13 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "progression", action="store_true", help="write progression.png: the denoising trajectory of 4 samples")
     add_flag(p, "compile", action="store_true", help="torch.compile the networks")
     add_flag(p, "shard", default=None, metavar="I/N", help="take every N-th index starting at I (SLURM arrays)")
-    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     add_flag(p, "min_mask_area", type=float, default=0.0005, help="mask filter: smallest area, fraction of the image")
     add_flag(p, "max_mask_area", type=float, default=0.25, help="mask filter: largest area, fraction of the image")
     add_flag(p, "min_components", type=int, default=1, help="mask filter: fewest connected components")
     add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
     add_flag(p, "max_attempts", type=int, default=20, help="masks drawn per sample before giving up")
     add_flag(p, "skip_bad", action="store_true", help="--masks_from: leave out subjects whose files fail the scan")
+    add_flag(p, "plugin", action="append", default=[], metavar="FILE.py",
+             help="a Python file registering the strategies or modes the checkpoints were trained with")
     return p.parse_args(argv)
 
 
@@ -133,6 +136,7 @@ def build_job(args, rt):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load_plugins(args.plugin)
     from Generation.TrainGen.core.config import RuntimeConfig
     from Generation.TrainGen.core.generate import run_job, throughput_line
     from Generation.TrainGen.core.runtime import init_runtime, shutdown

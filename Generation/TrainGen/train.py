@@ -11,16 +11,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from Generation.TrainGen.core.cli import add_config_flags, add_flag, config_from_args  # noqa: E402
+from Generation.TrainGen.core.cli import HelpFormatter, add_config_flags, add_flag, config_from_args  # noqa: E402
 from Generation.TrainGen.core.dataset import check_data  # noqa: E402
 from Generation.TrainGen.core.errors import run_main  # noqa: E402
+from Generation.TrainGen.core.plugins import load_plugins, plugin_paths  # noqa: E402
 
 
 def main() -> int:
+    load_plugins(plugin_paths(sys.argv[1:]))  # first, so that --mode/--strategy know the plugins' names
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_config_flags(parser)
     add_flag(parser, "check_data", action="store_true", help="scan the dataset in full, report problems, exit")
+    add_flag(parser, "plugin", action="append", default=[], metavar="FILE.py",
+             help="a Python file that registers strategies or modes (repeatable; see core/plugins.py)")
     args = parser.parse_args()
     cfg = config_from_args(args)
     if args.check_data:

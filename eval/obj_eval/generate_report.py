@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
 from eval.obj_eval.core.cli import add_flag  # noqa: E402
 from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
 from Generation.TrainGen.core.fileio import atomic_write_text  # noqa: E402
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     from eval.obj_eval.core.report import markdown, plot_metrics
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_flag(p, "results", nargs="+", required=True, help="metrics.json files or their folders")
     add_flag(p, "output", default=None, help="Markdown file (default: report.md beside the first results)")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ TRAIN_FLAGS = {
     "image_size": ("data.image_size", int), "compute": ("paths.compute", str),
     "num_timesteps": ("strategy.num_timesteps", int), "warmup_epochs": ("optim.warmup_epochs", int),
     "data_dir": ("data.data_dir", str), "run_dir": ("paths.run_dir", str), "seed": ("runtime.seed", int),
-    "max_steps": ("optim.max_steps", int), "resume": ("runtime.resume", str),
+    "max_steps": ("optim.max_steps", int), "resume": ("runtime.resume", str), "run_name": ("paths.run_name", str),
     "init_from": ("runtime.init_from", str), "lr": ("optim.lr", float),
 }
 SWITCHES = {
@@ -21,6 +21,36 @@ SWITCHES = {
     "no_min_snr": ("optim.min_snr", False), "min_snr": ("optim.min_snr", True), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
     "positive_only": ("data.positive_only", True), "no_compile": ("runtime.compile", False),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows each flag's default (None and False are left out)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default is not None and action.default is not False \
+                and action.default not in ([], argparse.SUPPRESS) and "%(default)" not in text and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def field_help(field: str) -> str:
+    """'-> section.key (default V; one of a, b)' from the config dataclasses, for the train.py flags."""
+    import dataclasses
+    import typing
+    section, key = field.split(".")
+    cls = type(getattr(Config(), section))
+    value = getattr(getattr(Config(), section), key)
+    tp = typing.get_type_hints(cls)[key]
+    choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+    if field == "mode.name":
+        from Generation.TrainGen.core.modes import MODES
+        choices = tuple(MODES)
+    elif field == "strategy.name":
+        from Generation.TrainGen.core.strategies import STRATEGIES
+        choices = tuple(STRATEGIES)
+    text = f"-> {field} (default {value})"
+    return text[:-1] + f"; one of {', '.join(map(str, choices))})" if choices else text
 
 
 def int_or_auto(text: str):
@@ -43,7 +73,7 @@ def add_config_flags(parser: argparse.ArgumentParser, flags=TRAIN_FLAGS, switche
     add_flag(parser, "set", action="append", default=[], metavar="KEY=VALUE",
              help="override any field, e.g. --set optim.lr=3e-4 (repeatable)")
     for name, (field, tp) in flags.items():
-        add_flag(parser, name, type=int_or_auto if tp == "int_or_auto" else tp, default=None, help=f"-> {field}")
+        add_flag(parser, name, type=int_or_auto if tp == "int_or_auto" else tp, default=None, help=field_help(field))
     for name, (field, value) in switches.items():
         add_flag(parser, name, action="store_true", help=f"-> {field}={value}")
 

@@ -33,7 +33,10 @@ class DataConfig:
     mask_mode: Literal["binary", "classes"] = "binary"  # binary: mask>0; classes: keep label ids
     val_fraction: float = 0.2            # flat folder of subjects: share held out for validation
     split_seed: int = 0                  # seed of that split (independent of the training seed)
-    labels_csv: str | None = None        # image folders: optional CSV (filename,label) instead of class folders
+    labels_csv: str | None = None        # image folders: a labels CSV instead of class folders: filename,label;
+                                         # APTOS id_code,diagnosis; ISIC image + one-hot columns (detected)
+    csv_image_column: str | None = None  # labels_csv: the image column, when the layout is not detected
+    csv_label_column: str | None = None  # labels_csv: the label column (None with csv_image_column: one-hot)
     cache: bool = True                   # build preprocessed slices once, reuse while inputs and params match
     cache_dir: str | None = None         # None: <paths cache root>/slices
     cache_device: Literal["cpu", "cuda"] = "cpu"  # where the cached tensors live during training
@@ -73,7 +76,8 @@ class StrategyConfig:
 
 @dataclass
 class ModeConfig:
-    name: str = "bravo"                  # key of MODES (seg, bravo, dual, class, segment, or a registered one)
+    name: str = "seg"                    # key of MODES (seg, bravo, dual, class, segment, or a registered one);
+                                         # seg, as the original research code's default
     cfg_dropout: float = 0.1             # class mode: label dropout for classifier-free guidance
     guidance_scale: float = 1.0          # class mode: sampling guidance (1 = plain conditional)
     image_key: str = "bravo"             # segment mode: the conditioning image modality
@@ -123,7 +127,7 @@ class RuntimeConfig:
     compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (see README)
     channels_last: bool = True           # CUDA only
     multi_gpu: bool = False              # DDP (torchrun / srun)
-    val_interval: int = 10               # epochs between validation + sample grids
+    val_interval: int = 30               # epochs between validation + sample grids (the original default)
     num_val_samples: int = 16            # images in the sample grid
     log_interval: int = 20               # steps between scalar logs (loss read back from the device only then)
     keep_last: int = 3                   # checkpoints kept besides the best
@@ -137,7 +141,17 @@ class RuntimeConfig:
 @dataclass
 class PathsConfig:
     compute: Literal["local", "cluster"] = "local"
-    run_dir: str | None = None           # None: <output root>/<mode>_<strategy>_<image_size>_<timestamp>
+    run_dir: str | None = None           # None: <output root>/<run_name>
+    run_name: str = "{mode}_{strategy}_{image_size}_{timestamp}"  # fields: mode, strategy, image_size, epochs,
+                                         # timestamp; e.g. the original 'Diffusion_{mode}_{image_size}_{timestamp}'
+
+    def __post_init__(self):
+        try:
+            self.run_name.format(mode="m", strategy="s", image_size=1, epochs=1, timestamp="t")
+        except (KeyError, IndexError, ValueError) as err:
+            raise UserError(f"paths.run_name {self.run_name!r}: unknown or malformed field {err} (known: mode, "
+                            "strategy, image_size, epochs, timestamp)") from None
+        _check("{timestamp}" in self.run_name, "paths.run_name must contain {timestamp} (runs must not collide)")
 
 
 @dataclass

@@ -93,6 +93,10 @@ def _cache_file(cache_dir: Path, root: Path, split: str, key_data: dict) -> Path
     return Path(cache_dir) / f"{root_tag}-{split}-{key}.pt"
 
 
+def csv_columns(data_cfg) -> tuple[str | None, str | None]:
+    return data_cfg.csv_image_column, data_cfg.csv_label_column
+
+
 def read_cache(path: Path) -> SliceData | None:
     """A cached split, or None when the file cannot be read back (then it is rebuilt; said in one line)."""
     try:
@@ -157,10 +161,11 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
     root = Path(root)
     if image_folder:
         splits, classes, folder_problems = imagefolder.find_image_splits(
-            root, data_cfg.labels_csv, data_cfg.val_fraction, data_cfg.split_seed)
+            root, data_cfg.labels_csv, data_cfg.val_fraction, data_cfg.split_seed, csv_columns(data_cfg))
         files = [f for f, _ in splits.get(split, [])]
         params = {"kind": "images", "size": data_cfg.image_size, "val": data_cfg.val_fraction,
-                  "seed": data_cfg.split_seed, "csv": data_cfg.labels_csv, "classes": classes}
+                  "seed": data_cfg.split_seed, "csv": data_cfg.labels_csv, "classes": classes,
+                  "csv_columns": csv_columns(data_cfg)}
     else:
         layout = nifti.layout_from_config(data_cfg)
         splits = nifti.find_splits(root, layout, data_cfg.val_fraction, data_cfg.split_seed)
@@ -222,6 +227,7 @@ class DataSource:
     roles: list[str]
     image_folder: bool
     cache_dir: Path | None
+    demo: bool = False          # no data_dir was given: the embedded phantoms
 
     def split(self, data_cfg, split: str) -> SliceData:
         return load_split(data_cfg, self.root, split, self.roles, self.cache_dir, self.image_folder,
@@ -237,13 +243,15 @@ def data_source(cfg) -> DataSource:
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.cache_root / "slices"
-    return DataSource(root, mode.roles(), image_folder, cache_dir if cfg.data.cache else None)
+    return DataSource(root, mode.roles(), image_folder, cache_dir if cfg.data.cache else None,
+                      demo=not cfg.data.data_dir and paths.compute == "local")
 
 
 def check_data(cfg) -> int:
     """--check_data: scan every split in full; one line per problem; 1 if anything fatal (unless skip_bad)."""
     src = data_source(cfg)
-    splits = (imagefolder.find_image_splits(src.root, cfg.data.labels_csv, cfg.data.val_fraction, 0)[0]
+    splits = (imagefolder.find_image_splits(src.root, cfg.data.labels_csv, cfg.data.val_fraction, 0,
+                                            csv_columns(cfg.data))[0]
               if src.image_folder else
               nifti.find_splits(src.root, nifti.layout_from_config(cfg.data), cfg.data.val_fraction,
                                 cfg.data.split_seed))

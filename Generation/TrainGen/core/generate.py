@@ -90,6 +90,19 @@ class BatchInvariant(torch.nn.Module):
         return self.net(two(x), two(timesteps), class_labels=two(class_labels))[:1]
 
 
+def resolve_glob(path: str, flag: str) -> Path:
+    """path itself, or the single file or folder a glob pattern in it matches (else a UserError listing them)."""
+    import glob
+    if not glob.has_magic(str(path)):
+        return Path(path)
+    matches = sorted(glob.glob(str(path)))
+    if len(matches) != 1:
+        shown = "; ".join(matches[:10]) + (f"; ... ({len(matches)} in all)" if len(matches) > 10 else "")
+        raise UserError(f"{flag} {path}: the pattern matches " + (f"{len(matches)} paths, not one: {shown}"
+                                                                  if matches else "nothing"))
+    return Path(matches[0])
+
+
 @dataclass
 class Model:
     net: torch.nn.Module
@@ -105,8 +118,9 @@ class Model:
 
 def load_model(path, flag: str, device, strategy: str | None, sampler: str | None, num_steps: int | None,
                compile_model: bool = False) -> Model:
-    """A run folder (its best.pt, else its latest checkpoint) or a checkpoint file, with EMA weights."""
-    file = best_checkpoint(path)
+    """A run folder (its best.pt, else its latest checkpoint) or a checkpoint file, with EMA weights; a glob
+    (runs/seg_*/best.pt) must match exactly one."""
+    file = best_checkpoint(resolve_glob(path, flag))
     state = safe_load(file, "checkpoint")
     if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
         raise UserError(f"{flag} {file}: not a training checkpoint of this framework")

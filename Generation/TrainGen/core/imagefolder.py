@@ -26,20 +26,65 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def list_items(root: Path, labels_csv: str | None) -> tuple[list[tuple[Path, str]], list[Problem]]:
-    """[(file, class name)] from class folders or from a CSV with columns filename,label."""
+# (image column, label column or None for one-hot columns) of the published label files, tried in order
+CSV_LAYOUTS = (("filename", "label"), ("id_code", "diagnosis"), ("image", None))  # ours, APTOS, ISIC
+
+
+def read_labels_csv(root: Path, path: Path, image_col: str | None = None, label_col: str | None = None):
+    """[(file, class name)] from a labels CSV: one label column (filename,label; APTOS id_code,diagnosis) or
+    one-hot columns (ISIC image,MEL,NV,...: the class is the column holding 1). Columns are found by the
+    layouts above unless data.csv_image_column / data.csv_label_column name them. A name without a suffix
+    (ISIC, APTOS) is looked up with each image suffix."""
+    if not path.is_file():
+        raise UserError(f"data.labels_csv not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0]) if rows else []
+    layouts = [(image_col, label_col)] if image_col else CSV_LAYOUTS
+    found = next(((i, lab) for i, lab in layouts if i in header and (lab is None or lab in header)), None)
+    if found is None:
+        raise UserError(f"{path}: columns {', '.join(header) or '(none)'} match no known layout (filename,label; "
+                        "APTOS id_code,diagnosis; ISIC image + one-hot class columns); set data.csv_image_column "
+                        "and data.csv_label_column")
+    image_col, label_col = found
+    classes = [c for c in header if c != image_col]
+    items, problems = [], []
+    for n, row in enumerate(rows, start=2):
+        if label_col is not None:
+            label = row[label_col].strip()
+        else:
+            hot = [c for c in classes if _is_one(row[c])]
+            if len(hot) != 1:
+                problems.append(Problem(path, f"line {n}: {len(hot)} one-hot columns set for {row[image_col]!r}"))
+                continue
+            label = hot[0]
+        items.append((_image_file(root, row[image_col].strip()), label))
+    return items, problems
+
+
+def _is_one(text: str) -> bool:
+    try:
+        return float(text) == 1.0
+    except ValueError:
+        return False
+
+
+def _image_file(root: Path, name: str) -> Path:
+    path = root / name
+    if path.suffix.lower() in IMAGE_SUFFIXES or path.is_file():
+        return path
+    return next((path.with_name(path.name + s) for s in IMAGE_SUFFIXES if path.with_name(path.name + s).is_file()),
+                path)
+
+
+def list_items(root: Path, labels_csv: str | None, columns: tuple | None = None
+               ) -> tuple[list[tuple[Path, str]], list[Problem]]:
+    """[(file, class name)] from class folders or from a labels CSV (see read_labels_csv)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder does not exist")
     if labels_csv:
-        csv_path = Path(labels_csv)
-        if not csv_path.is_file():
-            raise UserError(f"data.labels_csv not found: {csv_path}")
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"filename", "label"} <= set(rows[0]):
-            raise UserError(f"{csv_path}: expected a header with columns filename,label")
-        return [(root / r["filename"], r["label"]) for r in rows], []
+        return read_labels_csv(root, Path(labels_csv), *(columns or (None, None)))
     items, problems = [], []
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):  # not .rows etc.
         files = _images_in(folder)
@@ -51,7 +96,8 @@ def list_items(root: Path, labels_csv: str | None) -> tuple[list[tuple[Path, str
     return items, problems
 
 
-def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, seed: int):
+def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, seed: int,
+                      columns: tuple | None = None):
     """({split: [(file, class)]}, class names, problems)."""
     root = Path(root)
     if (root / "train").is_dir() and not labels_csv:
@@ -61,7 +107,7 @@ def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, s
                 splits[s], p = list_items(root / s, None)
                 problems += p
     else:
-        items, problems = list_items(root, labels_csv)
+        items, problems = list_items(root, labels_csv, columns)
         rng = np.random.default_rng(seed)
         splits = {"train": [], "val": []}
         for name in sorted({c for _, c in items}):

@@ -60,16 +60,18 @@ def resolve_run_dir(cfg, rt) -> Path:
     paths = PathConfig.from_compute(cfg.paths.compute)
     if cfg.paths.run_dir:
         return Path(cfg.paths.run_dir)
-    prefix = f"{cfg.mode.name}_{cfg.strategy.name}_{cfg.data.image_size}_"
+    name = lambda stamp: cfg.paths.run_name.format(mode=cfg.mode.name, strategy=cfg.strategy.name,  # noqa: E731
+                                                   image_size=cfg.data.image_size, epochs=cfg.optim.epochs,
+                                                   timestamp=stamp)
     if cfg.runtime.resume == "auto":
-        runs = sorted(p for p in paths.output_root.glob(prefix + "*") if list_checkpoints(p))
+        runs = sorted(p for p in paths.output_root.glob(name("*")) if list_checkpoints(p))
         if runs:
             return runs[-1]
     stamp = [time.strftime("%Y%m%d-%H%M%S")]
     if rt.distributed:
         import torch.distributed as dist
         dist.broadcast_object_list(stamp, src=0)  # every rank must write into the same folder
-    return paths.output_root / (prefix + stamp[0])
+    return paths.output_root / name(stamp[0])
 
 
 def _dice_iou(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
@@ -178,6 +180,9 @@ def train(cfg) -> int:
     logger = None
     try:
         src = data_source(cfg)
+        if src.demo:
+            rt.print(f"no --data_dir: training on the built-in demo phantoms ({src.root}); pass --data_dir DIR "
+                     "for your own data")
         if rt.distributed and not rt.is_main:
             torch.distributed.barrier()  # rank 0 builds the cache first
         train_data = src.split(cfg.data, "train")

@@ -12,15 +12,17 @@ def add_flag(p, name: str, **kw):
     _add(p, name.replace("-", "_"), **kw)
 
 
-def add_input_flags(p: argparse.ArgumentParser) -> None:
+def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> None:
     add_flag(p, "synthetic-dir", required=True, metavar="DIR", help="generated dataset (NIfTI subjects or image folder)")
-    add_flag(p, "real-dir", required=True, metavar="DIR", help="real dataset, any layout the training loaders read")
+    add_flag(p, "real-dir", required=real_required, metavar="DIR",
+             help="real dataset, any layout the training loaders read" +
+             ("" if real_required else " (diversity: optional, gives the real-vs-real reference)"))
     add_flag(p, "image-type", default="bravo", help="modality compared (bravo, t1_pre, t1_gd, seg, ...)")
     add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
     add_flag(p, "positive-only", action="store_true", help="only slices with mask voxels")
-    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
-    add_flag(p, "batch-size", type=int, default=64)
+    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
+    add_flag(p, "batch-size", type=int, default=64, help="images per network pass")
     add_flag(p, "seed", type=int, default=0, help="pair sampling, bootstrap and real-set halves")
     add_flag(p, "output", default=None, metavar="DIR", help="where metrics.json and the report go "
                                                            "(default: <synthetic-dir>/eval)")
@@ -47,6 +49,8 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
 def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:
     """Options from parsed flags; weights_kind names the network a single-metric script's --weights is for."""
     from eval.obj_eval.core.networks import check_fid_network
+    if args.real_dir is None and "quality" in extra.get("modes", ("quality",)):
+        raise UserError("--real-dir is needed for --mode quality (pairs of synthetic and real images)")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if args.image_size is not None and args.image_size < 8:
@@ -66,7 +70,8 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
                    image_type=args.image_type, image_size=args.image_size, positive_only=args.positive_only,
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
                    bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
-                   seed=args.seed, floor=not args.no_floor, output=args.output, skip_bad=args.skip_bad, **extra)
+                   seed=args.seed, floor=not args.no_floor and args.real_dir is not None, output=args.output,
+                   skip_bad=args.skip_bad, **extra)
 
 
 def run(opts: Options, strict: bool) -> int:

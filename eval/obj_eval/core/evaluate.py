@@ -28,7 +28,7 @@ DIVERSITY_CI = "bootstrap over samples (pairs formed among the drawn samples), n
 @dataclass
 class Options:
     synthetic_dir: str
-    real_dir: str
+    real_dir: str | None                  # None: diversity only, without the real-vs-real reference
     metrics: tuple[str, ...] = ALL_METRICS
     image_type: str = "bravo"
     image_size: int | None = None
@@ -75,12 +75,15 @@ def guarded(name: str, compute) -> dict:
         return unavailable(name, f"failed: {type(err).__name__}: {detail}")
 
 
-def load_sets(o: Options) -> tuple[EvalSet, EvalSet]:
+def load_sets(o: Options) -> tuple[EvalSet, EvalSet | None]:
     from eval.obj_eval.core.inputs import existing_folder, native_size
-    existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
+    if o.real_dir is not None:
+        existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
     size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
     synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir",
                      skip_bad=o.skip_bad)
+    if o.real_dir is None:
+        return synth, None
     real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir", skip_bad=o.skip_bad)
     if synth.images.shape[1] != real.images.shape[1]:
         raise UserError(f"--synthetic-dir has {synth.images.shape[1]}-channel images, --real-dir "
@@ -242,8 +245,9 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     t0 = time.perf_counter()
     device = M.device_of(o.device)
     synth, real = load_sets(o)
-    print(f"synthetic: {len(synth)} images from {synth.root}; real: {len(real)} images from {real.root}; "
-          f"{synth.images.shape[-1]} px, on {device}")
+    print(f"synthetic: {len(synth)} images from {synth.root}; "
+          + (f"real: {len(real)} images from {real.root}; " if real is not None else "no real set; ")
+          + f"{synth.images.shape[-1]} px, on {device}")
     wanted = set(o.metrics)
     lpips_net = None
     if "lpips" in wanted:
@@ -251,8 +255,9 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
             lpips_net = load_lpips(o.lpips_net, o.weights.get(o.lpips_net), o.weights_sha256.get(o.lpips_net))
         except UserError as err:
             lpips_net = str(err)
-    result = {"synthetic_dir": str(Path(o.synthetic_dir).resolve()), "real_dir": str(Path(o.real_dir).resolve()),
-              "n_synthetic": len(synth), "n_real": len(real), "image_size": int(synth.images.shape[-1]),
+    result = {"synthetic_dir": str(Path(o.synthetic_dir).resolve()),
+              "real_dir": str(Path(o.real_dir).resolve()) if real is not None else None,
+              "n_synthetic": len(synth), "n_real": len(real) if real is not None else 0, "image_size": int(synth.images.shape[-1]),
               "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed, "metrics": []}
     families = []
     if "fid" in wanted:
@@ -295,6 +300,6 @@ def write_outputs(result: dict, out_dir: Path) -> list[Path]:
     result = json.loads(paths[0].read_text())  # the report shows every metric the file now holds
     paths.append(atomic_write_text(out_dir / "report.md", markdown(result)))
     paths.append(plot_metrics(result, out_dir / "metrics.png"))
-    if sets is not None:
+    if sets is not None and sets[1] is not None:
         paths.append(plot_samples(*sets, out_dir / "samples.png"))
     return paths

@@ -10,12 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
 from eval.obj_eval.core.cli import add_fid_flags, add_input_flags, add_weight_flags, options, run  # noqa: E402
 from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_input_flags(p)
     add_fid_flags(p, many=False)
     add_weight_flags(p, ("network",))

@@ -11,17 +11,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
 from eval.obj_eval.core.cli import add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
 from Generation.TrainGen.core.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input_flags(p)
-    add_flag(p, "mode", default="quality", choices=("quality", "diversity"))
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    add_input_flags(p, real_required=False)
+    add_flag(p, "mode", default="quality", choices=("quality", "diversity"), help="quality: pairs; diversity: among samples")
     add_flag(p, "net", default="alex", choices=("alex", "vgg"), help="trunk (its torchvision weights file)")
     add_weight_flags(p, ("trunk",))
-    add_flag(p, "max-pairs", type=int, default=2000)
+    add_flag(p, "max-pairs", type=int, default=2000, help="diversity: pairs drawn at most")
     args = p.parse_args(argv)
     return run(options(args, "lpips", weights_kind=args.net, lpips_net=args.net, modes=(args.mode,),
                        max_pairs=args.max_pairs), strict=True)

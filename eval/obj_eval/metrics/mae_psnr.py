@@ -10,12 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
 from eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402
 from Generation.TrainGen.core.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_input_flags(p)
     add_flag(p, "data-range", type=float, default=1.0, help="value range of the images (1.0 for [0, 1])")
     args = p.parse_args(argv)

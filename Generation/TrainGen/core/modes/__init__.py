@@ -1,5 +1,5 @@
 """Modes: WHAT is generated. MODES maps a --mode name to its class; register your own the same way."""
-from Generation.TrainGen.core.modes.base import Mode
+from Generation.TrainGen.core.modes.base import Mode, TrainingMode
 from Generation.TrainGen.core.modes.masks import SegMode, SegmentMode
 from Generation.TrainGen.core.modes.images import BravoMode, ClassMode, DualMode
 
@@ -11,4 +11,4 @@ MODES: dict[str, type[Mode]] = {
     "segment": SegmentMode,
 }
 
-__all__ = ["MODES", "Mode"]
+__all__ = ["MODES", "Mode", "TrainingMode"]

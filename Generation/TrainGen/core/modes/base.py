@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-class Mode:
+class TrainingMode:
+    """The base class of every mode (the name the original research code documents); `Mode` is the same
+    class."""
     name = "base"
     image_folder = False              # True: reads class image folders instead of NIfTI subjects
     generated_roles: list[str] = []   # data roles that are generated (in channel order)
@@ -65,3 +67,6 @@ class Mode:
             v = ((x[:, i:i + 1] + 1) / 2).clamp(0, 1)
             out[role] = (v > 0.5).float() if role == "seg" else v
         return out
+
+
+Mode = TrainingMode

@@ -1,5 +1,5 @@
 """Strategies: HOW to diffuse. STRATEGIES maps a --strategy name to its class; register your own here."""
-from Generation.TrainGen.core.strategies.base import Strategy
+from Generation.TrainGen.core.strategies.base import DiffusionStrategy, Strategy
 from Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
 from Generation.TrainGen.core.strategies.rflow import RFlowStrategy
 
@@ -8,4 +8,4 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "rflow": RFlowStrategy,
 }
 
-__all__ = ["STRATEGIES", "Strategy"]
+__all__ = ["STRATEGIES", "DiffusionStrategy", "Strategy"]

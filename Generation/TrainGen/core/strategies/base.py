@@ -23,7 +23,9 @@ def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-class Strategy:
+class DiffusionStrategy:
+    """The base class of every strategy (the name the original research code documents); `Strategy` is the
+    same class."""
     name = "base"
     prediction = "epsilon"            # what the network predicts: epsilon, v, sample or velocity
     samplers: tuple[str, ...] = ()
@@ -73,3 +75,6 @@ class Strategy:
             raise UserError(f"sampler {sampler!r} does not fit strategy {self.name!r} "
                             f"(choose from {', '.join(self.samplers)})")
         return sampler
+
+
+Strategy = DiffusionStrategy
