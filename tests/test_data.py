@@ -130,7 +130,7 @@ def test_image_folder_channels_and_class_ids(tmp_path, mode, channels):
         for i in range(4):
             write_png(tmp_path / cls / f"{i}.png", mode)
     cfg = build_config({"mode": {"name": "class"}, "data": {"image_size": 8, "cache": False, "val_fraction": 0.25}})
-    data = load_split(cfg.data, tmp_path, "train", ["image"], None, image_folder=True)
+    data = load_split(cfg.data, tmp_path, "train", ["image"], None, kind="images")
     assert data.class_names == ["alpha", "mid", "zeta"]
     assert data.images.shape == (9, channels, 8, 8)
     assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -145,7 +145,7 @@ def test_image_folder_labels_csv(tmp_path):
     (tmp_path / "labels.csv").write_text("filename,label\n0.png,b\n1.png,a\n2.png,b\n3.png,a\n")
     cfg = build_config({"data": {"image_size": 8, "cache": False, "val_fraction": 0.0,
                                  "labels_csv": str(tmp_path / "labels.csv")}})
-    data = load_split(cfg.data, tmp_path / "flat", "train", ["image"], None, image_folder=True)
+    data = load_split(cfg.data, tmp_path / "flat", "train", ["image"], None, kind="images")
     truth = {"0.png": 1, "1.png": 0, "2.png": 1, "3.png": 0}
     assert data.class_names == ["a", "b"] and len(data) == 4
     assert all(truth[src.rsplit("/", 1)[1]] == lab for src, lab in zip(data.sources, data.labels.tolist()))

@@ -59,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
     add_flag(p, "max_attempts", type=int, default=20, help="masks drawn per sample before giving up")
     add_flag(p, "skip_bad", action="store_true", help="--masks_from: leave out subjects whose files fail the scan")
+    add_flag(p, "images_from", default=None, metavar="DIR",
+             help="segment these images with a segment-mode --image_model (NIfTI dataset, images/ + masks/ PNG "
+                  "folders, or a folder of images); with ground-truth masks, Dice and IoU are reported")
+    add_flag(p, "ensemble", type=int, default=None, help="--images_from: samples averaged per image "
+                                                         "(default: the model's mode.ensemble)")
     add_flag(p, "plugin", action="append", default=[], metavar="FILE.py",
              help="a Python file registering the strategies or modes the checkpoints were trained with")
     return p.parse_args(argv)
@@ -83,7 +88,9 @@ def build_job(args, rt):
         raise UserError(f"--image_model {image.path} is a seg model; pass it as --seg_model")
     mode = args.mode or (image.meta["mode"] if image else "seg")
     if mode not in GENERATED_MODES:
-        raise UserError(f"--mode {mode!r}: generate.py builds seg, bravo, dual or class datasets")
+        raise UserError(f"--mode {mode!r}: generate.py builds seg, bravo, dual or class datasets"
+                        + (" (a segment model segments images: --images_from DIR)"
+                           if image is not None and image.mode.segments_images else ""))
     if image is not None and image.meta["mode"] != mode:
         raise UserError(f"--mode {mode} contradicts --image_model {image.path}, which was trained for mode "
                         f"{image.meta['mode']!r}")
@@ -134,6 +141,32 @@ def build_job(args, rt):
     return job
 
 
+def segment_images(args, rt) -> int:
+    """--images_from: masks (+ mean and uncertainty) for new images with a segment-mode model."""
+    from Generation.TrainGen.core.generate import load_model
+    from Generation.TrainGen.core.segment_images import read_images, segment
+    if not args.image_model or args.seg_model:
+        raise UserError("--images_from needs --image_model RUN (a segment-mode model) and no --seg_model")
+    for flag in ("num_steps", "ensemble", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    model = load_model(args.image_model, "--image_model", rt.device, args.strategy, args.sampler, args.num_steps,
+                       args.compile)
+    if not model.mode.segments_images:
+        raise UserError(f"--image_model {model.path} was trained for mode {model.meta['mode']!r}, which does not "
+                        "segment images (train one with --mode segment)")
+    images = read_images(args.images_from, model, args.skip_bad)
+    ensemble = args.ensemble or model.cfg.mode.ensemble
+    rt.print(f"segmenting {len(images.sources)} images from {args.images_from} into {args.output_dir} "
+             f"({model.strategy.name}/{model.sampler}, {model.steps} steps, ensemble {ensemble})")
+    summary = segment(model, images, Path(args.output_dir), ensemble, args.batch_size, args.seed, rt.device,
+                      rt.autocast)
+    rt.print(f"{summary['images']} masks in {args.output_dir}"
+             + (f"; Dice {summary['dice_mean']:.4f}, IoU {summary['iou_mean']:.4f} (mean over images)"
+                if "dice_mean" in summary else "") + "; segmentation.md")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     load_plugins(args.plugin)
@@ -143,6 +176,8 @@ def main(argv=None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rt = init_runtime(RuntimeConfig(seed=args.seed, device=args.device, multi_gpu=distributed))
     try:
+        if args.images_from:
+            return segment_images(args, rt)
         job = build_job(args, rt)
         rt.print(f"{job.mode}: {job.num_images} samples into {job.output_dir} "
                  f"({job.main_model.strategy.name}/{job.main_model.sampler}, {job.main_model.steps} steps"

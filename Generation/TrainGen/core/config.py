@@ -22,7 +22,8 @@ from Generation.TrainGen.core.fileio import atomic_write_text
 @dataclass
 class DataConfig:
     data_dir: str | None = None          # None: the default root of paths.compute (locally the demo dataset)
-    format: Literal["auto", "nifti", "images"] = "auto"  # auto: image folders for mode=class, NIfTI otherwise
+    format: Literal["auto", "nifti", "images", "pairs"] = "auto"  # auto: image folders for mode=class; for
+                                         # segment, images/ + masks/ PNG folders when present; NIfTI otherwise
     layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
     modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
     mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1}, BraTS labels)

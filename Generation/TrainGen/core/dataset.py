@@ -138,9 +138,9 @@ def _build_nifti(subjects, layout, roles, pre, workers, desc) -> tuple[SliceData
 
 
 def load_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Path | None,
-               image_folder: bool = False, workers: int = 0) -> SliceData:
+               kind: str = "nifti", workers: int = 0) -> SliceData:
     """Preprocessed tensors of one split, from the cache when its key matches, else built and cached."""
-    return scan_split(data_cfg, root, split, roles, cache_dir, image_folder, workers, raise_fatal=True)[0]
+    return scan_split(data_cfg, root, split, roles, cache_dir, kind, workers, raise_fatal=True)[0]
 
 
 def load_folder(data_cfg, root: Path, roles: list[str], cache_dir: Path | None) -> SliceData:
@@ -155,11 +155,17 @@ def load_folder(data_cfg, root: Path, roles: list[str], cache_dir: Path | None) 
 
 
 def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Path | None,
-               image_folder: bool = False, workers: int = 0, raise_fatal: bool = False):
-    """Return (SliceData, problem lines, number of fatal problems). A fatal problem without data.skip_bad raises
+               kind: str = "nifti", workers: int = 0, raise_fatal: bool = False):
+    """Return (SliceData, problem lines, number of fatal problems) of a NIfTI dataset, a class image folder
+    (kind 'images') or image + mask PNG folders (kind 'pairs'). A fatal problem without data.skip_bad raises
     UserError when raise_fatal, else it is returned (for --check_data) and nothing is cached."""
     root = Path(root)
-    if image_folder:
+    if kind == "pairs":
+        splits, folder_problems = imagefolder.find_pair_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
+        files = [f for pair in splits.get(split, []) for f in pair if f is not None]
+        params = {"kind": "pairs", "size": data_cfg.image_size, "val": data_cfg.val_fraction,
+                  "seed": data_cfg.split_seed}
+    elif kind == "images":
         splits, classes, folder_problems = imagefolder.find_image_splits(
             root, data_cfg.labels_csv, data_cfg.val_fraction, data_cfg.split_seed, csv_columns(data_cfg))
         files = [f for f, _ in splits.get(split, [])]
@@ -189,7 +195,12 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
             return cached, cached.problems, 0
 
     desc = f"scanning {split} ({len(files)} files)"
-    if image_folder:
+    if kind == "pairs":
+        tensors, problems = imagefolder.load_pairs(splits[split], data_cfg.image_size)
+        problems = (folder_problems if split == next(iter(splits)) else []) + problems
+        data = SliceData(tensors["images"].half(), tensors["masks"], None, tensors["files"],
+                         [-1] * len(tensors["files"]), ["rgb"] if tensors["images"].shape[1] == 3 else ["grey"])
+    elif kind == "images":
         tensors, problems = imagefolder.load_images(splits[split], classes, data_cfg.image_size)
         problems = (folder_problems if split == next(iter(splits)) else []) + problems  # said once, not per split
         data = SliceData(tensors["images"].half(), None, tensors["labels"], tensors["files"],
@@ -225,13 +236,12 @@ def print_problems(lines: list[str]) -> None:
 class DataSource:
     root: Path
     roles: list[str]
-    image_folder: bool
+    kind: str                   # nifti | images (class folders) | pairs (image + mask PNG folders)
     cache_dir: Path | None
     demo: bool = False          # no data_dir was given: the embedded phantoms
 
     def split(self, data_cfg, split: str) -> SliceData:
-        return load_split(data_cfg, self.root, split, self.roles, self.cache_dir, self.image_folder,
-                          data_cfg.num_workers)
+        return load_split(data_cfg, self.root, split, self.roles, self.cache_dir, self.kind, data_cfg.num_workers)
 
 
 def data_source(cfg) -> DataSource:
@@ -243,21 +253,27 @@ def data_source(cfg) -> DataSource:
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.cache_root / "slices"
-    return DataSource(root, mode.roles(), image_folder, cache_dir if cfg.data.cache else None,
+    pairs = cfg.data.format == "pairs" or (cfg.data.format == "auto" and mode.segments_images
+                                           and imagefolder.is_pair_folder(root))
+    kind = "pairs" if pairs else "images" if image_folder else "nifti"
+    return DataSource(root, mode.roles(), kind, cache_dir if cfg.data.cache else None,
                       demo=not cfg.data.data_dir and paths.compute == "local")
 
 
 def check_data(cfg) -> int:
     """--check_data: scan every split in full; one line per problem; 1 if anything fatal (unless skip_bad)."""
     src = data_source(cfg)
-    splits = (imagefolder.find_image_splits(src.root, cfg.data.labels_csv, cfg.data.val_fraction, 0,
-                                            csv_columns(cfg.data))[0]
-              if src.image_folder else
-              nifti.find_splits(src.root, nifti.layout_from_config(cfg.data), cfg.data.val_fraction,
-                                cfg.data.split_seed))
+    if src.kind == "pairs":
+        splits = imagefolder.find_pair_splits(src.root, cfg.data.val_fraction, cfg.data.split_seed)[0]
+    elif src.kind == "images":
+        splits = imagefolder.find_image_splits(src.root, cfg.data.labels_csv, cfg.data.val_fraction, 0,
+                                               csv_columns(cfg.data))[0]
+    else:
+        splits = nifti.find_splits(src.root, nifti.layout_from_config(cfg.data), cfg.data.val_fraction,
+                                   cfg.data.split_seed)
     n_fatal, n_slices = 0, {}
     for split in splits:
-        data, lines, fatal = scan_split(cfg.data, src.root, split, src.roles, src.cache_dir, src.image_folder,
+        data, lines, fatal = scan_split(cfg.data, src.root, split, src.roles, src.cache_dir, src.kind,
                                         cfg.data.num_workers)
         print_problems(lines)
         n_fatal += fatal

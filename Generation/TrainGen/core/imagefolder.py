@@ -132,6 +132,18 @@ def read_image(path: Path) -> tuple[Image.Image | None, Problem | None]:
         return None, Problem(path, f"unreadable image ({str(err).splitlines()[0] if str(err) else 'corrupt'})")
 
 
+def image_tensor(img: Image.Image, rgb: bool, size: int, mask: bool = False) -> torch.Tensor:
+    """(C, size, size) in [0, 1]: centre-cropped to a square and resized (masks: {0, 1}, nearest)."""
+    if mask:
+        arr = (np.asarray(img.convert("L"), dtype=np.float32) > 0).astype(np.float32)
+    else:
+        arr = np.asarray(img.convert("RGB" if rgb else "F" if img.mode in ("I", "I;16", "F") else "L"),
+                         dtype=np.float32)
+        arr = arr / max(float(arr.max()), 1.0) if img.mode in ("I", "I;16", "F") else arr / 255.0
+    t = torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)[None]
+    return fit_square(t, size, min(t.shape[-2:]), "nearest" if mask else "bilinear").clamp_(0, 1)[0]
+
+
 def load_images(items: list[tuple[Path, str]], classes: list[str], size: int) -> tuple[dict, list[Problem]]:
     """Decode, check and preprocess a list of images into {'images': (N,C,H,W) float32, 'labels': (N,)}."""
     decoded, problems = [], []
@@ -142,17 +154,76 @@ def load_images(items: list[tuple[Path, str]], classes: list[str], size: int) ->
         else:
             decoded.append((img, classes.index(name), path))
     rgb = any(img.mode not in GREY_MODES for img, _, _ in decoded)
-    tensors = []
-    for img, _, path in decoded:
-        arr = np.asarray(img.convert("RGB" if rgb else "F" if img.mode in ("I", "I;16", "F") else "L"),
-                         dtype=np.float32)
-        if img.mode in ("I", "I;16", "F"):
-            arr = arr / max(float(arr.max()), 1.0)
-        else:
-            arr = arr / 255.0
-        t = torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)[None]
-        tensors.append(fit_square(t, size, min(t.shape[-2:]), "bilinear").clamp_(0, 1)[0])
+    tensors = [image_tensor(img, rgb, size) for img, _, _ in decoded]
     out = {"images": torch.stack(tensors) if tensors else torch.zeros(0, 3 if rgb else 1, size, size),
            "labels": torch.tensor([c for _, c, _ in decoded], dtype=torch.long),
            "files": [str(p) for _, _, p in decoded]}
     return out, problems
+
+
+# ---------------------------------------------------------------- image + mask pairs (segment mode)
+PAIR_DIRS = ("images", "masks")   # root/images/NAME.png with root/masks/NAME.png (any image suffix each)
+
+
+def is_pair_folder(root: Path) -> bool:
+    root = Path(root)
+    return (root / "images").is_dir() or (root / "train" / "images").is_dir()
+
+
+def pairs_in(folder: Path, need_masks: bool = True) -> tuple[list[tuple[Path, Path | None]], list[Problem]]:
+    """[(image, its mask or None)] of folder/images and folder/masks, matched by file stem."""
+    if not (folder / "images").is_dir():
+        raise UserError(f"{folder}: no images/ folder (expected {folder}/images/*.png and {folder}/masks/*.png)")
+    masks = {p.stem: p for p in _images_in(folder / "masks")} if (folder / "masks").is_dir() else {}
+    items, problems = [], []
+    for image in _images_in(folder / "images"):
+        if image.stem not in masks and need_masks:
+            problems.append(Problem(image, f"no mask masks/{image.stem}.png for this image"))
+            continue
+        items.append((image, masks.get(image.stem)))
+    if not items and not problems:
+        raise UserError(f"{folder / 'images'}: no images found")
+    return items, problems
+
+
+def find_pair_splits(root: Path, val_fraction: float, seed: int):
+    """({split: [(image, mask)]}, problems) from root/{train,val,test}/{images,masks}/ or a flat root/ split by
+    a seeded shuffle."""
+    root = Path(root)
+    if (root / "train" / "images").is_dir():
+        splits, problems = {}, []
+        for s in ("train", "val", "test"):
+            if (root / s / "images").is_dir():
+                splits[s], p = pairs_in(root / s)
+                problems += p
+        return splits, problems
+    items, problems = pairs_in(root)
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = int(round(len(items) * val_fraction)) if len(items) > 1 else 0
+    return {"train": [items[i] for i in sorted(order[n_val:])], "val": [items[i] for i in sorted(order[:n_val])]}, \
+        problems
+
+
+def load_pairs(items: list[tuple[Path, Path | None]], size: int) -> tuple[dict, list[Problem]]:
+    """{'images': (N, C, H, W), 'masks': (N, 1, H, W) or None when no item has one, 'files'}; an image and its
+    mask must have the same size."""
+    decoded, problems = [], []
+    for image_path, mask_path in items:
+        img, problem = read_image(image_path)
+        mask = None
+        if problem is None and mask_path is not None:
+            mask, problem = read_image(mask_path)
+            if problem is None and mask.size != img.size:
+                problem = Problem(mask_path, f"mask is {mask.size[0]}x{mask.size[1]} px, its image "
+                                             f"{img.size[0]}x{img.size[1]} px")
+        if problem:
+            problems.append(problem)
+        else:
+            decoded.append((img, mask, image_path))
+    rgb = any(img.mode not in GREY_MODES for img, _, _ in decoded)
+    images = [image_tensor(img, rgb, size) for img, _, _ in decoded]
+    has_masks = bool(decoded) and all(m is not None for _, m, _ in decoded)
+    masks = [image_tensor(m, False, size, mask=True) for _, m, _ in decoded] if has_masks else None
+    return {"images": torch.stack(images) if images else torch.zeros(0, 3 if rgb else 1, size, size),
+            "masks": (torch.stack(masks).to(torch.uint8) if masks else None),
+            "files": [str(p) for _, _, p in decoded]}, problems

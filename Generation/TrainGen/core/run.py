@@ -19,6 +19,7 @@ from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
 from Generation.TrainGen.core.sampling import sample
+from Generation.TrainGen.core.segment_images import dice_iou
 from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer
 
 # sections a resumed run must share with its checkpoint
@@ -74,13 +75,6 @@ def resolve_run_dir(cfg, rt) -> Path:
     return paths.output_root / name(stamp[0])
 
 
-def _dice_iou(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
-    inter = (pred * true).sum().item()
-    total = pred.sum().item() + true.sum().item()
-    union = total - inter
-    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
-
-
 @torch.no_grad()
 def validate(tr) -> bool:
     """Runs on every rank (no rank waits alone in a collective). Returns True when this is the best so far."""
@@ -110,7 +104,7 @@ def validate(tr) -> bool:
     outputs = tr.mode.outputs(x)
     scalars = {"val/loss": val_loss}
     if tr.mode.name == "segment":
-        dice, iou = _dice_iou(outputs["seg"], batch["masks"])
+        dice, iou = dice_iou(outputs["seg"], batch["masks"])
         scalars.update({"val/dice": dice, "val/iou": iou})
         score, better = dice, (lambda new, old: new > old)
     else:

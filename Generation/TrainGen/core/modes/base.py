@@ -17,6 +17,7 @@ class TrainingMode:
     image_folder = False              # True: reads class image folders instead of NIfTI subjects
     generated_roles: list[str] = []   # data roles that are generated (in channel order)
     condition_roles: list[str] = []   # data roles concatenated as conditioning channels
+    segments_images = False           # True: a mask given an image; generate.py --images_from applies it
 
     def __init__(self, cfg, num_classes: int | None = None, image_channels: int | None = None):
         self.cfg = cfg

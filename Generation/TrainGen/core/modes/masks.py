@@ -11,10 +11,19 @@ class SegMode(Mode):
 
 
 class SegmentMode(Mode):
-    """Diffusion segmentation: a mask generated given the image (mode.image_key, default bravo)."""
+    """Diffusion segmentation: a mask generated given the image: the NIfTI modality mode.image_key (default
+    bravo), or every channel of an image+mask PNG dataset (grey or RGB)."""
     name = "segment"
     generated_roles = ["seg"]
+    segments_images = True            # generate.py --images_from: masks for new images with this model
 
     @property
     def condition_roles(self) -> list[str]:
         return [self.cfg.mode.image_key]
+
+    @property
+    def in_channels(self) -> int:
+        return self.out_channels + (self.image_channels or 1)
+
+    def split(self, batch: dict, train: bool = False, generator=None):
+        return batch["masks"] * 2 - 1, {"concat": batch["images"] * 2 - 1}

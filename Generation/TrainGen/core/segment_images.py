@@ -1,0 +1,169 @@
+"""Masks for new images with a trained mask-given-image model (segment mode): generate.py --images_from DIR.
+
+Each image gets `ensemble` samples, each from its own seed (seed, index, member), so a mask does not depend
+on the batch or on an interruption. Written per image: the ensemble mean thresholded at 0.5 (the mask), the
+mean itself (a soft mask) and the standard deviation over the members (an uncertainty map). When DIR has
+ground-truth masks, Dice and IoU per image go into the manifest and the overall figures into
+segmentation.json and segmentation.md. Inputs: a NIfTI dataset (slices of mode.image_key, with seg files
+when present, preprocessed as the model's training data), DIR/images/ (+ DIR/masks/) PNG folders, or a flat
+folder of images. Every image's files are written atomically, then its row: a re-run continues.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+from Generation.TrainGen.core import data as nifti
+from Generation.TrainGen.core import imagefolder
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text, remove_stale_tmp
+from Generation.TrainGen.core.sampling import sample
+
+ROWS_DIR = ".rows"
+SETTINGS = "segmentation_settings.json"
+FIELDS = ("index", "source", "seed", "ensemble", "sampler", "steps", "checkpoint_sha256", "mask_area", "dice", "iou",
+          "files")
+
+
+def dice_iou(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
+    """Dice and IoU of two {0, 1} masks (1 and 1 when both are empty)."""
+    inter = float((pred * true).sum())
+    total = float(pred.sum() + true.sum())
+    union = total - inter
+    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor            # (N, C, H, W) in [0, 1]
+    masks: torch.Tensor | None      # (N, 1, H, W) {0, 1} ground truth, when the folder has it
+    sources: list[str]             # '<subject>#slice<k>' or the image file
+    nifti: bool
+
+
+def read_images(directory: str, model, skip_bad: bool = False) -> ImageSet:
+    """The images of DIR preprocessed as the model's training data (its size; NIfTI: its layout and crop)."""
+    from config.paths import PathConfig
+    from Generation.TrainGen.core.dataset import load_folder
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"--images_from {root}: folder does not exist")
+    size = model.cfg.data.image_size
+    if any(p.name.endswith(nifti.NIFTI_SUFFIXES) for p in root.rglob("*.nii*")):
+        cfg = replace(model.cfg.data, data_dir=str(root), positive_only=False, format="nifti", skip_bad=skip_bad,
+                      val_fraction=0.0)
+        layout = nifti.layout_from_config(cfg)
+        subjects = [s for split in nifti.find_splits(root, layout, 0.0, 0).values() for s in split]
+        with_masks = all(nifti.subject_files(s, layout, ["seg"])[0] for s in subjects)
+        key = model.cfg.mode.image_key
+        cache = PathConfig.from_compute("local").cache_root / "slices" if cfg.cache else None
+        data = load_folder(cfg, root, [key, "seg"] if with_masks else [key], cache)
+        return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True)
+    if (root / "images").is_dir():
+        items, problems = imagefolder.pairs_in(root, need_masks=False)
+    else:
+        items, problems = [(p, None) for p in sorted(root.iterdir()) if p.suffix.lower() in
+                           imagefolder.IMAGE_SUFFIXES], []
+        if not items:
+            raise UserError(f"--images_from {root}: no NIfTI files, images/ folder or images found")
+    tensors, bad = imagefolder.load_pairs(items, size)
+    problems += bad
+    if problems and not skip_bad:
+        raise UserError(f"{len(problems)} problem(s) in {root} (use --skip_bad to leave those images out):\n  "
+                        + "\n  ".join(map(str, problems)))
+    masks = tensors["masks"].float() if tensors["masks"] is not None else None
+    return ImageSet(tensors["images"].float(), masks, tensors["files"], False)
+
+
+def _files(images: ImageSet, index: int, root: Path) -> dict[str, str]:
+    if images.nifti:
+        sid = f"sample_{index:06d}"
+        return {k: f"{sid}/{k}.nii.gz" for k in ("seg", "seg_mean", "seg_std")}
+    stem = Path(images.sources[index]).stem
+    return {"seg": f"masks/{stem}.png", "seg_mean": f"mean/{stem}.png", "seg_std": f"uncertainty/{stem}.png"}
+
+
+def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool) -> None:
+    from Generation.TrainGen.core.generate import nifti_bytes, png_bytes
+    data = nifti_bytes(array[0], is_mask) if rel.endswith(".nii.gz") else png_bytes(array)
+    atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
+            autocast=None) -> dict:
+    """Segment every image not yet done; then write the manifest and the summary. Returns the summary."""
+    from Generation.TrainGen.core.generate import IMAGE_STREAM, sample_seed
+    if images.images.shape[1] != (model.meta.get("image_channels") or 1):
+        raise UserError(f"--images_from has {images.images.shape[1]}-channel images; the model was trained on "
+                        f"{model.meta.get('image_channels')}-channel ones")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out, older_than_s=600)
+    settings = {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps, "ensemble": ensemble,
+                "seed": seed, "sources": len(images.sources)}
+    if (out / SETTINGS).is_file() and json.loads((out / SETTINGS).read_text()) != settings:
+        raise UserError(f"--output_dir {out} holds masks made with other settings; use a new --output_dir")
+    atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
+    todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{i:06d}.json").is_file()]
+    size = images.images.shape[-1]
+    for start in tqdm(range(0, len(todo), batch_size), desc="segmenting", unit="batch", disable=not todo):
+        idx = todo[start:start + batch_size]
+        cond = {"concat": images.images[idx].to(device) * 2 - 1}
+        members = []
+        for e in range(ensemble):
+            gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, IMAGE_STREAM, e)) for i in idx]
+            noise = torch.stack([torch.randn(1, size, size, generator=g, device=device) for g in gens])
+            x = sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, 1.0, gens,
+                       autocast)
+            members.append(((x[:, :1].float() + 1) / 2).clamp(0, 1).cpu())
+        stack = torch.stack(members)
+        mean, std = stack.mean(0), stack.std(0, unbiased=False)
+        for k, i in enumerate(idx):
+            mask = (mean[k] > 0.5).float()
+            files = _files(images, i, out)
+            _write(out, files["seg"], mask.numpy(), True)
+            _write(out, files["seg_mean"], mean[k].numpy(), False)
+            _write(out, files["seg_std"], (2 * std[k]).clamp(0, 1).numpy(), False)  # std <= 0.5: scaled to [0, 1]
+            row = {"index": i, "source": images.sources[i], "seed": seed, "ensemble": ensemble,
+                   "sampler": model.sampler, "steps": model.steps, "checkpoint_sha256": model.sha256,
+                   "mask_area": float(mask.mean()), "dice": "", "iou": "", "files": ";".join(files.values())}
+            if images.masks is not None:
+                row["dice"], row["iou"] = dice_iou(mask, images.masks[i])
+            atomic_write_text(out / ROWS_DIR / f"{i:06d}.json", json.dumps(row))
+    return write_summary(out, images.masks is not None, len(todo))
+
+
+def write_summary(out: Path, with_truth: bool, made: int) -> dict:
+    rows = sorted((json.loads(p.read_text()) for p in (out / ROWS_DIR).glob("*.json")), key=lambda r: r["index"])
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(out / "manifest.csv", write_csv)
+    summary = {"images": len(rows), "segmented_now": made, "ensemble": rows[0]["ensemble"] if rows else None}
+    if with_truth and rows:
+        dice = np.array([r["dice"] for r in rows], np.float64)
+        iou = np.array([r["iou"] for r in rows], np.float64)
+        summary.update({"dice_mean": float(dice.mean()), "dice_std": float(dice.std()), "iou_mean": float(iou.mean()),
+                        "iou_std": float(iou.std()),
+                        "worst": [{"source": r["source"], "dice": r["dice"]}
+                                  for r in sorted(rows, key=lambda r: r["dice"])[:10]]})
+    atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=2))
+    lines = [f"# Segmentation of {len(rows)} images", ""]
+    if "dice_mean" in summary:
+        lines += [tabulate([["Dice", f"{summary['dice_mean']:.4f}", f"{summary['dice_std']:.4f}", len(rows)],
+                            ["IoU", f"{summary['iou_mean']:.4f}", f"{summary['iou_std']:.4f}", len(rows)]],
+                           headers=["metric", "mean over images", "std", "N"], tablefmt="github"), "",
+                  "Lowest Dice: " + ", ".join(f"{w['source']} ({w['dice']:.3f})" for w in summary["worst"])]
+    else:
+        lines.append("No ground-truth masks in the input folder: masks, mean and uncertainty maps only.")
+    atomic_write_text(out / "segmentation.md", "\n".join(lines) + "\n")
+    return summary
