@@ -7,6 +7,8 @@ cluster  every root comes from the environment (set them in your ~/.bashrc or th
          MEDGEN_DATA_ROOT    folder holding the datasets (required)
          MEDGEN_OUTPUT_ROOT  folder for run folders and generated datasets (required)
          MEDGEN_CACHE        slice cache (default: $MEDGEN_OUTPUT_ROOT/.cache)
+auto     cluster when MEDGEN_DATA_ROOT and MEDGEN_OUTPUT_ROOT are set, else local: what generate.py and the
+         evaluation scripts use (--compute), so that their caches land where training's do.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 from Generation.TrainGen.core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COMPUTE_CHOICES = ("local", "cluster")
+COMPUTE_CHOICES = ("local", "cluster", "auto")
+CLUSTER_VARS = ("MEDGEN_DATA_ROOT", "MEDGEN_OUTPUT_ROOT")
 
 
 @dataclass(frozen=True)
@@ -32,15 +35,17 @@ class PathConfig:
         env = os.environ if env is None else env
         if compute not in COMPUTE_CHOICES:
             raise UserError(f"--compute must be one of {', '.join(COMPUTE_CHOICES)}, got {compute!r}")
+        if compute == "auto":
+            compute = "cluster" if all(env.get(k) for k in CLUSTER_VARS) else "local"
         if compute == "local":
-            cache = Path(env.get("MEDGEN_CACHE", REPO_ROOT / ".cache"))
+            cache = Path(env.get("MEDGEN_CACHE") or REPO_ROOT / ".cache")   # an empty variable counts as unset
             return cls(compute, cache / "demo" / "brain", REPO_ROOT / "runs", cache)
-        missing = [k for k in ("MEDGEN_DATA_ROOT", "MEDGEN_OUTPUT_ROOT") if not env.get(k)]
+        missing = [k for k in CLUSTER_VARS if not env.get(k)]
         if missing:
             raise UserError(f"--compute cluster needs the environment variable(s) {', '.join(missing)} "
                             "(data and output roots on the cluster; see config/paths.py)")
         out = Path(env["MEDGEN_OUTPUT_ROOT"])
-        return cls(compute, Path(env["MEDGEN_DATA_ROOT"]), out, Path(env.get("MEDGEN_CACHE", out / ".cache")))
+        return cls(compute, Path(env["MEDGEN_DATA_ROOT"]), out, Path(env.get("MEDGEN_CACHE") or out / ".cache"))
 
     @property
     def demo_root(self) -> Path:

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "folders, or a folder of images); with ground-truth masks, Dice and IoU are reported")
     add_flag(p, "ensemble", type=int, default=None, help="--images_from: samples averaged per image "
                                                          "(default: the model's mode.ensemble)")
+    add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"),
+             help="where the slice cache lives (config/paths.py); auto: cluster when MEDGEN_DATA_ROOT and "
+                  "MEDGEN_OUTPUT_ROOT are set")
     add_flag(p, "plugin", action="append", default=[], metavar="FILE.py",
              help="a Python file registering the strategies or modes the checkpoints were trained with")
     return p.parse_args(argv)
@@ -123,7 +126,8 @@ def build_job(args, rt):
               max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
               progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast)
     if args.masks_from:
-        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image, skip_bad=args.skip_bad)
+        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image, skip_bad=args.skip_bad,
+                                                           compute=args.compute)
         job.masks_from = str(Path(args.masks_from).resolve())
         job.num_images = args.num_images or len(job.real_sources)
     if mode == "class":
@@ -155,7 +159,7 @@ def segment_images(args, rt) -> int:
     if not model.mode.segments_images:
         raise UserError(f"--image_model {model.path} was trained for mode {model.meta['mode']!r}, which does not "
                         "segment images (train one with --mode segment)")
-    images = read_images(args.images_from, model, args.skip_bad)
+    images = read_images(args.images_from, model, args.skip_bad, args.compute)
     ensemble = args.ensemble or model.cfg.mode.ensemble
     rt.print(f"segmenting {len(images.sources)} images from {args.images_from} into {args.output_dir} "
              f"({model.strategy.name}/{model.sampler}, {model.steps} steps, ensemble {ensemble})")

@@ -28,7 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     cfg = config_from_args(args)
     if args.check_data:
-        return check_data(cfg)
+        return check_data(cfg, every_modality=args.mode is None)
     from Generation.TrainGen.core.run import train
     return train(cfg)
 

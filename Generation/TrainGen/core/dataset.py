@@ -260,9 +260,32 @@ def data_source(cfg) -> DataSource:
                       demo=not cfg.data.data_dir and paths.compute == "local")
 
 
-def check_data(cfg) -> int:
-    """--check_data: scan every split in full; one line per problem; 1 if anything fatal (unless skip_bad)."""
+def check_every_modality(cfg, src: DataSource) -> int:
+    """--check_data without --mode on NIfTI data: every modality the layout names that a subject has is read
+    in full and checked (a NaN in t1_pre is found even when no mode reads it). 1 if anything is fatal."""
+    layout = nifti.layout_from_config(cfg.data)
+    splits = nifti.find_splits(src.root, layout, cfg.data.val_fraction, cfg.data.split_seed)
+    subjects = [s for split in splits.values() for s in split]
+    n_fatal, seen = 0, set()
+    for subject in tqdm(subjects, desc="checking", leave=False, disable=len(subjects) < 20):
+        roles = [r for r in layout.patterns if nifti.subject_files(subject, layout, [r])[0]]
+        seen.update(roles)
+        problems = nifti.load_subject(subject, layout, roles)[1]
+        print_problems([("" if p.fatal else "warning: ") + str(p) for p in problems])
+        n_fatal += sum(p.fatal for p in problems)
+    if n_fatal and not cfg.data.skip_bad:
+        print(f"{src.root}: {n_fatal} problem(s) found in {len(subjects)} subjects", file=sys.stderr)
+        return 1
+    print(f"{src.root}: OK ({len(subjects)} subjects; modalities {', '.join(r for r in layout.patterns if r in seen)})")
+    return 0
+
+
+def check_data(cfg, every_modality: bool = False) -> int:
+    """--check_data: scan every split in full; one line per problem; 1 if anything fatal (unless skip_bad).
+    every_modality (no --mode given): on NIfTI data, check every modality present, not only the mode's."""
     src = data_source(cfg)
+    if every_modality and src.kind == "nifti":
+        return check_every_modality(cfg, src)
     if src.kind == "pairs":
         splits = imagefolder.find_pair_splits(src.root, cfg.data.val_fraction, cfg.data.split_seed)[0]
     elif src.kind == "images":

@@ -259,8 +259,8 @@ def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
     return plan
 
 
-def load_real_masks(directory: str, model: Model, positive_only: bool = True,
-                    skip_bad: bool = False) -> tuple[torch.Tensor, list[str]]:
+def load_real_masks(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
+                    compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
     """Masks of every split of a NIfTI dataset, preprocessed as the image model's training data (its size,
     crop and layout), ordered by (subject, slice). Slices without mask voxels are left out unless
     positive_only is False."""
@@ -268,7 +268,7 @@ def load_real_masks(directory: str, model: Model, positive_only: bool = True,
     from Generation.TrainGen.core.dataset import load_folder
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
                        skip_bad=skip_bad)
-    cache = PathConfig.from_compute("local").cache_root / "slices" if data_cfg.cache else None
+    cache = PathConfig.from_compute(compute).cache_root / "slices" if data_cfg.cache else None
     data = load_folder(data_cfg, Path(directory), ["seg"], cache)
     if len(data) == 0:
         raise UserError(f"--masks_from {directory}: no usable mask slices")

@@ -48,7 +48,7 @@ class ImageSet:
     nifti: bool
 
 
-def read_images(directory: str, model, skip_bad: bool = False) -> ImageSet:
+def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
     """The images of DIR preprocessed as the model's training data (its size; NIfTI: its layout and crop)."""
     from config.paths import PathConfig
     from Generation.TrainGen.core.dataset import load_folder
@@ -63,7 +63,7 @@ def read_images(directory: str, model, skip_bad: bool = False) -> ImageSet:
         subjects = [s for split in nifti.find_splits(root, layout, 0.0, 0).values() for s in split]
         with_masks = all(nifti.subject_files(s, layout, ["seg"])[0] for s in subjects)
         key = model.cfg.mode.image_key
-        cache = PathConfig.from_compute("local").cache_root / "slices" if cfg.cache else None
+        cache = PathConfig.from_compute(compute).cache_root / "slices" if cfg.cache else None
         data = load_folder(cfg, root, [key, "seg"] if with_masks else [key], cache)
         return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True)
     if (root / "images").is_dir():

@@ -28,6 +28,9 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
                                                            "(default: <synthetic-dir>/eval)")
     add_flag(p, "no-floor", action="store_true", help="skip the real-vs-real reference")
     add_flag(p, "skip-bad", action="store_true", help="NIfTI sets: leave out subjects whose files fail the scan")
+    add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"),
+             help="where the caches live (config/paths.py); auto: cluster when MEDGEN_DATA_ROOT and "
+                  "MEDGEN_OUTPUT_ROOT are set")
 
 
 def add_fid_flags(p, many: bool) -> None:
@@ -71,7 +74,7 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
                    bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
                    seed=args.seed, floor=not args.no_floor and args.real_dir is not None, output=args.output,
-                   skip_bad=args.skip_bad, **extra)
+                   skip_bad=args.skip_bad, compute=args.compute, **extra)
 
 
 def run(opts: Options, strict: bool) -> int:

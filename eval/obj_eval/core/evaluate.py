@@ -48,6 +48,7 @@ class Options:
     floor: bool = True
     output: str | None = None
     skip_bad: bool = False                # NIfTI sets: leave out subjects whose files fail the scan
+    compute: str = "auto"                 # where the caches live (config/paths.py)
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -81,10 +82,11 @@ def load_sets(o: Options) -> tuple[EvalSet, EvalSet | None]:
         existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
     size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
     synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir",
-                     skip_bad=o.skip_bad)
+                     skip_bad=o.skip_bad, compute=o.compute)
     if o.real_dir is None:
         return synth, None
-    real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir", skip_bad=o.skip_bad)
+    real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir", skip_bad=o.skip_bad,
+                    compute=o.compute)
     if synth.images.shape[1] != real.images.shape[1]:
         raise UserError(f"--synthetic-dir has {synth.images.shape[1]}-channel images, --real-dir "
                         f"{real.images.shape[1]}-channel ones")
@@ -121,7 +123,7 @@ def read_feature_cache(path: Path, n: int) -> np.ndarray | None:
 
 def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net, digest: str) -> dict:
     name = f"fid_{kind}"
-    cache = PathConfig.from_compute("local").cache_root / "fid_features"
+    cache = PathConfig.from_compute(o.compute).cache_root / "fid_features"
     key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
     real_f = read_feature_cache(key, len(real))
     if real_f is None:

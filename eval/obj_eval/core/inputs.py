@@ -4,7 +4,9 @@ way) and image folders, as tensors in [0, 1], with the keys that pair synthetic 
 Pairing (for MAE, PSNR and the quality modes of LPIPS and MS-SSIM):
   * by conditioning mask: a generate.py manifest records, for --masks_from runs, the real slice each sample
     was conditioned on ('<subject folder>#slice<k>'), which is matched against the real set's slices;
-  * else by sample id: the same subject folder name and slice index (or the same relative image path).
+  * else by sample id: the same subject folder name and slice index (or the same relative image path, so
+    same-named files of two flat image folders pair up).
+A flat folder of images (real/0001.png ...) is an unlabelled set.
 Without a match these metrics report that no pairs exist; pairs are never invented.
 """
 from __future__ import annotations
@@ -55,6 +57,17 @@ def existing_folder(root, what: str) -> Path:
     return root
 
 
+def flat_images(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES)
+
+
+def is_flat_image_folder(root: Path) -> bool:
+    """Images directly in root and no class sub-folder holding any (a generated class folder keeps its previews
+    at the top beside the class folders: that is not a flat folder)."""
+    subfolders = [d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(flat_images(root)) and not any(flat_images(d) for d in subfolders)
+
+
 def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     """The in-plane size of a dataset's first image (the evaluation resolution when none is given): its first
     NIfTI file, or for an image folder the first image inside a class folder (previews at the top are not data)."""
@@ -62,8 +75,9 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     if is_nifti_dataset(root):
         sizes = [max(nib.load(str(p)).shape[:2]) for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
     else:
-        sizes = [max(Image.open(p).size) for p in sorted(root.rglob("*"))
-                 if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
+        files = flat_images(root) if is_flat_image_folder(root) else \
+            [p for p in sorted(root.rglob("*")) if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
+        sizes = [max(Image.open(p).size) for p in files]
     if not sizes:
         raise UserError(f"{root}: no NIfTI or image files found")
     if len(set(sizes)) > 1:
@@ -83,23 +97,27 @@ def manifest_conditions(root: Path) -> dict[str, str]:
 
 def load_set(root, image_type: str = "bravo", size: int | None = None, positive_only: bool = False,
              layout: str = "original", crop_size: int | None = None, what: str = "--real-dir",
-             skip_bad: bool = False) -> EvalSet:
+             skip_bad: bool = False, compute: str = "auto") -> EvalSet:
     """A whole folder (every split) as an EvalSet at `size` px."""
     root = existing_folder(root, what)
     size = size or native_size(root, what)
     if not is_nifti_dataset(root):
-        splits, classes, _ = imagefolder.find_image_splits(root, None, 0.0, 0)
-        items = [it for s in splits.values() for it in s]
+        flat = is_flat_image_folder(root)
+        if flat:   # unlabelled: no classes, no conditioning groups; same file names pair up
+            items, classes = [(p, "") for p in flat_images(root)], [""]
+        else:
+            splits, classes, _ = imagefolder.find_image_splits(root, None, 0.0, 0)
+            items = [it for s in splits.values() for it in s]
         tensors, bad = imagefolder.load_images(items, classes, size)
         if bad:
             raise UserError(f"{what} {root}: {bad[0]}")
         files = [Path(f) for f in tensors["files"]]
         ids = [str(f.resolve().relative_to(root.resolve())) for f in files]
         return EvalSet(root, "images", tensors["images"].float(), ids, [str(f.resolve()) for f in files],
-                       [classes[i] for i in tensors["labels"].tolist()])
+                       [] if flat else [classes[i] for i in tensors["labels"].tolist()])
     cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
                      positive_only=positive_only, val_fraction=0.0, format="nifti", skip_bad=skip_bad)
-    cache = PathConfig.from_compute("local").cache_root / "slices"
+    cache = PathConfig.from_compute(compute).cache_root / "slices"
     data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
     if len(data) == 0:
         raise UserError(f"{what} {root}: no slices to evaluate")
