@@ -30,9 +30,9 @@ from Generation.TrainGen.core.checkpoint import safe_load
 from Generation.TrainGen.core.errors import UserError
 
 RADIMAGENET_FILE = "radimagenet_resnet50.pt"
-RADIMAGENET_SOURCE = ("RadImageNet-ResNet50_notop.pth, the PyTorch port of the official Keras weights "
-                      "(github.com/Warvito/radimagenet-models, the file MONAI Generative's perceptual loss uses), "
-                      "or a torchvision-layout ResNet-50 port; saved under this name")
+RADIMAGENET_SOURCE = ("github.com/Warvito/radimagenet-models (its RadImageNet-ResNet50_notop.pth: the PyTorch port "
+                      "of the official Keras weights that MONAI Generative's perceptual loss uses; a torchvision-"
+                      "layout ResNet-50 port loads too)")
 BGR_MEAN = (0.406, 0.456, 0.485)
 
 
