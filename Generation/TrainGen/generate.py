@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_job(args, rt):
-    from Generation.TrainGen.core.generate import GENERATED_MODES, Job, MaskFilter, load_model, load_real_masks, \
+    from Generation.TrainGen.core.generate import Job, MaskFilter, load_model, load_real_conditions, \
         parse_class_counts, split_work
     for flag in ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -87,50 +87,60 @@ def build_job(args, rt):
     load = lambda path, flag, sampler, steps: load_model(path, flag, rt.device, args.strategy,  # noqa: E731
                                                          sampler, steps, args.compile)
     image = load(args.image_model, "--image_model", args.sampler, args.num_steps) if args.image_model else None
-    if image is not None and image.meta["mode"] == "seg":
+    if image is not None and image.mode.makes_masks:
         raise UserError(f"--image_model {image.path} is a seg model; pass it as --seg_model")
-    mode = args.mode or (image.meta["mode"] if image else "seg")
-    if mode not in GENERATED_MODES:
-        raise UserError(f"--mode {mode!r}: generate.py builds seg, bravo, dual or class datasets"
-                        + (" (a segment model segments images: --images_from DIR)"
-                           if image is not None and image.mode.segments_images else ""))
-    if image is not None and image.meta["mode"] != mode:
-        raise UserError(f"--mode {mode} contradicts --image_model {image.path}, which was trained for mode "
+    if image is not None and image.mode.needs == "image":
+        raise UserError(f"--image_model {image.path} segments images (mode {image.meta['mode']!r}): give the images "
+                        "with --images_from DIR")
+    if image is not None and args.mode and args.mode != image.meta["mode"]:
+        raise UserError(f"--mode {args.mode} contradicts --image_model {image.path}, which was trained for mode "
                         f"{image.meta['mode']!r}")
-    if mode != "seg" and image is None:
-        raise UserError(f"--mode {mode} needs --image_model RUN")
+    if args.mode and image is None and args.seg_model is None:
+        raise UserError(f"--mode {args.mode} needs --image_model RUN")
     seg = None
-    if args.seg_model and mode != "class":
-        chained = mode != "seg"
+    if args.seg_model:
+        if image is not None and image.mode.needs != "mask":
+            raise UserError(f"--seg_model supplies masks to mask-conditioned models; --image_model {image.path} "
+                            f"(mode {image.meta['mode']!r}) is conditioned on {image.mode.needs or 'nothing'}")
+        chained = image is not None
         seg = load(args.seg_model, "--seg_model", args.seg_sampler if chained else args.sampler,
                    args.seg_num_steps if chained else args.num_steps)
-        if seg.meta["mode"] != "seg":
-            raise UserError(f"--seg_model {seg.path} was trained for mode {seg.meta['mode']!r}, not seg")
-    if mode in ("bravo", "dual") and seg is None and not args.masks_from:
-        raise UserError(f"--mode {mode} needs masks: --seg_model RUN (generated) or --masks_from DIR (real)")
-    if args.masks_from and mode not in ("bravo", "dual"):
-        raise UserError("--masks_from conditions bravo or dual images on real masks; it does not apply to "
-                        f"mode {mode}")
-    if args.class_counts and mode != "class":
-        raise UserError("--class_counts applies to --mode class only")
-    if args.guidance_scale is not None and mode != "class":
-        raise UserError("--guidance_scale applies to --mode class only")
+        if not seg.mode.makes_masks:
+            raise UserError(f"--seg_model {seg.path} was trained for mode {seg.meta['mode']!r}, not seg "
+                            "(a model of unconditional masks)")
+    main = image or seg
+    if args.mode and args.mode != main.meta["mode"]:
+        raise UserError(f"--mode {args.mode} needs --image_model RUN (--seg_model {main.path} makes "
+                        f"{main.meta['mode']!r} masks)")
+    mode, name = main.mode, main.meta["mode"]
+    if mode.needs == "mask" and seg is None and not args.masks_from:
+        raise UserError(f"--mode {name} needs masks: --seg_model RUN (generated) or --masks_from DIR (real)")
+    if mode.needs == "roles" and not args.masks_from:
+        raise UserError(f"--mode {name} is conditioned on {', '.join(mode.condition_roles)}: give a real dataset "
+                        "holding them with --masks_from DIR")
+    if args.masks_from and mode.needs not in ("mask", "roles"):
+        raise UserError(f"--masks_from gives real conditioning (masks or other modalities); mode {name} is "
+                        f"conditioned on {mode.needs or 'nothing'}")
+    if args.class_counts and mode.needs != "label":
+        raise UserError("--class_counts applies to --mode class only (modes conditioned on a class label)")
+    if args.guidance_scale is not None and mode.needs != "label":
+        raise UserError("--guidance_scale applies to --mode class only (modes conditioned on a class label)")
     if seg is not None and image is not None and seg.cfg.data.image_size != image.cfg.data.image_size:
         raise UserError(f"--seg_model makes {seg.cfg.data.image_size} px masks but --image_model expects "
                         f"{image.cfg.data.image_size} px")
     worker, workers = split_work(args.shard, rt.rank, rt.world)
-    job = Job(mode=mode, output_dir=Path(args.output_dir), num_images=args.num_images or 0,
+    job = Job(mode=name, output_dir=Path(args.output_dir), num_images=args.num_images or 0,
               batch_size=args.batch_size, seed=args.seed, image_model=image, seg_model=seg,
               guidance=args.guidance_scale, masks_from=args.masks_from, class_counts=args.class_counts,
               mask_filter=MaskFilter(args.min_mask_area, args.max_mask_area, args.min_components, args.max_components),
               max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
               progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast)
     if args.masks_from:
-        job.real_masks, job.real_sources = load_real_masks(args.masks_from, image, skip_bad=args.skip_bad,
-                                                           compute=args.compute)
+        job.real_conditions, job.real_sources = load_real_conditions(args.masks_from, image, skip_bad=args.skip_bad,
+                                                                     compute=args.compute)
         job.masks_from = str(Path(args.masks_from).resolve())
         job.num_images = args.num_images or len(job.real_sources)
-    if mode == "class":
+    if mode.needs == "label":
         names = job.class_names()
         if args.class_counts:
             job.class_plan = parse_class_counts(args.class_counts, names)
@@ -156,7 +166,7 @@ def segment_images(args, rt) -> int:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     model = load_model(args.image_model, "--image_model", rt.device, args.strategy, args.sampler, args.num_steps,
                        args.compile)
-    if not model.mode.segments_images:
+    if model.mode.needs != "image":
         raise UserError(f"--image_model {model.path} was trained for mode {model.meta['mode']!r}, which does not "
                         "segment images (train one with --mode segment)")
     images = read_images(args.images_from, model, args.skip_bad, args.compute)
@@ -185,7 +195,7 @@ def main(argv=None) -> int:
         job = build_job(args, rt)
         rt.print(f"{job.mode}: {job.num_images} samples into {job.output_dir} "
                  f"({job.main_model.strategy.name}/{job.main_model.sampler}, {job.main_model.steps} steps"
-                 + (f"; masks from {job.seg_model.path}" if job.seg_model and job.mode != 'seg' else "")
+                 + (f"; masks from {job.seg_model.path}" if job.chained_seg else "")
                  + f"; worker {job.worker + 1}/{job.workers} on {rt.device})")
         barrier = None
         if rt.distributed:

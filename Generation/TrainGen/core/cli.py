@@ -36,7 +36,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def field_help(field: str) -> str:
     """'-> section.key (default V; one of a, b)' from the config dataclasses, for the train.py flags."""
-    import dataclasses
     import typing
     section, key = field.split(".")
     cls = type(getattr(Config(), section))

@@ -27,6 +27,7 @@ from nibabel import orientations as ornt
 from Generation.TrainGen.core.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MASK_ROLE = "seg"   # the data role of a segmentation mask (label checks, nearest resizing, thresholded outputs)
 GENERATED_MARKER = "generation.json"   # written by generate.py at the root of every dataset it makes
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -149,7 +150,7 @@ def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: 
         if n_bad:
             problems.append(Problem(path, f"{n_bad} NaN/inf voxels"))
             continue
-        if role == "seg":
+        if role == MASK_ROLE:
             values = np.unique(vol)
             if not np.all(np.isin(values, layout.mask_labels)):
                 shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")

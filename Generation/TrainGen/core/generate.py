@@ -35,6 +35,7 @@ from Generation.TrainGen.core.errors import UserError
 from Generation.TrainGen.core.features import sha256_of
 from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text, remove_stale_tmp
 from Generation.TrainGen.core.grid import save_grid
+from Generation.TrainGen.core.data import MASK_ROLE
 from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.sampling import sample
 from Generation.TrainGen.core.trainer import build_parts
@@ -42,7 +43,6 @@ from Generation.TrainGen.core.trainer import build_parts
 ROWS_DIR = ".rows"
 SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]
 MASK_STREAM, IMAGE_STREAM = 0, 1
-GENERATED_MODES = ("seg", "bravo", "dual", "class")
 MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
                    "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
                    "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files")
@@ -190,10 +190,10 @@ class Job:
     image_model: Model | None = None
     seg_model: Model | None = None
     guidance: float | None = None
-    real_masks: torch.Tensor | None = None           # (N, 1, H, W) {0,1} when --masks_from
-    real_sources: list[str] = field(default_factory=list)
+    real_conditions: torch.Tensor | None = None      # (N, C, H, W) in [0, 1], the mode's condition roles, when
+    real_sources: list[str] = field(default_factory=list)   # they come from a real dataset (--masks_from)
     masks_from: str | None = None
-    class_plan: list[int] | None = None              # class id of every index (class mode)
+    class_plan: list[int] | None = None              # class id of every index (label-conditioned modes)
     class_counts: str | None = None
     mask_filter: MaskFilter = field(default_factory=MaskFilter)
     max_attempts: int = 20
@@ -209,6 +209,10 @@ class Job:
     @property
     def main_model(self) -> Model:
         return self.image_model or self.seg_model
+
+    @property
+    def main_mode(self):
+        return self.main_model.mode
 
     @property
     def chained_seg(self) -> Model | None:
@@ -229,19 +233,21 @@ class Job:
                 "output_size": self.output_size, "png": self.png}
 
     def roles(self) -> list[str]:
-        if self.mode == "class":
-            return ["image"]
-        return list(dict.fromkeys(["seg"] + self.main_model.mode.generated_roles))
+        return self.main_mode.written_roles()
 
     def class_names(self) -> list[str]:
         return self.image_model.meta.get("class_names") or [str(i) for i in range(self.image_model.meta["num_classes"])]
 
-    def files(self, index: int) -> list[str]:
+    def file_roles(self, index: int) -> list[tuple[str, str]]:
+        """[(relative file, the role it holds)] of sample `index`, as the mode declares its output layout."""
         sid = sample_id(index)
-        if self.mode == "class":
-            return [f"{self.class_names()[self.class_plan[index]]}/{sid}.png"]
-        out = [f"{sid}/{r}.nii.gz" for r in self.roles()]
-        return out + ([f"{sid}/{r}.png" for r in self.roles()] if self.png else [])
+        if self.main_mode.writes == "class_folders":
+            return [(f"{self.class_names()[self.class_plan[index]]}/{sid}.png", self.main_mode.generated_roles[0])]
+        out = [(f"{sid}/{r}.nii.gz", r) for r in self.roles()]
+        return out + ([(f"{sid}/{r}.png", r) for r in self.roles()] if self.png else [])
+
+    def files(self, index: int) -> list[str]:
+        return [rel for rel, _ in self.file_roles(index)]
 
 
 def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
@@ -259,22 +265,27 @@ def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
     return plan
 
 
-def load_real_masks(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
-                    compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
-    """Masks of every split of a NIfTI dataset, preprocessed as the image model's training data (its size,
-    crop and layout), ordered by (subject, slice). Slices without mask voxels are left out unless
+def load_real_conditions(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
+                         compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
+    """The model's condition roles (masks, or any modality a mode conditions on) from every split of a NIfTI
+    dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] ordered by
+    (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
     positive_only is False."""
     from config.paths import PathConfig
     from Generation.TrainGen.core.dataset import load_folder
+    roles = model.mode.condition_roles
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
                        skip_bad=skip_bad)
     cache = PathConfig.from_compute(compute).cache_root / "slices" if data_cfg.cache else None
-    data = load_folder(data_cfg, Path(directory), ["seg"], cache)
+    data = load_folder(data_cfg, Path(directory), roles, cache)
     if len(data) == 0:
-        raise UserError(f"--masks_from {directory}: no usable mask slices")
+        raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
+    image_roles = [r for r in roles if r != MASK_ROLE]
+    channels = [data.masks.float() if r == MASK_ROLE else data.images[:, image_roles.index(r)][:, None].float()
+                for r in roles]
     keys = data.slice_keys()
     order = sorted(range(len(keys)), key=lambda i: (data.sources[i], data.slice_index[i]))
-    return data.masks[order].float().clamp(0, 1), [keys[i] for i in order]
+    return torch.cat(channels, 1)[order].clamp(0, 1), [keys[i] for i in order]
 
 
 # ---------------------------------------------------------------- sampling
@@ -288,18 +299,25 @@ def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list 
                   job.guidance_of(model), gens, job.autocast, trajectory)
 
 
-def masks_for(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, Counter]]:
-    """{index: (1, H, W) mask}: real masks (--masks_from) or generated ones that pass the filter; a rejected
-    mask is redrawn with the next attempt's seed until it passes or max_attempts is reached."""
-    if job.real_masks is not None:
-        n = len(job.real_masks)
-        return ({i: job.real_masks[i % n].to(job.device) for i in indices}, {i: 0 for i in indices},
+def conditions_for(job: Job, indices: list[int]) -> tuple[torch.Tensor, dict[int, int], dict[int, Counter]]:
+    """(B, C, H, W) conditioning in [0, 1] of the main model's condition roles: from the real dataset
+    (--masks_from) or, for a mask, from the seg model (generated masks that pass the filter)."""
+    if job.real_conditions is not None:
+        n = len(job.real_conditions)
+        return (torch.stack([job.real_conditions[i % n] for i in indices]).to(job.device), {i: 0 for i in indices},
                 {i: Counter() for i in indices})
+    masks, attempts, why = generated_masks(job, indices)
+    return torch.stack([masks[i] for i in indices]), attempts, why
+
+
+def generated_masks(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tensor], dict[int, int], dict[int, Counter]]:
+    """{index: (1, H, W) mask} from the seg model that pass the filter; a rejected mask is redrawn with the
+    next attempt's seed until it passes or max_attempts is reached."""
     accepted, attempts, why = {}, {i: 0 for i in indices}, {i: Counter() for i in indices}
     todo = list(indices)
     while todo:
         seeds = [sample_seed(job.seed, i, MASK_STREAM, attempts[i]) for i in todo]
-        masks = job.seg_model.mode.outputs(draw(job, job.seg_model, seeds, {}))["seg"]
+        masks = job.seg_model.mode.outputs(draw(job, job.seg_model, seeds, {}))[MASK_ROLE]
         retry = []
         for i, m in zip(todo, masks):
             reason = job.mask_filter.reason(m[0].cpu().numpy())
@@ -320,28 +338,29 @@ def masks_for(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tensor], di
 
 def generate_batch(job: Job, indices: list[int], trajectory: list | None = None) -> dict[int, dict]:
     """{index: {'arrays': {role: (C, H, W) tensor in [0,1]}, 'row': manifest fields}} for one batch."""
-    info = {i: {} for i in indices}
-    if job.mode == "class":
-        labels = torch.tensor([job.class_plan[i] for i in indices], device=job.device)
-        x = draw(job, job.image_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices],
-                 {"labels": labels}, trajectory)
-        outs = {"image": job.image_model.mode.outputs(x)["image"]}
+    mode = job.main_mode
+    info = {i: {"condition": ""} for i in indices}
+    outs, cond = {}, {}
+    if mode.needs == "label":
+        cond = {"labels": torch.tensor([job.class_plan[i] for i in indices], device=job.device)}
         for i in indices:
-            info[i] = {"class": job.class_names()[job.class_plan[i]], "condition": ""}
-    else:
-        masks, attempts, why = masks_for(job, indices)
-        outs = {"seg": torch.stack([masks[i] for i in indices])}
+            info[i]["class"] = job.class_names()[job.class_plan[i]]
+    elif mode.needs is not None or mode.makes_masks:   # conditioning (or the masks themselves) per sample
+        conds, attempts, why = conditions_for(job, indices)
+        real = job.real_conditions is not None
         for i in indices:
-            info[i] = {"mask_attempts": attempts[i] + 1 if job.real_masks is None else 0,
+            info[i] = {"mask_attempts": 0 if real else attempts[i] + 1,
                        "mask_rejections": ";".join(f"{k}:{v}" for k, v in sorted(why[i].items())),
-                       "condition": (job.real_sources[i % len(job.real_sources)] if job.real_masks is not None
+                       "condition": (job.real_sources[i % len(job.real_sources)] if real
                                      else f"generated:seg_seed={sample_seed(job.seed, i, MASK_STREAM, attempts[i])}")}
-        if job.mode != "seg":
-            cond = {"concat": outs["seg"] * 2 - 1}
-            x = draw(job, job.image_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices], cond, trajectory)
-            outs.update(job.image_model.mode.outputs(x))
+        roles = [MASK_ROLE] if mode.makes_masks else mode.condition_roles
+        outs = {r: conds[:, k:k + 1] for k, r in enumerate(roles)}
+        cond = {"concat": conds * 2 - 1}
+    if not mode.makes_masks:
+        x = draw(job, job.main_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices], cond, trajectory)
+        outs.update(mode.outputs(x))
     if job.output_size and job.output_size != next(iter(outs.values())).shape[-1]:
-        outs = {r: fit_square(v.float(), job.output_size, None, "nearest" if r == "seg" else "bilinear").clamp(0, 1)
+        outs = {r: fit_square(v.float(), job.output_size, None, "nearest" if r == MASK_ROLE else "bilinear").clamp(0, 1)
                 for r, v in outs.items()}
     return {i: {"arrays": {r: v[k].float().cpu() for r, v in outs.items()}, "row": info[i]}
             for k, i in enumerate(indices)}
@@ -371,17 +390,16 @@ def png_bytes(image: np.ndarray) -> bytes:
 def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
     out = job.output_dir
     files = job.files(index)
-    for rel in files:
-        role = Path(rel).name.split(".")[0]
-        arr = arrays["image" if job.mode == "class" else role].numpy()
+    for rel, role in job.file_roles(index):
+        arr = arrays[role].numpy()
         if rel.endswith(".nii.gz"):
-            data = nifti_bytes(arr[0], role == "seg")
+            data = nifti_bytes(arr[0], role == MASK_ROLE)
         else:
             data = png_bytes(arr)
         atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
     m, s = job.main_model, job.chained_seg
     full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
-            "sample_seed": sample_seed(job.seed, index, IMAGE_STREAM if job.mode != "seg" else MASK_STREAM),
+            "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
             "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
             "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "checkpoint_sha256": m.sha256,
             "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
@@ -438,9 +456,10 @@ def write_previews(job: Job, rows: list[dict]) -> list[Path]:
     picked = [read_sample(job.output_dir, r) for r in rows[:64]]
     if not picked:
         return []
-    show = "image" if job.mode == "class" else next((r for r in reversed(job.roles()) if r != "seg"), "seg")
+    show = next((r for r in reversed(job.roles()) if r != MASK_ROLE), MASK_ROLE)
     images = torch.stack([torch.from_numpy(a[show]) for a in picked])
-    masks = torch.stack([torch.from_numpy(a["seg"]) for a in picked]) if show not in ("seg", "image") else None
+    outline = show != MASK_ROLE and all(MASK_ROLE in a for a in picked)   # masks drawn over the images
+    masks = torch.stack([torch.from_numpy(a[MASK_ROLE]) for a in picked]) if outline else None
     return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
                       masks=None if masks is None else masks[:side * side], scale=max(1, 128 // images.shape[-1]))
             for side in (4, 8)]
@@ -453,7 +472,7 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
     generate_batch(replace(job, output_size=None, rejections=Counter()), indices, trajectory)
     picks = np.unique(np.linspace(0, len(trajectory) - 1, n_frames).round().astype(int))
     # masks are shown thresholded, as they are written; images as the raw state (first channel)
-    as_tile = ((lambda x: job.main_model.mode.outputs(x)["seg"]) if job.mode == "seg" else
+    as_tile = ((lambda x: job.main_mode.outputs(x)[MASK_ROLE]) if job.main_mode.makes_masks else
                (lambda x: ((x[:, :1] + 1) / 2).clamp(0, 1)))
     frames = [as_tile(trajectory[k]).float().cpu() for k in picks]
     tiles = torch.stack([frame[i] for i in range(len(indices)) for frame in frames])

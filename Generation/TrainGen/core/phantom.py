@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from Generation.TrainGen.core.data import MASK_ROLE
+
 DEMO_VERSION = 1
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")
 # tissue -> (T1-pre, T1-gd, bravo) intensity in [0, 1]
@@ -104,7 +106,7 @@ def write_subject(folder: Path, volumes: dict[str, np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     affine = _affine(volumes["seg"].shape)
     for name, vol in volumes.items():
-        data = vol if name == "seg" else np.round(vol * 1000).astype(np.int16)
+        data = vol if name == MASK_ROLE else np.round(vol * 1000).astype(np.int16)
         img = nib.Nifti1Image(data, affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, folder / f"{name}.nii.gz")

@@ -15,6 +15,7 @@ from Generation.TrainGen.core.dataset import data_source, print_problems
 from Generation.TrainGen.core.errors import UserError, lookup
 from Generation.TrainGen.core.fileio import remove_stale_tmp
 from Generation.TrainGen.core.modes import MODES
+from Generation.TrainGen.core.data import MASK_ROLE
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
@@ -95,7 +96,8 @@ def validate(tr) -> bool:
     batch = tr._to_device(data.batch(pick))
     x0, cond = tr.mode.split(batch)
     outs = []
-    for _ in range(max(1, cfg.mode.ensemble if tr.mode.name == "segment" else 1)):
+    metric, direction = tr.mode.validation
+    for _ in range(max(1, cfg.mode.ensemble if metric == "dice" else 1)):
         noise = torch.randn(x0.shape, generator=gen, device=rt.device)
         x = sample(model, tr.strategy, tr.mode, cond, noise, cfg.strategy.sampler, cfg.strategy.sample_steps,
                    cfg.mode.guidance_scale, gen, rt.autocast)
@@ -103,12 +105,11 @@ def validate(tr) -> bool:
     x = torch.stack(outs).mean(0)
     outputs = tr.mode.outputs(x)
     scalars = {"val/loss": val_loss}
-    if tr.mode.name == "segment":
-        dice, iou = dice_iou(outputs["seg"], batch["masks"])
+    if metric == "dice":
+        dice, iou = dice_iou(outputs[MASK_ROLE], batch["masks"])
         scalars.update({"val/dice": dice, "val/iou": iou})
-        score, better = dice, (lambda new, old: new > old)
-    else:
-        score, better = val_loss, (lambda new, old: new < old)
+    score = scalars[f"val/{metric}"]
+    better = (lambda new, old: new > old) if direction == "higher" else (lambda new, old: new < old)
     is_best = tr.best is None or better(score, tr.best)
     if is_best:
         tr.best, tr.bad_vals = score, 0
@@ -125,13 +126,14 @@ def validate(tr) -> bool:
 def write_sample_grid(tr, outputs: dict, batch: dict, path: Path) -> Path:
     """Rows of samples: each generated output next to the real image or mask it should resemble."""
     real = tr.mode.outputs(tr.mode.split(batch)[0])
-    outline = batch.get("masks") if "seg" in tr.mode.condition_roles or tr.mode.name == "segment" else None
+    # masks are outlined on images that were made from them (conditioning) or that they were made from
+    outline = batch.get("masks") if MASK_ROLE in tr.mode.condition_roles or tr.mode.needs == "image" else None
     tiles, marks = [], []
     for i in range(len(next(iter(outputs.values())))):
         for role in outputs:
             for src in (outputs, real):
                 tiles.append(src[role][i])
-                marks.append(outline[i] if outline is not None and role != "seg" else torch.zeros_like(src[role][i][:1]))
+                marks.append(outline[i] if outline is not None and role != MASK_ROLE else torch.zeros_like(src[role][i][:1]))
     return save_grid(torch.stack(tiles), path, nrow=min(16, 2 * len(outputs) * 4), masks=torch.stack(marks), scale=2)
 
 

@@ -4,10 +4,16 @@ Data arrive in [0, 1] (masks {0, 1}); the diffusion space is [-1, 1]. A mode spl
 clean target x0 and the conditioning, builds the network input from the noisy sample and the conditioning
 (channel concatenation for images and masks, class labels for the class embedding), and turns a generated
 tensor back into named outputs.
+
+A mode also declares, as data, what generation and validation need to know, so that neither compares a
+mode's name: what it needs at sampling time (`needs`), how its samples are written (`writes`), and how a
+validation is scored (`validation`). A new mode subclasses, registers itself in MODES, and generates.
 """
 from __future__ import annotations
 
 import torch
+
+from Generation.TrainGen.core.data import MASK_ROLE
 
 
 class TrainingMode:
@@ -17,7 +23,29 @@ class TrainingMode:
     image_folder = False              # True: reads class image folders instead of NIfTI subjects
     generated_roles: list[str] = []   # data roles that are generated (in channel order)
     condition_roles: list[str] = []   # data roles concatenated as conditioning channels
-    segments_images = False           # True: a mask given an image; generate.py --images_from applies it
+    writes = "subjects"               # samples as <sample>/<role>.nii.gz; "class_folders": <class>/<sample>.png
+    validation = ("loss", "lower")    # validation score and which direction is better; ("dice", "higher"):
+                                      # Dice of the mode.ensemble-averaged sample against the real mask
+
+    @property
+    def needs(self) -> str | None:
+        """What sampling is conditioned on, and so where it can come from in generate.py:
+        None     nothing (unconditional);
+        'mask'   only masks: a seg model (--seg_model) or a real dataset's masks (--masks_from DIR);
+        'roles'  other data roles (e.g. an MRI sequence): a real dataset holding them (--masks_from DIR);
+        'label'  a class label (--class_counts);  'image'  an image to segment (--images_from DIR)."""
+        if not self.condition_roles:
+            return None
+        return "mask" if all(r == MASK_ROLE for r in self.condition_roles) else "roles"
+
+    @property
+    def makes_masks(self) -> bool:
+        """Unconditional masks: such a model can be the --seg_model of a mask-conditioned one."""
+        return self.needs is None and self.generated_roles == [MASK_ROLE]
+
+    def written_roles(self) -> list[str]:
+        """The roles a generated sample is written with: its conditioning, then what was generated."""
+        return list(dict.fromkeys(self.condition_roles + self.generated_roles))
 
     def __init__(self, cfg, num_classes: int | None = None, image_channels: int | None = None):
         self.cfg = cfg
@@ -40,13 +68,13 @@ class TrainingMode:
         return None
 
     def _role(self, batch: dict, role: str) -> torch.Tensor:
-        if role == "seg":
+        if role == MASK_ROLE:
             return batch["masks"]
         return batch["images"][:, self.image_roles.index(role)].unsqueeze(1)
 
     @property
     def image_roles(self) -> list[str]:
-        return [r for r in self.roles() if r != "seg"]
+        return [r for r in self.roles() if r != MASK_ROLE]
 
     def split(self, batch: dict, train: bool = False, generator=None) -> tuple[torch.Tensor, dict]:
         """batch -> (x0 in [-1, 1], cond). cond['concat'] holds conditioning channels in [-1, 1]."""
@@ -66,7 +94,7 @@ class TrainingMode:
         out = {}
         for i, role in enumerate(self.generated_roles):
             v = ((x[:, i:i + 1] + 1) / 2).clamp(0, 1)
-            out[role] = (v > 0.5).float() if role == "seg" else v
+            out[role] = (v > 0.5).float() if role == MASK_ROLE else v
         return out
 
 

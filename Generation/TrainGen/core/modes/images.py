@@ -28,6 +28,9 @@ class ClassMode(Mode):
     uncond + s * (cond - uncond)."""
     name = "class"
     image_folder = True
+    generated_roles = ["image"]
+    writes = "class_folders"
+    needs = "label"
 
     def roles(self) -> list[str]:
         return ["image"]

@@ -15,7 +15,8 @@ class SegmentMode(Mode):
     bravo), or every channel of an image+mask PNG dataset (grey or RGB)."""
     name = "segment"
     generated_roles = ["seg"]
-    segments_images = True            # generate.py --images_from: masks for new images with this model
+    validation = ("dice", "higher")
+    needs = "image"                   # generate.py --images_from: masks for new images with this model
 
     @property
     def condition_roles(self) -> list[str]:
