@@ -82,7 +82,8 @@ def bench_data(device: str, preset: str, work: Path) -> list[dict]:
 
 
 def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
-    from Generation.TrainGen.core.generate import BatchInvariant, Job, Model, draw
+    from Generation.TrainGen.core.generate import Job, draw
+    from Generation.TrainGen.core.generation.models import BatchInvariant, Model
     from Generation.TrainGen.core.network import build_unet
     from Generation.TrainGen.core.trainer import build_parts
     unet, batch = MODEL_PRESETS[preset]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.generate import MaskFilter, read_rows, sample_seed
+from Generation.TrainGen.core.generation.conditions import MaskFilter
+from Generation.TrainGen.core.generation.writers import read_rows, sample_seed
 from Generation.TrainGen.generate import main as generate_main
 from tests.conftest import ROOT, run_script
 
@@ -230,7 +231,7 @@ def test_changed_settings_into_the_same_folder_are_refused(tiny_models, referenc
 def test_network_output_does_not_depend_on_the_batch(preset):
     import torch
     from Generation.TrainGen.core.config import build_config
-    from Generation.TrainGen.core.generate import BatchInvariant
+    from Generation.TrainGen.core.generation.models import BatchInvariant
     from Generation.TrainGen.core.network import build_unet
     torch.manual_seed(0)
     net = build_unet(build_config({"model": {"preset": preset}}).model, 2, 1, num_class_embeds=3)

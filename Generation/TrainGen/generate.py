@@ -73,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_job(args, rt):
-    from Generation.TrainGen.core.generate import Job, MaskFilter, load_model, load_real_conditions, \
-        parse_class_counts, split_work
+    from Generation.TrainGen.core.generate import Job, split_work
+    from Generation.TrainGen.core.generation.conditions import MaskFilter, load_real_conditions, parse_class_counts
+    from Generation.TrainGen.core.generation.models import load_model
     for flag in ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -157,7 +158,7 @@ def build_job(args, rt):
 
 def segment_images(args, rt) -> int:
     """--images_from: masks (+ mean and uncertainty) for new images with a segment-mode model."""
-    from Generation.TrainGen.core.generate import load_model
+    from Generation.TrainGen.core.generation.models import load_model
     from Generation.TrainGen.core.segment_images import read_images, segment
     if not args.image_model or args.seg_model:
         raise UserError("--images_from needs --image_model RUN (a segment-mode model) and no --seg_model")

@@ -11,175 +11,27 @@ Guarantees, in order of importance:
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
 import time
-import types
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from PIL import Image
-from scipy import ndimage
 from tqdm import tqdm
 
-from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights, safe_load
-from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.data import GENERATED_MARKER, fit_square, from_slices, to_slices
+from Generation.TrainGen.core.data import MASK_ROLE, fit_square
 from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.features import sha256_of
-from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text, remove_stale_tmp
+from Generation.TrainGen.core.fileio import atomic_write_text, remove_stale_tmp
+from Generation.TrainGen.core.generation.conditions import MaskFilter
+from Generation.TrainGen.core.generation.models import Model
+from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done, sample_id,
+                                                          sample_seed, write_manifest, write_previews, write_sample)
 from Generation.TrainGen.core.grid import save_grid
-from Generation.TrainGen.core.data import MASK_ROLE
-from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.sampling import sample
-from Generation.TrainGen.core.trainer import build_parts
-
-ROWS_DIR = ".rows"
-SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]
-MASK_STREAM, IMAGE_STREAM = 0, 1
-MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
-                   "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
-                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files")
 
 
-def sample_id(index: int) -> str:
-    return f"sample_{index:06d}"
-
-
-def sample_seed(seed: int, index: int, stream: int, attempt: int = 0) -> int:
-    """A 63-bit seed for one sample's noise, statistically independent across (seed, index, stream, attempt)."""
-    hi, lo = np.random.SeedSequence([seed, index, stream, attempt]).generate_state(2, np.uint32)
-    return (int(hi) << 32 | int(lo)) & (2**63 - 1)
-
-
-# ---------------------------------------------------------------- models
-def _row_linear(self, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear on (B, C) computed one row at a time in a single bmm: every row goes through the M = 1 kernel,
-    whatever B is. A plain GEMM picks its kernel by B, and the time-embedding rows would then round differently
-    in a batch of 2 than in a batch of 8."""
-    if x.dim() != 2:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    w = self.weight.t().unsqueeze(0).expand(x.shape[0], -1, -1)
-    y = torch.bmm(x.unsqueeze(1), w).squeeze(1)
-    return y + self.bias if self.bias is not None else y
-
-
-class BatchInvariant(torch.nn.Module):
-    """Wraps a UNet so that each sample's output does not depend on the batch it is computed in (checked on
-    CPU for batch sizes 1-16). Two things are not batch-invariant by themselves: the Linear layers on (B, C)
-    embeddings (replaced by `_row_linear`), and convolutions on a single image, for which oneDNN picks
-    another algorithm (a batch of one is run as two copies)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        for module in net.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.forward = types.MethodType(_row_linear, module)
-        self.net = net
-
-    def forward(self, x, timesteps, class_labels=None):
-        if x.shape[0] > 1:
-            return self.net(x, timesteps, class_labels=class_labels)
-        two = lambda v: None if v is None else v.expand(2, *v.shape[1:])  # noqa: E731
-        return self.net(two(x), two(timesteps), class_labels=two(class_labels))[:1]
-
-
-def resolve_glob(path: str, flag: str) -> Path:
-    """path itself, or the single file or folder a glob pattern in it matches (else a UserError listing them)."""
-    import glob
-    if not glob.has_magic(str(path)):
-        return Path(path)
-    matches = sorted(glob.glob(str(path)))
-    if len(matches) != 1:
-        shown = "; ".join(matches[:10]) + (f"; ... ({len(matches)} in all)" if len(matches) > 10 else "")
-        raise UserError(f"{flag} {path}: the pattern matches " + (f"{len(matches)} paths, not one: {shown}"
-                                                                  if matches else "nothing"))
-    return Path(matches[0])
-
-
-@dataclass
-class Model:
-    net: torch.nn.Module
-    strategy: object
-    mode: object
-    cfg: object
-    meta: dict
-    path: Path
-    sha256: str
-    sampler: str
-    steps: int
-
-
-def load_model(path, flag: str, device, strategy: str | None, sampler: str | None, num_steps: int | None,
-               compile_model: bool = False) -> Model:
-    """A run folder (its best.pt, else its latest checkpoint) or a checkpoint file, with EMA weights; a glob
-    (runs/seg_*/best.pt) must match exactly one."""
-    file = best_checkpoint(resolve_glob(path, flag))
-    state = safe_load(file, "checkpoint")
-    if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
-        raise UserError(f"{flag} {file}: not a training checkpoint of this framework")
-    cfg, meta = build_config(state["config"]), state["meta"]
-    if strategy and strategy != meta["strategy"]:
-        raise UserError(f"--strategy {strategy} contradicts {flag} {file}, which was trained with strategy "
-                        f"{meta['strategy']!r} (leave --strategy out to use the checkpoint's)")
-    strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"])
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds)
-    weights = model_weights(state)
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        raise UserError(f"{flag} {file}: the weights hold NaN/inf values (a diverged run); sample from an "
-                        "earlier checkpoint of that run")
-    net.load_state_dict(weights)
-    net = BatchInvariant(net.to(device).eval())
-    if compile_model:
-        net = torch.compile(net)
-    try:
-        chosen = strat.check_sampler(sampler or cfg.strategy.sampler)
-    except UserError as err:
-        raise UserError(f"--sampler for {flag}: {err}") from None
-    return Model(net, strat, mode, cfg, meta, file, sha256_of(file), chosen, num_steps or strat.default_steps[chosen])
-
-
-# ---------------------------------------------------------------- mask quality filter
-@dataclass
-class MaskFilter:
-    """Rejects generated masks that are empty or outside component-count and area bounds (area as a fraction
-    of the image; components 8-connected)."""
-    min_area: float = 0.0005
-    max_area: float = 0.25
-    min_components: int = 1
-    max_components: int = 8
-
-    def __post_init__(self):
-        if not (0 <= self.min_area <= self.max_area <= 1):
-            raise UserError("--min_mask_area and --max_mask_area must satisfy 0 <= min <= max <= 1")
-        if not (1 <= self.min_components <= self.max_components):
-            raise UserError("--min_components and --max_components must satisfy 1 <= min <= max")
-
-    def reason(self, mask: np.ndarray) -> str | None:
-        """None when the mask is accepted, else why it is rejected."""
-        mask = np.asarray(mask) > 0.5
-        area = float(mask.mean())
-        if area == 0:
-            return "empty"
-        if area < self.min_area:
-            return "too small"
-        if area > self.max_area:
-            return "too large"
-        n = ndimage.label(mask, structure=np.ones((3, 3)))[1]
-        if n < self.min_components:
-            return "too few components"
-        if n > self.max_components:
-            return "too many components"
-        return None
-
-
-# ---------------------------------------------------------------- settings of one generation job
 @dataclass
 class Job:
     mode: str
@@ -248,44 +100,6 @@ class Job:
 
     def files(self, index: int) -> list[str]:
         return [rel for rel, _ in self.file_roles(index)]
-
-
-def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
-    """'melanoma=5900,nevus=100' -> the class id of every index, classes in the order given."""
-    plan = []
-    for item in text.split(","):
-        name, sep, count = item.strip().partition("=")
-        if not sep or not count.strip().isdigit():
-            raise UserError(f"--class_counts: expected name=count, got {item.strip()!r}")
-        if name not in class_names:
-            raise UserError(f"--class_counts: unknown class {name!r} (the model knows: {', '.join(class_names)})")
-        plan += [class_names.index(name)] * int(count)
-    if not plan:
-        raise UserError("--class_counts asks for no images")
-    return plan
-
-
-def load_real_conditions(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
-                         compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
-    """The model's condition roles (masks, or any modality a mode conditions on) from every split of a NIfTI
-    dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] ordered by
-    (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
-    positive_only is False."""
-    from config.paths import PathConfig
-    from Generation.TrainGen.core.dataset import load_folder
-    roles = model.mode.condition_roles
-    data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
-                       skip_bad=skip_bad)
-    cache = PathConfig.from_compute(compute).cache_root / "slices" if data_cfg.cache else None
-    data = load_folder(data_cfg, Path(directory), roles, cache)
-    if len(data) == 0:
-        raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
-    image_roles = [r for r in roles if r != MASK_ROLE]
-    channels = [data.masks.float() if r == MASK_ROLE else data.images[:, image_roles.index(r)][:, None].float()
-                for r in roles]
-    keys = data.slice_keys()
-    order = sorted(range(len(keys)), key=lambda i: (data.sources[i], data.slice_index[i]))
-    return torch.cat(channels, 1)[order].clamp(0, 1), [keys[i] for i in order]
 
 
 # ---------------------------------------------------------------- sampling
@@ -364,105 +178,6 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
                 for r, v in outs.items()}
     return {i: {"arrays": {r: v[k].float().cpu() for r, v in outs.items()}, "row": info[i]}
             for k, i in enumerate(indices)}
-
-
-# ---------------------------------------------------------------- writing
-def nifti_bytes(image: np.ndarray, is_mask: bool) -> bytes:
-    """A (H, W) slice as a fresh 2D NIfTI (RAS, 1 mm, empty description and aux file, no extensions), gzip
-    with mtime 0 so the same array always gives the same bytes."""
-    vol = from_slices(image[None])
-    img = nib.Nifti1Image(vol.astype(np.uint8 if is_mask else np.float32), np.eye(4))
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = b""
-    img.header["aux_file"] = b""
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG."""
-    arr = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr[:3].transpose(1, 2, 0))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
-    out = job.output_dir
-    files = job.files(index)
-    for rel, role in job.file_roles(index):
-        arr = arrays[role].numpy()
-        if rel.endswith(".nii.gz"):
-            data = nifti_bytes(arr[0], role == MASK_ROLE)
-        else:
-            data = png_bytes(arr)
-        atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
-    m, s = job.main_model, job.chained_seg
-    full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
-            "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
-            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
-            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "checkpoint_sha256": m.sha256,
-            "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
-            "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
-            "files": ";".join(files), **row}
-    atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(full))  # the commit mark
-    return full
-
-
-def is_done(job: Job, index: int) -> bool:
-    row = job.output_dir / ROWS_DIR / f"{sample_id(index)}.json"
-    return row.is_file() and all((job.output_dir / f).is_file() for f in job.files(index))
-
-
-def read_rows(out: Path) -> list[dict]:
-    rows = []
-    for path in sorted((Path(out) / ROWS_DIR).glob("sample_*.json")):
-        try:
-            rows.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # cannot happen for rows written atomically; a hand-edited file is simply not listed
-    return sorted(rows, key=lambda r: r["index"])
-
-
-def write_manifest(out: Path) -> list[dict]:
-    rows = read_rows(out)
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(Path(out) / "manifest.csv", write)
-    return rows
-
-
-def read_sample(out: Path, row: dict) -> dict[str, np.ndarray]:
-    """{role: (C, H, W) float array in [0, 1]} of a committed sample, read back from its files (NIfTI for
-    subject samples, the PNG for class samples)."""
-    files = row["files"].split(";")
-    arrays = {}
-    for rel in files:
-        path = Path(out) / rel
-        if rel.endswith(".nii.gz"):
-            arrays[path.name.split(".")[0]] = to_slices(np.asanyarray(nib.load(str(path)).dataobj))[:1].astype(np.float32)
-    if not arrays:
-        img = np.asarray(Image.open(Path(out) / files[0]), dtype=np.float32) / 255
-        arrays["image"] = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
-    return arrays
-
-
-def write_previews(job: Job, rows: list[dict]) -> list[Path]:
-    """preview_4x4.png and preview_8x8.png from the first committed samples (mask outlines on images)."""
-    picked = [read_sample(job.output_dir, r) for r in rows[:64]]
-    if not picked:
-        return []
-    show = next((r for r in reversed(job.roles()) if r != MASK_ROLE), MASK_ROLE)
-    images = torch.stack([torch.from_numpy(a[show]) for a in picked])
-    outline = show != MASK_ROLE and all(MASK_ROLE in a for a in picked)   # masks drawn over the images
-    masks = torch.stack([torch.from_numpy(a[MASK_ROLE]) for a in picked]) if outline else None
-    return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
-                      masks=None if masks is None else masks[:side * side], scale=max(1, 128 // images.shape[-1]))
-            for side in (4, 8)]
 
 
 def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:

@@ -91,7 +91,7 @@ def _files(images: ImageSet, index: int, root: Path) -> dict[str, str]:
 
 
 def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool) -> None:
-    from Generation.TrainGen.core.generate import nifti_bytes, png_bytes
+    from Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
     data = nifti_bytes(array[0], is_mask) if rel.endswith(".nii.gz") else png_bytes(array)
     atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -99,7 +99,7 @@ def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool) -> None:
 def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
             autocast=None) -> dict:
     """Segment every image not yet done; then write the manifest and the summary. Returns the summary."""
-    from Generation.TrainGen.core.generate import IMAGE_STREAM, sample_seed
+    from Generation.TrainGen.core.generation.writers import IMAGE_STREAM, sample_seed
     if images.images.shape[1] != (model.meta.get("image_channels") or 1):
         raise UserError(f"--images_from has {images.images.shape[1]}-channel images; the model was trained on "
                         f"{model.meta.get('image_channels')}-channel ones")

@@ -1,0 +1,85 @@
+"""Where the conditioning of generated samples comes from: the quality filter for generated masks, the class
+plan of label-conditioned modes, and a real dataset's conditioning roles (--masks_from)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from Generation.TrainGen.core.data import MASK_ROLE
+from Generation.TrainGen.core.errors import UserError
+from Generation.TrainGen.core.generation.models import Model
+
+
+@dataclass
+class MaskFilter:
+    """Rejects generated masks that are empty or outside component-count and area bounds (area as a fraction
+    of the image; components 8-connected)."""
+    min_area: float = 0.0005
+    max_area: float = 0.25
+    min_components: int = 1
+    max_components: int = 8
+
+    def __post_init__(self):
+        if not (0 <= self.min_area <= self.max_area <= 1):
+            raise UserError("--min_mask_area and --max_mask_area must satisfy 0 <= min <= max <= 1")
+        if not (1 <= self.min_components <= self.max_components):
+            raise UserError("--min_components and --max_components must satisfy 1 <= min <= max")
+
+    def reason(self, mask: np.ndarray) -> str | None:
+        """None when the mask is accepted, else why it is rejected."""
+        mask = np.asarray(mask) > 0.5
+        area = float(mask.mean())
+        if area == 0:
+            return "empty"
+        if area < self.min_area:
+            return "too small"
+        if area > self.max_area:
+            return "too large"
+        n = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+        if n < self.min_components:
+            return "too few components"
+        if n > self.max_components:
+            return "too many components"
+        return None
+
+
+def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
+    """'melanoma=5900,nevus=100' -> the class id of every index, classes in the order given."""
+    plan = []
+    for item in text.split(","):
+        name, sep, count = item.strip().partition("=")
+        if not sep or not count.strip().isdigit():
+            raise UserError(f"--class_counts: expected name=count, got {item.strip()!r}")
+        if name not in class_names:
+            raise UserError(f"--class_counts: unknown class {name!r} (the model knows: {', '.join(class_names)})")
+        plan += [class_names.index(name)] * int(count)
+    if not plan:
+        raise UserError("--class_counts asks for no images")
+    return plan
+
+
+def load_real_conditions(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
+                         compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
+    """The model's condition roles (masks, or any modality a mode conditions on) from every split of a NIfTI
+    dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] ordered by
+    (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
+    positive_only is False."""
+    from config.paths import PathConfig
+    from Generation.TrainGen.core.dataset import load_folder
+    roles = model.mode.condition_roles
+    data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
+                       skip_bad=skip_bad)
+    cache = PathConfig.from_compute(compute).cache_root / "slices" if data_cfg.cache else None
+    data = load_folder(data_cfg, Path(directory), roles, cache)
+    if len(data) == 0:
+        raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
+    image_roles = [r for r in roles if r != MASK_ROLE]
+    channels = [data.masks.float() if r == MASK_ROLE else data.images[:, image_roles.index(r)][:, None].float()
+                for r in roles]
+    keys = data.slice_keys()
+    order = sorted(range(len(keys)), key=lambda i: (data.sources[i], data.slice_index[i]))
+    return torch.cat(channels, 1)[order].clamp(0, 1), [keys[i] for i in order]

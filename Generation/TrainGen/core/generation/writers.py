@@ -1,0 +1,137 @@
+"""Writing generated samples: fresh NIfTI and PNG files, one atomic commit row per sample, the merged
+manifest.csv, and preview grids read back from the files."""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+from Generation.TrainGen.core.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
+from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
+from Generation.TrainGen.core.grid import save_grid
+
+if TYPE_CHECKING:
+    from Generation.TrainGen.core.generate import Job
+
+ROWS_DIR = ".rows"
+SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]
+MASK_STREAM, IMAGE_STREAM = 0, 1
+MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
+                   "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
+                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files")
+
+
+def sample_id(index: int) -> str:
+    return f"sample_{index:06d}"
+
+
+def sample_seed(seed: int, index: int, stream: int, attempt: int = 0) -> int:
+    """A 63-bit seed for one sample's noise, statistically independent across (seed, index, stream, attempt)."""
+    hi, lo = np.random.SeedSequence([seed, index, stream, attempt]).generate_state(2, np.uint32)
+    return (int(hi) << 32 | int(lo)) & (2**63 - 1)
+
+
+def nifti_bytes(image: np.ndarray, is_mask: bool) -> bytes:
+    """A (H, W) slice as a fresh 2D NIfTI (RAS, 1 mm, empty description and aux file, no extensions), gzip
+    with mtime 0 so the same array always gives the same bytes."""
+    vol = from_slices(image[None])
+    img = nib.Nifti1Image(vol.astype(np.uint8 if is_mask else np.float32), np.eye(4))
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b""
+    img.header["aux_file"] = b""
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG."""
+    arr = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr[:3].transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
+    out = job.output_dir
+    files = job.files(index)
+    for rel, role in job.file_roles(index):
+        arr = arrays[role].numpy()
+        if rel.endswith(".nii.gz"):
+            data = nifti_bytes(arr[0], role == MASK_ROLE)
+        else:
+            data = png_bytes(arr)
+        atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
+    m, s = job.main_model, job.chained_seg
+    full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
+            "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
+            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
+            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "checkpoint_sha256": m.sha256,
+            "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
+            "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
+            "files": ";".join(files), **row}
+    atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(full))  # the commit mark
+    return full
+
+
+def is_done(job: Job, index: int) -> bool:
+    row = job.output_dir / ROWS_DIR / f"{sample_id(index)}.json"
+    return row.is_file() and all((job.output_dir / f).is_file() for f in job.files(index))
+
+
+def read_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((Path(out) / ROWS_DIR).glob("sample_*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # cannot happen for rows written atomically; a hand-edited file is simply not listed
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def write_manifest(out: Path) -> list[dict]:
+    rows = read_rows(out)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(Path(out) / "manifest.csv", write)
+    return rows
+
+
+def read_sample(out: Path, row: dict) -> dict[str, np.ndarray]:
+    """{role: (C, H, W) float array in [0, 1]} of a committed sample, read back from its files (NIfTI for
+    subject samples, the PNG for class samples)."""
+    files = row["files"].split(";")
+    arrays = {}
+    for rel in files:
+        path = Path(out) / rel
+        if rel.endswith(".nii.gz"):
+            arrays[path.name.split(".")[0]] = to_slices(np.asanyarray(nib.load(str(path)).dataobj))[:1].astype(np.float32)
+    if not arrays:
+        img = np.asarray(Image.open(Path(out) / files[0]), dtype=np.float32) / 255
+        arrays["image"] = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
+    return arrays
+
+
+def write_previews(job: Job, rows: list[dict]) -> list[Path]:
+    """preview_4x4.png and preview_8x8.png from the first committed samples (mask outlines on images)."""
+    picked = [read_sample(job.output_dir, r) for r in rows[:64]]
+    if not picked:
+        return []
+    show = next((r for r in reversed(job.roles()) if r != MASK_ROLE), MASK_ROLE)
+    images = torch.stack([torch.from_numpy(a[show]) for a in picked])
+    outline = show != MASK_ROLE and all(MASK_ROLE in a for a in picked)   # masks drawn over the images
+    masks = torch.stack([torch.from_numpy(a[MASK_ROLE]) for a in picked]) if outline else None
+    return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
+                      masks=None if masks is None else masks[:side * side], scale=max(1, 128 // images.shape[-1]))
+            for side in (4, 8)]
