@@ -9,7 +9,7 @@ from Generation.TrainGen.core.dataset import SliceData, data_source
 from Generation.TrainGen.core.errors import UserError
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.modes.base import Mode
-from Generation.TrainGen.core.run import train, validate
+from Generation.TrainGen.core.run import train
 from Generation.TrainGen.core.runtime import init_runtime
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
@@ -45,7 +45,7 @@ def test_every_strategy_and_mode_trains_and_samples(demo_root, tmp_path, mode, s
     for i in range(3):
         assert tr.train_step([tr.train_data.batch(order[i])]).item() == 0
     assert tr.step == 3 and any(not torch.equal(a, b) for a, b in zip(before, tr.net.parameters()))
-    assert validate(tr) is True
+    assert tr.validate() is True
     tr.checkpoint(is_best=True)
     state = load_checkpoint(run)
     assert state["meta"]["mode"] == mode and state["meta"]["strategy"] == strategy and state["step"] == 3

@@ -37,13 +37,13 @@ def with_margin(n: int) -> int:
     return m - m % 8 if m >= 16 else m
 
 
-def find_batch_size(cfg, rt, mode, strategy) -> int:
-    """Probe on this rank's GPU; every rank takes the smallest result (one all-reduce)."""
+def find_batch_size(cfg, rt, parts) -> int:
+    """Probe on this rank's GPU with the run's own network (its weights are restored afterwards); every rank
+    takes the smallest result (one all-reduce)."""
     if rt.device.type != "cuda":
         raise UserError("--batch_size auto probes GPU memory and needs CUDA; give a number on CPU")
-    from Generation.TrainGen.core.network import build_unet
-    size = cfg.data.image_size
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds).to(rt.device)
+    size, mode, strategy, net = cfg.data.image_size, parts.mode, parts.strategy, parts.net
+    saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
     net = net.to(memory_format=torch.channels_last) if cfg.runtime.channels_last else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=True)
 
@@ -67,7 +67,8 @@ def find_batch_size(cfg, rt, mode, strategy) -> int:
             torch.cuda.empty_cache()
 
     found = with_margin(largest_fitting(fits, start=max(8, cfg.optim.batch_size)))
-    del net, opt
+    net.load_state_dict(saved)
+    del opt, saved
     torch.cuda.empty_cache()
     value = torch.tensor([found], device=rt.device)
     if rt.distributed:

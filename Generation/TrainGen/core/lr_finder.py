@@ -20,7 +20,7 @@ def find_lr(tr, out_dir, lr_min=1e-6, lr_max=1.0, steps=100, n_probe=4) -> float
     order = tr.train_data.batch_indices(o.batch_size, 0, tr.cfg.runtime.seed, rt.rank, rt.world)
     probes = []
     for k in range(min(n_probe, len(order))):
-        batch = tr._to_device(tr.train_data.batch(order[k]))
+        batch = tr.to_device(tr.train_data.batch(order[k]))
         g = torch.Generator(rt.device).manual_seed(1000 + k)
         x0, _ = tr.mode.split(batch, train=False)
         probes.append((batch, torch.randn(x0.shape, generator=g, device=rt.device),

@@ -9,23 +9,15 @@ import torch
 from tqdm import tqdm
 
 from config.paths import PathConfig
-from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints, load_checkpoint
-from Generation.TrainGen.core.config import save_config, to_dict
+from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints
+from Generation.TrainGen.core.config import save_config
 from Generation.TrainGen.core.dataset import data_source, print_problems
 from Generation.TrainGen.core.errors import UserError, lookup
 from Generation.TrainGen.core.fileio import remove_stale_tmp
 from Generation.TrainGen.core.modes import MODES
-from Generation.TrainGen.core.data import MASK_ROLE
 from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.grid import save_grid
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
-from Generation.TrainGen.core.sampling import sample
-from Generation.TrainGen.core.segment_images import dice_iou
-from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer
-
-# sections a resumed run must share with its checkpoint
-RESUME_FIXED = ("model", "strategy", "mode")
-
+from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts
 
 class RunLogger:
     """Rank 0 only: TensorBoard scalars and images, a plain-text train.log, console lines."""
@@ -76,67 +68,6 @@ def resolve_run_dir(cfg, rt) -> Path:
     return paths.output_root / name(stamp[0])
 
 
-@torch.no_grad()
-def validate(tr) -> bool:
-    """Runs on every rank (no rank waits alone in a collective). Returns True when this is the best so far."""
-    cfg, rt = tr.cfg, tr.rt
-    data = tr.val_data if tr.val_data is not None and len(tr.val_data) > 0 else tr.train_data
-    model = tr.sample_model()
-    model.eval()
-    gen = torch.Generator(rt.device).manual_seed(cfg.runtime.seed + 4242)
-    bs = max(1, min(cfg.optim.batch_size, len(data) // rt.world))
-    order = data.batch_indices(bs, 0, cfg.runtime.seed, rt.rank, rt.world)[:32]
-    total = torch.zeros((), device=rt.device, dtype=torch.float64)
-    for idx in order:
-        _, per, _ = tr.loss(tr._to_device(data.batch(idx)), generator=gen, model=model, train=False)
-        total += per.double().mean()
-    val_loss = float(rt.mean(total / max(1, len(order))))
-    n = min(cfg.runtime.num_val_samples, len(data))
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.runtime.seed))[:n]
-    batch = tr._to_device(data.batch(pick))
-    x0, cond = tr.mode.split(batch)
-    outs = []
-    metric, direction = tr.mode.validation
-    for _ in range(max(1, cfg.mode.ensemble if metric == "dice" else 1)):
-        noise = torch.randn(x0.shape, generator=gen, device=rt.device)
-        x = sample(model, tr.strategy, tr.mode, cond, noise, cfg.strategy.sampler, cfg.strategy.sample_steps,
-                   cfg.mode.guidance_scale, gen, rt.autocast)
-        outs.append(x)
-    x = torch.stack(outs).mean(0)
-    outputs = tr.mode.outputs(x)
-    scalars = {"val/loss": val_loss}
-    if metric == "dice":
-        dice, iou = dice_iou(outputs[MASK_ROLE], batch["masks"])
-        scalars.update({"val/dice": dice, "val/iou": iou})
-    score = scalars[f"val/{metric}"]
-    better = (lambda new, old: new > old) if direction == "higher" else (lambda new, old: new < old)
-    is_best = tr.best is None or better(score, tr.best)
-    if is_best:
-        tr.best, tr.bad_vals = score, 0
-    else:
-        tr.bad_vals += 1
-    if rt.is_main and tr.logger is not None:
-        tr.logger.scalars(scalars, tr.step)
-        path = write_sample_grid(tr, outputs, batch, tr.run_dir / "samples" / f"epoch_{tr.epoch:04d}.png")
-        tr.logger.image("samples", path, tr.step)
-    tr.net.train()
-    return is_best
-
-
-def write_sample_grid(tr, outputs: dict, batch: dict, path: Path) -> Path:
-    """Rows of samples: each generated output next to the real image or mask it should resemble."""
-    real = tr.mode.outputs(tr.mode.split(batch)[0])
-    # masks are outlined on images that were made from them (conditioning) or that they were made from
-    outline = batch.get("masks") if MASK_ROLE in tr.mode.condition_roles or tr.mode.needs == "image" else None
-    tiles, marks = [], []
-    for i in range(len(next(iter(outputs.values())))):
-        for role in outputs:
-            for src in (outputs, real):
-                tiles.append(src[role][i])
-                marks.append(outline[i] if outline is not None and role != MASK_ROLE else torch.zeros_like(src[role][i][:1]))
-    return save_grid(torch.stack(tiles), path, nrow=min(16, 2 * len(outputs) * 4), masks=torch.stack(marks), scale=2)
-
-
 def _stop_on_sigusr1(tr) -> None:
     """SLURM sends SIGUSR1 shortly before the time limit (--signal): the trainer checkpoints at its next log
     interval and stops, leaving <run>/.requeue for the job script."""
@@ -148,14 +79,6 @@ def _stop_on_sigusr1(tr) -> None:
         signal.signal(signal.SIGUSR1, handler)
     except (ValueError, AttributeError):  # not the main thread, or no SIGUSR1 on this platform
         pass
-
-
-def _check_resume(cfg, state, path) -> None:
-    saved = state["config"]
-    for section in RESUME_FIXED:
-        if saved.get(section) != to_dict(cfg)[section]:
-            raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
-                            f"resume with the same --{section if section != 'model' else 'config'}")
 
 
 def preflight(cfg) -> None:
@@ -170,79 +93,88 @@ def preflight(cfg) -> None:
                 raise UserError(f"{flag}: {err}") from None
 
 
+def load_data(cfg, rt):
+    """(train split, val split or None), rank 0 building the cache first; on the GPU when data.cache_device says."""
+    src = data_source(cfg)
+    if src.demo:
+        rt.print(f"no --data_dir: training on the built-in demo phantoms ({src.root}); pass --data_dir DIR "
+                 "for your own data")
+    if rt.distributed and not rt.is_main:
+        torch.distributed.barrier()
+    train_data = src.split(cfg.data, "train")
+    try:
+        val_data = src.split(cfg.data, "val")
+    except UserError:
+        val_data = None
+    if rt.distributed and rt.is_main:
+        torch.distributed.barrier()
+    if rt.is_main:
+        print_problems(train_data.problems)
+    if cfg.data.cache_device == "cuda" and rt.device.type == "cuda":
+        train_data = train_data.to(rt.device)
+        val_data = val_data.to(rt.device) if val_data is not None else None
+    return train_data, val_data
+
+
+def auto_batch_size(cfg, rt, parts):
+    from Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
+    bs = find_batch_size(cfg, rt, parts)
+    rt.print(f"--batch_size auto: {bs} per GPU ({SAFETY:.0%} of the largest that fits)")
+    return replace(cfg, optim=replace(cfg.optim, batch_size=bs, auto_batch_size=False))
+
+
+def resume_path(cfg, run_dir: Path) -> Path | None:
+    if cfg.runtime.resume == "auto":
+        return run_dir if list_checkpoints(run_dir) else None  # a job that always passes it starts fresh once
+    return Path(cfg.runtime.resume) if cfg.runtime.resume else None
+
+
+def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger | None:
+    """Rank 0: the folder (stale temp files removed), its config.yaml, and the logger."""
+    if not rt.is_main:
+        return None
+    if run_dir.is_dir():
+        remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / REQUEUE_FILE).unlink(missing_ok=True)  # a fresh start clears a mark left for the job script
+    logger = RunLogger(run_dir)
+    logger.text(f"run folder {run_dir}; {len(train_data)} train / {len(val_data) if val_data else 0} val "
+                f"slices; {rt.world} process(es) on {rt.device}")
+    return logger
+
+
 def train(cfg) -> int:
     preflight(cfg)
     rt = init_runtime(cfg.runtime)
-    logger = None
+    tr = None
     try:
-        src = data_source(cfg)
-        if src.demo:
-            rt.print(f"no --data_dir: training on the built-in demo phantoms ({src.root}); pass --data_dir DIR "
-                     "for your own data")
-        if rt.distributed and not rt.is_main:
-            torch.distributed.barrier()  # rank 0 builds the cache first
-        train_data = src.split(cfg.data, "train")
-        try:
-            val_data = src.split(cfg.data, "val")
-        except UserError:
-            val_data = None
-        if rt.distributed and rt.is_main:
-            torch.distributed.barrier()
-        if rt.is_main:
-            print_problems(train_data.problems)
-        if cfg.data.cache_device == "cuda" and rt.device.type == "cuda":
-            train_data = train_data.to(rt.device)
-            val_data = val_data.to(rt.device) if val_data is not None else None
+        train_data, val_data = load_data(cfg, rt)
+        parts = build_run_parts(cfg, train_data, rt.device)       # strategy, mode and network: built once
         if cfg.optim.auto_batch_size:
-            from Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
-            from Generation.TrainGen.core.trainer import build_parts
-            channels = train_data.images.shape[1] if train_data.images is not None else None
-            strategy, mode = build_parts(cfg, len(train_data.class_names) or None, channels)
-            bs = find_batch_size(cfg, rt, mode, strategy)
-            rt.print(f"--batch_size auto: {bs} per GPU ({SAFETY:.0%} of the largest that fits)")
-            cfg = replace(cfg, optim=replace(cfg.optim, batch_size=bs, auto_batch_size=False))
+            cfg = auto_batch_size(cfg, rt, parts)
         run_dir = resolve_run_dir(cfg, rt)
-        resume_path = None
-        if cfg.runtime.resume:
-            resume_path = run_dir if cfg.runtime.resume == "auto" else Path(cfg.runtime.resume)
-            if cfg.runtime.resume == "auto" and not list_checkpoints(run_dir):
-                resume_path = None  # first start of a job that always passes --resume auto
-        if rt.is_main:
-            if run_dir.is_dir():
-                remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            logger = RunLogger(run_dir)
-            logger.text(f"run folder {run_dir}; {len(train_data)} train / {len(val_data) if val_data else 0} val "
-                        f"slices; {rt.world} process(es) on {rt.device}")
-        tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger)
-        if resume_path is not None:
-            state = load_checkpoint(resume_path, tr.log_line)
-            _check_resume(cfg, state, resume_path)
-            tr.load_state(state)
-            tr.log_line(f"resumed from {resume_path} at step {tr.step} (epoch {tr.epoch})")
+        resume = resume_path(cfg, run_dir)
+        logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
+        tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger, parts)
+        if resume is not None:
+            tr.resume(resume)
         elif cfg.runtime.init_from:
             tr.init_weights(cfg.runtime.init_from)
-            tr.log_line(f"initialised weights from {cfg.runtime.init_from}")
-        if cfg.optim.find_lr and resume_path is None:
-            from Generation.TrainGen.core.lr_finder import find_lr
-            lr = find_lr(tr, run_dir)
-            tr.log_line(f"LR range test: suggested lr {lr:.3g} (curve in {run_dir / 'lr_finder.png'})")
+        if cfg.optim.find_lr and resume is None:
+            lr = tr.find_lr()
             if not cfg.optim.find_lr_then_train:
                 return 0
-            cfg = replace(cfg, optim=replace(cfg.optim, lr=lr, find_lr=False))
+            tr.set_lr(lr)
             if rt.is_main:
-                save_config(cfg, run_dir / "config.yaml")
-            tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger)
+                save_config(tr.cfg, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in tr.net.parameters())
         tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters, "
                     f"{tr.steps_per_epoch} steps/epoch")
         _stop_on_sigusr1(tr)
-        if rt.is_main and run_dir is not None:
-            (run_dir / REQUEUE_FILE).unlink(missing_ok=True)  # a fresh start clears a mark left for the job script
-        tr.fit(validate)
+        tr.fit(validate=True)
         return 0
     finally:
-        if logger is not None:
-            logger.close()
+        if tr is not None and tr.logger is not None:
+            tr.logger.close()
         shutdown(rt)

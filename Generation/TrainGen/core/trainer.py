@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.strategies import STRATEGIES
+from Generation.TrainGen.core.validation import validation_scores, write_sample_grid
 
 N_BINS = 10  # loss is also logged per tenth of the time range
+RESUME_FIXED = ("model", "strategy", "mode")  # sections a resumed run must share with its checkpoint
 PREEMPT_FILE = ".preempt"   # touched by the SLURM script's SIGUSR1 trap (or by hand): checkpoint and stop
 REQUEUE_FILE = ".requeue"   # left by a preempted run: the job script requeues itself
 
@@ -48,17 +51,33 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None):
     return strategy, lookup(MODES, cfg.mode.name, "--mode")(cfg, num_classes, image_channels)
 
 
+@dataclass
+class RunParts:
+    """What a run is built from, built once and handed to the batch-size probe, the LR test and the trainer."""
+    strategy: object
+    mode: object
+    net: torch.nn.Module
+    meta: dict
+
+
+def build_run_parts(cfg, train_data, device) -> RunParts:
+    channels = train_data.images.shape[1] if train_data.images is not None else None
+    meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
+            "class_names": list(train_data.class_names)}
+    strategy, mode = build_parts(cfg, meta["num_classes"], channels)
+    strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
+    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds).to(device)
+    return RunParts(strategy, mode, net, meta)
+
+
 class DiffusionTrainer:
-    def __init__(self, cfg, rt, train_data, val_data=None, run_dir: Path | None = None, logger=None):
+    def __init__(self, cfg, rt, train_data, val_data=None, run_dir: Path | None = None, logger=None,
+                 parts: RunParts | None = None):
         self.cfg, self.rt, self.train_data, self.val_data = cfg, rt, train_data, val_data
         self.run_dir, self.logger = run_dir, logger
-        channels = train_data.images.shape[1] if train_data.images is not None else None
-        self.meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
-                     "class_names": list(train_data.class_names)}
-        self.strategy, self.mode = build_parts(cfg, self.meta["num_classes"], channels)
-        self.strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
+        parts = parts or build_run_parts(cfg, train_data, rt.device)
+        self.strategy, self.mode, self.net, self.meta = parts.strategy, parts.mode, parts.net, parts.meta
         dev = rt.device
-        self.net = build_unet(cfg.model, self.mode.in_channels, self.mode.out_channels, self.mode.class_embeds).to(dev)
         self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -100,7 +119,7 @@ class DiffusionTrainer:
     def sample_model(self):
         return self.ema.ema_model if self.ema is not None else self.net
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
         if self.channels_last:
             out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in out.items()}
@@ -137,7 +156,7 @@ class DiffusionTrainer:
             ctx = self.model.no_sync() if self.rt.distributed and not last and hasattr(self.model, "no_sync") \
                 else contextlib.nullcontext()
             with ctx:
-                loss, per, t = self.loss(self._to_device(batch))
+                loss, per, t = self.loss(self.to_device(batch))
                 (loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
             self._record(per, t)
@@ -226,9 +245,9 @@ class DiffusionTrainer:
         self._reset_stats()
 
     # ------------------------------------------------------------------ loop
-    def fit(self, validate=None) -> str:
+    def fit(self, validate: bool = False) -> str:
         """Train until cfg.optim.epochs or cfg.optim.max_steps ('done') or a preemption request ('preempted');
-        validate(trainer) runs on every rank."""
+        with validate, self.validate() runs every runtime.val_interval epochs, on every rank."""
         cfg, o = self.cfg, self.cfg.optim
         max_steps = o.max_steps if o.max_steps is not None else math.inf
         accum = o.grad_accum
@@ -255,8 +274,8 @@ class DiffusionTrainer:
                 break  # max_steps reached mid-epoch: the position is saved below
             self.epoch, self.batch_pos = self.epoch + 1, 0
             is_best = False
-            if validate is not None and (self.epoch % cfg.runtime.val_interval == 0 or self.epoch == o.epochs):
-                is_best = validate(self)
+            if validate and (self.epoch % cfg.runtime.val_interval == 0 or self.epoch == o.epochs):
+                is_best = self.validate()
             if self.epoch % cfg.runtime.checkpoint_every == 0 or self.epoch == o.epochs or is_best:
                 self.checkpoint(is_best)
             if self.stop_early():
@@ -282,6 +301,35 @@ class DiffusionTrainer:
     def stop_early(self) -> bool:
         patience = self.cfg.runtime.early_stop_patience
         return patience is not None and self.bad_vals >= patience
+
+    # ------------------------------------------------------------------ validation, LR test
+    def validate(self) -> bool:
+        """Validation scores, logged with a sample grid; True when the mode's score is the best so far."""
+        scalars, outputs, batch = validation_scores(self)
+        metric, direction = self.mode.validation
+        score = scalars[f"val/{metric}"]
+        is_best = self.best is None or (score > self.best if direction == "higher" else score < self.best)
+        self.best, self.bad_vals = (score, 0) if is_best else (self.best, self.bad_vals + 1)
+        if self.rt.is_main and self.logger is not None:
+            self.logger.scalars(scalars, self.step)
+            path = write_sample_grid(self.mode, outputs, batch, self.run_dir / "samples" / f"epoch_{self.epoch:04d}.png")
+            self.logger.image("samples", path, self.step)
+        return is_best
+
+    def find_lr(self) -> float:
+        """The LR range test (core/lr_finder.py) on this run's network; weights and optimizer are restored."""
+        from Generation.TrainGen.core.lr_finder import find_lr
+        lr = find_lr(self, self.run_dir)
+        self.log_line(f"LR range test: suggested lr {lr:.3g} (curve in {self.run_dir / 'lr_finder.png'})")
+        return lr
+
+    def set_lr(self, lr: float) -> None:
+        """Train with this peak LR from now on (after the LR test): the warm-up/cosine schedule scales it."""
+        self.cfg = replace(self.cfg, optim=replace(self.cfg.optim, lr=lr, find_lr=False))
+        self.sched.base_lrs = [lr for _ in self.opt.param_groups]
+        for group in self.opt.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * self.sched.lr_lambdas[0](self.sched.last_epoch)
 
     # ------------------------------------------------------------------ checkpoints
     def gather_rng(self) -> list[torch.Tensor]:
@@ -328,6 +376,17 @@ class DiffusionTrainer:
         else:  # a different world size cannot continue the same noise streams; start fresh ones
             self.gen.manual_seed(self.cfg.runtime.seed * self.rt.world + self.rt.rank + 7919 * self.step)
 
+    def resume(self, path) -> None:
+        """Continue a run exactly: its model, EMA, optimizer, schedule, RNG streams and data position."""
+        state = load_checkpoint(path, self.log_line)
+        saved = state["config"]
+        for section in RESUME_FIXED:
+            if saved.get(section) != to_dict(self.cfg)[section]:
+                raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
+                                f"resume with the same --{section if section != 'model' else 'config'}")
+        self.load_state(state)
+        self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
     def init_weights(self, path) -> None:
         """--init_from: weights (EMA when present) of another run; a different architecture is refused."""
         try:
@@ -337,3 +396,4 @@ class DiffusionTrainer:
             raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None
         if self.ema is not None:
             self.ema.ema_model.load_state_dict(self.net.state_dict())
+        self.log_line(f"initialised weights from {path}")
