@@ -63,7 +63,7 @@ def test_training_with_perceptual_loss(demo_root, tmp_path, weights):
         tr = make_trainer(cfg)
         tr.net.load_state_dict(make_trainer(base).net.state_dict())
         g = torch.Generator().manual_seed(0)
-        loss, _, _ = tr.loss(batch, torch.randn(4, 1, 32, 32, generator=g), torch.tensor([10, 200, 500, 900]))
+        loss, _, _ = tr.loss(batch, torch.randn(4, 1, 32, 32, generator=g), torch.tensor([11, 201, 501, 901]) / 1000)
         losses.append(loss)
     assert losses[1] > losses[0]
     tr.train_step([batch])

@@ -5,6 +5,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from Generation.TrainGen.core.config import StrategyConfig
 from Generation.TrainGen.core.losses import min_snr_weight
+from Generation.TrainGen.core.samplers import SAMPLERS
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.strategies.base import expand
 
@@ -32,22 +33,22 @@ def test_registry_covers_both():
 def test_clean_at_t0_and_snr_falls(name, kw):
     st = make(name, **kw)
     x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
-    t0 = torch.zeros(2, dtype=torch.long if name == "ddpm" else torch.float)
-    x_t, _ = st.corrupt(x0, noise, t0)
-    a0, s0 = (float(c[0]) for c in st.coefficients(t0))
-    # rflow: exactly clean; DDPM's first timestep keeps sqrt(1 - abar_1) (about sqrt(beta_1)) of noise
-    assert s0 < 0.05 and a0 > 0.99
-    assert torch.allclose(x_t, x0, atol=s0 * float(noise.abs().max()) + (1 - a0) + 1e-6)
-    ts = torch.linspace(1, st.num_timesteps - 1, 20)
-    ts = ts.long() if name == "ddpm" else ts
+    x_t, _ = st.corrupt(x0, noise, torch.zeros(2))           # one time domain: t = 0 is clean for all
+    assert torch.equal(x_t, x0)
+    t_first = st.sample_times(4096, torch.Generator().manual_seed(0), "cpu").min()
+    a1, s1 = (float(c) for c in st.coefficients(t_first[None]))
+    assert s1 < 0.05 and a1 > 0.95                           # the least noisy training time is nearly clean
+    ts = torch.linspace(0.02, 0.98, 20)
     snr = st.snr(ts)
     assert torch.all(snr[1:] < snr[:-1])
+    times = st.sample_times(1000, torch.Generator().manual_seed(1), "cpu")
+    assert 0 < times.min() and times.max() <= 1
 
 
 def test_rflow_at_T_is_noise():
     st = make("rflow")
     x0, noise = torch.rand(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
-    x_t, target = st.corrupt(x0, noise, torch.full((2,), 100.0))
+    x_t, target = st.corrupt(x0, noise, torch.full((2,), 1.0))
     assert torch.equal(x_t, noise) and torch.allclose(target, x0 - noise)
 
 
@@ -59,9 +60,11 @@ def test_sampler_with_oracle_recovers_clean_sample(name, kw):
         for steps in (st.num_timesteps, 7):
             x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
             gen = torch.Generator().manual_seed(1)
-            for t, t_next in st.timesteps(steps, sampler):
-                tt = torch.full((2,), t)
-                x = st.step(oracle(st, x0, x, tt), x, t, t_next, sampler, gen)
+            grid = st.timesteps(steps, sampler)
+            assert grid[0][0] == 1.0 and grid[-1][1] == 0.0   # from pure noise to clean
+            for t, t_next in grid:
+                tt = torch.full((2,), t, dtype=torch.float64)
+                x = SAMPLERS[sampler](st, oracle(st, x0, x, tt), x, t, t_next, gen)
             assert torch.allclose(x, x0, atol=1e-4), (sampler, steps)
 
 
@@ -69,12 +72,14 @@ def test_ddpm_matches_monai_add_noise_and_steps():
     for pred in ("epsilon", "v_prediction"):
         st = make("ddpm", prediction="v" if pred == "v_prediction" else "epsilon")
         x0, noise = torch.rand(3, 1, 8, 8) - 0.5, torch.randn(3, 1, 8, 8)
-        t = torch.tensor([0, 50, 99])
+        k = torch.tensor([0, 50, 99])
+        t = (k + 1) / 100                                    # DDPM's integer steps in the shared time domain
+        assert torch.equal(st.net_time(t), k.float())
         ref = DDPMScheduler(100, prediction_type=pred)
         x_t, target = st.corrupt(x0, noise, t)
-        assert torch.allclose(x_t, ref.add_noise(x0, noise, t), atol=1e-5)
+        assert torch.allclose(x_t, ref.add_noise(x0, noise, k), atol=1e-5)
         if pred == "v_prediction":
-            assert torch.allclose(target, ref.get_velocity(x0, noise, t), atol=1e-5)
+            assert torch.allclose(target, ref.get_velocity(x0, noise, k), atol=1e-5)
         # a near-oracle prediction keeps the predicted x0 inside [-1, 1]: MONAI's DDIM keeps the unclipped
         # epsilon after clipping x0 while ours recomputes it from the clipped x0; they agree when nothing clips
         model_out = st.target(x0, noise, t) + 0.01 * torch.randn(3, 1, 8, 8)
@@ -83,12 +88,13 @@ def test_ddpm_matches_monai_add_noise_and_steps():
         for step_t in (60, 1):  # ancestral step t -> t-1 with the same noise draw
             ref.set_timesteps(100)
             want, _ = ref.step(model_out, step_t, x_t, generator=torch.Generator().manual_seed(3))
-            got = st.step(model_out, x_t, step_t, step_t - 1, "ddpm", torch.Generator().manual_seed(3))
+            got = SAMPLERS["ddpm"](st, model_out, x_t, (step_t + 1) / 100, step_t / 100,
+                                   torch.Generator().manual_seed(3))
             assert torch.allclose(got, want, atol=1e-4)
         ddim = DDIMScheduler(100, prediction_type=pred)
         ddim.set_timesteps(10)
         want, _ = ddim.step(model_out, 60, x_t)
-        got = st.step(model_out, x_t, 60, 50, "ddim")
+        got = SAMPLERS["ddim"](st, model_out, x_t, 61 / 100, 51 / 100)
         assert torch.allclose(got, want, atol=1e-4)
 
 
@@ -96,13 +102,14 @@ def test_rflow_matches_monai():
     st = make("rflow")
     ref = RFlowScheduler(num_train_timesteps=100, use_discrete_timesteps=False)
     x0, noise = torch.rand(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
-    t = torch.tensor([10.0, 50.0, 90.0])
+    t = torch.tensor([0.1, 0.5, 0.9])
     x_t, _ = st.corrupt(x0, noise, t)
-    assert torch.allclose(x_t, ref.add_noise(x0, noise, t), atol=1e-6)
+    assert torch.allclose(x_t, ref.add_noise(x0, noise, t * 100), atol=1e-6)
+    assert torch.allclose(st.net_time(t), t * 100)               # the network sees MONAI's time scale
     v = torch.randn(3, 1, 8, 8)
     ref.set_timesteps(10, input_img_size_numel=64)
     want, _ = ref.step(v, torch.tensor(90.0), x_t, torch.tensor(80.0))
-    assert torch.allclose(st.step(v, x_t, 90.0, 80.0, "euler"), want, atol=1e-6)
+    assert torch.allclose(SAMPLERS["euler"](st, v, x_t, 0.9, 0.8), want, atol=1e-6)
 
 
 # Min-SNR-gamma (Hang et al. 2023): every prediction type against the closed form
@@ -120,7 +127,7 @@ def test_min_snr_weights(snr):
 def test_min_snr_velocity_equals_x0_weighting_through_the_strategy():
     """For rflow, w * ||v err||^2 must equal min(SNR, g) * ||x0 err||^2 for the same prediction error."""
     st = make("rflow")
-    t = torch.tensor([5.0, 30.0, 70.0, 99.0])
+    t = torch.tensor([0.05, 0.30, 0.70, 0.99])
     x0, noise, v_err = torch.rand(4, 1, 4, 4), torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
     x_t, v = st.corrupt(x0, noise, t)
     x0_err = st.predict_x0(v + v_err, x_t, t) - x0

@@ -51,7 +51,7 @@ def find_batch_size(cfg, rt, parts) -> int:
         try:
             x = torch.randn(n, mode.in_channels, size, size, device=rt.device)
             x = x.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else x
-            t = strategy.sample_times(n, None, rt.device).float()
+            t = strategy.net_time(strategy.sample_times(n, None, rt.device))
             labels = torch.zeros(n, dtype=torch.long, device=rt.device) if mode.class_embeds else None
             with rt.autocast():
                 out = net(x, t, class_labels=labels)

@@ -1,8 +1,11 @@
-"""One sampling loop for every strategy and mode: the strategy steps from t to t_next, the mode builds the
+"""One sampling loop for every strategy, sampler and mode: the strategy gives the time grid in [0, 1] and the
+network's time value, a sampler function (core/samplers.py) steps from t to t_next, the mode builds the
 network input and applies classifier-free guidance."""
 from __future__ import annotations
 
 import torch
+
+from Generation.TrainGen.core.samplers import SAMPLERS
 
 
 @torch.no_grad()
@@ -13,11 +16,12 @@ def sample(model, strategy, mode, cond: dict, noise: torch.Tensor, sampler: str 
     sampler = strategy.check_sampler(sampler)
     num_steps = num_steps or strategy.default_steps[sampler]
     x = noise
+    step = SAMPLERS[sampler]
     for t, t_next in strategy.timesteps(num_steps, sampler):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        tt = strategy.net_time(torch.full((x.shape[0],), t, device=x.device, dtype=torch.float64))
         with autocast() if autocast else torch.autocast(x.device.type, enabled=False):
             pred = mode.forward(model, x, tt, cond, guidance)
-        x = strategy.step(pred.float(), x, t, t_next, sampler, generator)
+        x = step(strategy, pred.float(), x, t, t_next, generator)
         if trajectory is not None:
             trajectory.append(x)
     return x

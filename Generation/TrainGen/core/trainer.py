@@ -133,7 +133,7 @@ class DiffusionTrainer:
         t = self.strategy.sample_times(len(x0), gen, x0.device) if t is None else t
         x_t, target = self.strategy.corrupt(x0, noise, t)
         with self.rt.autocast():
-            pred = self.mode.forward(model or self.model, x_t, t.float(), cond)
+            pred = self.mode.forward(model or self.model, x_t, self.strategy.net_time(t), cond)
         per = per_sample_mse(pred, target)
         w = 1.0
         if self.min_snr:
@@ -214,7 +214,7 @@ class DiffusionTrainer:
         self.bin_count = torch.zeros(N_BINS, device=self.rt.device)
 
     def _record(self, per: torch.Tensor, t: torch.Tensor):
-        bins = (t.float() / self.strategy.num_timesteps * N_BINS).long().clamp(0, N_BINS - 1)
+        bins = (t.float() * N_BINS).long().clamp(0, N_BINS - 1)
         self.bin_sum.index_add_(0, bins, per.float())
         self.bin_count.index_add_(0, bins, torch.ones_like(per, dtype=torch.float32))
         self.stats["images"] += len(per) * self.rt.world

@@ -1,8 +1,11 @@
-"""A strategy says HOW to diffuse: training times, corruption, SNR, and one sampler step from t to t_next.
+"""A strategy says HOW to diffuse: training times, corruption, SNR, and the sampling time grid.
 
-Every strategy writes its forward process as x_t = a(t) * x0 + s(t) * noise, so the SNR is (a/s)^2 for all,
-and each sampler step is a pure function of (prediction, x_t, t, t_next). Subclass, then register the class
-in STRATEGIES (core/strategies/__init__.py) to add one.
+Every strategy shares one time domain at its interface: t in [0, 1], clean at 0, pure noise at 1 (a discrete
+schedule such as DDPM's integer steps is an internal detail), and writes its forward process as
+x_t = a(t) * x0 + s(t) * noise, so the SNR is (a/s)^2 for all. `net_time(t)` is what the network is given
+(DDPM: its integer step; rectified flow: t * num_timesteps, MONAI's convention), so checkpoints keep their
+meaning. Sampler steps are plain functions in core/samplers.py; a strategy names those that fit it.
+Subclass, then register the class in STRATEGIES (core/strategies/__init__.py) to add one.
 """
 from __future__ import annotations
 
@@ -37,8 +40,12 @@ class DiffusionStrategy:
         self.cfg = cfg
         self.num_timesteps = cfg.num_timesteps
 
-    # --- training
+    # --- training (t in [0, 1], 0 clean)
     def sample_times(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time value the network is conditioned on (float32)."""
         raise NotImplementedError
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +69,7 @@ class DiffusionStrategy:
 
     # --- sampling
     def timesteps(self, num_steps: int, sampler: str) -> list[tuple[float, float]]:
-        """[(t, t_next), ...] from pure noise to clean."""
-        raise NotImplementedError
-
-    def step(self, pred, x_t, t: float, t_next: float, sampler: str, generator=None) -> torch.Tensor:
+        """[(t, t_next), ...] from pure noise (1) to clean (0)."""
         raise NotImplementedError
 
     def check_sampler(self, sampler: str | None) -> str:

@@ -1,8 +1,9 @@
-"""Rectified Flow (Liu et al. 2022) in MONAI's RFlowScheduler convention.
+"""Rectified Flow (Liu et al. 2022), numerically MONAI's RFlowScheduler.
 
-x_t = (1 - t/T) * x0 + (t/T) * noise with t in [0, T]; the network predicts the velocity x0 - noise and
-Euler steps x_{t_next} = x_t + v * (t - t_next) / T (identical to RFlowScheduler.add_noise / .step).
-Training times: uniform, or logit-normal (Esser et al. 2024, SD3), which favours the middle of the path.
+x_t = (1 - t) * x0 + t * noise with t in [0, 1]; the network predicts the velocity x0 - noise and is given
+t * num_timesteps (RFlowScheduler's time scale); Euler steps x_{t_next} = x_t + v * (t - t_next) are
+core/samplers.py's `euler` (identical to RFlowScheduler.add_noise / .step). Training times: uniform, or
+logit-normal (Esser et al. 2024, SD3), which favours the middle of the path.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ class RFlowStrategy(Strategy):
 
     def sample_times(self, n, generator, device):
         if self.cfg.time_sampling == "logit-normal":
-            u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
-        else:
-            u = torch.rand(n, generator=generator, device=device)
-        return u * self.num_timesteps
+            return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        return torch.rand(n, generator=generator, device=device)
+
+    def net_time(self, t):
+        return torch.as_tensor(t).float() * self.num_timesteps
 
     def coefficients(self, t):
-        s = torch.as_tensor(t).double() / self.num_timesteps
+        s = torch.as_tensor(t).double()
         return 1 - s, s
 
     def target(self, x0, noise, t):
@@ -41,8 +43,5 @@ class RFlowStrategy(Strategy):
         return x_t + expand(s, x_t) * pred
 
     def timesteps(self, num_steps, sampler):
-        ts = torch.linspace(self.num_timesteps, 0, num_steps + 1).tolist()
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
         return list(zip(ts[:-1], ts[1:]))
-
-    def step(self, pred, x_t, t, t_next, sampler, generator=None):
-        return x_t + pred * ((t - t_next) / self.num_timesteps)
