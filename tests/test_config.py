@@ -48,7 +48,7 @@ def test_precedence_file_then_set_then_flag(tmp_path):
     ("nosuch.x=1", "unknown config key 'nosuch'"),
     ("optim.epochs=abc", "optim.epochs must be int"),
     ("runtime.multi_gpu=3", "runtime.multi_gpu must be bool"),
-    ("strategy.schedule=quadratic", "strategy.schedule must be one of linear, cosine"),
+    ("strategy.ddpm.schedule=quadratic", "strategy.ddpm.schedule must be one of linear, cosine"),
     ("data.image_size=4", "data.image_size must be at least 8"),
     ("optim", "--set expects section.key=value"),
 ])
@@ -92,3 +92,17 @@ def test_min_snr_switches():
     assert parse("--min_snr").optim.min_snr is True and parse("--no_min_snr").optim.min_snr is False
     with pytest.raises(UserError, match="--no_min_snr and --min_snr contradict"):
         parse("--no_min_snr", "--min_snr")
+
+
+def test_component_options_live_in_their_section_and_old_keys_still_work(capsys):
+    cfg = build_config({"strategy": {"prediction": "v", "time_sampling": "logit-normal"},
+                        "mode": {"ensemble": 3, "guidance_scale": 2.0}})
+    assert cfg.strategy.ddpm.prediction == "v" and cfg.strategy.rflow.time_sampling == "logit-normal"
+    assert cfg.mode.segment.ensemble == 3 and cfg.mode.labels.guidance_scale == 2.0
+    assert "strategy.prediction is now strategy.ddpm.prediction" in capsys.readouterr().err
+    both = build_config({"mode": {"ensemble": 3, "segment": {"ensemble": 5}}})
+    assert both.mode.segment.ensemble == 5                      # the new key wins
+    later = build_config({"mode": {"ensemble": 3}}, {"mode": {"segment": {"ensemble": 7}}})
+    assert later.mode.segment.ensemble == 7                     # and later layers still win
+    with pytest.raises(UserError, match="strategy.ddpm.schedule must be one of"):
+        build_config({"strategy": {"schedule": "quadratic"}})

@@ -3,19 +3,20 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from Generation.TrainGen.core.config import StrategyConfig
+from Generation.TrainGen.core.config import build_config
 from Generation.TrainGen.core.losses import min_snr_weight
 from Generation.TrainGen.core.samplers import SAMPLERS
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.strategies.base import expand
 
-VARIANTS = [("ddpm", {"prediction": "epsilon"}), ("ddpm", {"prediction": "v", "schedule": "cosine"}),
-            ("rflow", {}), ("rflow", {"time_sampling": "logit-normal"})]
+VARIANTS = [("ddpm", {"ddpm": {"prediction": "epsilon"}}),
+            ("ddpm", {"ddpm": {"prediction": "v", "schedule": "cosine"}}),
+            ("rflow", {}), ("rflow", {"rflow": {"time_sampling": "logit-normal"}})]
 IDS = ["ddpm-eps", "ddpm-v-cosine", "rflow", "rflow-logitnormal"]
 
 
 def make(name, **kw):
-    return STRATEGIES[name](StrategyConfig(name=name, num_timesteps=100, **kw))
+    return STRATEGIES[name](build_config({"strategy": {"name": name, "num_timesteps": 100, **kw}}).strategy)
 
 
 def oracle(strategy, x0, x_t, t):
@@ -70,7 +71,7 @@ def test_sampler_with_oracle_recovers_clean_sample(name, kw):
 
 def test_ddpm_matches_monai_add_noise_and_steps():
     for pred in ("epsilon", "v_prediction"):
-        st = make("ddpm", prediction="v" if pred == "v_prediction" else "epsilon")
+        st = make("ddpm", ddpm={"prediction": "v" if pred == "v_prediction" else "epsilon"})
         x0, noise = torch.rand(3, 1, 8, 8) - 0.5, torch.randn(3, 1, 8, 8)
         k = torch.tensor([0, 50, 99])
         t = (k + 1) / 100                                    # DDPM's integer steps in the shared time domain

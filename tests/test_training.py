@@ -36,7 +36,7 @@ def make_trainer(cfg, run_dir=None):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("mode", list(MODES))
 def test_every_strategy_and_mode_trains_and_samples(demo_root, tmp_path, mode, strategy):
-    cfg = tiny_cfg(demo_root, tmp_path, mode, strategy, mode={"ensemble": 2})
+    cfg = tiny_cfg(demo_root, tmp_path, mode, strategy, mode={"segment": {"ensemble": 2}})
     run = tmp_path / "run"
     run.mkdir()
     tr = make_trainer(cfg, run)

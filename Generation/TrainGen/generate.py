@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="segment these images with a segment-mode --image_model (NIfTI dataset, images/ + masks/ PNG "
                   "folders, or a folder of images); with ground-truth masks, Dice and IoU are reported")
     add_flag(p, "ensemble", type=int, default=None, help="--images_from: samples averaged per image "
-                                                         "(default: the model's mode.ensemble)")
+                                                         "(default: the model's mode.segment.ensemble)")
     add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"),
              help="where the slice cache lives (config/paths.py); auto: cluster when MEDGEN_DATA_ROOT and "
                   "MEDGEN_OUTPUT_ROOT are set")
@@ -171,7 +171,7 @@ def segment_images(args, rt) -> int:
         raise UserError(f"--image_model {model.path} was trained for mode {model.meta['mode']!r}, which does not "
                         "segment images (train one with --mode segment)")
     images = read_images(args.images_from, model, args.skip_bad, args.compute)
-    ensemble = args.ensemble or model.cfg.mode.ensemble
+    ensemble = args.ensemble or model.cfg.mode.segment.ensemble
     rt.print(f"segmenting {len(images.sources)} images from {args.images_from} into {args.output_dir} "
              f"({model.strategy.name}/{model.sampler}, {model.steps} steps, ensemble {ensemble})")
     summary = segment(model, images, Path(args.output_dir), ensemble, args.batch_size, args.seed, rt.device,

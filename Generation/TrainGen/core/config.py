@@ -62,27 +62,47 @@ class ModelConfig:
 
 
 @dataclass
+class DDPMOptions:                       # strategy.ddpm: read by the ddpm strategy (and its subclasses)
+    schedule: Literal["linear", "cosine"] = "linear"  # beta schedule (MONAI DDPMScheduler)
+    prediction: Literal["epsilon", "v"] = "epsilon"   # network target
+
+
+@dataclass
+class RFlowOptions:                      # strategy.rflow: read by the rflow strategy (velocity target always)
+    time_sampling: Literal["uniform", "logit-normal"] = "uniform"  # training-time distribution (SD3: logit-normal)
+
+
+@dataclass
 class StrategyConfig:
     name: str = "ddpm"                   # key of STRATEGIES (ddpm, rflow, or a registered one)
     num_timesteps: int = 1000            # training time discretisation
-    schedule: Literal["linear", "cosine"] = "linear"  # DDPM beta schedule
-    prediction: Literal["epsilon", "v"] = "epsilon"   # DDPM network target (rflow always predicts velocity)
-    time_sampling: Literal["uniform", "logit-normal"] = "uniform"  # rflow training-time distribution
     sampler: str | None = None           # None: the strategy's default (ddpm -> ddpm, rflow -> euler)
     sample_steps: int | None = None      # None: num_timesteps for ancestral DDPM, 50 for DDIM, 30 for Euler
+    ddpm: DDPMOptions = field(default_factory=DDPMOptions)
+    rflow: RFlowOptions = field(default_factory=RFlowOptions)
 
     def __post_init__(self):
         _check(self.num_timesteps >= 2, "strategy.num_timesteps must be at least 2")
 
 
 @dataclass
+class LabelOptions:                      # mode.labels: modes conditioned on a class label (class)
+    cfg_dropout: float = 0.1             # label dropout for classifier-free guidance (Ho & Salimans 2022)
+    guidance_scale: float = 1.0          # sampling guidance (1 = plain conditional)
+
+
+@dataclass
+class SegmentOptions:                    # mode.segment: the mask-given-image mode (segment)
+    image_key: str = "bravo"             # the conditioning NIfTI modality
+    ensemble: int = 1                    # samples averaged per prediction (validation, --images_from)
+
+
+@dataclass
 class ModeConfig:
     name: str = "seg"                    # key of MODES (seg, bravo, dual, class, segment, or a registered one);
                                          # seg, as the original research code's default
-    cfg_dropout: float = 0.1             # class mode: label dropout for classifier-free guidance
-    guidance_scale: float = 1.0          # class mode: sampling guidance (1 = plain conditional)
-    image_key: str = "bravo"             # segment mode: the conditioning image modality
-    ensemble: int = 1                    # segment mode: samples averaged per prediction at inference
+    labels: LabelOptions = field(default_factory=LabelOptions)
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
 
 
 @dataclass
@@ -272,10 +292,35 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# keys that moved into their component's own section: old YAML files, --set and checkpoints keep working
+MOVED = {"strategy.schedule": "strategy.ddpm.schedule", "strategy.prediction": "strategy.ddpm.prediction",
+         "strategy.time_sampling": "strategy.rflow.time_sampling", "mode.cfg_dropout": "mode.labels.cfg_dropout",
+         "mode.guidance_scale": "mode.labels.guidance_scale", "mode.image_key": "mode.segment.image_key",
+         "mode.ensemble": "mode.segment.ensemble"}
+_said: set[str] = set()
+
+
+def migrate(values: dict) -> dict:
+    """Move deprecated keys to their new place (an explicit new key wins), saying so once per key."""
+    import sys
+    out = merge({}, values)
+    for old, new in MOVED.items():
+        (sec, key), (_, sub, leaf) = old.split("."), new.split(".")
+        if isinstance(out.get(sec), dict) and key in out[sec]:
+            value = out[sec].pop(key)
+            target = out[sec].setdefault(sub, {})
+            if isinstance(target, dict):   # anything else is reported by _build as a wrong type
+                target.setdefault(leaf, value)
+            if old not in _said:
+                _said.add(old)
+                print(f"note: config key {old} is now {new} (the old key still works)", file=sys.stderr)
+    return out
+
+
 def build_config(*layers: dict) -> Config:
     values: dict = {}
     for layer in layers:
-        values = merge(values, layer)
+        values = merge(values, migrate(layer))
     return _build(Config, values, "")
 
 

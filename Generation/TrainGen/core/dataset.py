@@ -248,7 +248,7 @@ def data_source(cfg) -> DataSource:
     """Where the data of this config live and which modalities its mode reads."""
     from config.paths import PathConfig
     from Generation.TrainGen.core.modes import MODES
-    mode = lookup(MODES, cfg.mode.name, "--mode")(cfg)
+    mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode)
     paths = PathConfig.from_compute(cfg.paths.compute)
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)

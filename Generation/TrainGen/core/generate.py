@@ -72,7 +72,7 @@ class Job:
         return self.seg_model if self.seg_model is not self.main_model else None
 
     def guidance_of(self, model: Model) -> float:
-        return self.guidance if self.guidance is not None else model.cfg.mode.guidance_scale
+        return self.guidance if self.guidance is not None else model.cfg.mode.labels.guidance_scale
 
     def settings(self) -> dict:
         """Everything that decides a sample's content: a re-run into the same folder must match it."""

@@ -4,7 +4,7 @@ Each image gets `ensemble` samples, each from its own seed (seed, index, member)
 on the batch or on an interruption. Written per image: the ensemble mean thresholded at 0.5 (the mask), the
 mean itself (a soft mask) and the standard deviation over the members (an uncertainty map). When DIR has
 ground-truth masks, Dice and IoU per image go into the manifest and the overall figures into
-segmentation.json and segmentation.md. Inputs: a NIfTI dataset (slices of mode.image_key, with seg files
+segmentation.json and segmentation.md. Inputs: a NIfTI dataset (slices of mode.segment.image_key, with seg files
 when present, preprocessed as the model's training data), DIR/images/ (+ DIR/masks/) PNG folders, or a flat
 folder of images. Every image's files are written atomically, then its row: a re-run continues.
 """
@@ -62,7 +62,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         layout = nifti.layout_from_config(cfg)
         subjects = [s for split in nifti.find_splits(root, layout, 0.0, 0).values() for s in split]
         with_masks = all(nifti.subject_files(s, layout, ["seg"])[0] for s in subjects)
-        key = model.cfg.mode.image_key
+        key = model.cfg.mode.segment.image_key
         cache = PathConfig.from_compute(compute).cache_root / "slices" if cfg.cache else None
         data = load_folder(cfg, root, [key, "seg"] if with_masks else [key], cache)
         return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True)

@@ -1,6 +1,6 @@
 """Validation of a training run, on every rank (no rank waits alone in a collective): the unweighted loss
 on the validation split, samples from the EMA weights, their Dice and IoU when the mode is scored by Dice
-(mode.ensemble samples averaged), and a grid of each sample beside the real image or mask."""
+(mode.segment.ensemble samples averaged), and a grid of each sample beside the real image or mask."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,10 +34,10 @@ def validation_scores(tr) -> tuple[dict, dict, dict]:
     x0, cond = tr.mode.split(batch)
     metric, _ = tr.mode.validation
     outs = []
-    for _ in range(max(1, cfg.mode.ensemble if metric == "dice" else 1)):
+    for _ in range(max(1, cfg.mode.segment.ensemble if metric == "dice" else 1)):
         noise = torch.randn(x0.shape, generator=gen, device=rt.device)
         outs.append(sample(model, tr.strategy, tr.mode, cond, noise, cfg.strategy.sampler, cfg.strategy.sample_steps,
-                           cfg.mode.guidance_scale, gen, rt.autocast))
+                           cfg.mode.labels.guidance_scale, gen, rt.autocast))
     outputs = tr.mode.outputs(torch.stack(outs).mean(0))
     if metric == "dice":
         scalars["val/dice"], scalars["val/iou"] = dice_iou(outputs[MASK_ROLE], batch["masks"])

@@ -25,7 +25,7 @@ class TrainingMode:
     condition_roles: list[str] = []   # data roles concatenated as conditioning channels
     writes = "subjects"               # samples as <sample>/<role>.nii.gz; "class_folders": <class>/<sample>.png
     validation = ("loss", "lower")    # validation score and which direction is better; ("dice", "higher"):
-                                      # Dice of the mode.ensemble-averaged sample against the real mask
+                                      # Dice of the mode.segment.ensemble-averaged sample against the real mask
 
     @property
     def needs(self) -> str | None:
@@ -48,7 +48,7 @@ class TrainingMode:
         return list(dict.fromkeys(self.condition_roles + self.generated_roles))
 
     def __init__(self, cfg, num_classes: int | None = None, image_channels: int | None = None):
-        self.cfg = cfg
+        self.cfg = cfg    # this mode's config section (ModeConfig), as a strategy gets its StrategyConfig
         self.num_classes = num_classes
         self.image_channels = image_channels
 

@@ -23,7 +23,7 @@ class DualMode(Mode):
 class ClassMode(Mode):
     """Class-conditional images (image folders) with classifier-free guidance (Ho & Salimans 2022).
 
-    Training replaces a label by the null class (id = num_classes) with probability mode.cfg_dropout;
+    Training replaces a label by the null class (id = num_classes) with probability mode.labels.cfg_dropout;
     sampling runs the conditional and unconditional predictions in one batched forward pass and returns
     uncond + s * (cond - uncond)."""
     name = "class"
@@ -49,8 +49,8 @@ class ClassMode(Mode):
 
     def split(self, batch: dict, train: bool = False, generator=None):
         labels = batch["labels"]
-        if train and self.cfg.mode.cfg_dropout > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.cfg.mode.cfg_dropout
+        if train and self.cfg.labels.cfg_dropout > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.cfg.labels.cfg_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return batch["images"] * 2 - 1, {"labels": labels}
 

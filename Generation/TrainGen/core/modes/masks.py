@@ -11,7 +11,7 @@ class SegMode(Mode):
 
 
 class SegmentMode(Mode):
-    """Diffusion segmentation: a mask generated given the image: the NIfTI modality mode.image_key (default
+    """Diffusion segmentation: a mask generated given the image: the NIfTI modality mode.segment.image_key (default
     bravo), or every channel of an image+mask PNG dataset (grey or RGB)."""
     name = "segment"
     generated_roles = ["seg"]
@@ -20,7 +20,7 @@ class SegmentMode(Mode):
 
     @property
     def condition_roles(self) -> list[str]:
-        return [self.cfg.mode.image_key]
+        return [self.cfg.segment.image_key]
 
     @property
     def in_channels(self) -> int:

@@ -24,8 +24,8 @@ class DDPMStrategy(Strategy):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.prediction = cfg.prediction
-        sched = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=SCHEDULES[cfg.schedule])
+        self.prediction = cfg.ddpm.prediction
+        sched = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=SCHEDULES[cfg.ddpm.schedule])
         self.alphas_cumprod = sched.alphas_cumprod.double()
         self.default_steps = {"ddpm": cfg.num_timesteps, "ddim": 50}
 

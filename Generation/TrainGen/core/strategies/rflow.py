@@ -24,7 +24,7 @@ class RFlowStrategy(Strategy):
     min_snr_default = False
 
     def sample_times(self, n, generator, device):
-        if self.cfg.time_sampling == "logit-normal":
+        if self.cfg.rflow.time_sampling == "logit-normal":
             return torch.sigmoid(torch.randn(n, generator=generator, device=device))
         return torch.rand(n, generator=generator, device=device)
 
