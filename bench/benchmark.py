@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from Generation.TrainGen.core.config import build_config  # noqa: E402
-from Generation.TrainGen.core.dataset import load_split  # noqa: E402
+from common.dataset import load_split  # noqa: E402
 from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 PRESETS = {  # subjects, volume shape, image size, batch size
@@ -160,7 +160,7 @@ def timed_steps(step, n_warm: int, n: int, sync) -> float:
 def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     from monai.networks.schedulers import DDPMScheduler
 
-    from Generation.TrainGen.core.dataset import data_source
+    from Generation.TrainGen.core.datasource import data_source
     from Generation.TrainGen.core.network import build_unet
     from Generation.TrainGen.core.runtime import init_runtime
     from Generation.TrainGen.core.trainer import DiffusionTrainer
@@ -256,7 +256,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
 def bench_metrics(device: str, preset: str, work: Path) -> list[dict]:
     from eval.obj_eval.core import metrics as M
     from eval.obj_eval.core.networks import LPIPS, InceptionFID, RadImageNetFID
-    from Generation.TrainGen.core.features import ResNet50Features
+    from common.features import ResNet50Features
     size = PRESETS[preset][2]
     n = 16 if device == "cpu" else 512
     dev = torch.device(device)

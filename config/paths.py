@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_CHOICES = ("local", "cluster", "auto")

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from Generation.TrainGen.core.config import build_config, load_yaml  # noqa: E402
-from Generation.TrainGen.core.dataset import data_source  # noqa: E402
+from Generation.TrainGen.core.datasource import data_source  # noqa: E402
 from Generation.TrainGen.core.runtime import init_runtime, shutdown  # noqa: E402
 from Generation.TrainGen.core.trainer import DiffusionTrainer  # noqa: E402
 

@@ -4,7 +4,7 @@ import time
 import torch
 
 from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.dataset import load_split
+from common.dataset import load_split
 from tests.helpers_nifti import mask_volume, pattern_volume, save
 
 

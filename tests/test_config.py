@@ -5,7 +5,7 @@ import yaml
 
 from Generation.TrainGen.core.cli import TRAIN_FLAGS, add_config_flags, config_from_args
 from Generation.TrainGen.core.config import Config, build_config, load_yaml, save_config
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 from config.paths import REPO_ROOT, PathConfig
 
 

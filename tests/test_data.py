@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from Generation.TrainGen.core import data as nifti
+from common import data as nifti
 from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.dataset import load_split
-from Generation.TrainGen.core.errors import UserError
+from common.dataset import load_split
+from common.errors import UserError
 from tests.helpers_nifti import mask_volume, pattern_volume, save
 
 # role -> pattern written; read back, channel c of the output must show this pattern

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.features import (ResNet50Features, load_radimagenet, perceptual_distance,
+from common.errors import UserError
+from common.features import (ResNet50Features, load_radimagenet, perceptual_distance,
                                                sha256_of)
 from tests.test_training import make_trainer, tiny_cfg
 

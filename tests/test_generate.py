@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 from Generation.TrainGen.core.generation.conditions import MaskFilter
 from Generation.TrainGen.core.generation.writers import read_rows, sample_seed
 from Generation.TrainGen.generate import main as generate_main
@@ -65,7 +65,7 @@ def test_manifest_lists_every_file_with_provenance(reference, tiny_models):
     on_disk = {str(p.relative_to(reference)) for p in reference.rglob("sample_*/*") if p.is_file()}
     assert listed == on_disk
     from Generation.TrainGen.core.checkpoint import best_checkpoint
-    from Generation.TrainGen.core.features import sha256_of
+    from common.features import sha256_of
     r = rows[3]
     assert r["checkpoint_sha256"] == sha256_of(best_checkpoint(tiny_models["bravo"]))
     assert r["seg_checkpoint_sha256"] == sha256_of(best_checkpoint(tiny_models["seg"]))
@@ -171,7 +171,7 @@ def test_class_counts_are_honoured(tiny_models, tmp_path):
     assert [r["class"] for r in rows] == ["melanoma"] * 5 + ["vascular"] * 2
     assert {r["guidance"] for r in rows} == {"2.0"}
     # the folder reads back as a class image dataset
-    from Generation.TrainGen.core.imagefolder import find_image_splits
+    from common.imagefolder import find_image_splits
     splits, classes, problems = find_image_splits(out, None, 0.0, 0)
     assert classes == ["melanoma", "vascular"] and len(splits["train"]) == 7 and not problems
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint, safe_load
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.fileio import remove_stale_tmp
+from common.fileio import safe_load
+from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
+from common.errors import UserError
+from common.fileio import remove_stale_tmp
 from Generation.TrainGen.core.run import train
 from Generation.TrainGen.generate import main as generate_main
 from tests.conftest import run_script

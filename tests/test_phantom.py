@@ -1,6 +1,6 @@
 import numpy as np
 
-from Generation.TrainGen.core import data as nifti
+from common import data as nifti
 from Generation.TrainGen.core.phantom import LESION_CLASSES, make_lesion_image, make_subject
 
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 from Generation.TrainGen.core.generation.models import resolve_glob
-from Generation.TrainGen.core.imagefolder import read_labels_csv
+from common.imagefolder import read_labels_csv
 from Generation.TrainGen.core.modes import MODES, Mode, TrainingMode
 from Generation.TrainGen.core.strategies import DiffusionStrategy, Strategy
 from tests.conftest import run_script

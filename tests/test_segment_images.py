@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 from Generation.TrainGen.core.run import train
 from Generation.TrainGen.core.segment_images import dice_iou
 from Generation.TrainGen.generate import main as generate_main

@@ -5,8 +5,9 @@ import torch
 
 from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
 from Generation.TrainGen.core.config import build_config, load_yaml
-from Generation.TrainGen.core.dataset import SliceData, data_source
-from Generation.TrainGen.core.errors import UserError
+from common.dataset import SliceData
+from Generation.TrainGen.core.datasource import data_source
+from common.errors import UserError
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.modes.base import Mode
 from Generation.TrainGen.core.run import train

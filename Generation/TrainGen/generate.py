@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from Generation.TrainGen.core.cli import HelpFormatter, add_flag  # noqa: E402
+from common.cli import HelpFormatter, add_flag  # noqa: E402
 from Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
-from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
+from common.errors import UserError, run_main  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from Generation.TrainGen.core.cli import HelpFormatter, add_config_flags, add_flag, config_from_args  # noqa: E402
-from Generation.TrainGen.core.dataset import check_data  # noqa: E402
-from Generation.TrainGen.core.errors import run_main  # noqa: E402
+from common.cli import HelpFormatter, add_flag  # noqa: E402
+from Generation.TrainGen.core.cli import add_config_flags, config_from_args  # noqa: E402
+from Generation.TrainGen.core.datasource import check_data  # noqa: E402
+from common.errors import run_main  # noqa: E402
 from Generation.TrainGen.core.plugins import load_plugins, plugin_paths  # noqa: E402
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from Generation.TrainGen.core.cli import HelpFormatter  # noqa: E402
+from common.cli import HelpFormatter  # noqa: E402
 from eval.obj_eval.core.cli import add_flag  # noqa: E402
-from Generation.TrainGen.core.errors import UserError, run_main  # noqa: E402
-from Generation.TrainGen.core.fileio import atomic_write_text  # noqa: E402
+from common.errors import UserError, run_main  # noqa: E402
+from common.fileio import atomic_write_text  # noqa: E402
 
 
 def load(path: str) -> tuple[Path, dict]:

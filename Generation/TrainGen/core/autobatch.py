@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 
 SAFETY = 0.9
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.fileio import atomic_write
+from common.errors import UserError
+from common.fileio import atomic_write, safe_load
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -78,17 +78,3 @@ def model_weights(state: dict) -> dict:
         if ema:
             return ema
     return state["model"]
-
-
-def safe_load(path: Path, what: str) -> dict:
-    """torch.load(weights_only=True): a file is untrusted input; any failure is one UserError line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        text = str(err)
-        if "weights_only" in text or "Weights only load failed" in text:
-            # torch's own message suggests weights_only=False, i.e. running code from the file: never do that
-            reason = "it holds objects other than tensors and plain containers, which are not loaded from files"
-        else:
-            reason = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else 'corrupt'}"
-        raise UserError(f"{path}: not a loadable {what} ({reason})") from None

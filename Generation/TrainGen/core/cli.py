@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from Generation.TrainGen.core.config import Config, build_config, load_yaml, parse_set
-from Generation.TrainGen.core.errors import UserError
+from common.cli import add_flag
+from common.errors import UserError
 
 # flag -> (config field, type); `None` type means a store_true flag that sets the given value
 TRAIN_FLAGS = {
@@ -21,17 +22,6 @@ SWITCHES = {
     "no_min_snr": ("optim.min_snr", False), "min_snr": ("optim.min_snr", True), "skip_bad": ("data.skip_bad", True), "compile": ("runtime.compile", True),
     "positive_only": ("data.positive_only", True), "no_compile": ("runtime.compile", False),
 }
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows each flag's default (None and False are left out)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.option_strings and action.default is not None and action.default is not False \
-                and action.default not in ([], argparse.SUPPRESS) and "%(default)" not in text and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def field_help(field: str) -> str:
@@ -59,12 +49,6 @@ def int_or_auto(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
-def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Register --name and, where it differs, --name-with-dashes (both spellings work everywhere)."""
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*names, dest=name, **kwargs)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, flags=TRAIN_FLAGS, switches=SWITCHES) -> None:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from Generation.TrainGen.core.data import MASK_ROLE, fit_square
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.fileio import atomic_write_text, remove_stale_tmp
+from common.data import MASK_ROLE, fit_square
+from common.errors import UserError
+from common.fileio import atomic_write_text, remove_stale_tmp
 from Generation.TrainGen.core.generation.conditions import MaskFilter
 from Generation.TrainGen.core.generation.models import Model
 from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done, sample_id,
                                                           sample_seed, write_manifest, write_previews, write_sample)
-from Generation.TrainGen.core.grid import save_grid
+from common.grid import save_grid
 from Generation.TrainGen.core.sampling import sample
 
 

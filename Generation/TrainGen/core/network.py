@@ -20,7 +20,7 @@ def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds:
     channels = tuple(model_cfg.channels or channels)
     attention = tuple(model_cfg.attention_levels if model_cfg.attention_levels is not None else attention)
     if len(attention) != len(channels):
-        from Generation.TrainGen.core.errors import UserError
+        from common.errors import UserError
         raise UserError("model.attention_levels needs one entry per model.channels level")
     return DiffusionModelUNet(
         spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,

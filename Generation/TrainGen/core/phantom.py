@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from Generation.TrainGen.core.data import MASK_ROLE
+from common.data import MASK_ROLE
 
 DEMO_VERSION = 1
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")

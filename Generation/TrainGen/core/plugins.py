@@ -16,7 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 
 _loaded: dict[str, object] = {}
 

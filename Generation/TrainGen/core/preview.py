@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from Generation.TrainGen.core import data as nifti
-from Generation.TrainGen.core.grid import save_grid
-from Generation.TrainGen.core.imagefolder import find_image_splits, load_images
+from common import data as nifti
+from common.grid import save_grid
+from common.imagefolder import find_image_splits, load_images
 
 PREVIEW_ROLES = ["t1_pre", "t1_gd", "bravo"]
 

@@ -11,9 +11,10 @@ from tqdm import tqdm
 from config.paths import PathConfig
 from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints
 from Generation.TrainGen.core.config import save_config
-from Generation.TrainGen.core.dataset import data_source, print_problems
-from Generation.TrainGen.core.errors import UserError, lookup
-from Generation.TrainGen.core.fileio import remove_stale_tmp
+from common.dataset import print_problems
+from Generation.TrainGen.core.datasource import data_source
+from common.errors import UserError, lookup
+from common.fileio import remove_stale_tmp
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.runtime import init_runtime, shutdown

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError
 
 
 @dataclass

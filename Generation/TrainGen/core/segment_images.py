@@ -20,10 +20,10 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from Generation.TrainGen.core import data as nifti
-from Generation.TrainGen.core import imagefolder
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text, remove_stale_tmp
+from common import data as nifti
+from common import imagefolder
+from common.errors import UserError
+from common.fileio import atomic_write, atomic_write_text, remove_stale_tmp
 from Generation.TrainGen.core.sampling import sample
 
 ROWS_DIR = ".rows"
@@ -51,7 +51,7 @@ class ImageSet:
 def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
     """The images of DIR preprocessed as the model's training data (its size; NIfTI: its layout and crop)."""
     from config.paths import PathConfig
-    from Generation.TrainGen.core.dataset import load_folder
+    from common.dataset import load_folder
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"--images_from {root}: folder does not exist")

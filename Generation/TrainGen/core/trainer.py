@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
 from Generation.TrainGen.core.config import to_dict
-from Generation.TrainGen.core.errors import UserError, lookup
-from Generation.TrainGen.core.features import load_radimagenet, perceptual_distance
+from common.errors import UserError, lookup
+from common.features import load_radimagenet, perceptual_distance
 from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.network import build_unet

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from Generation.TrainGen.core.data import MASK_ROLE
-from Generation.TrainGen.core.grid import save_grid
+from common.data import MASK_ROLE
+from common.grid import save_grid
 from Generation.TrainGen.core.sampling import sample
 from Generation.TrainGen.core.segment_images import dice_iou
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from eval.obj_eval.core.evaluate import Options, parse_metrics
-from Generation.TrainGen.core.cli import add_flag as _add
-from Generation.TrainGen.core.errors import UserError
+from common.cli import add_flag as _add
+from common.errors import UserError
 
 
 def add_flag(p, name: str, **kw):

@@ -17,8 +17,8 @@ from config.paths import PathConfig
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.core.inputs import EvalSet, load_set, pair
 from eval.obj_eval.core.networks import load_fid_network, load_lpips
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
+from common.errors import UserError
+from common.fileio import atomic_write, atomic_write_text
 
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
 RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"

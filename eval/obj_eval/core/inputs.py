@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from config.paths import PathConfig
-from Generation.TrainGen.core import imagefolder
-from Generation.TrainGen.core.config import DataConfig
-from Generation.TrainGen.core.data import NIFTI_SUFFIXES
-from Generation.TrainGen.core.dataset import load_folder
-from Generation.TrainGen.core.errors import UserError
+from common import imagefolder
+from common.data import DataConfig
+from common.data import NIFTI_SUFFIXES
+from common.dataset import load_folder
+from common.errors import UserError
 
 
 @dataclass

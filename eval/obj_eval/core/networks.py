@@ -5,7 +5,7 @@ the parameter names of the published weight files so those files load as they ar
              padding, a max pool in the last block), weights pt_inception-2015-12-05-6726825d.pth, the file
              pytorch-fid and torch-fidelity use. Input: bilinear resize to 299, [0, 1] -> [-1, 1]; features:
              the 2048-d average pool.
-  radimagenet  RadImageNet ResNet-50 (Generation/TrainGen/core/features.py).
+  radimagenet  RadImageNet ResNet-50 (common/features.py, shared with the perceptual loss).
   lpips      AlexNet (default) or VGG-16 trunk from the torchvision weight file, with the lpips package's
              v0.1 linear heads (read from the installed package's files, no lpips import).
 
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from Generation.TrainGen.core.checkpoint import safe_load
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core import features
+from common.fileio import safe_load
+from common.errors import UserError
+from common import features
 
 WEIGHT_FILES = {
     "inception": "pt_inception-2015-12-05-6726825d.pth",

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from Generation.TrainGen.core.fileio import atomic_write
-from Generation.TrainGen.core.grid import save_grid
+from common.fileio import atomic_write
+from common.grid import save_grid
 
 LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, "psnr": False,
                    "ms_ssim_quality": False, "lpips_quality": True}

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from Generation.TrainGen.core.data import MASK_ROLE
-from Generation.TrainGen.core.errors import UserError
+from common.data import MASK_ROLE
+from common.errors import UserError
 from Generation.TrainGen.core.generation.models import Model
 
 
@@ -69,7 +69,7 @@ def load_real_conditions(directory: str, model: Model, positive_only: bool = Tru
     (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
     positive_only is False."""
     from config.paths import PathConfig
-    from Generation.TrainGen.core.dataset import load_folder
+    from common.dataset import load_folder
     roles = model.mode.condition_roles
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
                        skip_bad=skip_bad)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights, safe_load
+from common.fileio import safe_load
+from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
 from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.errors import UserError
-from Generation.TrainGen.core.features import sha256_of
+from common.errors import UserError
+from common.features import sha256_of
 from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.trainer import build_parts
 

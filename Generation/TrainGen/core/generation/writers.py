@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from Generation.TrainGen.core.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
-from Generation.TrainGen.core.fileio import atomic_write, atomic_write_text
-from Generation.TrainGen.core.grid import save_grid
+from common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
+from common.fileio import atomic_write, atomic_write_text
+from common.grid import save_grid
 
 if TYPE_CHECKING:
     from Generation.TrainGen.core.generate import Job

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from Generation.TrainGen.core.data import MASK_ROLE
+from common.data import MASK_ROLE
 
 
 class TrainingMode:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or preemption never leaves a half-written file under the final name."""
+"""Atomic file writes (a crash or preemption never leaves a half-written file under the final name), and safe
+loading of files that may come from anywhere (torch.load with weights_only)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+import torch
+
+from common.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -41,3 +46,17 @@ def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0) -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def safe_load(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True): a file is untrusted input; any failure is one UserError line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        text = str(err)
+        if "weights_only" in text or "Weights only load failed" in text:
+            # torch's own message suggests weights_only=False, i.e. running code from the file: never do that
+            reason = "it holds objects other than tensors and plain containers, which are not loaded from files"
+        else:
+            reason = f"{type(err).__name__}: {text.splitlines()[0][:200] if text else 'corrupt'}"
+        raise UserError(f"{path}: not a loadable {what} ({reason})") from None

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from Generation.TrainGen.core.fileio import atomic_write
+from common.fileio import atomic_write
 
 OUTLINE_RGB = (1.0, 0.15, 0.1)
 

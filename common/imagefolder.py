@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from Generation.TrainGen.core.data import Problem, fit_square
-from Generation.TrainGen.core.errors import UserError
+from common.data import Problem, fit_square
+from common.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

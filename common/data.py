@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import nibabel as nib
@@ -24,12 +25,46 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as ornt
 
-from Generation.TrainGen.core.errors import UserError
+from common.errors import UserError, require as _check
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_ROLE = "seg"   # the data role of a segmentation mask (label checks, nearest resizing, thresholded outputs)
 GENERATED_MARKER = "generation.json"   # written by generate.py at the root of every dataset it makes
 SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None          # None: the default root of paths.compute (locally the demo dataset)
+    format: Literal["auto", "nifti", "images", "pairs"] = "auto"  # auto: image folders for mode=class; for
+                                         # segment, images/ + masks/ PNG folders when present; NIfTI otherwise
+    layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
+    modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
+    mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1}, BraTS labels)
+    image_size: int = 128                # square output size after crop/pad + resize
+    crop_size: int | None = None         # centre crop in-plane before resizing (e.g. 192 for 240x240 BraTS)
+    positive_only: bool = False          # keep only slices containing any mask voxel
+    norm_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume robust range -> [0,1]
+    mask_mode: Literal["binary", "classes"] = "binary"  # binary: mask>0; classes: keep label ids
+    val_fraction: float = 0.2            # flat folder of subjects: share held out for validation
+    split_seed: int = 0                  # seed of that split (independent of the training seed)
+    labels_csv: str | None = None        # image folders: a labels CSV instead of class folders: filename,label;
+                                         # APTOS id_code,diagnosis; ISIC image + one-hot columns (detected)
+    csv_image_column: str | None = None  # labels_csv: the image column, when the layout is not detected
+    csv_label_column: str | None = None  # labels_csv: the label column (None with csv_image_column: one-hot)
+    cache: bool = True                   # build preprocessed slices once, reuse while inputs and params match
+    cache_dir: str | None = None         # None: <paths cache root>/slices
+    cache_device: Literal["cpu", "cuda"] = "cpu"  # where the cached tensors live during training
+    skip_bad: bool = False               # leave out subjects that fail the scan instead of stopping
+    num_workers: int = 0                 # processes reading volumes while building the cache (0: in-process)
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "data.image_size must be at least 8")
+        _check(self.crop_size is None or self.crop_size >= 8, "data.crop_size must be at least 8 px (or null)")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(len(self.norm_percentiles) == 2 and 0 <= self.norm_percentiles[0] < self.norm_percentiles[1] <= 100,
+               "data.norm_percentiles must be two increasing numbers in [0, 100]")
+        _check(self.layout != "custom" or bool(self.modalities), "data.layout=custom needs data.modalities")
 
 
 @dataclass(frozen=True)

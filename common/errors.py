@@ -9,6 +9,12 @@ class UserError(Exception):
     """A problem with the user's input (flags, config, data). Printed as one line, exit code 2."""
 
 
+def require(ok: bool, message: str) -> None:
+    """A config or flag check: UserError(message) unless ok."""
+    if not ok:
+        raise UserError(message)
+
+
 def lookup(registry: dict, name: str, flag: str):
     """registry[name], or a UserError naming the flag and the registered choices."""
     if name not in registry:
