@@ -103,3 +103,12 @@ def test_nifti_images_with_masks(demo_root, tmp_path, tiny_models):
     with pytest.raises(UserError, match="does not segment images"):
         generate_main(["--image_model", str(tiny_models["bravo"]), "--images_from", str(demo_root / "brain"),
                        "--output_dir", str(tmp_path / "x"), "--device", "cpu"])
+
+
+def test_images_from_flags_are_checked_first(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="--ensemble must be at least 1"):
+        generate_main(["--image_model", "nowhere", "--images_from", str(tmp_path), "--ensemble", "0",
+                       "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        generate_main(["--image_model", "nowhere", "--images_from", str(tmp_path), "--output_dir", str(tmp_path / "f")])

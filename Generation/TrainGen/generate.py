@@ -72,15 +72,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_job(args, rt):
-    from Generation.TrainGen.core.generate import Job, split_work
-    from Generation.TrainGen.core.generation.conditions import MaskFilter, load_real_conditions, parse_class_counts
-    from Generation.TrainGen.core.generation.models import load_model
-    for flag in ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"):
+def check_counts(args, flags) -> None:
+    """Counts that must be positive, and an --output_dir that can be a folder: before any model is loaded."""
+    for flag in flags:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
+
+
+def build_job(args, rt):
+    from Generation.TrainGen.core.generate import Job, split_work
+    from Generation.TrainGen.core.generation.conditions import MaskFilter, load_real_conditions, parse_class_counts
+    from Generation.TrainGen.core.generation.models import load_model
+    check_counts(args, ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"))
     if args.output_size is not None and args.output_size < 8:
         raise UserError("--output_size must be at least 8")
     if not args.seg_model and not args.image_model:
@@ -162,9 +167,7 @@ def segment_images(args, rt) -> int:
     from Generation.TrainGen.core.segment_images import read_images, segment
     if not args.image_model or args.seg_model:
         raise UserError("--images_from needs --image_model RUN (a segment-mode model) and no --seg_model")
-    for flag in ("num_steps", "ensemble", "batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_counts(args, ("num_steps", "ensemble", "batch_size"))
     model = load_model(args.image_model, "--image_model", rt.device, args.strategy, args.sampler, args.num_steps,
                        args.compile)
     if model.mode.needs != "image":
