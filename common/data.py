@@ -83,6 +83,11 @@ LAYOUTS = {
 }
 
 
+def is_nifti_dataset(root: Path) -> bool:
+    """Any NIfTI file below root (else it is read as an image folder)."""
+    return any(p.name.endswith(NIFTI_SUFFIXES) for p in Path(root).rglob("*.nii*"))
+
+
 def layout_from_config(data_cfg) -> Layout:
     if data_cfg.layout == "custom":
         base = Layout(dict(data_cfg.modalities), (0, 1))

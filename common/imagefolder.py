@@ -22,7 +22,8 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 MIN_SIDE = 8   # smaller images hold too little to resize from (data.image_size is at least 8 too)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in folder, sorted."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -87,7 +88,7 @@ def list_items(root: Path, labels_csv: str | None, columns: tuple | None = None
         return read_labels_csv(root, Path(labels_csv), *(columns or (None, None)))
     items, problems = [], []
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):  # not .rows etc.
-        files = _images_in(folder)
+        files = images_in(folder)
         if not files:
             problems.append(Problem(folder, "empty class folder (no .png/.jpg images)"))
         items += [(f, folder.name) for f in files]
@@ -174,9 +175,9 @@ def pairs_in(folder: Path, need_masks: bool = True) -> tuple[list[tuple[Path, Pa
     """[(image, its mask or None)] of folder/images and folder/masks, matched by file stem."""
     if not (folder / "images").is_dir():
         raise UserError(f"{folder}: no images/ folder (expected {folder}/images/*.png and {folder}/masks/*.png)")
-    masks = {p.stem: p for p in _images_in(folder / "masks")} if (folder / "masks").is_dir() else {}
+    masks = {p.stem: p for p in images_in(folder / "masks")} if (folder / "masks").is_dir() else {}
     items, problems = [], []
-    for image in _images_in(folder / "images"):
+    for image in images_in(folder / "images"):
         if image.stem not in masks and need_masks:
             problems.append(Problem(image, f"no mask masks/{image.stem}.png for this image"))
             continue

@@ -11,7 +11,6 @@ Guarantees, in order of importance:
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -23,11 +22,11 @@ from tqdm import tqdm
 
 from common.data import MASK_ROLE, fit_square
 from common.errors import UserError
-from common.fileio import atomic_write_text, remove_stale_tmp
 from Generation.TrainGen.core.generation.conditions import MaskFilter
 from Generation.TrainGen.core.generation.models import Model
-from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done, sample_id,
-                                                          sample_seed, write_manifest, write_previews, write_sample)
+from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
+                                                          open_output_dir, sample_id, sample_seed, write_manifest,
+                                                          write_previews, write_sample)
 from common.grid import save_grid
 from Generation.TrainGen.core.sampling import sample
 
@@ -198,18 +197,7 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
 def run_job(job: Job, barrier=None) -> dict:
     """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
     out = job.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out, older_than_s=600)  # other shards may be writing now: only files left long ago
-    settings_path = out / SETTINGS_FILE
-    settings = job.settings()
-    if settings_path.is_file():
-        old = json.loads(settings_path.read_text())
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
-            raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
-                            f"use a new --output_dir or the same settings to continue it")
-    elif job.worker == 0:
-        atomic_write_text(settings_path, json.dumps(settings, indent=2))
+    open_output_dir(out, SETTINGS_FILE, job.settings(), write=job.worker == 0)
     mine = [i for i in range(job.num_images) if i % job.workers == job.worker]
     todo = [i for i in mine if not is_done(job, i)]
     t0 = time.perf_counter()

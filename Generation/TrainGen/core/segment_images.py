@@ -10,7 +10,6 @@ folder of images. Every image's files are written atomically, then its row: a re
 """
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +22,11 @@ from tqdm import tqdm
 from common import data as nifti
 from common import imagefolder
 from common.errors import UserError
-from common.fileio import atomic_write, atomic_write_text, remove_stale_tmp
+from common.fileio import atomic_write, atomic_write_text
+from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
+                                                          sample_seed, write_manifest)
 from Generation.TrainGen.core.sampling import sample
 
-ROWS_DIR = ".rows"
 SETTINGS = "segmentation_settings.json"
 FIELDS = ("index", "source", "seed", "ensemble", "sampler", "steps", "checkpoint_sha256", "mask_area", "dice", "iou",
           "files")
@@ -56,7 +56,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
     if not root.is_dir():
         raise UserError(f"--images_from {root}: folder does not exist")
     size = model.cfg.data.image_size
-    if any(p.name.endswith(nifti.NIFTI_SUFFIXES) for p in root.rglob("*.nii*")):
+    if nifti.is_nifti_dataset(root):
         cfg = replace(model.cfg.data, data_dir=str(root), positive_only=False, format="nifti", skip_bad=skip_bad,
                       val_fraction=0.0)
         layout = nifti.layout_from_config(cfg)
@@ -69,8 +69,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
     if (root / "images").is_dir():
         items, problems = imagefolder.pairs_in(root, need_masks=False)
     else:
-        items, problems = [(p, None) for p in sorted(root.iterdir()) if p.suffix.lower() in
-                           imagefolder.IMAGE_SUFFIXES], []
+        items, problems = [(p, None) for p in imagefolder.images_in(root)], []
         if not items:
             raise UserError(f"--images_from {root}: no NIfTI files, images/ folder or images found")
     tensors, bad = imagefolder.load_pairs(items, size)
@@ -82,9 +81,9 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
     return ImageSet(tensors["images"].float(), masks, tensors["files"], False)
 
 
-def _files(images: ImageSet, index: int, root: Path) -> dict[str, str]:
+def _files(images: ImageSet, index: int) -> dict[str, str]:
     if images.nifti:
-        sid = f"sample_{index:06d}"
+        sid = sample_id(index)
         return {k: f"{sid}/{k}.nii.gz" for k in ("seg", "seg_mean", "seg_std")}
     stem = Path(images.sources[index]).stem
     return {"seg": f"masks/{stem}.png", "seg_mean": f"mean/{stem}.png", "seg_std": f"uncertainty/{stem}.png"}
@@ -99,18 +98,12 @@ def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool) -> None:
 def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
             autocast=None) -> dict:
     """Segment every image not yet done; then write the manifest and the summary. Returns the summary."""
-    from Generation.TrainGen.core.generation.writers import IMAGE_STREAM, sample_seed
     if images.images.shape[1] != (model.meta.get("image_channels") or 1):
         raise UserError(f"--images_from has {images.images.shape[1]}-channel images; the model was trained on "
                         f"{model.meta.get('image_channels')}-channel ones")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out, older_than_s=600)
-    settings = {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps, "ensemble": ensemble,
-                "seed": seed, "sources": len(images.sources)}
-    if (out / SETTINGS).is_file() and json.loads((out / SETTINGS).read_text()) != settings:
-        raise UserError(f"--output_dir {out} holds masks made with other settings; use a new --output_dir")
-    atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
-    todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{i:06d}.json").is_file()]
+    open_output_dir(out, SETTINGS, {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps,
+                                    "ensemble": ensemble, "seed": seed, "sources": len(images.sources)})
+    todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{sample_id(i)}.json").is_file()]
     size = images.images.shape[-1]
     for start in tqdm(range(0, len(todo), batch_size), desc="segmenting", unit="batch", disable=not todo):
         idx = todo[start:start + batch_size]
@@ -126,7 +119,7 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
         mean, std = stack.mean(0), stack.std(0, unbiased=False)
         for k, i in enumerate(idx):
             mask = (mean[k] > 0.5).float()
-            files = _files(images, i, out)
+            files = _files(images, i)
             _write(out, files["seg"], mask.numpy(), True)
             _write(out, files["seg_mean"], mean[k].numpy(), False)
             _write(out, files["seg_std"], (2 * std[k]).clamp(0, 1).numpy(), False)  # std <= 0.5: scaled to [0, 1]
@@ -135,19 +128,12 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
                    "mask_area": float(mask.mean()), "dice": "", "iou": "", "files": ";".join(files.values())}
             if images.masks is not None:
                 row["dice"], row["iou"] = dice_iou(mask, images.masks[i])
-            atomic_write_text(out / ROWS_DIR / f"{i:06d}.json", json.dumps(row))
+            atomic_write_text(out / ROWS_DIR / f"{sample_id(i)}.json", json.dumps(row))
     return write_summary(out, images.masks is not None, len(todo))
 
 
 def write_summary(out: Path, with_truth: bool, made: int) -> dict:
-    rows = sorted((json.loads(p.read_text()) for p in (out / ROWS_DIR).glob("*.json")), key=lambda r: r["index"])
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(out / "manifest.csv", write_csv)
+    rows = write_manifest(out, FIELDS)
     summary = {"images": len(rows), "segmented_now": made, "ensemble": rows[0]["ensemble"] if rows else None}
     if with_truth and rows:
         dice = np.array([r["dice"] for r in rows], np.float64)

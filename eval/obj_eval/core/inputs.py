@@ -23,7 +23,7 @@ from PIL import Image
 from config.paths import PathConfig
 from common import imagefolder
 from common.data import DataConfig
-from common.data import NIFTI_SUFFIXES
+from common.data import NIFTI_SUFFIXES, is_nifti_dataset
 from common.dataset import load_folder
 from common.errors import UserError
 
@@ -46,10 +46,6 @@ class EvalSet:
         return EvalSet(self.root, self.kind, self.images[index], pick(self.ids), pick(self.paths), pick(self.groups))
 
 
-def is_nifti_dataset(root: Path) -> bool:
-    return any(p.name.endswith(NIFTI_SUFFIXES) for p in Path(root).rglob("*.nii*"))
-
-
 def existing_folder(root, what: str) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -57,15 +53,11 @@ def existing_folder(root, what: str) -> Path:
     return root
 
 
-def flat_images(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES)
-
-
 def is_flat_image_folder(root: Path) -> bool:
     """Images directly in root and no class sub-folder holding any (a generated class folder keeps its previews
     at the top beside the class folders: that is not a flat folder)."""
     subfolders = [d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return bool(flat_images(root)) and not any(flat_images(d) for d in subfolders)
+    return bool(imagefolder.images_in(root)) and not any(imagefolder.images_in(d) for d in subfolders)
 
 
 def native_size(root: Path, what: str = "--synthetic-dir") -> int:
@@ -75,7 +67,7 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     if is_nifti_dataset(root):
         sizes = [max(nib.load(str(p)).shape[:2]) for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
     else:
-        files = flat_images(root) if is_flat_image_folder(root) else \
+        files = imagefolder.images_in(root) if is_flat_image_folder(root) else \
             [p for p in sorted(root.rglob("*")) if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
         sizes = [max(Image.open(p).size) for p in files]
     if not sizes:
@@ -104,7 +96,7 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
     if not is_nifti_dataset(root):
         flat = is_flat_image_folder(root)
         if flat:   # unlabelled: no classes, no conditioning groups; same file names pair up
-            items, classes = [(p, "") for p in flat_images(root)], [""]
+            items, classes = [(p, "") for p in imagefolder.images_in(root)], [""]
         else:
             splits, classes, _ = imagefolder.find_image_splits(root, None, 0.0, 0)
             items = [it for s in splits.values() for it in s]

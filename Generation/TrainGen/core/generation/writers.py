@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
-from common.fileio import atomic_write, atomic_write_text
+from common.errors import UserError
+from common.fileio import atomic_write, atomic_write_text, remove_stale_tmp
 from common.grid import save_grid
 
 if TYPE_CHECKING:
@@ -96,12 +97,29 @@ def read_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def write_manifest(out: Path) -> list[dict]:
+def open_output_dir(out: Path, settings_file: str, settings: dict, write: bool = True) -> None:
+    """Create out (removing temp files a kill left there 10 minutes or more ago: other shards may be writing
+    now) and record the settings that decide its contents; a folder made with other settings is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out, older_than_s=600)
+    path = out / settings_file
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
+                            f"use a new --output_dir or the same settings to continue it")
+    elif write:
+        atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+def write_manifest(out: Path, fields: tuple[str, ...] = MANIFEST_FIELDS) -> list[dict]:
+    """manifest.csv from every committed row, in index order; returns the rows."""
     rows = read_rows(out)
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
     atomic_write(Path(out) / "manifest.csv", write)
