@@ -28,9 +28,9 @@ def field_help(field: str) -> str:
     """'-> section.key (default V; one of a, b)' from the config dataclasses, for the train.py flags."""
     import typing
     section, key = field.split(".")
-    cls = type(getattr(Config(), section))
-    value = getattr(getattr(Config(), section), key)
-    tp = typing.get_type_hints(cls)[key]
+    defaults = getattr(Config(), section)
+    value = getattr(defaults, key)
+    tp = typing.get_type_hints(type(defaults))[key]
     choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
     if field == "mode.name":
         from Generation.TrainGen.core.modes import MODES

@@ -9,9 +9,8 @@ from tqdm import tqdm
 
 from common import data as nifti
 from common import imagefolder
-from common.dataset import csv_columns, load_split, print_problems, scan_split
+from common.dataset import SliceData, csv_columns, load_split, print_problems, scan_split
 from common.errors import lookup
-from common.dataset import SliceData
 
 
 @dataclass

@@ -20,6 +20,7 @@ from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
 from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts
 
+
 class RunLogger:
     """Rank 0 only: TensorBoard scalars and images, a plain-text train.log, console lines."""
 
