@@ -106,3 +106,32 @@ def test_component_options_live_in_their_section_and_old_keys_still_work(capsys)
     assert later.mode.segment.ensemble == 7                     # and later layers still win
     with pytest.raises(UserError, match="strategy.ddpm.schedule must be one of"):
         build_config({"strategy": {"schedule": "quadratic"}})
+
+
+def test_checkpoints_with_the_old_keys_resume_and_load_silently(demo_root, tmp_path, capsys):
+    """A run saved before the options moved into their sections still resumes (its fixed sections compare
+    equal once read with today's keys) and loads for generation, with no notes about keys the user cannot
+    change."""
+    import torch
+    from Generation.TrainGen.core.checkpoint import list_checkpoints
+    from Generation.TrainGen.core.generation.models import load_model
+    from Generation.TrainGen.core.run import train
+    from tests.test_training import tiny_cfg
+    cfg = tiny_cfg(demo_root, tmp_path, "bravo", "ddpm", optim={"max_steps": 2, "epochs": 1},
+                   runtime={"val_interval": 100})
+    assert train(cfg) == 0
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(ckpt, weights_only=True)
+    old = state["config"]
+    old["strategy"].update(old["strategy"].pop("ddpm"))   # prediction, schedule at the top, as before
+    old["strategy"].update(old["strategy"].pop("rflow"))
+    old["mode"].update(old["mode"].pop("labels"))
+    old["mode"].update(old["mode"].pop("segment"))
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    resumed = tiny_cfg(demo_root, tmp_path, "bravo", "ddpm", optim={"max_steps": 3, "epochs": 1},
+                       runtime={"val_interval": 100, "resume": str(ckpt)})
+    assert train(resumed) == 0
+    model = load_model(ckpt, "--image_model", torch.device("cpu"), None, "ddim", 2)
+    assert model.cfg.strategy.ddpm.prediction == "epsilon"
+    assert "note: config key" not in capsys.readouterr().err

@@ -262,8 +262,9 @@ MOVED = {"strategy.schedule": "strategy.ddpm.schedule", "strategy.prediction": "
 _said: set[str] = set()
 
 
-def migrate(values: dict) -> dict:
-    """Move deprecated keys to their new place (an explicit new key wins), saying so once per key."""
+def migrate(values: dict, note: bool = True) -> dict:
+    """Move deprecated keys to their new place (an explicit new key wins), saying so once per key (note=False:
+    silently, for configs stored in older checkpoints, which the user has nothing to change in)."""
     import sys
     out = merge({}, values)
     for old, new in MOVED.items():
@@ -273,17 +274,22 @@ def migrate(values: dict) -> dict:
             target = out[sec].setdefault(sub, {})
             if isinstance(target, dict):   # anything else is reported by _build as a wrong type
                 target.setdefault(leaf, value)
-            if old not in _said:
+            if note and old not in _said:
                 _said.add(old)
                 print(f"note: config key {old} is now {new} (the old key still works)", file=sys.stderr)
     return out
 
 
-def build_config(*layers: dict) -> Config:
+def build_config(*layers: dict, note_moved: bool = True) -> Config:
     values: dict = {}
     for layer in layers:
-        values = merge(values, migrate(layer))
+        values = merge(values, migrate(layer, note_moved))
     return _build(Config, values, "")
+
+
+def stored_config(values: dict) -> Config:
+    """The config a checkpoint was saved with, read with today's keys (older checkpoints use moved ones)."""
+    return build_config(values, note_moved=False)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
-from Generation.TrainGen.core.config import to_dict
+from Generation.TrainGen.core.config import stored_config, to_dict
 from common.errors import UserError, lookup
 from common.features import load_radimagenet, perceptual_distance
 from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
@@ -379,7 +379,7 @@ class DiffusionTrainer:
     def resume(self, path) -> None:
         """Continue a run exactly: its model, EMA, optimizer, schedule, RNG streams and data position."""
         state = load_checkpoint(path, self.log_line)
-        saved = state["config"]
+        saved = to_dict(stored_config(state["config"]))  # a run started before a config key moved still resumes
         for section in RESUME_FIXED:
             if saved.get(section) != to_dict(self.cfg)[section]:
                 raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "

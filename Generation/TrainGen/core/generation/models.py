@@ -9,7 +9,7 @@ import torch
 
 from common.fileio import safe_load
 from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
-from Generation.TrainGen.core.config import build_config
+from Generation.TrainGen.core.config import stored_config
 from common.errors import UserError
 from common.features import sha256_of
 from Generation.TrainGen.core.network import build_unet
@@ -89,7 +89,7 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     state = safe_load(file, "checkpoint")
     if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
         raise UserError(f"{flag} {file}: not a training checkpoint of this framework")
-    cfg, meta = build_config(state["config"]), state["meta"]
+    cfg, meta = stored_config(state["config"]), state["meta"]
     if strategy and strategy != meta["strategy"]:
         raise UserError(f"--strategy {strategy} contradicts {flag} {file}, which was trained with strategy "
                         f"{meta['strategy']!r} (leave --strategy out to use the checkpoint's)")
