@@ -1,0 +1,168 @@
+"""Checks of a synthetic set that use a downstream network trained on the real training data.
+
+* faithfulness: does a synthetic image show the mask it was conditioned on? The real-data segmenter segments
+  it; Dice against the conditioning mask (the mask file generate.py wrote beside the image), overall and per
+  tumour-size bin, next to the same segmenter's Dice on real test images (the ceiling).
+* memorization: is a synthetic image a copy of a training image? Its nearest training neighbour, by pixel
+  correlation (1 - Pearson r of the preprocessed images) and by distance in the downstream feature space,
+  compared with the nearest-neighbour distances of real held-out images to the same training set. Without
+  copying, about 1% (5%) of synthetic images fall below the held-out 1st (5th) percentile.
+* domain: Fréchet distance and precision / recall / density / coverage (Naeem et al. 2020, k nearest
+  neighbours) in the downstream feature space, against the real held-out images (the network saw the
+  training images, whose features it has fitted).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.obj_eval.core import metrics as M
+from eval.obj_eval.utility import models
+
+LOW_DICE = 0.5                      # faithfulness: samples listed by id below this Dice
+SIZE_BINS = ("small", "medium", "large")
+
+
+def _dice(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    inter = (pred * true).sum((1, 2, 3))
+    total = pred.sum((1, 2, 3)) + true.sum((1, 2, 3))
+    return (2 * inter / total.clamp_min(1e-9)).numpy()
+
+
+def _mean_ci(values: np.ndarray, seed: int) -> dict:
+    return {"mean": float(values.mean()) if len(values) else None, "n": int(len(values)),
+            "ci95": M.bootstrap_mean_ci(values, 1000, seed) if len(values) > 1 else None}
+
+
+def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int = 0) -> dict:
+    """Dice between the segmenter's prediction on each synthetic image and its conditioning mask."""
+    pred_s = (models.predict(segmenter, synthetic.images, "segmentation", device) > 0.5).float()
+    pred_r = (models.predict(segmenter, real_test.images, "segmentation", device) > 0.5).float()
+    pixels = synthetic.images.shape[-1] * synthetic.images.shape[-2]
+    area = lambda ts: (ts.targets > 0.5).sum((1, 2, 3)).numpy() / pixels  # noqa: E731
+    a_s, a_r, a_train = area(synthetic), area(real_test), area(real_train)
+    pos_train = a_train[a_train > 0]
+    edges = np.quantile(pos_train, [1 / 3, 2 / 3]) if len(pos_train) else np.array([0.0, 0.0])
+    d_s, d_r = _dice(pred_s, synthetic.targets), _dice(pred_r, real_test.targets)
+    bins = []
+    for b, name in enumerate(SIZE_BINS):
+        lo = edges[b - 1] if b else 0.0
+        hi = edges[b] if b < 2 else 1.0
+        in_s, in_r = ((a > 0) & (a >= lo) & ((a < hi) if b < 2 else (a <= hi)) for a in (a_s, a_r))
+        bins.append({"bin": name, "area_fraction": [float(lo), float(hi)],
+                     "synthetic": _mean_ci(d_s[in_s], seed), "real_test": _mean_ci(d_r[in_r], seed)})
+    pos_s = a_s > 0
+    order = np.argsort(d_s[pos_s], kind="stable")
+    ids = np.asarray(synthetic.ids)[pos_s]
+    low = [{"id": str(ids[i]), "dice": round(float(d_s[pos_s][i]), 4), "area_fraction": round(float(a_s[pos_s][i]), 4)}
+           for i in order if d_s[pos_s][i] < LOW_DICE]
+    empty = ~pos_s
+    overall = _mean_ci(d_s[pos_s], seed)
+    return {"metric": "faithfulness_dice", "value": overall["mean"], "n": overall["n"], "ci95": overall["ci95"],
+            "ceiling": _mean_ci(d_r[a_r > 0], seed), "bins": bins, "low_dice_threshold": LOW_DICE,
+            "low": low[:200], "n_low": len(low),
+            "empty_masks": {"n": int(empty.sum()),
+                            "predicted_foreground": int((pred_s[torch.from_numpy(empty)].sum((1, 2, 3)) > 0).sum())},
+            "method": {"segmenter": "downstream segmenter trained on the real training split (the utility harness)",
+                       "dice": "per synthetic image with a non-empty conditioning mask; prediction thresholded at 0.5",
+                       "bins": "tumour area as a fraction of the image; edges at the terciles of the real training "
+                               "masks' areas", "ci": "bootstrap over images (1000 resamples)"}}
+
+
+# ---------------------------------------------------------------- memorization
+def _unit_rows(images: torch.Tensor) -> torch.Tensor:
+    x = images.flatten(1).double()
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def nearest(query: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, index) of each query row's nearest ref row by Euclidean distance (rows as given)."""
+    dist, idx = [], []
+    ref_sq = (ref ** 2).sum(1)
+    for i in range(0, len(query), chunk):
+        q = query[i:i + chunk]
+        d2 = (q ** 2).sum(1, keepdim=True) + ref_sq[None] - 2 * q @ ref.T
+        m, j = d2.clamp_min(0).min(1)
+        dist.append(m.sqrt())
+        idx.append(j)
+    return torch.cat(dist).numpy(), torch.cat(idx).numpy()
+
+
+def _nn_section(synth_rows, train_rows, held_rows, what: str) -> dict:
+    d_s, j_s = nearest(synth_rows, train_rows)
+    d_h, _ = nearest(held_rows, train_rows)
+    p1, p5 = np.percentile(d_h, [1, 5])
+    return {"space": what, "threshold_p1": float(p1), "threshold_p5": float(p5),
+            "fraction_below_p1": float((d_s < p1).mean()), "fraction_below_p5": float((d_s < p5).mean()),
+            "synthetic_nn": {"median": float(np.median(d_s)), "min": float(d_s.min())},
+            "heldout_nn": {"median": float(np.median(d_h)), "min": float(d_h.min())},
+            "_d_synth": d_s, "_d_held": d_h, "_nn": j_s}
+
+
+def memorization(synthetic, real_train, real_heldout, feature_net=None, device="cpu", out_dir: Path | None = None,
+                 n_pairs: int = 8) -> dict:
+    """Nearest training neighbours of synthetic images vs those of held-out real images."""
+    from skimage.metrics import structural_similarity
+    # correlation distance: for unit-norm centred rows, |a - b| = sqrt(2 - 2 r)
+    sections = {"pixel": _nn_section(_unit_rows(synthetic.images), _unit_rows(real_train.images),
+                                     _unit_rows(real_heldout.images), "pixels: sqrt(2 - 2 r), r = Pearson correlation")}
+    if feature_net is not None:
+        f = lambda ts: torch.nn.functional.normalize(torch.from_numpy(models.features(feature_net, ts.images, device)), dim=1)  # noqa: E731
+        sections["feature"] = _nn_section(f(synthetic), f(real_train), f(real_heldout),
+                                          "downstream features (L2-normalised, Euclidean)")
+    px = sections["pixel"]
+    order = np.argsort(px["_d_synth"], kind="stable")[:n_pairs]
+    closest = []
+    for i in order:
+        a = synthetic.images[i].numpy()
+        b = real_train.images[px["_nn"][i]].numpy()
+        ssim = structural_similarity(a, b, data_range=1.0, channel_axis=0, win_size=min(7, a.shape[-1] // 2 * 2 - 1))
+        closest.append({"synthetic": synthetic.ids[i], "train": real_train.ids[px["_nn"][i]],
+                        "distance": round(float(px["_d_synth"][i]), 5), "ssim": round(float(ssim), 4)})
+    rec = {"metric": "memorization", "value": px["fraction_below_p1"], "n": len(synthetic),
+           "n_train": len(real_train), "n_heldout": len(real_heldout), "closest": closest,
+           "expected_without_copies": {"fraction_below_p1": 0.01, "fraction_below_p5": 0.05},
+           "sections": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sections.items()}}
+    if out_dir is not None:
+        from eval.obj_eval.utility.report import plot_closest_pairs, plot_memorization
+        rec["plots"] = [str(plot_memorization(sections, Path(out_dir) / "memorization_hist.png")),
+                        str(plot_closest_pairs(synthetic, real_train, order, px["_nn"],
+                                               Path(out_dir) / "memorization_pairs.png"))]
+    return rec
+
+
+# ---------------------------------------------------------------- domain feature space
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
+    """Precision, recall, density and coverage (Naeem et al. 2020) with k nearest neighbours."""
+    def dists(a, b):
+        d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+        return np.sqrt(np.clip(d2, 0, None))
+    d_rr, d_ff, d_rf = dists(real, real), dists(fake, fake), dists(real, fake)
+    r_real = np.sort(d_rr, 1)[:, k]        # column 0 is the point itself
+    r_fake = np.sort(d_ff, 1)[:, k]
+    inside = d_rf <= r_real[:, None]       # (real i, fake j): fake j inside real i's ball
+    return {"precision": float(inside.any(0).mean()),
+            "recall": float((d_rf <= r_fake[None, :]).any(1).mean()),
+            "density": float(inside.sum(0).mean() / k),
+            "coverage": float((d_rf.min(1) <= r_real).mean())}
+
+
+def domain(feature_net, synthetic, real_heldout, device="cpu", n_boot: int = 50, seed: int = 0, k: int = 5) -> list[dict]:
+    f_real = models.features(feature_net, real_heldout.images, device)
+    f_syn = models.features(feature_net, synthetic.images, device)
+    space = ("pooled deepest encoder features of the downstream network trained on the real training split, "
+             f"{f_real.shape[1]} dims; real reference = the real held-out images")
+    fid = M.fid_from_features(f_real, f_syn, n_boot, seed)
+    out = [{"metric": "fid_domain", "value": fid["value"], "n": fid["n"], "ci95": fid["ci95"],
+            "method": {"feature_network": "downstream (real data)", "space": space,
+                       "ci": f"{n_boot} resamples; {M.FID_CI_METHOD}" if fid["ci95"] else "none"}}]
+    if min(len(f_real), len(f_syn)) <= k:
+        out.append({"metric": "prdc_domain", "available": False,
+                    "reason": f"precision/recall need more than k={k} images in each set"})
+    else:
+        out.append({"metric": "prdc_domain", "value": prdc(f_real, f_syn, k), "n": [len(f_real), len(f_syn)],
+                    "method": {"space": space, "k": k, "reference": "Naeem et al. 2020"}})
+    return out

@@ -1,0 +1,187 @@
+"""Flags and the top level of run_utility.py; the downstream-model flags are shared with run_evaluation.py
+(faithfulness, memorization and domain metrics train the same reference model)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.cli import add_flag as _add
+from common.errors import UserError
+from common.fileio import atomic_write_text
+from config.paths import PathConfig
+from eval.obj_eval.utility import audit, data, models, report, scores, study
+
+AUDITS = ("faithfulness", "memorization", "domain")
+
+
+def add_flag(p, name: str, **kw):
+    _add(p, name.replace("-", "_"), **kw)
+
+
+def add_downstream_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("downstream model (MONAI BasicUNet / ResNet)")
+    add_flag(g, "preset", default="small", choices=tuple(models.PRESETS),
+             help="network width and step budget: tiny (CPU, minutes), small, full (GPU)")
+    add_flag(g, "max-steps", type=int, default=None, help="training steps per model (default: the preset's)")
+    add_flag(g, "epochs", type=float, default=None, help="instead of --max-steps: passes over each recipe's data")
+    add_flag(g, "train-batch-size", type=int, default=None, help="default: the preset's")
+    add_flag(g, "lr", type=float, default=None, help="peak learning rate of the one-cycle schedule")
+    add_flag(g, "val-every", type=int, default=None, help="steps between validations on the real val split")
+    add_flag(g, "patience", type=int, default=5, help="early stopping: validations without improvement")
+    add_flag(g, "no-bf16", action="store_true", help="CUDA: train in float32 instead of bf16 autocast")
+    add_flag(g, "compile", action="store_true", help="CUDA: torch.compile the downstream network")
+
+
+def train_settings(args, task: str, device: str) -> models.TrainSettings:
+    for flag in ("max_steps", "train_batch_size", "val_every", "patience"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UserError("--epochs must be positive")
+    return models.TrainSettings(task, args.preset, args.max_steps, args.epochs, args.train_batch_size, args.lr,
+                                args.val_every, args.patience, device, not args.no_bf16, args.compile)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    from common.cli import HelpFormatter
+    p = argparse.ArgumentParser(description=doc, allow_abbrev=False, formatter_class=HelpFormatter)
+    add_flag(p, "real-dir", required=True, metavar="DIR",
+             help="real dataset with train/val[/test] splits (a missing test split is carved from val by subject)")
+    add_flag(p, "synthetic-dir", action="append", default=[], metavar="DIR",
+             help="synthetic dataset (generate.py output or any folder the loaders read); repeat for several")
+    add_flag(p, "output", default=None, metavar="DIR", help="results (default: <first synthetic dir>/utility)")
+    add_flag(p, "recipes", default=None,
+             help=f"comma list of {', '.join(study.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
+                  "plus real+balanced for class data)")
+    add_flag(p, "synthetic-ratio", default="1", help="real+synthetic: synthetic images per real image (comma list)")
+    add_flag(p, "real-fraction", default="1", help="fractions of the real training data (comma list)")
+    add_flag(p, "seeds", type=int, default=3, help="models per recipe and fraction (at least 2 for a CI)")
+    add_flag(p, "seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
+    add_flag(p, "primary", default="auto", help="score of the paired comparison: auto (dice_subject / "
+                                                "balanced_accuracy) or one of " + ", ".join(scores.SEG_METRICS + scores.CLASS_METRICS))
+    add_flag(p, "audit", default="all", help="sections beside the study: all, none, or a comma list of "
+                                             + ", ".join(AUDITS) + " (faithfulness: segmentation only)")
+    add_flag(p, "image-type", default="bravo", help="NIfTI data: the image channel(s), comma list (e.g. t1_pre,t1_gd)")
+    add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
+    add_flag(p, "positive-only", action="store_true", help="NIfTI data: only slices with mask voxels")
+    add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
+    add_flag(p, "bootstrap", type=int, default=1000, help="resamples of the paired comparison")
+    add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"), help="where caches live")
+    add_downstream_flags(p)
+    return p
+
+
+def parse_audits(text: str, task: str) -> list[str]:
+    names = list(AUDITS) if text == "all" else [] if text == "none" else [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in AUDITS]
+    if unknown:
+        raise UserError(f"--audit: unknown section {unknown[0]!r} (choose all, none or from {', '.join(AUDITS)})")
+    if task != "segmentation":
+        if "faithfulness" in names and text != "all":
+            raise UserError("--audit faithfulness needs a segmentation dataset (images with masks)")
+        names = [a for a in names if a != "faithfulness"]
+    return names
+
+
+def main(argv=None, doc: str = "") -> int:
+    args = parser(doc).parse_args(argv)
+    if args.seeds < 2:
+        raise UserError("--seeds must be at least 2: the confidence intervals and paired comparisons are over seeds")
+    if args.bootstrap < 100:
+        raise UserError("--bootstrap must be at least 100")
+    fractions = study.parse_list(args.real_fraction, "--real-fraction", high=1.0)
+    ratios = study.parse_list(args.synthetic_ratio, "--synthetic-ratio")
+    out = Path(args.output) if args.output else (Path(args.synthetic_dir[0]) / "utility" if args.synthetic_dir
+                                                  else Path("utility"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: exists and is not a folder")
+    device = resolve_device(args.device)
+    roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
+    size = args.image_size or data.default_size(args.synthetic_dir, args.real_dir)
+    real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute)
+    task = "classification" if real["train"].classes else "segmentation"
+    primary = ("dice_subject" if task == "segmentation" else "balanced_accuracy") if args.primary == "auto" else args.primary
+    allowed = scores.SEG_METRICS if task == "segmentation" else scores.CLASS_METRICS
+    if primary not in allowed:
+        raise UserError(f"--primary {primary!r} is not a {task} score (choose from {', '.join(allowed)})")
+    names = [Path(d).name for d in args.synthetic_dir]
+    if len(set(names)) != len(names):
+        raise UserError("--synthetic_dir: two folders share a name; the recipes are named after the folders")
+    kinds = (args.recipes.split(",") if args.recipes else
+             ["real", "real+synthetic", "synthetic"] + (["real+balanced"] if task == "classification" else []))
+    recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task)
+    synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute)
+                 for n, d in zip(names, args.synthetic_dir)}
+    audits = parse_audits(args.audit, task) if synthetic else []
+    settings = train_settings(args, task, device)
+    for ts in list(real.values()) + list(synthetic.values()):
+        print(data.describe(ts))
+    for n in notes:
+        print(f"note: {n}")
+    data_key = models.content_key(*(t for ts in list(real.values()) + list(synthetic.values())
+                                    for t in (ts.images, ts.targets)), roles, size)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key)
+    s = settings.resolved()
+    summary = {"task": task, "primary": primary, "unit": "subject" if task == "segmentation" else "image",
+               "real_dir": str(Path(args.real_dir).resolve()),
+               "synthetic_dirs": [str(Path(d).resolve()) for d in args.synthetic_dir], "image_size": size,
+               "image_type": roles, "positive_only": args.positive_only, "notes": notes,
+               "model": ("MONAI BasicUNet " if task == "segmentation" else "MONAI ResNet (basic blocks) ") +
+                        f"preset {s.preset}",
+               "training": (f"{s.epochs:g} epochs" if s.epochs else f"{s.max_steps} steps") +
+                           f", batch {s.batch_size}, AdamW one-cycle lr {s.lr:g}, validation every {s.val_every} "
+                           f"steps, patience {s.patience}, on {device}",
+               "settings": s.key(), "seeds": seeds, "real_fractions": fractions, "bootstrap": args.bootstrap,
+               "sets": {k: {"n": len(v), "units": len(set(v.units))} for k, v in {**real, **synthetic}.items()},
+               "rows": study.summarise(results, recipes, fractions, primary, args.bootstrap, args.seed)}
+    summary["audit"] = run_audits(audits, real, synthetic, settings, args.seed, device, out, args.compute)
+    write(summary, out)
+    return 0
+
+
+def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: int, device: str, out: Path,
+               compute: str) -> list[dict]:
+    if not audits:
+        return []
+    cache = PathConfig.from_compute(compute).cache_root / "downstream"
+    ref, log = models.cached_reference(settings, real["train"], real["val"], seed, cache)
+    print(f"reference model (real train, seed {seed}): " + ("from the cache" if log["cached"] else "trained")
+          + f", validation {log['val_metric']} {log['best_val']:.3f}")
+    recs = []
+    for name, syn in synthetic.items():
+        tag = {"synthetic": name}
+        if "faithfulness" in audits:
+            rec = {**audit.faithfulness(ref, syn, real["test"], real["train"], device, seed), **tag}
+            rec["plots"] = [str(report.plot_faithfulness(rec, out / f"faithfulness_{name}.png"))]
+            recs.append(rec)
+        if "memorization" in audits:
+            sub = out / f"memorization_{name}"
+            sub.mkdir(parents=True, exist_ok=True)
+            recs.append({**audit.memorization(syn, real["train"], real["test"], ref, device, sub), **tag})
+        if "domain" in audits:
+            recs += [{**r, **tag} for r in audit.domain(ref, syn, real["test"], device, seed=seed)]
+    return recs
+
+
+def write(summary: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [report.plot_fractions(summary, out / "utility_scores.png")]
+    plots += [Path(p) for r in summary["audit"] for p in r.get("plots", [])]
+    summary["plots"] = [str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in plots]
+    atomic_write_text(out / "utility.json", json.dumps(summary, indent=2, default=float))
+    md = report.markdown(summary)
+    atomic_write_text(out / "utility.md", md)
+    print(md)
+    print(f"wrote {out / 'utility.json'}, {out / 'utility.md'} and {len(plots)} plots", file=sys.stderr)

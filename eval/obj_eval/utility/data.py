@@ -1,0 +1,196 @@
+"""The downstream task's data: the real train/val/test splits and the synthetic sets, as tensors with the units
+the statistics resample (the subject folder of a NIfTI slice, the file of a 2D image).
+
+Every set is read by the training loaders (common.dataset), so a synthetic folder written by generate.py, a
+NIfTI dataset, images/ + masks/ PNG folders and class image folders all work, preprocessed exactly as for
+training. Masks are binary (whole tumour: any label > 0).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import data as nifti
+from common import imagefolder
+from common.data import DataConfig, is_nifti_dataset
+from common.dataset import SliceData, load_split
+from common.errors import UserError
+from config.paths import PathConfig
+from eval.obj_eval.core.inputs import existing_folder, native_size
+
+TASKS = ("segmentation", "classification")
+
+
+@dataclass
+class TaskSet:
+    name: str                      # what it is, for messages and the report ("real test", "synthetic S")
+    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]
+    targets: torch.Tensor          # segmentation: (N, 1, H, W) float {0, 1}; classification: (N,) int64
+    units: list[str]               # the resampling unit of each item: subject folder or image file
+    ids: list[str]                 # '<subject>#slice<k>' or the image path relative to the dataset
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> "TaskSet":
+        index = [int(i) for i in index]
+        return TaskSet(self.name, self.images[index], self.targets[index], [self.units[i] for i in index],
+                       [self.ids[i] for i in index], self.classes)
+
+    def unit_index(self) -> tuple[list[str], np.ndarray]:
+        """(unit names in first-seen order, the unit number of each item)."""
+        names: dict[str, int] = {}
+        idx = np.array([names.setdefault(u, len(names)) for u in self.units], dtype=np.int64)
+        return list(names), idx
+
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.targets.numpy(), minlength=len(self.classes))
+
+
+def concat(name: str, parts: list[TaskSet]) -> TaskSet:
+    parts = [p for p in parts if len(p)]
+    return TaskSet(name, torch.cat([p.images for p in parts]), torch.cat([p.targets for p in parts]),
+                   [u for p in parts for u in p.units], [i for p in parts for i in p.ids], parts[0].classes)
+
+
+def kind_of(root: Path) -> str:
+    if is_nifti_dataset(root):
+        return "nifti"
+    return "pairs" if imagefolder.is_pair_folder(root) else "images"
+
+
+def task_of(root: Path) -> str:
+    return "classification" if kind_of(root) == "images" else "segmentation"
+
+
+def _config(root: Path, size: int, positive_only: bool, layout: str, val_fraction: float, seed: int) -> DataConfig:
+    return DataConfig(data_dir=str(root), image_size=size, positive_only=positive_only, layout=layout,
+                      val_fraction=val_fraction, split_seed=seed, format="auto")
+
+
+def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
+    if kind == "nifti":
+        splits = nifti.find_splits(root, nifti.layout_from_config(cfg), cfg.val_fraction, cfg.split_seed)
+    elif kind == "pairs":
+        splits = imagefolder.find_pair_splits(root, cfg.val_fraction, cfg.split_seed)[0]
+    else:
+        splits = imagefolder.find_image_splits(root, None, cfg.val_fraction, cfg.split_seed)[0]
+    return [s for s, items in splits.items() if items]
+
+
+def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
+    images = data.images.float()
+    if kind == "images":
+        targets = data.labels.long()
+    else:
+        if data.masks is None:
+            raise UserError(f"{root}: no masks to train a segmenter on (segmentation needs seg files or masks/)")
+        targets = (data.masks > 0).float()
+    if kind == "nifti":
+        ids = [f"{Path(s).name}#slice{k}" for s, k in zip(data.sources, data.slice_index)]
+    else:
+        ids = [str(Path(s).resolve().relative_to(root.resolve())) for s in data.sources]
+    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names))
+
+
+def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
+    cache = PathConfig.from_compute(compute).cache_root / "slices"
+    data = load_split(cfg, root, split, roles, cache, kind)
+    return _to_taskset(name, data, kind, root)
+
+
+def carve(ts: TaskSet, fraction: float, seed: int, names: tuple[str, str]) -> tuple[TaskSet, TaskSet]:
+    """Split a set by unit (whole subjects stay together): (the rest, about `fraction` of the units)."""
+    units, idx = ts.unit_index()
+    order = np.random.default_rng(seed).permutation(len(units))
+    n_held = max(1, int(round(len(units) * fraction))) if len(units) > 1 else 0
+    held = np.isin(idx, order[:n_held])
+    rest, out = ts.subset(np.flatnonzero(~held)), ts.subset(np.flatnonzero(held))
+    rest.name, out.name = names
+    return rest, out
+
+
+def load_real(root, size: int, image_roles: list[str], positive_only: bool = False, layout: str = "original",
+              seed: int = 0, compute: str = "auto") -> tuple[dict[str, TaskSet], list[str]]:
+    """({'train', 'val', 'test'}: TaskSet, notes). A missing test split is carved from val by subject (half of
+    it), a missing val split from train (a fifth); the notes say so."""
+    root = existing_folder(root, "--real_dir")
+    kind = kind_of(root)
+    cfg = _config(root, size, positive_only, layout, 0.2, seed)
+    roles = image_roles + ["seg"] if kind == "nifti" else []
+    names = _split_names(cfg, root, kind)
+    if "train" not in names:
+        raise UserError(f"--real_dir {root}: no training split (expected {root}/train/ or a flat folder of "
+                        f"subjects or class folders)")
+    for s in ("val", "test"):
+        if (root / s).is_dir() and s not in names:
+            raise UserError(f"--real_dir {root}: the {s} split ({root / s}) is empty")
+    sets = {s: _load(root, s, kind, cfg, roles, compute, f"real {s}") for s in ("train", "val", "test") if s in names}
+    notes = []
+    if "val" not in sets:
+        sets["train"], sets["val"] = carve(sets["train"], 0.2, seed, ("real train", "real val"))
+        notes.append(f"no val split in {root}: a fifth of the training subjects (seeded) is the validation set")
+    if "test" not in sets:
+        if len(set(sets["val"].units)) < 2:
+            raise UserError(f"--real_dir {root}: no test split, and too few validation subjects to carve one "
+                            f"(add {root}/test/)")
+        sets["val"], sets["test"] = carve(sets["val"], 0.5, seed, ("real val", "real test"))
+        notes.append(f"no test split in {root}: half of the validation subjects (seeded) are the test set; "
+                     f"add {root}/test/ for a fixed one")
+    for s in ("val", "test"):
+        if len(sets[s]) == 0:
+            raise UserError(f"--real_dir {root}: the {s} split is empty")
+    return sets, notes
+
+
+def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compute: str = "auto") -> TaskSet:
+    """A whole synthetic folder as one set, checked against the real data: the same task, channels and classes,
+    and images at least as large as the evaluation size (upsampled synthetic images would be judged on blur)."""
+    root = existing_folder(root, "--synthetic_dir")
+    kind = kind_of(root)
+    real_task = "classification" if real.classes else "segmentation"
+    if task_of(root) != real_task:
+        raise UserError(f"--synthetic_dir {root}: a {task_of(root)} dataset, but --real_dir is a {real_task} one")
+    native = native_size(root, "--synthetic_dir")
+    if native < size:
+        raise UserError(f"--synthetic_dir {root}: images are {native} px, smaller than the evaluation size {size} "
+                        f"px (--image_size {native}, or generate at {size} px)")
+    cfg = _config(root, size, False, "original", 0.0, 0)
+    roles = image_roles + ["seg"] if kind == "nifti" else []
+    parts = [_load(root, s, kind, cfg, roles, compute, f"synthetic {root.name}") for s in _split_names(cfg, root, kind)]
+    if not parts:
+        raise UserError(f"--synthetic_dir {root}: no images")
+    ts = concat(f"synthetic {root.name}", parts)
+    if ts.images.shape[1] != real.images.shape[1]:
+        raise UserError(f"--synthetic_dir {root}: {ts.images.shape[1]}-channel images, the real data has "
+                        f"{real.images.shape[1]} channel(s)")
+    if real.classes:
+        unknown = sorted(set(ts.classes) - set(real.classes))
+        if unknown:
+            raise UserError(f"--synthetic_dir {root}: class {unknown[0]!r} is not a class of the real data "
+                            f"({', '.join(real.classes)})")
+        remap = torch.tensor([real.classes.index(c) for c in ts.classes], dtype=torch.long)
+        ts.targets, ts.classes = remap[ts.targets], list(real.classes)
+    return ts
+
+
+def default_size(synthetic_dirs: list[str], real_dir: str) -> int:
+    """The evaluation size: the smallest native size among the synthetic sets (the real set's without any)."""
+    if synthetic_dirs:
+        return min(native_size(existing_folder(d, "--synthetic_dir"), "--synthetic_dir") for d in synthetic_dirs)
+    return native_size(existing_folder(real_dir, "--real_dir"), "--real_dir")
+
+
+def describe(ts: TaskSet) -> str:
+    units = len(set(ts.units))
+    extra = (", " + ", ".join(f"{c} {n}" for c, n in zip(ts.classes, ts.counts()))) if ts.classes else ""
+    return f"{ts.name}: {len(ts)} images from {units} {'subjects' if units < len(ts) else 'files'}{extra}"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

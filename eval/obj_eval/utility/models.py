@@ -1,0 +1,230 @@
+"""The downstream networks (MONAI) and their one training loop.
+
+Segmentation: MONAI BasicUNet, Dice + cross-entropy on one sigmoid channel. Classification: MONAI ResNet
+(basic blocks) with a linear head. Both expose `features(x)`: the globally pooled deepest encoder map, the
+domain feature space of the Fréchet distance, precision/recall and the memorization audit.
+
+Training is seeded and deterministic on CPU: the same data, settings and seed give the same weights. It runs a
+fixed number of steps (the same budget for every recipe, so a recipe does not win by training longer; or
+--epochs over its own data), validates on the real validation split every `val_every` steps and keeps the best
+state; it stops early after `patience` validations without improvement.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet, ResNet
+from torch import nn
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.fileio import atomic_write
+
+# features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
+PRESETS = {
+    "tiny": {"unet": (8, 8, 16, 32, 64, 8), "layers": (1, 1, 1, 1), "planes": (8, 16, 32, 64), "max_steps": 300,
+             "batch_size": 32, "lr": 1e-2, "val_every": 50},
+    "small": {"unet": (16, 16, 32, 64, 128, 16), "layers": (2, 2, 2, 2), "planes": (32, 64, 128, 256),
+              "max_steps": 3000, "batch_size": 32, "lr": 1e-3, "val_every": 200},
+    "full": {"unet": (32, 32, 64, 128, 256, 32), "layers": (2, 2, 2, 2), "planes": (64, 128, 256, 512),
+             "max_steps": 10000, "batch_size": 64, "lr": 1e-3, "val_every": 500},
+}
+
+
+@dataclass
+class TrainSettings:
+    task: str = "segmentation"
+    preset: str = "tiny"
+    max_steps: int | None = None          # None: the preset's
+    epochs: float | None = None           # instead of max_steps: passes over each recipe's own training set
+    batch_size: int | None = None
+    lr: float | None = None
+    val_every: int | None = None
+    patience: int = 5                     # validations without improvement before stopping
+    device: str = "cpu"
+    bf16: bool = True                     # CUDA only
+    compile: bool = False
+
+    def resolved(self) -> "TrainSettings":
+        p = PRESETS[self.preset]
+        return TrainSettings(self.task, self.preset, self.max_steps or p["max_steps"], self.epochs,
+                             self.batch_size or p["batch_size"], self.lr or p["lr"], self.val_every or p["val_every"],
+                             self.patience, self.device, self.bf16, self.compile)
+
+    def key(self) -> dict:
+        """What changes the trained weights (not the device flags' names, which do not on CPU)."""
+        d = asdict(self.resolved())
+        d.pop("compile")
+        return d
+
+
+class Segmenter(nn.Module):
+    def __init__(self, in_channels: int, features):
+        super().__init__()
+        self.net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=tuple(features))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def features(self, x):
+        """The pooled bottleneck (down_4) of the encoder."""
+        n = self.net
+        h = n.down_4(n.down_3(n.down_2(n.down_1(n.conv_0(x)))))
+        return h.mean(dim=(2, 3))
+
+
+class Classifier(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, layers, planes):
+        super().__init__()
+        self.backbone = ResNet("basic", list(layers), list(planes), spatial_dims=2, n_input_channels=in_channels,
+                               conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, feed_forward=False)
+        self.head = nn.Linear(planes[-1], num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def features(self, x):
+        return self.backbone(x)
+
+
+def build(settings: TrainSettings, in_channels: int, num_classes: int) -> nn.Module:
+    p = PRESETS[settings.preset]
+    if settings.task == "segmentation":
+        return Segmenter(in_channels, p["unet"])
+    return Classifier(in_channels, num_classes, p["layers"], p["planes"])
+
+
+def _min_size(settings: TrainSettings) -> int:
+    return 16 if settings.task == "segmentation" else 8   # BasicUNet halves the size four times
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, task: str, device, batch_size: int = 128,
+            bf16: bool = True) -> torch.Tensor:
+    """Segmentation: foreground probabilities (N, 1, H, W); classification: class probabilities (N, K)."""
+    model.eval()
+    device = torch.device(device)
+    out = []
+    for i in range(0, len(images), batch_size):
+        with _autocast(device, bf16):
+            logits = model(images[i:i + batch_size].to(device)).float()
+        out.append((torch.sigmoid(logits) if task == "segmentation" else logits.softmax(1)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
+    model.eval()
+    out = [model.features(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 1))
+
+
+def validation_score(model, task: str, val, device, bf16: bool) -> float:
+    """Higher is better: Dice over the whole validation set (segmentation), balanced accuracy (classification)."""
+    probs = predict(model, val.images, task, device, bf16=bf16)
+    if task == "segmentation":
+        pred, true = probs > 0.5, val.targets > 0.5
+        total = float(pred.sum() + true.sum())
+        return 2 * float((pred & true).sum()) / total if total else 1.0
+    from sklearn.metrics import balanced_accuracy_score
+    return float(balanced_accuracy_score(val.targets.numpy(), probs.argmax(1).numpy()))
+
+
+def train(settings: TrainSettings, train_set, val_set, seed: int, desc: str = "train") -> tuple[nn.Module, dict]:
+    """(the best model on the validation split, its log)."""
+    s = settings.resolved()
+    if train_set.images.shape[-1] < _min_size(s):
+        raise UserError(f"the downstream {s.task} network needs images of at least {_min_size(s)} px "
+                        f"(these are {train_set.images.shape[-1]} px): raise --image_size")
+    if len(train_set) == 0:
+        raise UserError(f"{desc}: no training images")
+    device = torch.device(s.device)
+    torch.manual_seed(seed)
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes))).to(device)
+    step_fn = torch.compile(model) if s.compile and device.type == "cuda" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True) if s.task == "segmentation" else nn.CrossEntropyLoss()
+    per_epoch = max(1, -(-len(train_set) // s.batch_size))
+    steps = int(round(s.epochs * per_epoch)) if s.epochs else s.max_steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=max(steps, 2), pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = train_set.images, train_set.targets
+    best, best_state, since, history, order = -1.0, None, 0, [], torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=steps < 200)
+    step = 0
+    for step in bar:
+        if len(order) < s.batch_size:
+            order = torch.cat([order, torch.randperm(len(train_set), generator=gen)])
+        idx, order = order[:s.batch_size], order[s.batch_size:]
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        flip = torch.rand(len(idx), generator=gen) < 0.5          # horizontal flips, the one augmentation
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        if s.task == "segmentation":
+            y = torch.where(flip.to(device)[:, None, None, None], y.flip(-1), y)
+        model.train()
+        with _autocast(device, s.bf16):
+            loss = loss_fn(step_fn(x).float(), y)
+        loss_value = float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % s.val_every == 0 or step + 1 == steps:
+            score = validation_score(model, s.task, val_set, device, s.bf16)
+            history.append([step + 1, round(loss_value, 5), round(score, 5)])
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{score:.3f}")
+            if score > best:
+                best, best_state, since = score, copy.deepcopy(model.state_dict()), 0
+            else:
+                since += 1
+                if since >= s.patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model, {"steps": step + 1, "planned_steps": steps, "best_val": best, "history": history,
+                   "val_metric": "dice" if s.task == "segmentation" else "balanced_accuracy"}
+
+
+def content_key(*parts) -> str:
+    """A hash of tensors and JSON-able settings: the cache key of a trained reference model."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            t = p.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_reference(settings: TrainSettings, train_set, val_set, seed: int, cache_dir: Path) -> tuple[nn.Module, dict]:
+    """The downstream model trained on the real training data, cached by content (data, settings, seed): the
+    segmenter of the faithfulness check and the feature network of the domain metrics."""
+    s = settings.resolved()
+    key = content_key(train_set.images, train_set.targets, val_set.images, val_set.targets, s.key(), seed,
+                      train_set.classes)
+    path = Path(cache_dir) / f"{s.task}-{s.preset}-{key}.pt"
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)))
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(stored["state"])
+            return model.to(s.device), {**stored["log"], "cache": str(path), "cached": True}
+        except Exception:  # noqa: BLE001 - a damaged cache file is retrained
+            path.unlink(missing_ok=True)
+    model, log = train(settings, train_set, val_set, seed, desc="reference model (real train)")
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save({"state": state, "log": log}, tmp))
+    return model, {**log, "cache": str(path), "cached": False}

@@ -1,0 +1,201 @@
+"""utility.md (a verdict in words, then tables) and the PNGs: score vs real fraction per recipe with seed CI
+bands, faithfulness by tumour size, memorization histograms and the closest synthetic/training pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from tabulate import tabulate
+
+from common.fileio import atomic_write
+from common.grid import save_grid
+from eval.obj_eval.utility.scores import LABELS, higher_is_better
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _f(v, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(ci, digits: int = 3, sign: str = "") -> str:
+    return "-" if not ci else f"[{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}% real data"
+
+
+def verdict(study: dict) -> str:
+    """The plain-language paragraph at the top of the report."""
+    primary, label = study["primary"], LABELS.get(study["primary"], study["primary"])
+    lines = []
+    for row in study["rows"]:
+        vs = row.get("vs_real")
+        if not vs:
+            continue
+        what = (f"adding {row['ratio']:g}x {row['synthetic']}" if row["kind"] == "real+synthetic" else
+                f"balancing the classes with {row['synthetic']}" if row["kind"] == "real+balanced" else
+                f"training on {row['synthetic']} alone")
+        if vs.get("ci95") is None:
+            lines.append(f"{what} changed test {label} by {vs['diff']:+.3f} at {_pct(row['real_fraction'])} "
+                         f"(no interval)")
+            continue
+        better = (vs["diff"] > 0) == higher_is_better(primary)
+        if vs["distinguishable"]:
+            how = f"{'improved' if better else 'worsened'} test {label} by {vs['diff']:+.3f}"
+            tail = f"distinguishable from zero, p = {vs['p']:.3f}"
+        else:
+            how = f"changed test {label} by {vs['diff']:+.3f}"
+            tail = f"not distinguishable from zero, p = {vs['p']:.2f}"
+        lines.append(f"{what} {how} {_ci(vs['ci95'], sign='+')} at {_pct(row['real_fraction'])} ({tail})")
+    n_seeds = len(study["rows"][0]["seeds"]) if study["rows"] else 0
+    text = ("; ".join(lines) + ". ") if lines else "Only the real recipe was trained. "
+    text = text[0].upper() + text[1:]
+    text += (f"Differences are paired by seed and test {study['unit']} ({n_seeds} seeds, bootstrap over "
+             f"{study['rows'][0]['n_test_units']} test {study['unit']}s); scores are on the real test split only.")
+    for rec in study.get("audit", []):
+        if rec.get("metric") == "faithfulness_dice" and rec.get("value") is not None:
+            text += (f" Faithfulness: the real-data segmenter finds the conditioning mask in the synthetic images "
+                     f"with Dice {rec['value']:.3f} {_ci(rec['ci95'])}, against {_f(rec['ceiling']['mean'])} on real "
+                     f"test images ({rec['n_low']} of {rec['n']} below {rec['low_dice_threshold']}).")
+        if rec.get("metric") == "memorization":
+            px = rec["sections"]["pixel"]
+            text += (f" Memorization: {px['fraction_below_p1'] * 100:.1f}% of synthetic images are closer to a "
+                     f"training image than the 1st percentile of real held-out images (about 1% expected without "
+                     f"copying; {px['fraction_below_p5'] * 100:.1f}% below the 5th percentile, about 5% expected).")
+    return text
+
+
+def markdown(study: dict) -> str:
+    primary = study["primary"]
+    metric_names = list(study["rows"][0]["metrics"]) if study["rows"] else []
+    out = [f"# Downstream utility: {study['task']}", "", verdict(study), ""]
+    out += [f"Real data: {study['real_dir']}; synthetic: {', '.join(study['synthetic_dirs']) or '(none)'}; "
+            f"{study['image_size']} px; downstream model: {study['model']}; training: {study['training']}.", ""]
+    out += [f"- {n}" for n in study.get("notes", [])] + ([""] if study.get("notes") else [])
+    head = ["real fraction", "recipe", "N train (synthetic)"] + [LABELS.get(m, m) for m in metric_names] + \
+           [f"{LABELS.get(primary, primary)} vs real [95% CI]", "p"]
+    body = []
+    for r in study["rows"]:
+        cells = [f"{r['real_fraction']:g}", r["recipe"], f"{int(np.mean(r['n_train']))} ({int(np.mean(r['n_synthetic']))})"]
+        for m in metric_names:
+            s = r["metrics"][m]
+            cells.append(f"{_f(s['mean'])} {_ci(s['ci95'])}")
+        vs = r.get("vs_real")
+        cells += [f"{vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')}" if vs else "", _f(vs.get("p")) if vs else ""]
+        body.append(cells)
+    out += ["## Scores on the real test split", "",
+            "Mean over seeds with the 95% t-interval; the last columns pair each recipe with `real` on the same "
+            "seeds and test units (bootstrap).", "", tabulate(body, head, tablefmt="github"), ""]
+    for rec in study.get("audit", []):
+        out += _audit_section(rec)
+    out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in study.get("plots", [])] + [""]
+    return "\n".join(out)
+
+
+def _audit_section(rec: dict) -> list[str]:
+    if rec.get("available") is False:
+        return [f"## {rec['metric']}", "", f"Unavailable: {rec['reason']}", ""]
+    name = rec["metric"]
+    if name == "faithfulness_dice":
+        rows = [[b["bin"], f"{b['area_fraction'][0]:.3f}-{b['area_fraction'][1]:.3f}", b["synthetic"]["n"],
+                 f"{_f(b['synthetic']['mean'])} {_ci(b['synthetic']['ci95'])}", b["real_test"]["n"],
+                 f"{_f(b['real_test']['mean'])} {_ci(b['real_test']['ci95'])}"] for b in rec["bins"]]
+        rows.append(["all", "", rec["n"], f"{_f(rec['value'])} {_ci(rec['ci95'])}", rec["ceiling"]["n"],
+                     f"{_f(rec['ceiling']['mean'])} {_ci(rec['ceiling']['ci95'])}"])
+        low = ", ".join(f"{x['id']} ({x['dice']:.2f})" for x in rec["low"][:30])
+        return ["## Mask faithfulness", "", rec["method"]["segmenter"] + "; " + rec["method"]["dice"] + ".", "",
+                tabulate(rows, ["tumour size", "area fraction", "N synthetic", "Dice synthetic",
+                                "N real test", "Dice real test (ceiling)"], tablefmt="github"), "",
+                f"{rec['n_low']} synthetic images below Dice {rec['low_dice_threshold']}" + (f": {low}" if low else "."),
+                f"Synthetic images with an empty conditioning mask: {rec['empty_masks']['n']} "
+                f"({rec['empty_masks']['predicted_foreground']} with predicted foreground).", ""]
+    if name == "memorization":
+        rows = [[s["space"], f"{s['fraction_below_p1'] * 100:.1f}%", f"{s['fraction_below_p5'] * 100:.1f}%",
+                 _f(s["synthetic_nn"]["median"], 4), _f(s["heldout_nn"]["median"], 4), _f(s["synthetic_nn"]["min"], 4)]
+                for s in rec["sections"].values()]
+        pairs = ", ".join(f"{c['synthetic']} ~ {c['train']} (d {c['distance']:.4f}, SSIM {c['ssim']:.3f})"
+                          for c in rec["closest"][:5])
+        return ["## Memorization", "",
+                f"Nearest training image of each of {rec['n']} synthetic images, against the nearest-neighbour "
+                f"distances of {rec['n_heldout']} real held-out images to the same {rec['n_train']} training images.",
+                "", tabulate(rows, ["distance", "synthetic < held-out p1 (~1% expected)", "< p5 (~5% expected)",
+                                    "median NN synthetic", "median NN held-out", "min NN synthetic"],
+                             tablefmt="github"), "", f"Closest pairs: {pairs}.", ""]
+    if name == "fid_domain":
+        return ["## Domain feature space", "", f"Fréchet distance {_f(rec['value'])} {_ci(rec['ci95'])} "
+                f"(N = {rec['n']}); feature space: {rec['method']['space']}.", ""]
+    if name == "prdc_domain":
+        v = rec["value"]
+        return [f"Precision {v['precision']:.3f}, recall {v['recall']:.3f}, density {v['density']:.3f}, coverage "
+                f"{v['coverage']:.3f} (k = {rec['method']['k']}, {rec['method']['reference']}), same feature space.", ""]
+    return []
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_fractions(study: dict, path: Path) -> Path:
+    """Each score vs the real fraction, one line per recipe, seed CI as a band."""
+    metrics = list(study["rows"][0]["metrics"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    recipes = list(dict.fromkeys(r["recipe"] for r in study["rows"]))
+    for ax, m in zip(axes[0], metrics):
+        for name in recipes:
+            rows = sorted((r for r in study["rows"] if r["recipe"] == name), key=lambda r: r["real_fraction"])
+            x = [r["real_fraction"] for r in rows]
+            y = [r["metrics"][m]["mean"] if r["metrics"][m]["mean"] is not None else np.nan for r in rows]
+            ax.plot(x, y, marker="o", label=name)
+            lo = [r["metrics"][m]["ci95"][0] if r["metrics"][m]["ci95"] else np.nan for r in rows]
+            hi = [r["metrics"][m]["ci95"][1] if r["metrics"][m]["ci95"] else np.nan for r in rows]
+            ax.fill_between(x, lo, hi, alpha=0.15)
+        ax.set_xscale("log" if len(set(r["real_fraction"] for r in study["rows"])) > 2 else "linear")
+        ax.set_xlabel("fraction of the real training data")
+        ax.set_title(LABELS.get(m, m))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_faithfulness(rec: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    x = np.arange(len(rec["bins"]))
+    for k, (key, label) in enumerate((("synthetic", "synthetic vs conditioning mask"), ("real_test", "real test (ceiling)"))):
+        means = [b[key]["mean"] if b[key]["mean"] is not None else 0 for b in rec["bins"]]
+        err = np.array([[m - b[key]["ci95"][0], b[key]["ci95"][1] - m] if b[key]["ci95"] else [0, 0]
+                        for m, b in zip(means, rec["bins"])]).T
+        ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, [b["bin"] for b in rec["bins"]])
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("mask faithfulness by tumour size")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_memorization(sections: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 3.4), squeeze=False)
+    for ax, (name, s) in zip(axes[0], sections.items()):
+        both = np.concatenate([s["_d_synth"], s["_d_held"]])
+        bins = np.linspace(both.min(), both.max() + 1e-9, 40)
+        ax.hist(s["_d_held"], bins, alpha=0.6, density=True, label="real held-out -> train")
+        ax.hist(s["_d_synth"], bins, alpha=0.6, density=True, label="synthetic -> train")
+        ax.axvline(s["threshold_p1"], color="k", ls="--", lw=1, label="held-out 1st percentile")
+        ax.set_title(f"nearest-neighbour distance ({name})")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_closest_pairs(synthetic, train, order, nn, path: Path) -> Path:
+    """Top row: the synthetic images closest to a training image; bottom row: those training images."""
+    import torch
+    top = synthetic.images[list(order)]
+    bottom = train.images[[int(nn[i]) for i in order]]
+    save_grid(torch.cat([top, bottom]), path, nrow=max(1, len(order)))
+    return path

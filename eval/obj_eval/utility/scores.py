@@ -1,0 +1,156 @@
+"""Scores of a downstream model on the real test split, and the statistics that compare recipes.
+
+Segmentation (MONAI metrics, on the binarised prediction at 0.5): Dice per slice (slices whose true mask is
+empty are left out, MONAI's ignore_empty), Dice per subject (all of a subject's slices stacked), HD95 per slice
+in pixels at the evaluation size (slices where the truth and the prediction both hold foreground).
+Classification (scikit-learn): accuracy, balanced accuracy, macro one-vs-rest AUC (over the classes present in
+the test set), quadratic-weighted Cohen's kappa (ordinal grades such as diabetic retinopathy 0-4), recall per
+class.
+
+Every score is kept per resampling unit (test subject, or test image) as a sum and a count for the decomposable
+segmentation scores, and as the probabilities themselves for classification, so the paired bootstrap can
+resample test units and recompute each score exactly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from scipy import stats
+
+SEG_METRICS = ("dice_subject", "dice_slice", "hd95_slice")
+CLASS_METRICS = ("balanced_accuracy", "accuracy", "auc_macro_ovr", "kappa_quadratic")
+HIGHER_IS_BETTER = {"hd95_slice": False}
+LABELS = {"dice_subject": "Dice per subject", "dice_slice": "Dice per slice", "hd95_slice": "HD95 per slice (px)",
+          "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "auc_macro_ovr": "macro OvR AUC",
+          "kappa_quadratic": "quadratic kappa"}
+
+
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER.get(metric, True)
+
+
+# ---------------------------------------------------------------- segmentation
+def segmentation_scores(probs: torch.Tensor, test) -> dict:
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    pred, true = (probs > 0.5).float(), (test.targets > 0.5).float()
+    units, unit_of = test.unit_index()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # MONAI warns about every empty mask it skips
+        dice = compute_dice(pred, true, include_background=True, ignore_empty=True)[:, 0].numpy()
+        both = ((pred.sum((1, 2, 3)) > 0) & (true.sum((1, 2, 3)) > 0)).numpy()
+        hd = np.full(len(pred), np.nan)
+        if both.any():
+            hd[both] = compute_hausdorff_distance(pred[both], true[both], include_background=True,
+                                                  percentile=95)[:, 0].numpy()
+    inter = (pred * true).sum((1, 2, 3)).numpy()
+    total = (pred.sum((1, 2, 3)) + true.sum((1, 2, 3))).numpy()
+    n = len(units)
+    subj_inter, subj_total = np.bincount(unit_of, inter, n), np.bincount(unit_of, total, n)
+    subj_true = np.bincount(unit_of, true.sum((1, 2, 3)).numpy(), n)
+    subj_ok = subj_true > 0                    # subjects without tumour have no Dice (as MONAI's ignore_empty)
+    subj_dice = np.where(subj_ok, 2 * subj_inter / np.maximum(subj_total, 1e-9), 0.0)
+    per_unit = {"dice_subject": (subj_dice, subj_ok.astype(float))}
+    for name, vals in (("dice_slice", dice), ("hd95_slice", hd)):
+        ok = np.isfinite(vals)
+        per_unit[name] = (np.bincount(unit_of, np.where(ok, vals, 0.0), n), np.bincount(unit_of, ok.astype(float), n))
+    per_unit = {k: {"sum": s.tolist(), "count": c.tolist()} for k, (s, c) in per_unit.items()}
+    out = {"units": units, "per_unit": per_unit, "n_items": len(pred),
+           "excluded": {"dice_slice": int((~np.isfinite(dice)).sum()), "hd95_slice": int((~both).sum()),
+                        "dice_subject": int((~subj_ok).sum())}}
+    out["metrics"] = {m: metric_on(out, m, np.arange(n)) for m in SEG_METRICS}
+    out["per_slice_dice"] = np.nan_to_num(dice, nan=-1.0).round(5).tolist()   # -1: empty truth (faithfulness)
+    return out
+
+
+# ---------------------------------------------------------------- classification
+def auc_macro_ovr(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean over classes of the one-vs-rest ROC AUC; a class absent from labels (or the only one) is left out."""
+    from sklearn.metrics import roc_auc_score
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in range(probs.shape[1])
+            if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def class_metric(name: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
+    pred = probs.argmax(1)
+    if name == "accuracy":
+        return float(accuracy_score(labels, pred))
+    if name == "balanced_accuracy":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a resample may lack a class that the model predicts
+            return float(balanced_accuracy_score(labels, pred))
+    if name == "auc_macro_ovr":
+        return auc_macro_ovr(labels, probs)
+    if name == "kappa_quadratic":
+        k = cohen_kappa_score(labels, pred, weights="quadratic", labels=np.arange(probs.shape[1]))
+        return float(k) if np.isfinite(k) else 0.0   # one class only in truth and prediction: no agreement beyond chance
+    raise KeyError(name)
+
+
+def classification_scores(probs: torch.Tensor, test) -> dict:
+    p, y = probs.numpy().astype(np.float64), test.targets.numpy()
+    out = {"units": list(test.units), "probs": p.round(6).tolist(), "labels": y.tolist(), "n_items": len(y)}
+    out["metrics"] = {m: class_metric(m, y, p) for m in CLASS_METRICS}
+    pred = p.argmax(1)
+    out["recall_per_class"] = {c: (float((pred[y == k] == k).mean()) if (y == k).any() else None)
+                               for k, c in enumerate(test.classes)}
+    return out
+
+
+def scores(task: str, probs: torch.Tensor, test) -> dict:
+    return segmentation_scores(probs, test) if task == "segmentation" else classification_scores(probs, test)
+
+
+# ---------------------------------------------------------------- statistics
+def metric_on(result: dict, name: str, idx: np.ndarray) -> float | np.ndarray:
+    """The score on the test units idx (with repeats: a bootstrap resample). idx of shape (B, n) gives B values."""
+    idx = np.asarray(idx)
+    if "per_unit" in result:
+        s, c = (np.asarray(result["per_unit"][name][k]) for k in ("sum", "count"))
+        total = c[idx].sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = np.where(total > 0, s[idx].sum(-1) / np.where(total > 0, total, 1), np.nan)
+        return value if idx.ndim == 2 else float(value)
+    y, p = np.asarray(result["labels"]), np.asarray(result["probs"])
+    if idx.ndim == 2:
+        return np.array([class_metric(name, y[i], p[i]) for i in idx])
+    return class_metric(name, y[idx], p[idx])
+
+
+def seed_ci(values) -> dict:
+    """Mean over seeds with a 95% t-interval (Student t with n-1 degrees of freedom)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return {"mean": None, "ci95": None, "sd": None, "n": 0}
+    if len(v) < 2:
+        return {"mean": float(v.mean()), "ci95": None, "sd": None, "n": 1}
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "sd": sd, "n": len(v)}
+
+
+def paired_bootstrap(recipe: list[dict], real: list[dict], name: str, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Difference recipe - real of one score, paired by seed (the i-th results share seed and test set) and by
+    test unit: each resample draws test units with replacement, recomputes the score of every model on them and
+    averages the per-seed differences. Returns the observed difference, the 2.5/97.5 percentiles of the resampled
+    differences and a two-sided bootstrap p-value (twice the smaller tail beyond zero)."""
+    if len(recipe) != len(real) or not recipe:
+        raise ValueError("paired results need the same seeds")
+    n = len(real[0]["units"])
+    if any(r["units"] != real[0]["units"] for r in recipe + real):
+        raise ValueError("paired results must be scored on the same test units")
+    all_units = np.arange(n)
+    observed = float(np.nanmean([metric_on(a, name, all_units) - metric_on(b, name, all_units)
+                                 for a, b in zip(recipe, real)]))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    diffs = np.nanmean(np.stack([metric_on(a, name, idx) - metric_on(b, name, idx) for a, b in zip(recipe, real)]), 0)
+    diffs = diffs[np.isfinite(diffs)]
+    if len(diffs) == 0:
+        return {"diff": observed, "ci95": None, "p": None, "n_units": n, "n_boot": 0}
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+    return {"diff": observed, "ci95": [float(lo), float(hi)], "p": float(p), "n_units": n, "n_boot": int(len(diffs)),
+            "distinguishable": bool(lo > 0 or hi < 0)}

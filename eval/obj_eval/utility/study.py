@@ -1,0 +1,195 @@
+"""The utility study: the same downstream model trained on each recipe, at each real-data fraction and seed,
+scored on the real test split only.
+
+Recipes (names as they appear in the report):
+  real                   the real training subset alone (the baseline every other recipe is compared with);
+  real+<S> x<r>          plus r synthetic images of set S per real image (drawn without replacement, seeded);
+  <S> only               the synthetic set S alone;
+  real+balanced <S>      (classification) plus synthetic images of each minority class of S up to the real
+                         subset's majority count: the class-balancing use case.
+At a real fraction f < 1 every recipe of one seed uses the same real subset (whole subjects; per class for
+classification), so differences at one seed are paired. Each (fraction, recipe, seed) result is written
+atomically when it finishes, with a key of everything that determines it: a killed study resumes from there.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from common.fileio import atomic_write_text
+from eval.obj_eval.utility import models, scores
+from eval.obj_eval.utility.data import TaskSet, concat, warn
+
+RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    kind: str                    # one of RECIPE_KINDS
+    synthetic: str | None = None
+    ratio: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "real":
+            return "real"
+        if self.kind == "synthetic":
+            return f"{self.synthetic} only"
+        if self.kind == "real+balanced":
+            return f"real+balanced {self.synthetic}"
+        return f"real+{self.synthetic} x{self.ratio:g}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.name)
+
+
+def parse_list(text: str, flag: str, kind=float, low: float = 0.0, high: float | None = None) -> list:
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected a comma list of numbers, got {text!r}") from None
+    if not values or any(v <= low or (high is not None and v > high) for v in values):
+        raise UserError(f"{flag}: every value must be > {low:g}" + (f" and <= {high:g}" if high is not None else "")
+                        + f" (got {text})")
+    return sorted(set(values))
+
+
+def build_recipes(kinds: list[str], synthetic: list[str], ratios: list[float], task: str) -> list[Recipe]:
+    unknown = [k for k in kinds if k not in RECIPE_KINDS]
+    if unknown:
+        raise UserError(f"--recipes: unknown recipe {unknown[0]!r} (choose from {', '.join(RECIPE_KINDS)})")
+    if "real+balanced" in kinds and task != "classification":
+        raise UserError("--recipes real+balanced needs a classification dataset (class image folders)")
+    if any(k != "real" for k in kinds) and not synthetic:
+        raise UserError("--recipes: synthetic recipes need --synthetic_dir")
+    out = [Recipe("real")]
+    for s in synthetic:
+        out += [Recipe("real+synthetic", s, r) for r in ratios if "real+synthetic" in kinds]
+        out += [Recipe("real+balanced", s)] if "real+balanced" in kinds else []
+        out += [Recipe("synthetic", s)] if "synthetic" in kinds else []
+    return out
+
+
+def real_subset(train: TaskSet, fraction: float, seed: int) -> TaskSet:
+    """A seeded subset of whole units (subjects); stratified by class for classification (each class keeps at
+    least one image)."""
+    if fraction >= 1.0:
+        return train
+    rng = np.random.default_rng([seed, int(round(fraction * 1e6))])
+    units, unit_of = train.unit_index()
+    if train.classes:
+        labels = train.targets.numpy()
+        keep = []
+        for c in range(len(train.classes)):
+            members = np.flatnonzero(labels == c)
+            if len(members):
+                keep += rng.choice(members, max(1, int(round(fraction * len(members)))), replace=False).tolist()
+        return train.subset(sorted(keep))
+    chosen = rng.choice(len(units), max(1, int(round(fraction * len(units)))), replace=False)
+    return train.subset(np.flatnonzero(np.isin(unit_of, chosen)))
+
+
+def compose(recipe: Recipe, real: TaskSet, synthetic: dict[str, TaskSet], seed: int) -> tuple[TaskSet, dict]:
+    """The training set of one recipe, and what it holds."""
+    if recipe.kind == "real":
+        return real, {"n_real": len(real), "n_synthetic": 0}
+    syn = synthetic[recipe.synthetic]
+    rng = np.random.default_rng([seed, 7])
+    if recipe.kind == "synthetic":
+        return syn, {"n_real": 0, "n_synthetic": len(syn)}
+    if recipe.kind == "real+synthetic":
+        want = int(round(recipe.ratio * len(real)))
+        take = min(want, len(syn))
+        if take < want:
+            warn(f"{recipe.name}: asked for {want} synthetic images, {syn.name} has {len(syn)}; using all of them")
+        pick = np.sort(rng.choice(len(syn), take, replace=False))
+        return concat(recipe.name, [real, syn.subset(pick)]), {"n_real": len(real), "n_synthetic": int(take),
+                                                               "n_synthetic_wanted": want,
+                                                               "actual_ratio": take / max(1, len(real))}
+    counts = real.counts()
+    labels = syn.targets.numpy()
+    picks, added = [], {}
+    for c, name in enumerate(real.classes):
+        need = int(counts.max() - counts[c])
+        members = np.flatnonzero(labels == c)
+        take = min(need, len(members))
+        if take < need:
+            warn(f"{recipe.name}: class {name} needs {need} synthetic images, {syn.name} has {len(members)}")
+        picks += rng.choice(members, take, replace=False).tolist()
+        added[name] = int(take)
+    return concat(recipe.name, [real, syn.subset(sorted(picks))]), {"n_real": len(real), "n_synthetic": len(picks),
+                                                                    "added_per_class": added}
+
+
+def result_path(out: Path, fraction: float, recipe: Recipe, seed: int) -> Path:
+    return Path(out) / "results" / f"real{fraction:g}" / recipe.slug / f"seed{seed}.json"
+
+
+def read_result(path: Path, key: str) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("key") == key else None
+
+
+def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float], seeds: list[int],
+              real: dict[str, TaskSet], synthetic: dict[str, TaskSet], settings: models.TrainSettings,
+              data_key: str) -> dict:
+    """{(fraction, recipe name): [result per seed]}, training what is not on disk yet."""
+    results: dict[tuple[float, str], list[dict]] = {}
+    total = len(fractions) * len(seeds) * len(recipes)
+    done = 0
+    for fraction in fractions:
+        for seed in seeds:
+            subset = real_subset(real["train"], fraction, seed)
+            for recipe in recipes:
+                done += 1
+                path = result_path(out, fraction, recipe, seed)
+                key = models.content_key(data_key, settings.key(), recipe.name, fraction, seed)
+                res = read_result(path, key)
+                tag = f"[{done}/{total}] real {fraction:g}, {recipe.name}, seed {seed}"
+                if res is None:
+                    train_set, info = compose(recipe, subset, synthetic, seed)
+                    model, log = models.train(settings, train_set, real["val"], seed, desc=tag)
+                    probs = models.predict(model, real["test"].images, task, settings.device, bf16=settings.bf16)
+                    res = {"key": key, "recipe": recipe.name, "kind": recipe.kind, "synthetic": recipe.synthetic,
+                           "ratio": recipe.ratio, "real_fraction": fraction, "seed": seed, "train": info,
+                           "training": log, **scores.scores(task, probs, real["test"])}
+                    atomic_write_text(path, json.dumps(res, allow_nan=True))
+                    print(f"{tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items() if np.isfinite(v)))
+                else:
+                    print(f"{tag}: done before ({path})")
+                results.setdefault((fraction, recipe.name), []).append(res)
+    return results
+
+
+def summarise(results: dict, recipes: list[Recipe], fractions: list[float], primary: str, n_boot: int,
+              seed: int) -> list[dict]:
+    """One row per (fraction, recipe): every score's mean and seed CI; the paired difference to real of the
+    primary score."""
+    rows = []
+    for fraction in fractions:
+        base = results[(fraction, "real")]
+        for recipe in recipes:
+            res = results[(fraction, recipe.name)]
+            row = {"real_fraction": fraction, "recipe": recipe.name, "kind": recipe.kind,
+                   "synthetic": recipe.synthetic, "ratio": recipe.ratio, "seeds": [r["seed"] for r in res],
+                   "n_train": [r["train"]["n_real"] + r["train"]["n_synthetic"] for r in res],
+                   "n_synthetic": [r["train"]["n_synthetic"] for r in res],
+                   "n_test_items": res[0]["n_items"], "n_test_units": len(res[0]["units"]),
+                   "metrics": {m: scores.seed_ci([r["metrics"][m] for r in res]) for m in res[0]["metrics"]}}
+            if "recall_per_class" in res[0]:
+                row["recall_per_class"] = {c: scores.seed_ci([r["recall_per_class"][c] for r in res
+                                                             if r["recall_per_class"][c] is not None])
+                                           for c in res[0]["recall_per_class"]}
+            if recipe.kind != "real":
+                row["vs_real"] = {"metric": primary, **scores.paired_bootstrap(res, base, primary, n_boot, seed)}
+            rows.append(row)
+    return rows

@@ -1,0 +1,290 @@
+"""The downstream utility study (run_utility.py), mask faithfulness, the memorization audit and the domain
+feature-space metrics: scores against scikit-learn, the paired bootstrap against a direct one, the audits on
+constructed cases (copies, shifted masks, shuffled labels), resume and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from common.errors import UserError
+from Generation.TrainGen.core.phantom import make_lesion_image, make_subject, write_subject
+from eval.obj_eval.utility import audit, data, models, scores, study
+from eval.obj_eval.utility.cli import main as utility_main
+from tests.conftest import run_script
+
+SHAPE = (64, 64, 48)   # read at 32 px, as the demo
+FAST = ["--preset", "tiny", "--max_steps", "120", "--val_every", "40", "--bootstrap", "200", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory) -> Path:
+    """Phantom NIfTI subjects in train (8) / val (2) / test (3) folders."""
+    root = tmp_path_factory.mktemp("utility") / "brain"
+    for i in range(13):
+        split = "train" if i < 8 else "val" if i < 10 else "test"
+        write_subject(root / split / f"s{i:02d}", make_subject(5, i, SHAPE))
+    return root
+
+
+def write_pairs(root: Path, images: torch.Tensor, masks: torch.Tensor) -> Path:
+    """An images/ + masks/ PNG folder (the loaders' segmentation layout)."""
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for k, (im, m) in enumerate(zip(images, masks)):
+        Image.fromarray((im[0].numpy() * 255).round().astype(np.uint8)).save(root / "images" / f"{k:04d}.png")
+        Image.fromarray((m[0].numpy() * 255).astype(np.uint8)).save(root / "masks" / f"{k:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def real(brain):
+    sets, notes = data.load_real(brain, 32, ["bravo"], positive_only=True, compute="local")
+    assert notes == [] and sets["test"].name == "real test"
+    return sets
+
+
+@pytest.fixture(scope="module")
+def segmenter(real, tmp_path_factory):
+    s = models.TrainSettings("segmentation", "tiny", max_steps=300, val_every=50)
+    model, log = models.cached_reference(s, real["train"], real["val"], 0, tmp_path_factory.mktemp("cache"))
+    return model, log
+
+
+# ---------------------------------------------------------------- scores
+def test_classification_scores_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    logits = rng.normal(size=(200, 5)) + 2.0 * np.eye(5)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert scores.class_metric("kappa_quadratic", y, p) == pytest.approx(
+        cohen_kappa_score(y, p.argmax(1), weights="quadratic"))
+    assert scores.class_metric("auc_macro_ovr", y, p) == pytest.approx(
+        roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert scores.class_metric("balanced_accuracy", y, p) == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert scores.class_metric("accuracy", y, p) == pytest.approx(accuracy_score(y, p.argmax(1)))
+    yb = rng.integers(0, 2, 100)
+    pb = np.stack([1 - (q := rng.uniform(size=100) * 0.5 + 0.5 * yb), q], 1)
+    assert scores.class_metric("auc_macro_ovr", yb, pb) == pytest.approx(roc_auc_score(yb, pb[:, 1]))
+
+
+def test_segmentation_scores_by_hand(real):
+    test = real["test"]
+    probs = test.targets.roll(2, dims=-1) * 0.9          # a shifted, slightly unsure prediction
+    res = scores.segmentation_scores(probs, test)
+    pred, true = probs > 0.5, test.targets > 0.5
+    units, unit_of = test.unit_index()
+    by_subject = []
+    for u in range(len(units)):
+        p, t = pred[unit_of == u], true[unit_of == u]
+        if t.any():
+            by_subject.append(2 * float((p & t).sum()) / float(p.sum() + t.sum()))
+    assert res["metrics"]["dice_subject"] == pytest.approx(np.mean(by_subject))
+    per_slice = [2 * float((p & t).sum()) / float(p.sum() + t.sum()) for p, t in zip(pred, true) if t.any()]
+    assert res["metrics"]["dice_slice"] == pytest.approx(np.mean(per_slice))
+    assert 0 < res["metrics"]["hd95_slice"] <= 3.0      # a 2-px shift: the 95th percentile is at most ~2 px
+
+
+def test_seed_ci_is_the_t_interval():
+    v = [0.61, 0.65, 0.58, 0.70]
+    got = scores.seed_ci(v)
+    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert got["ci95"] == pytest.approx([lo, hi])
+    assert scores.seed_ci([0.5])["ci95"] is None
+
+
+def _fake_results(values: np.ndarray) -> list[dict]:
+    """Per-seed segmentation results with one value per test unit."""
+    return [{"units": [f"u{i}" for i in range(values.shape[1])],
+             "per_unit": {"dice_subject": {"sum": row.tolist(), "count": [1.0] * len(row)}}} for row in values]
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.05])
+def test_paired_bootstrap_matches_a_direct_bootstrap(shift):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.4, 0.9, size=(3, 40))                     # 3 seeds x 40 test subjects
+    other = base + shift + rng.normal(0, 0.03, size=base.shape)
+    got = scores.paired_bootstrap(_fake_results(other), _fake_results(base), "dice_subject", 4000, seed=3)
+    d = (other - base).mean(0)                                     # paired per-subject differences
+    boot = np.array([d[rng.integers(0, 40, 40)].mean() for _ in range(4000)])
+    assert got["diff"] == pytest.approx(d.mean())
+    se = boot.std()
+    assert got["ci95"][0] == pytest.approx(np.percentile(boot, 2.5), abs=0.25 * se)
+    assert got["ci95"][1] == pytest.approx(np.percentile(boot, 97.5), abs=0.25 * se)
+    assert got["distinguishable"] == (shift > 0)
+    assert (got["p"] < 0.01) if shift else (got["p"] > 0.05)
+
+
+def test_prdc_against_brute_force():
+    rng = np.random.default_rng(2)
+    real_f, fake_f, k = rng.normal(size=(30, 4)), rng.normal(0.5, 1.0, size=(25, 4)), 3
+    got = audit.prdc(real_f, fake_f, k)
+    dist = lambda a, b: np.linalg.norm(a - b)  # noqa: E731
+    radius = lambda x, s: sorted(dist(x, y) for y in s)[k]  # noqa: E731 - k-th neighbour, index 0 is itself
+    r_real = [radius(r, real_f) for r in real_f]
+    r_fake = [radius(f, fake_f) for f in fake_f]
+    precision = np.mean([any(dist(r, f) <= rr for r, rr in zip(real_f, r_real)) for f in fake_f])
+    recall = np.mean([any(dist(r, f) <= rf for f, rf in zip(fake_f, r_fake)) for r in real_f])
+    density = np.mean([sum(dist(r, f) <= rr for r, rr in zip(real_f, r_real)) for f in fake_f]) / k
+    coverage = np.mean([min(dist(r, f) for f in fake_f) <= rr for r, rr in zip(real_f, r_real)])
+    assert got == pytest.approx({"precision": precision, "recall": recall, "density": density, "coverage": coverage})
+    same = audit.prdc(real_f, real_f, k)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+
+
+# ---------------------------------------------------------------- audits
+def test_memorization_copies_vs_fresh_samples(real, tmp_path):
+    train, held = real["train"], real["test"]
+    copies = train.subset(range(0, len(train), 3))
+    fresh_subjects = [make_subject(77, i, SHAPE) for i in range(3)]           # another generator's seed
+    fresh_root = tmp_path / "fresh"
+    for i, vols in enumerate(fresh_subjects):
+        write_subject(fresh_root / "train" / f"f{i}", vols)
+    fresh = data.load_synthetic(fresh_root, 32, ["bravo"], train, compute="local")
+    net = models.build(models.TrainSettings("segmentation", "tiny"), 1, 1)     # any fixed feature map will do
+    rec_copy = audit.memorization(copies, train, held, net, "cpu", tmp_path / "copy")
+    rec_fresh = audit.memorization(fresh, train, held, net, "cpu", tmp_path / "fresh_out")
+    for space in ("pixel", "feature"):
+        assert rec_copy["sections"][space]["fraction_below_p1"] > 0.95
+        assert rec_fresh["sections"][space]["fraction_below_p5"] < 0.15
+    assert rec_copy["closest"][0]["distance"] < 1e-5 and rec_copy["closest"][0]["ssim"] > 0.999
+    assert all(Path(p).is_file() for p in rec_copy["plots"])
+
+
+def test_faithfulness_drops_when_masks_are_shifted(real, segmenter):
+    model, _ = segmenter
+    test = real["test"]
+    same = audit.faithfulness(model, test, test, real["train"], "cpu")
+    shifted = data.TaskSet("shifted", test.images, test.targets.roll((12, 12), dims=(-2, -1)), test.units, test.ids)
+    moved = audit.faithfulness(model, shifted, test, real["train"], "cpu")
+    assert same["value"] == pytest.approx(same["ceiling"]["mean"])   # the real images: at the ceiling
+    assert same["ceiling"]["mean"] > 0.3
+    assert moved["value"] < 0.3 * same["ceiling"]["mean"]
+    assert moved["n_low"] >= 0.8 * moved["n"] and moved["low"][0]["dice"] <= moved["low"][-1]["dice"]
+    assert sum(b["synthetic"]["n"] for b in moved["bins"]) == moved["n"]
+
+
+def test_reference_model_is_cached_by_content(real, segmenter, tmp_path):
+    _, log = segmenter
+    s = models.TrainSettings("segmentation", "tiny", max_steps=300, val_every=50)
+    again, log2 = models.cached_reference(s, real["train"], real["val"], 0, Path(log["cache"]).parent)
+    assert log2["cached"] and log2["cache"] == log["cache"]
+    x = real["test"].images[:4]
+    assert torch.equal(models.predict(again, x, "segmentation", "cpu"), models.predict(segmenter[0], x, "segmentation", "cpu"))
+
+
+# ---------------------------------------------------------------- the study, end to end
+def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys):
+    synth = write_pairs(tmp_path / "synth", real["train"].images[::2], real["train"].targets[::2])
+    out = tmp_path / "study"
+    argv = ["--real_dir", str(brain), "--synthetic_dir", str(synth), "--output", str(out), "--seeds", "2",
+            "--real_fraction", "0.5,1", "--recipes", "real,real+synthetic", "--positive_only", "--compute", "local",
+            *FAST]
+    assert utility_main(argv) == 0
+    summary = json.loads((out / "utility.json").read_text())
+    assert [(r["real_fraction"], r["recipe"]) for r in summary["rows"]] == [
+        (0.5, "real"), (0.5, "real+synth x1"), (1.0, "real"), (1.0, "real+synth x1")]
+    row = summary["rows"][1]
+    assert row["vs_real"]["metric"] == "dice_subject" and row["n_test_units"] == 3
+    assert [2 * n for n in row["n_synthetic"]] == row["n_train"]       # x1: as many synthetic as real images
+    names = {r["metric"] for r in summary["audit"]}
+    assert names == {"faithfulness_dice", "memorization", "fid_domain", "prdc_domain"}
+    mem = next(r for r in summary["audit"] if r["metric"] == "memorization")
+    assert mem["sections"]["pixel"]["fraction_below_p1"] == 1.0        # the "synthetic" set is training slices
+    md = (out / "utility.md").read_text()
+    assert "at 50% real data" in md and "Memorization: 100.0%" in md
+    for p in summary["plots"]:
+        assert (out / p).is_file()
+    # kill-and-resume: one finished result lost, the others are reused and the numbers are unchanged
+    lost = study.result_path(out, 1.0, study.Recipe("real+synthetic", "synth", 1.0), 1)
+    lost.unlink()
+    capsys.readouterr()
+    assert utility_main(argv + ["--audit", "none"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("done before") == 7 and "[8/8]" in log
+    again = json.loads((out / "utility.json").read_text())
+    assert again["rows"][3]["metrics"] == summary["rows"][3]["metrics"]
+
+
+def _lesions(root: Path, per_class: int, seed: int, size: int = 32, shuffle: bool = False) -> Path:
+    names = ["melanoma", "nevus", "vascular"]
+    shows = [c for c in range(3) for _ in range(per_class)]
+    labels = np.random.default_rng(seed).permutation(shows) if shuffle else shows
+    for k, (c, filed) in enumerate(zip(shows, labels)):
+        img = make_lesion_image(seed, c, k, size)                 # the image shows class c ...
+        (root / names[filed]).mkdir(parents=True, exist_ok=True)  # ... filed under class `filed`
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(root / names[filed] / f"{k:04d}.png")
+    return root
+
+
+def test_classification_study_shuffled_labels_hurt(tmp_path):
+    real_root = tmp_path / "real"
+    for split, n, seed in (("train", 8, 1), ("val", 6, 2), ("test", 10, 3)):
+        _lesions(real_root / split, n, seed)
+    synth = _lesions(tmp_path / "shuffled", 16, 4, shuffle=True)
+    out = tmp_path / "study"
+    assert utility_main(["--real_dir", str(real_root), "--synthetic_dir", str(synth), "--output", str(out),
+                         "--seeds", "2", "--recipes", "real,real+synthetic,real+balanced", "--synthetic_ratio", "2",
+                         "--audit", "none", "--compute", "local", *FAST]) == 0
+    rows = {r["recipe"]: r for r in json.loads((out / "utility.json").read_text())["rows"]}
+    real_acc = rows["real"]["metrics"]["balanced_accuracy"]["mean"]
+    assert real_acc > 0.6
+    assert rows["real+shuffled x2"]["metrics"]["balanced_accuracy"]["mean"] < real_acc - 0.1
+    assert set(rows["real"]["metrics"]) == set(scores.CLASS_METRICS)
+    assert rows["real+balanced shuffled"]["n_synthetic"] == [0, 0]     # the real classes are balanced already
+
+
+def test_balanced_recipe_fills_minority_classes():
+    rng = np.random.default_rng(0)
+    real = data.TaskSet("real", torch.zeros(14, 1, 8, 8), torch.tensor([0] * 8 + [1] * 4 + [2] * 2),
+                        [f"r{i}" for i in range(14)], [f"r{i}" for i in range(14)], ["a", "b", "c"])
+    syn_labels = torch.from_numpy(rng.integers(0, 3, 30))
+    syn = data.TaskSet("s", torch.ones(30, 1, 8, 8), syn_labels, [f"s{i}" for i in range(30)],
+                       [f"s{i}" for i in range(30)], ["a", "b", "c"])
+    mixed, info = study.compose(study.Recipe("real+balanced", "s"), real, {"s": syn}, seed=0)
+    assert info["added_per_class"] == {"a": 0, "b": 4, "c": 6}
+    assert mixed.counts().tolist() == [8, 8, 8]
+    sub = study.real_subset(real, 0.25, seed=1)
+    assert sub.counts().tolist() == [2, 1, 1]
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_is_one_clear_line(brain, real, tmp_path):
+    base = ["--real_dir", str(brain), "--output", str(tmp_path / "o"), "--compute", "local", *FAST]
+    rgb = tmp_path / "rgb"
+    write_pairs(rgb, real["train"].images[:4], real["train"].targets[:4])
+    for f in (rgb / "images").iterdir():
+        Image.open(f).convert("RGB").save(f)
+    cases = {("--seeds", "1"): "--seeds must be at least 2",
+             ("--synthetic_dir", str(rgb)): "3-channel images",
+             ("--synthetic_dir", str(tmp_path / "missing")): "folder does not exist",
+             ("--real_fraction", "0,1"): "--real-fraction",
+             ("--recipes", "real,real+balanced", "--synthetic_dir", str(rgb)): "needs a classification dataset",
+             ("--primary", "kappa_quadratic"): "is not a segmentation score"}
+    for extra, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            utility_main(base + list(extra))
+    lesions = tmp_path / "les"
+    _lesions(lesions / "train", 4, 1)
+    _lesions(lesions / "test", 2, 2)
+    other = tmp_path / "other" / "unknown_class"
+    other.mkdir(parents=True)
+    shutil.copy(next((lesions / "train" / "nevus").iterdir()), other / "x.png")
+    with pytest.raises(UserError, match="'unknown_class' is not a class of the real data"):
+        utility_main(["--real_dir", str(lesions), "--synthetic_dir", str(other.parent), "--compute", "local", *FAST])
+    empty = tmp_path / "empty_test"
+    shutil.copytree(brain / "train", empty / "train")
+    shutil.copytree(brain / "val", empty / "val")
+    (empty / "test").mkdir()
+    with pytest.raises(UserError, match="the test split .* is empty"):
+        data.load_real(empty, 32, ["bravo"], compute="local")
+    proc = run_script("eval/obj_eval/run_utility.py", *base, "--seeds", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --seeds")
