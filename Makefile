@@ -27,12 +27,14 @@ demo: $(STAMP)
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode seg --run_dir runs/demo/seg --resume auto
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode bravo --run_dir runs/demo/bravo --resume auto
 	$(PY) Generation/TrainGen/generate.py --seg_model runs/demo/seg --image_model runs/demo/bravo \
-	    --num_images 48 --batch_size 16 --output_dir runs/demo/synthetic --progression
+	    --num_images 128 --batch_size 16 --output_dir runs/demo/synthetic --progression
 	$(PY) Generation/TrainGen/generate.py --image_model runs/demo/bravo --masks_from .cache/demo/brain/val \
 	    --num_images 32 --batch_size 16 --output_dir runs/demo/synthetic_paired
 	$(PY) eval/obj_eval/run_evaluation.py --synthetic_dir runs/demo/synthetic_paired --real_dir .cache/demo/brain/val \
 	    --metrics all --positive-only --output runs/demo/eval
-	@echo "demo done: runs/demo/{seg,bravo}/samples/, runs/demo/synthetic/preview_8x8.png, runs/demo/eval/report.md"
+	$(PY) eval/obj_eval/run_utility.py --real_dir .cache/demo/brain --synthetic_dir runs/demo/synthetic --positive-only \
+	    --real_fraction 0.1,1 --recipes real,real+synthetic --seeds 2 --preset tiny --output runs/demo/utility
+	@echo "demo done: runs/demo/{seg,bravo}/samples/, runs/demo/synthetic/preview_8x8.png, runs/demo/eval/report.md, runs/demo/utility/utility.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

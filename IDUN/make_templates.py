@@ -55,6 +55,15 @@ run_resumable eval/obj_eval/run_evaluation.py --synthetic-dir "$SYNTH_DIR" --rea
     --positive-only --output "${{EVAL_OUT:-$SYNTH_DIR/eval}}"
 """
 
+UTILITY = """# sbatch --export=ALL,REAL_DIR=<real dataset with splits>,SYNTH_DIR=<generated folder> IDUN/slurmT/utility.slurm
+# Finished (recipe, fraction, seed) results are kept, so a requeued job resumes the study.
+: "${{REAL_DIR:=${{DRY_RUN:+\\$REAL_DIR}}}}" "${{SYNTH_DIR:=${{DRY_RUN:+\\$SYNTH_DIR}}}}"
+: "${{REAL_DIR:?set REAL_DIR}}" "${{SYNTH_DIR:?set SYNTH_DIR}}"
+run_resumable eval/obj_eval/run_utility.py --real_dir "$REAL_DIR" --synthetic_dir "$SYNTH_DIR" \\
+    --real_fraction 0.1,0.25,1 --synthetic_ratio 0.5,1,2 --seeds 3 --preset full --compute cluster \\
+    --output "${{UTILITY_OUT:-$SYNTH_DIR/utility}}"
+"""
+
 
 def templates() -> dict[str, str]:
     out = {}
@@ -78,6 +87,10 @@ def templates() -> dict[str, str]:
         name="evaluate", nodes=1, gpus=1, cpus=8, mem="64G", time="0-04:00:00",
         what="Evaluates a synthetic dataset against a real one (FID, LPIPS, MS-SSIM, MAE, PSNR).",
         file="IDUN/slurmT/evaluate.slurm") + EVALUATE.format()
+    out["utility.slurm"] = HEADER.format(
+        name="utility", nodes=1, gpus=1, cpus=8, mem="64G", time="1-00:00:00",
+        what="A downstream utility study (real vs real+synthetic, faithfulness, memorization).",
+        file="IDUN/slurmT/utility.slurm") + UTILITY.format()
     return out
 
 

@@ -5,7 +5,7 @@ import re
 from tests.conftest import ROOT, run_script
 
 SCRIPTS = ["Generation/TrainGen/train.py", "Generation/TrainGen/generate.py", "Generation/TrainGen/demo.py",
-           "eval/obj_eval/run_evaluation.py", "eval/obj_eval/generate_report.py", "eval/obj_eval/metrics/fid.py",
+           "eval/obj_eval/run_evaluation.py", "eval/obj_eval/run_utility.py", "eval/obj_eval/generate_report.py", "eval/obj_eval/metrics/fid.py",
            "eval/obj_eval/metrics/lpips_eval.py", "eval/obj_eval/metrics/ms_ssim.py",
            "eval/obj_eval/metrics/mae_psnr.py", "bench/benchmark.py"]
 # flags of other programs the README shows (sbatch, pip, torchrun)

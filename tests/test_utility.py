@@ -288,3 +288,23 @@ def test_bad_input_is_one_clear_line(brain, real, tmp_path):
     proc = run_script("eval/obj_eval/run_utility.py", *base, "--seeds", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --seeds")
+
+
+def test_run_evaluation_downstream_metrics(brain, real, tmp_path):
+    """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections, one row per number."""
+    from eval.obj_eval.run_evaluation import main as evaluation_main
+    synth = write_pairs(tmp_path / "synth", real["test"].images, real["test"].targets.roll((12, 12), dims=(-2, -1)))
+    out = tmp_path / "eval"
+    assert evaluation_main(["--synthetic_dir", str(synth), "--real_dir", str(brain / "test"), "--real_train_dir",
+                            str(brain), "--metrics", "mae,faithfulness,memorization,domain", "--positive-only",
+                            "--preset", "tiny", "--max_steps", "200", "--compute", "local", "--output", str(out)]) == 0
+    recs = {r["metric"]: r for r in json.loads((out / "metrics.json").read_text())["metrics"]}
+    assert {"mae", "faithfulness_dice", "memorization", "fid_domain", "precision_domain", "recall_domain",
+            "density_domain", "coverage_domain"} <= set(recs)
+    faith = recs["faithfulness_dice"]
+    assert faith["value"] < 0.5 * faith["floor"]["value"]                 # shifted masks: far below the ceiling
+    assert recs["memorization"]["value"] < 0.2                            # test images are not training images
+    assert 0 <= recs["coverage_domain"]["value"] <= 1
+    assert "faithfulness_dice" in (out / "report.md").read_text()
+    with pytest.raises(UserError, match="--metrics: unknown metric 'faithful'"):
+        evaluation_main(["--synthetic_dir", str(synth), "--real_dir", str(brain), "--metrics", "faithful"])

@@ -21,6 +21,8 @@ from common.errors import UserError
 from common.fileio import atomic_write, atomic_write_text
 
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
+# need a downstream network trained on real training data (--real-train-dir); asked for by name, not by "all"
+DOWNSTREAM_METRICS = ("faithfulness", "memorization", "domain")
 RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"
 DIVERSITY_CI = "bootstrap over samples (pairs formed among the drawn samples), not over pairs, which share samples"
 
@@ -49,14 +51,17 @@ class Options:
     output: str | None = None
     skip_bad: bool = False                # NIfTI sets: leave out subjects whose files fail the scan
     compute: str = "auto"                 # where the caches live (config/paths.py)
+    real_train_dir: str | None = None     # downstream metrics: the real training data (default: real_dir)
+    downstream: dict = field(default_factory=dict)   # downstream metrics: TrainSettings fields (preset, ...)
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
-    names = ALL_METRICS if text == "all" else tuple(m.strip().replace("-", "_") for m in text.split(",") if m.strip())
-    unknown = [m for m in names if m not in ALL_METRICS]
+    names = [m.strip().replace("-", "_") for m in text.split(",") if m.strip()]
+    names = tuple(dict.fromkeys(n for m in names for n in (ALL_METRICS if m == "all" else (m,))))
+    unknown = [m for m in names if m not in ALL_METRICS + DOWNSTREAM_METRICS]
     if unknown or not names:
-        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} "
-                        f"(choose all or a comma list of {', '.join(ALL_METRICS)})")
+        raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} (choose all or a comma list "
+                        f"of {', '.join(ALL_METRICS + DOWNSTREAM_METRICS)}; all = {', '.join(ALL_METRICS)})")
     return names
 
 
@@ -241,6 +246,32 @@ def diversity_record(o: Options, synth: EvalSet, real: EvalSet, device, name: st
     return rec
 
 
+def downstream_records(o: Options, wanted: set[str], device) -> list[dict]:
+    """Faithfulness, memorization and the domain feature-space metrics (eval/obj_eval/utility/audit.py), with
+    the downstream network trained on the real training data; one unavailable record each when that fails."""
+    from eval.obj_eval.utility.cli import audit_records
+    names = [m for m in DOWNSTREAM_METRICS if m in wanted]
+    out = Path(o.output) if o.output else Path(o.synthetic_dir) / "eval"
+    try:
+        recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, o.image_size,
+                             o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute)
+    except UserError as err:
+        return [unavailable(n, str(err)) for n in names]
+    flat = []
+    for r in recs:   # one row per number in the report: precision/recall/density/coverage apart
+        if r["metric"] == "prdc_domain" and r.get("available") is not False:
+            flat += [{"metric": f"{k}_domain", "value": v, "n": r["n"], "method": r["method"]} for k, v in r["value"].items()]
+        elif r["metric"] == "faithfulness_dice":
+            flat.append({**r, "floor": {"value": r["ceiling"]["mean"], "n": r["ceiling"]["n"],
+                                        "what": "the same segmenter on real test images (ceiling)"}})
+        elif r["metric"] == "memorization":
+            flat.append({**r, "floor": {"value": 0.01, "n": r["n_heldout"],
+                                        "what": "expected without copying (held-out 1st percentile)"}})
+        else:
+            flat.append(r)
+    return flat
+
+
 def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     """Every requested metric; with out_dir, metrics.json is rewritten after each metric family, so a crash or
     a kill later on keeps what was computed (FID can take minutes)."""
@@ -268,6 +299,8 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
         families.append(lambda: pair_records(o, synth, real, device, wanted, lpips_net))
     if "diversity" in o.modes and wanted & {"ms_ssim", "lpips"}:
         families.append(lambda: diversity_records(o, synth, real, device, wanted, lpips_net))
+    if wanted & set(DOWNSTREAM_METRICS):
+        families.append(lambda: downstream_records(o, wanted, device))
     for family in families:
         result["metrics"] += family()
         if out_dir is not None:

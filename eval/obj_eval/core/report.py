@@ -11,7 +11,9 @@ from common.fileio import atomic_write
 from common.grid import save_grid
 
 LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, "psnr": False,
-                   "ms_ssim_quality": False, "lpips_quality": True}
+                   "ms_ssim_quality": False, "lpips_quality": True, "faithfulness_dice": False,
+                   "memorization": True, "fid_domain": True, "precision_domain": False, "recall_domain": False,
+                   "density_domain": False, "coverage_domain": False}
 
 
 def _fmt(v, digits=4):

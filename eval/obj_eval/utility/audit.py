@@ -153,8 +153,11 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict:
 def domain(feature_net, synthetic, real_heldout, device="cpu", n_boot: int = 50, seed: int = 0, k: int = 5) -> list[dict]:
     f_real = models.features(feature_net, real_heldout.images, device)
     f_syn = models.features(feature_net, synthetic.images, device)
-    space = ("pooled deepest encoder features of the downstream network trained on the real training split, "
-             f"{f_real.shape[1]} dims; real reference = the real held-out images")
+    scale = np.sqrt(f_real.var(0).mean()) or 1.0        # units: the real set's mean per-dimension variance is 1
+    f_real, f_syn = f_real / scale, f_syn / scale
+    space = ("pooled deep encoder features of the downstream network trained on the real training split, "
+             f"{f_real.shape[1]} dims, scaled so the real set's mean per-dimension variance is 1; real reference = "
+             "the real held-out images")
     fid = M.fid_from_features(f_real, f_syn, n_boot, seed)
     out = [{"metric": "fid_domain", "value": fid["value"], "n": fid["n"], "ci95": fid["ci95"],
             "method": {"feature_network": "downstream (real data)", "space": space,
@@ -163,6 +166,7 @@ def domain(feature_net, synthetic, real_heldout, device="cpu", n_boot: int = 50,
         out.append({"metric": "prdc_domain", "available": False,
                     "reason": f"precision/recall need more than k={k} images in each set"})
     else:
-        out.append({"metric": "prdc_domain", "value": prdc(f_real, f_syn, k), "n": [len(f_real), len(f_syn)],
+        out.append({"metric": "prdc_domain", "value": prdc(f_real, f_syn, k),
+                    "n": {"synthetic": len(f_syn), "real": len(f_real)},
                     "method": {"space": space, "k": k, "reference": "Naeem et al. 2020"}})
     return out

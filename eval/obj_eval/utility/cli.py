@@ -175,6 +175,29 @@ def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: i
     return recs
 
 
+def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, size: int | None, positive_only: bool,
+                  layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str) -> list[dict]:
+    """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report."""
+    roles = [r.strip() for r in image_type.split(",") if r.strip()]
+    size = size or data.default_size([synthetic_dir], real_dir)
+    real, _ = data.load_real(real_dir, size, roles, positive_only, layout, seed, compute)
+    task = "classification" if real["train"].classes else "segmentation"
+    syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute)}
+    if "faithfulness" in names and task != "segmentation":
+        raise UserError("faithfulness needs a segmentation dataset (images with masks)")
+    settings = models.TrainSettings(task, device=device, **downstream)
+    out.mkdir(parents=True, exist_ok=True)
+    return run_audits(names, real, syn, settings, seed, device, out, compute)
+
+
+def downstream_options(args) -> dict:
+    """TrainSettings fields from add_downstream_flags' flags."""
+    train_settings(args, "segmentation", "cpu")   # the same checks
+    return {"preset": args.preset, "max_steps": args.max_steps, "epochs": args.epochs,
+            "batch_size": args.train_batch_size, "lr": args.lr, "val_every": args.val_every,
+            "patience": args.patience, "bf16": not args.no_bf16, "compile": args.compile}
+
+
 def write(summary: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_fractions(summary, out / "utility_scores.png")]

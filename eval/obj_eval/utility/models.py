@@ -1,7 +1,7 @@
 """The downstream networks (MONAI) and their one training loop.
 
 Segmentation: MONAI BasicUNet, Dice + cross-entropy on one sigmoid channel. Classification: MONAI ResNet
-(basic blocks) with a linear head. Both expose `features(x)`: the globally pooled deepest encoder map, the
+(basic blocks) with a linear head. Both expose `features(x)`: globally pooled deep encoder maps, the
 domain feature space of the Fréchet distance, precision/recall and the memorization audit.
 
 Training is seeded and deterministic on CPU: the same data, settings and seed give the same weights. It runs a
@@ -74,10 +74,12 @@ class Segmenter(nn.Module):
         return self.net(x)
 
     def features(self, x):
-        """The pooled bottleneck (down_4) of the encoder."""
+        """The two deepest encoder maps (down_3, down_4), each pooled by mean and by max: instance norm makes
+        a map's spatial mean nearly constant, so the mean alone would describe little."""
         n = self.net
-        h = n.down_4(n.down_3(n.down_2(n.down_1(n.conv_0(x)))))
-        return h.mean(dim=(2, 3))
+        h3 = n.down_3(n.down_2(n.down_1(n.conv_0(x))))
+        h4 = n.down_4(h3)
+        return torch.cat([h.mean(dim=(2, 3)) for h in (h3, h4)] + [h.amax(dim=(2, 3)) for h in (h3, h4)], 1)
 
 
 class Classifier(nn.Module):

@@ -127,7 +127,7 @@ def _audit_section(rec: dict) -> list[str]:
                              tablefmt="github"), "", f"Closest pairs: {pairs}.", ""]
     if name == "fid_domain":
         return ["## Domain feature space", "", f"Fréchet distance {_f(rec['value'])} {_ci(rec['ci95'])} "
-                f"(N = {rec['n']}); feature space: {rec['method']['space']}.", ""]
+                f"(N = {rec['n']['synthetic']} synthetic, {rec['n']['real']} real); feature space: {rec['method']['space']}.", ""]
     if name == "prdc_domain":
         v = rec["value"]
         return [f"Precision {v['precision']:.3f}, recall {v['recall']:.3f}, density {v['density']:.3f}, coverage "
