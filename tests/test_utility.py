@@ -239,6 +239,8 @@ def test_classification_study_shuffled_labels_hurt(tmp_path):
     assert rows["real+shuffled x2"]["metrics"]["balanced_accuracy"]["mean"] < real_acc - 0.1
     assert set(rows["real"]["metrics"]) == set(scores.CLASS_METRICS)
     assert rows["real+balanced shuffled"]["n_synthetic"] == [0, 0]     # the real classes are balanced already
+    md = (out / "utility.md").read_text()
+    assert "Adding 2x shuffled worsened test balanced accuracy" in md and "Recall per class" in md
 
 
 def test_balanced_recipe_fills_minority_classes():

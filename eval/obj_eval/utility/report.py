@@ -90,6 +90,12 @@ def markdown(study: dict) -> str:
     out += ["## Scores on the real test split", "",
             "Mean over seeds with the 95% t-interval; the last columns pair each recipe with `real` on the same "
             "seeds and test units (bootstrap).", "", tabulate(body, head, tablefmt="github"), ""]
+    classes = [c for r in study["rows"][:1] for c in r.get("recall_per_class", {})]
+    if classes:
+        body = [[f"{r['real_fraction']:g}", r["recipe"]] + [f"{_f(r['recall_per_class'][c]['mean'])}" for c in classes]
+                for r in study["rows"]]
+        out += ["### Recall per class (mean over seeds)", "",
+                tabulate(body, ["real fraction", "recipe"] + classes, tablefmt="github"), ""]
     for rec in study.get("audit", []):
         out += _audit_section(rec)
     out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in study.get("plots", [])] + [""]
