@@ -11,8 +11,9 @@ from Generation.TrainGen.core.strategies.base import expand
 
 VARIANTS = [("ddpm", {"ddpm": {"prediction": "epsilon"}}),
             ("ddpm", {"ddpm": {"prediction": "v", "schedule": "cosine"}}),
-            ("rflow", {}), ("rflow", {"rflow": {"time_sampling": "logit-normal"}})]
-IDS = ["ddpm-eps", "ddpm-v-cosine", "rflow", "rflow-logitnormal"]
+            ("rflow", {}), ("rflow", {"rflow": {"time_sampling": "logit-normal"}}),
+            ("rflow", {"rflow": {"shift": 3.0}})]
+IDS = ["ddpm-eps", "ddpm-v-cosine", "rflow", "rflow-logitnormal", "rflow-shift3"]
 
 
 def make(name, **kw):
@@ -63,9 +64,10 @@ def test_sampler_with_oracle_recovers_clean_sample(name, kw):
             gen = torch.Generator().manual_seed(1)
             grid = st.timesteps(steps, sampler)
             assert grid[0][0] == 1.0 and grid[-1][1] == 0.0   # from pure noise to clean
+            state = {"model": lambda x_in, t_in: oracle(st, x0, x_in, torch.full((2,), t_in, dtype=torch.float64))}
             for t, t_next in grid:
                 tt = torch.full((2,), t, dtype=torch.float64)
-                x = SAMPLERS[sampler](st, oracle(st, x0, x, tt), x, t, t_next, gen)
+                x = SAMPLERS[sampler](st, oracle(st, x0, x, tt), x, t, t_next, gen, state)
             assert torch.allclose(x, x0, atol=1e-4), (sampler, steps)
 
 

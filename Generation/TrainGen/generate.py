@@ -35,9 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "image_model", default=None, metavar="RUN", help="image model (bravo, dual or class)")
     add_flag(p, "num_images", type=int, default=None, help="samples to make (default: one per real mask with "
                                                            "--masks_from; the sum of --class_counts)")
-    add_flag(p, "num_steps", type=int, default=None, help="sampling steps (default: 1000 ddpm, 50 ddim, 30 euler)")
-    add_flag(p, "sampler", default=None, help="ddpm or ddim (DDPM models), euler (RFlow models); the image model's, "
-                                               "or the seg model's in seg mode")
+    add_flag(p, "num_steps", type=int, default=None,
+             help="sampling steps (default: 1000 ddpm, 50 ddim, 20 dpmpp_2m, 30 euler, 15 heun)")
+    add_flag(p, "sampler", default=None, help="ddpm, ddim or dpmpp_2m (DDPM models), euler or heun (RFlow models); "
+                                               "the image model's, or the seg model's in seg mode")
     add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
     add_flag(p, "seg_num_steps", type=int, default=None, help="the seg model's steps in a chained run")
     add_flag(p, "batch_size", type=int, default=64, help="samples per batch; does not change any sample")

@@ -37,14 +37,24 @@ class DDPMOptions:                       # strategy.ddpm: read by the ddpm strat
 @dataclass
 class RFlowOptions:                      # strategy.rflow: read by the rflow strategy (velocity target always)
     time_sampling: Literal["uniform", "logit-normal"] = "uniform"  # training-time distribution (SD3: logit-normal)
+    shift: float = 1.0                   # timestep shift t' = s t / (1 + (s - 1) t) (SD3; > 1: more time at high
+                                         # noise), applied identically to training times and the sampling grid
+    shift_base: int | None = None        # resolution-dependent shift (MONAI RFlowScheduler's rule): shift times
+                                         # (pixels or voxels / shift_base^dims)^(1/dims); e.g. 64: 2 at 128 px
+
+    def __post_init__(self):
+        _check(self.shift > 0, "strategy.rflow.shift must be positive")
+        _check(self.shift_base is None or self.shift_base >= 1, "strategy.rflow.shift_base must be >= 1 (or null)")
 
 
 @dataclass
 class StrategyConfig:
     name: str = "ddpm"                   # key of STRATEGIES (ddpm, rflow, or a registered one)
     num_timesteps: int = 1000            # training time discretisation
-    sampler: str | None = None           # None: the strategy's default (ddpm -> ddpm, rflow -> euler)
-    sample_steps: int | None = None      # None: num_timesteps for ancestral DDPM, 50 for DDIM, 30 for Euler
+    sampler: str | None = None           # None: the strategy's default (ddpm -> ddpm, rflow -> euler); ddpm also
+                                         # takes ddim and dpmpp_2m, rflow heun
+    sample_steps: int | None = None      # None: num_timesteps for ancestral DDPM, 50 for DDIM, 20 for DPM-Solver++,
+                                         # 30 for Euler, 15 for Heun
     ddpm: DDPMOptions = field(default_factory=DDPMOptions)
     rflow: RFlowOptions = field(default_factory=RFlowOptions)
 

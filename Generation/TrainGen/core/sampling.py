@@ -17,11 +17,14 @@ def sample(model, strategy, mode, cond: dict, noise: torch.Tensor, sampler: str 
     num_steps = num_steps or strategy.default_steps[sampler]
     x = noise
     step = SAMPLERS[sampler]
+
+    def predict(x_in: torch.Tensor, t: float) -> torch.Tensor:
+        tt = strategy.net_time(torch.full((x_in.shape[0],), t, device=x_in.device, dtype=torch.float64))
+        with autocast() if autocast else torch.autocast(x_in.device.type, enabled=False):
+            return mode.forward(model, x_in, tt, cond, guidance).float()
+    state = {"model": predict}
     for t, t_next in strategy.timesteps(num_steps, sampler):
-        tt = strategy.net_time(torch.full((x.shape[0],), t, device=x.device, dtype=torch.float64))
-        with autocast() if autocast else torch.autocast(x.device.type, enabled=False):
-            pred = mode.forward(model, x, tt, cond, guidance)
-        x = step(strategy, pred.float(), x, t, t_next, generator)
+        x = step(strategy, predict(x, t), x, t, t_next, generator, state)
         if trajectory is not None:
             trajectory.append(x)
     return x

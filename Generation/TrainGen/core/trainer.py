@@ -48,6 +48,7 @@ def compile_enabled(cfg, device) -> bool:
 def build_parts(cfg, num_classes: int | None, image_channels: int | None):
     """(strategy, mode) objects for a config; unknown names are user errors."""
     strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
+    strategy.bind_shape((cfg.data.image_size, cfg.data.image_size))
     return strategy, lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
 
 

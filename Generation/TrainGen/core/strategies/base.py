@@ -39,6 +39,13 @@ class DiffusionStrategy:
     def __init__(self, cfg):
         self.cfg = cfg
         self.num_timesteps = cfg.num_timesteps
+        self.shape: tuple[int, ...] | None = None
+
+    def bind_shape(self, shape: tuple[int, ...]) -> "DiffusionStrategy":
+        """The spatial shape of the data (H, W) or (D, H, W), for schedules that depend on resolution; the
+        trainer and the generator bind the same shape, so training and sampling agree."""
+        self.shape = tuple(int(n) for n in shape)
+        return self
 
     # --- training (t in [0, 1], 0 clean)
     def sample_times(self, n: int, generator: torch.Generator, device) -> torch.Tensor:

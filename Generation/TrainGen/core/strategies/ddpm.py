@@ -1,4 +1,5 @@
-"""DDPM (Ho et al. 2020) with epsilon or v prediction (Salimans & Ho 2022), ancestral and DDIM sampling.
+"""DDPM (Ho et al. 2020) with epsilon or v prediction (Salimans & Ho 2022); ancestral, DDIM and DPM-Solver++(2M)
+sampling.
 
 The beta schedule (linear or cosine) comes from MONAI's DDPMScheduler. Its integer steps k = 0..T-1 sit at
 t = (k + 1) / T of the shared time domain, and t = 0 is the clean sample (abar = 1); the network is given k.
@@ -16,7 +17,7 @@ SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 
 class DDPMStrategy(Strategy):
     name = "ddpm"
-    samplers = ("ddpm", "ddim")
+    samplers = ("ddpm", "ddim", "dpmpp_2m")
     default_sampler = "ddpm"
     # Min-SNR-5 speeds DDPM training up several-fold (Hang et al. 2023, Fig. 1) by capping the low-noise steps'
     # weight; it leaves the high-noise end, where sampling starts, at full weight for epsilon prediction.
@@ -27,7 +28,7 @@ class DDPMStrategy(Strategy):
         self.prediction = cfg.ddpm.prediction
         sched = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=SCHEDULES[cfg.ddpm.schedule])
         self.alphas_cumprod = sched.alphas_cumprod.double()
-        self.default_steps = {"ddpm": cfg.num_timesteps, "ddim": 50}
+        self.default_steps = {"ddpm": cfg.num_timesteps, "ddim": 50, "dpmpp_2m": 20}
 
     def step_index(self, t) -> torch.Tensor:
         """The integer DDPM step of t in [0, 1] (-1 for the clean end)."""
@@ -60,6 +61,11 @@ class DDPMStrategy(Strategy):
         return (x_t - s * pred) / a if self.prediction == "epsilon" else a * x_t - s * pred
 
     def timesteps(self, num_steps, sampler):
+        if sampler == "dpmpp_2m":   # diffusers' 'linspace' spacing: n steps from T-1, the last one to the clean end
+            ks = torch.linspace(0, self.num_timesteps - 1, num_steps + 1, dtype=torch.float64).round().long()
+            ks = ks.flip(0)[:-1].unique_consecutive().tolist()
+            ts = [(k + 1) / self.num_timesteps for k in ks]
+            return list(zip(ts, ts[1:] + [0.0]))
         ks = torch.linspace(self.num_timesteps - 1, 0, num_steps).round().long().unique_consecutive().tolist()
         ts = [(k + 1) / self.num_timesteps for k in ks]
         return list(zip(ts, ts[1:] + [0.0]))
