@@ -21,6 +21,11 @@ Suites
          masks, scored against the real slices they were conditioned on (MAE, PSNR, MS-SSIM) and by the
          distance between the brain-intensity histograms (Wasserstein-1), per training seed and on average.
          Not part of the default run (it trains models): ask for it with --suite minsnr.
+  nfe      quality vs network evaluations and wall time, side by side in one run: one bravo model per strategy,
+         then DDPM ancestral-1000, DDIM and DPM-Solver++(2M), RFlow Euler and Heun at several step counts, on
+         the same real validation masks and seeds; quality = Fréchet distance in a downstream segmenter's
+         feature space (trained on the real slices, offline) and the brain-intensity Wasserstein-1 distance.
+         Prints the table and plots it (--plot). Ask for it with --suite nfe.
 """
 from __future__ import annotations
 
@@ -331,13 +336,88 @@ def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: 
     return rows
 
 
+NFE_GRID = {"ddpm": (("ddpm", 1000), ("ddim", 10), ("ddim", 50), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 20)),
+            "rflow": (("euler", 5), ("euler", 10), ("euler", 30), ("heun", 3), ("heun", 5), ("heun", 10))}
+
+
+def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n_samples: int = 64,
+              grid: dict | None = None) -> list[dict]:
+    """Quality vs network evaluations and wall time: one bravo model per strategy, then every sampler at several
+    step counts on the same real validation masks and seeds. Quality, computable offline: the Fréchet distance
+    in the feature space of a downstream segmenter trained on the real training slices (the utility harness),
+    and the Wasserstein-1 distance between brain-intensity histograms, both against the real validation slices."""
+    from scipy.stats import wasserstein_distance
+
+    from eval.obj_eval.utility import audit, data, models
+    from Generation.TrainGen.core.run import train
+    from Generation.TrainGen.core.samplers import nfe
+    from Generation.TrainGen.generate import main as generate
+    n_subjects, shape, size, batch = PRESETS[preset]
+    root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
+    epochs = epochs or MINSNR_EPOCHS[preset]
+    real, _ = data.load_real(root, size, ["bravo"], positive_only=True, compute="local")
+    heldout = data.concat("real val", [real["val"], real["test"]])
+    ref, _ = models.cached_reference(models.TrainSettings("segmentation", "tiny", device=device), real["train"],
+                                     real["val"], 0, work / "downstream")
+    fg = lambda x: x[x > 0.02].numpy()  # noqa: E731  brain voxels (background is 0)
+    rows = []
+    for strategy, samplers in (grid or NFE_GRID).items():
+        run = work / f"nfe_{strategy}"
+        train(build_config(_tiny_yaml(), {"data": {"data_dir": str(root / "train"), "image_size": size,
+                                                   "cache_dir": str(work / "cache"), "positive_only": True},
+                                          "model": {"preset": MODEL_PRESETS[preset][0]}, "strategy": {"name": strategy},
+                                          "mode": {"name": "bravo"}, "paths": {"run_dir": str(run)},
+                                          "optim": {"epochs": epochs, "batch_size": batch},
+                                          "runtime": {"device": device, "val_interval": 10 ** 6}}))
+        for sampler, steps in samplers:
+            out = work / f"gen_{strategy}_{sampler}_{steps}"
+            t0 = time.perf_counter()
+            generate(["--image_model", str(run), "--masks_from", str(root / "val"), "--sampler", sampler,
+                      "--num_steps", str(steps), "--num_images", str(n_samples), "--batch_size", "32",
+                      "--output_dir", str(out), "--device", device, "--seed", "0"])
+            wall = time.perf_counter() - t0
+            syn = data.load_synthetic(out, size, ["bravo"], real["train"], compute="local")
+            fid = audit.domain(ref, syn, heldout, device, n_boot=0)[0]["value"]
+            w1 = wasserstein_distance(fg(syn.images), fg(heldout.images))
+            rows.append({"suite": "nfe", "metric": f"{strategy} {sampler}-{steps}", "value": fid,
+                         "unit": "FD (downstream)", "nfe": nfe(sampler, steps), "seconds": wall, "w1": w1,
+                         "note": f"NFE {nfe(sampler, steps)}, {wall:.1f} s for {len(syn)} images, intensity W1 "
+                                 f"{w1:.4f}; {epochs} epochs, {MODEL_PRESETS[preset][0]} UNet, {size} px"})
+    return rows
+
+
+def plot_nfe(rows: list[dict], path: Path) -> Path:
+    """Quality vs NFE and vs wall time, one line per (strategy, sampler)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r["metric"].rsplit("-", 1)[0], []).append(r)
+    for name, rs in lines.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        axes[0].plot([r["nfe"] for r in rs], [r["value"] for r in rs], marker="o", label=name)
+        axes[1].plot([r["seconds"] for r in rs], [r["value"] for r in rs], marker="o", label=name)
+    for ax, xlabel in zip(axes, ("network evaluations (NFE)", "wall time (s)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Fréchet distance, downstream features (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _tiny_yaml() -> dict:
     from Generation.TrainGen.core.config import load_yaml
     return load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
 
 
 SUITES = {"data": bench_data, "training": bench_training, "sampling": bench_sampling, "metrics": bench_metrics,
-          "minsnr": bench_minsnr}
+          "minsnr": bench_minsnr, "nfe": bench_nfe}
 DEFAULT_SUITES = ("data", "training", "sampling", "metrics")
 
 
@@ -346,14 +426,17 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny")
     p.add_argument("--suite", choices=list(SUITES), action="append",
-                   help=f"default: {', '.join(DEFAULT_SUITES)} (minsnr only when asked)")
+                   help=f"default: {', '.join(DEFAULT_SUITES)} (minsnr and nfe only when asked)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--plot", type=Path, default=Path("bench/nfe.png"), help="nfe suite: where its plot goes")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI transform defaults, irrelevant here
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.suite or DEFAULT_SUITES:
             rows += SUITES[name](args.device, args.preset, Path(tmp))
+    if any(r["suite"] == "nfe" for r in rows):
+        print(f"plot: {plot_nfe([r for r in rows if r['suite'] == 'nfe'], args.plot)}")
     label = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {label}  torch {torch.__version__}  preset {args.preset}")
     print(tabulate([[r["suite"], r["metric"], "n/a" if r["value"] != r["value"] else f"{r['value']:.4g}", r["unit"],

@@ -127,3 +127,15 @@ def test_sampling_loop_uses_the_new_samplers_end_to_end():
     out = sample(None, st, Mode(), {}, torch.randn(2, 1, 4, 4), sampler="heun", num_steps=6)
     assert Mode.calls == nfe("heun", 6) == 11
     assert out.abs().max() < 1e-6
+
+
+def test_nfe_benchmark_suite_runs_on_cpu(tmp_path):
+    """bench/benchmark.py --suite nfe at a CI size: every sampler row has its NFE, wall time and an offline
+    quality figure, and the plot is written."""
+    from bench.benchmark import bench_nfe, plot_nfe
+    grid = {"ddpm": (("ddim", 4), ("dpmpp_2m", 4)), "rflow": (("euler", 4), ("heun", 2))}
+    rows = bench_nfe("cpu", "tiny", tmp_path, epochs=1, n_samples=8, grid=grid)
+    assert [r["metric"] for r in rows] == ["ddpm ddim-4", "ddpm dpmpp_2m-4", "rflow euler-4", "rflow heun-2"]
+    assert [r["nfe"] for r in rows] == [4, 4, 4, 3]
+    assert all(r["value"] >= 0 and r["seconds"] > 0 and r["w1"] >= 0 for r in rows)
+    assert plot_nfe(rows, tmp_path / "nfe.png").stat().st_size > 0
