@@ -26,6 +26,9 @@ class ModelConfig:
     channels: list[int] | None = None    # override the preset's channels per level
     attention_levels: list[bool] | None = None  # override the preset's attention per level
     num_res_blocks: int | None = None    # override the preset's residual blocks per level
+    backend: Literal["monai", "diffusers"] = "monai"  # MONAI DiffusionModelUNet, or diffusers' UNet2DModel
+    unet2d: dict[str, Any] | None = None  # backend diffusers: UNet2DModel config (set by --init_from a diffusers
+                                         # folder; None: built from the preset's channels and attention levels)
 
 
 @dataclass
@@ -177,6 +180,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError as err:
                 errors.append(str(err))
         raise UserError(errors[0])
+    if tp is Any:
+        return value
     if origin is Literal:
         if value not in args:
             raise UserError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")

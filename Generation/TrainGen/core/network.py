@@ -1,7 +1,9 @@
-"""MONAI DiffusionModelUNet presets, always with SDPA attention (use_flash_attention=True): without it the
-attention matrix is materialised and 128-256 px runs out of memory (MONAI #7944)."""
+"""The denoising networks: MONAI DiffusionModelUNet presets, always with SDPA attention (use_flash_attention=True:
+without it the attention matrix is materialised and 128-256 px runs out of memory, MONAI #7944), or diffusers'
+UNet2DModel (model.backend: diffusers) to start from published diffusers weights (core/pretrained.py)."""
 from __future__ import annotations
 
+import torch
 from monai.networks.nets import DiffusionModelUNet
 
 # name -> channels, attention_levels, num_res_blocks, norm_num_groups, num_head_channels
@@ -22,8 +24,31 @@ def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds:
     if len(attention) != len(channels):
         from common.errors import UserError
         raise UserError("model.attention_levels needs one entry per model.channels level")
+    if getattr(model_cfg, "backend", "monai") == "diffusers":
+        config = dict(model_cfg.unet2d) if model_cfg.unet2d else {
+            "block_out_channels": list(channels), "layers_per_block": model_cfg.num_res_blocks or res_blocks,
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+            "norm_num_groups": min(groups, min(channels)), "attention_head_dim": min(heads, min(channels))}
+        return DiffusersUNet(config, in_channels, out_channels, num_class_embeds)
     return DiffusionModelUNet(
         spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
         attention_levels=attention, num_res_blocks=model_cfg.num_res_blocks or res_blocks,
         norm_num_groups=min(groups, min(channels)), num_head_channels=min(heads, min(channels)),
         num_class_embeds=num_class_embeds, use_flash_attention=flash_attention)
+
+
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DModel behind the MONAI UNet's call signature: net(x, timesteps, class_labels=None).
+    `unet` keeps the diffusers module names, so its state dict is a diffusers state dict."""
+
+    def __init__(self, config: dict, in_channels: int, out_channels: int, num_class_embeds: int | None = None):
+        super().__init__()
+        from diffusers import UNet2DModel
+        config = {**config, "in_channels": in_channels, "out_channels": out_channels}
+        if num_class_embeds:
+            config.update(num_class_embeds=num_class_embeds, class_embed_type=None)
+        self.unet = UNet2DModel(**config)
+
+    def forward(self, x, timesteps, context=None, class_labels=None):
+        return self.unet(x, timesteps, class_labels=class_labels).sample

@@ -16,6 +16,7 @@ from Generation.TrainGen.core.datasource import data_source
 from common.errors import UserError, lookup
 from common.fileio import remove_stale_tmp
 from Generation.TrainGen.core.modes import MODES
+from Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
 from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts
@@ -88,7 +89,9 @@ def preflight(cfg) -> None:
     lookup(MODES, cfg.mode.name, "--mode")
     lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy).check_sampler(cfg.strategy.sampler)
     for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from)):
-        if path and path != "auto":
+        if flag == "--init_from" and path and is_diffusers_folder(path):
+            read_folder(path)                     # a diffusers model or pipeline folder: checked, read later
+        elif path and path != "auto":
             try:
                 checkpoint_file(Path(path))
             except UserError as err:
@@ -146,8 +149,19 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     return logger
 
 
+def with_pretrained(cfg):
+    """--init_from a diffusers folder: the run takes its architecture and DDPM schedule (core/pretrained.py)."""
+    if not cfg.runtime.init_from or not is_diffusers_folder(cfg.runtime.init_from):
+        return cfg
+    cfg, notes = apply_to_config(cfg, read_folder(cfg.runtime.init_from))
+    for note in notes:
+        print(f"note: {note}")
+    return cfg
+
+
 def train(cfg) -> int:
     preflight(cfg)
+    cfg = with_pretrained(cfg)
     rt = init_runtime(cfg.runtime)
     tr = None
     try:

@@ -389,9 +389,17 @@ class DiffusionTrainer:
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def init_weights(self, path) -> None:
-        """--init_from: weights (EMA when present) of another run; a different architecture is refused."""
+        """--init_from: weights (EMA when present) of another run, or a diffusers UNet2DModel folder (channels
+        adapted, core/pretrained.py); a different architecture is refused."""
+        from Generation.TrainGen.core import pretrained
         try:
-            self.net.load_state_dict(model_weights(load_checkpoint(path)))
+            if pretrained.is_diffusers_folder(path):
+                folder = pretrained.read_folder(path)
+                state = pretrained.adapt_state(pretrained.read_weights(folder), self.net.unet.state_dict(),
+                                               self.mode.out_channels)
+                self.net.unet.load_state_dict(state)
+            else:
+                self.net.load_state_dict(model_weights(load_checkpoint(path)))
         except RuntimeError as err:
             first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
             raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None

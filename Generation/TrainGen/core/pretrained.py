@@ -1,0 +1,176 @@
+"""Pretrained diffusion weights in the diffusers format (the google/ddpm-* family and other UNet2DModel
+checkpoints as published on the model hubs), read from a local folder: nothing is downloaded.
+
+A folder is either a model folder (config.json + diffusion_pytorch_model.safetensors or .bin) or a pipeline
+folder (unet/ as above, and scheduler/scheduler_config.json). `train.py --init_from DIR`:
+  * sets model.backend = diffusers and stores the UNet2DModel config in the run's config (model.unet2d), so
+    the run's checkpoints load without the folder;
+  * maps the scheduler config onto the DDPM strategy (number of train timesteps, beta schedule and range,
+    prediction type); a value that differs from an explicit setting is an error, from a default a printed
+    override; a scheduler the DDPM strategy cannot represent is an error;
+  * adapts the channels: 3 pretrained image channels onto 1 (grey) sum the input filters, which is the
+    pretrained network on the grey image repeated into RGB, and average the output filters; the input
+    channels a mode adds for its conditions (a mask, another sequence) and a class embedding start at zero,
+    so the network computes the pretrained function at step 0 whatever the conditions are.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+MONAI_LINEAR = (1e-4, 2e-2)          # MONAI DDPMScheduler's linear_beta range, which the ddpm strategy uses
+SCHEDULES = {"linear": "linear"}     # diffusers beta_schedule -> strategy.ddpm.schedule
+PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+@dataclass
+class DiffusersFolder:
+    root: Path
+    unet_dir: Path
+    weights: Path
+    config: dict
+    scheduler: dict | None
+
+
+def is_diffusers_folder(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "config.json").is_file() or (p / "unet" / "config.json").is_file())
+
+
+def _json(path: Path, flag: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {path}: not a readable JSON file ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object")
+    return data
+
+
+def read_folder(path, flag: str = "--init_from") -> DiffusersFolder:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{flag} {root}: folder does not exist (put a diffusers UNet2DModel folder there: "
+                        "config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and "
+                        "scheduler/; nothing is downloaded)")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{flag} {root}: no config.json (expected a diffusers model folder, or unet/config.json)")
+    config = _json(unet_dir / "config.json", flag)
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UserError(f"{flag} {unet_dir / 'config.json'}: describes a {config['_class_name']}, not a UNet2DModel")
+    weights = next((unet_dir / w for w in WEIGHT_FILES if (unet_dir / w).is_file()), None)
+    if weights is None:
+        raise UserError(f"{flag} {unet_dir}: no weights file ({' or '.join(WEIGHT_FILES)})")
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    scheduler = _json(sched_file, flag) if sched_file.is_file() else None
+    return DiffusersFolder(root, unet_dir, weights, config, scheduler)
+
+
+def read_weights(folder: DiffusersFolder, flag: str = "--init_from") -> dict[str, torch.Tensor]:
+    try:
+        if folder.weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(folder.weights))
+        return torch.load(folder.weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decoding failure of a user's file is one message
+        raise UserError(f"{flag} {folder.weights}: unreadable weights ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else 'corrupt'})") from None
+
+
+def unet_config(config: dict) -> dict:
+    """The UNet2DModel constructor arguments of a config.json (diffusers' bookkeeping keys left out)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def scheduler_settings(sched: dict, flag: str = "--init_from") -> dict:
+    """{num_timesteps, schedule, prediction} of a diffusers DDPM-family scheduler config."""
+    beta = sched.get("beta_schedule", "linear")
+    if beta not in SCHEDULES:
+        raise UserError(f"{flag}: scheduler beta_schedule {beta!r} cannot be represented by the ddpm strategy "
+                        f"(it supports {', '.join(SCHEDULES)} from {MONAI_LINEAR[0]} to {MONAI_LINEAR[1]})")
+    lo, hi = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 2e-2))
+    if abs(lo - MONAI_LINEAR[0]) > 1e-9 or abs(hi - MONAI_LINEAR[1]) > 1e-9 or sched.get("trained_betas"):
+        raise UserError(f"{flag}: scheduler betas {lo:g}..{hi:g} cannot be represented by the ddpm strategy "
+                        f"(its linear schedule runs from {MONAI_LINEAR[0]:g} to {MONAI_LINEAR[1]:g})")
+    pred = sched.get("prediction_type", "epsilon")
+    if pred not in PREDICTIONS:
+        raise UserError(f"{flag}: scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
+    return {"num_timesteps": int(sched.get("num_train_timesteps", 1000)), "schedule": SCHEDULES[beta],
+            "prediction": PREDICTIONS[pred]}
+
+
+def apply_to_config(cfg, folder: DiffusersFolder, explicit: set[str] = frozenset()) -> tuple[object, list[str]]:
+    """(the config with the pretrained architecture and schedule, notes). `explicit` holds the dotted keys the
+    user set (a mismatch there is an error)."""
+    from Generation.TrainGen.core.config import StrategyConfig
+    notes = []
+    if cfg.strategy.name != "ddpm":
+        raise UserError(f"--init_from {folder.root}: diffusers UNet2DModel weights are DDPM weights; train them "
+                        f"with --strategy ddpm (not {cfg.strategy.name})")
+    st = cfg.strategy
+    if folder.scheduler is not None:
+        want = scheduler_settings(folder.scheduler)
+        defaults = StrategyConfig()
+        current = {"num_timesteps": st.num_timesteps, "schedule": st.ddpm.schedule, "prediction": st.ddpm.prediction}
+        default = {"num_timesteps": defaults.num_timesteps, "schedule": defaults.ddpm.schedule,
+                   "prediction": defaults.ddpm.prediction}
+        keys = {"num_timesteps": "strategy.num_timesteps", "schedule": "strategy.ddpm.schedule",
+                "prediction": "strategy.ddpm.prediction"}
+        for k, v in want.items():
+            if current[k] == v:
+                continue
+            if keys[k] in explicit or current[k] != default[k]:
+                raise UserError(f"--init_from {folder.root}: its scheduler has {k} {v!r}, but {keys[k]} is set to "
+                                f"{current[k]!r}; leave it out to use the pretrained one")
+            notes.append(f"{keys[k]}: {current[k]!r} -> {v!r} (from {folder.root}/scheduler)")
+        st = replace(st, num_timesteps=want["num_timesteps"],
+                     ddpm=replace(st.ddpm, schedule=want["schedule"], prediction=want["prediction"]))
+    else:
+        notes.append(f"{folder.root}: no scheduler/scheduler_config.json; the run's DDPM settings are kept")
+    model = replace(cfg.model, backend="diffusers", unet2d=unet_config(folder.config))
+    notes.append(f"model.backend: diffusers UNet2DModel from {folder.unet_dir}")
+    return replace(cfg, model=model, strategy=st), notes
+
+
+def adapt_state(pretrained: dict[str, torch.Tensor], target: dict[str, torch.Tensor], image_channels: int,
+                flag: str = "--init_from") -> dict[str, torch.Tensor]:
+    """The pretrained state dict shaped like `target` (our UNet2DModel's): conv_in / conv_out adapted to the
+    image and condition channels, a class embedding the pretrained model lacks zero-initialised."""
+    out = dict(pretrained)
+    w_in = pretrained["conv_in.weight"]
+    n_in = target["conv_in.weight"].shape[1]
+    out["conv_in.weight"] = torch.zeros_like(target["conv_in.weight"])
+    out["conv_in.weight"][:, :image_channels] = _map_channels(w_in, 1, image_channels, "sum", flag)
+    out["conv_out.weight"] = _map_channels(pretrained["conv_out.weight"], 0, target["conv_out.weight"].shape[0], "mean", flag)
+    out["conv_out.bias"] = _map_channels(pretrained["conv_out.bias"], 0, target["conv_out.bias"].shape[0], "mean", flag)
+    assert out["conv_in.weight"].shape[1] == n_in
+    for k, v in target.items():
+        if k not in out and k.startswith("class_embedding."):
+            out[k] = torch.zeros_like(v)
+    missing = sorted(set(target) - set(out))
+    unexpected = sorted(set(out) - set(target))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"{flag}: the weights do not fit the UNet2DModel config ({what})")
+    bad = [k for k in target if out[k].shape != target[k].shape]
+    if bad:
+        raise UserError(f"{flag}: weight {bad[0]} has shape {tuple(out[bad[0]].shape)}, the model needs "
+                        f"{tuple(target[bad[0]].shape)}")
+    return out
+
+
+def _map_channels(w: torch.Tensor, dim: int, n: int, how: str, flag: str) -> torch.Tensor:
+    have = w.shape[dim]
+    if have == n:
+        return w.clone()
+    if n == 1:
+        return w.sum(dim, keepdim=True) if how == "sum" else w.mean(dim, keepdim=True)
+    raise UserError(f"{flag}: the pretrained model has {have} image channels; this data has {n} "
+                    "(1 and 3 are mapped onto each other, other counts are not)")
