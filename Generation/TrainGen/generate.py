@@ -7,6 +7,9 @@
     python Generation/TrainGen/generate.py --image_model runs/bravo_run --masks_from data/test --output_dir synth/paired
     # class-conditional images with classifier-free guidance, balancing a dataset
     python Generation/TrainGen/generate.py --image_model runs/class_run --class_counts melanoma=5900 --guidance_scale 3
+    # fill every minority class of a class folder up to the majority count; melanoma from its own fine-tuned model
+    python Generation/TrainGen/generate.py --image_model runs/class_run --balance data/isic \
+        --class_model melanoma=runs/melanoma_finetuned --output_dir synth/isic_balanced
 
 A model is a run folder (its best.pt, else its latest checkpoint; EMA weights) or a checkpoint file. Re-running
 the same command continues where it stopped. Under torchrun, or with --shard i/n in a SLURM array, the
@@ -48,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "masks_from", default=None, metavar="DIR",
              help="condition on the real masks of this NIfTI dataset (slices with mask voxels) instead of generated ones")
     add_flag(p, "class_counts", default=None, metavar="NAME=N,...", help="class mode: images per class")
+    add_flag(p, "balance", default=None, metavar="DATA_DIR",
+             help="class mode: generate what each class of this class image folder (its train/ split when it has "
+                  "one) or labels CSV lacks to reach the majority count (or --balance_to)")
+    add_flag(p, "balance_to", type=int, default=None, metavar="N", help="--balance: fill every class up to N images")
+    add_flag(p, "class_model", action="append", default=[], metavar="NAME=RUN",
+             help="class mode: draw class NAME with its own model (e.g. fine-tuned on that class); repeatable")
     add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
     add_flag(p, "output_size", type=int, default=None, help="resize outputs (bilinear images, nearest masks)")
     add_flag(p, "progression", action="store_true", help="write progression.png: the denoising trajectory of 4 samples")
@@ -84,16 +93,26 @@ def check_counts(args, flags) -> None:
 
 def build_job(args, rt):
     from Generation.TrainGen.core.generate import Job, split_work
-    from Generation.TrainGen.core.generation.conditions import MaskFilter, load_real_conditions, parse_class_counts
+    from Generation.TrainGen.core.generation.conditions import (MaskFilter, load_real_conditions, parse_class_counts,
+                                                                 parse_class_models)
     from Generation.TrainGen.core.generation.models import load_model
     check_counts(args, ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"))
     if args.output_size is not None and args.output_size < 8:
         raise UserError("--output_size must be at least 8")
-    if not args.seg_model and not args.image_model:
+    class_paths = parse_class_models(args.class_model)
+    if not args.seg_model and not args.image_model and not class_paths:
         raise UserError("give --seg_model RUN and/or --image_model RUN")
+    if args.balance_to is not None and not args.balance:
+        raise UserError("--balance_to needs --balance DATA_DIR")
+    if args.balance and args.class_counts:
+        raise UserError("--balance computes the class counts; leave --class_counts out")
+    if class_paths and not (args.balance or args.class_counts):
+        raise UserError("--class_model needs --balance DATA_DIR or --class_counts (how many images of each class)")
     load = lambda path, flag, sampler, steps: load_model(path, flag, rt.device, args.strategy,  # noqa: E731
                                                          sampler, steps, args.compile)
-    image = load(args.image_model, "--image_model", args.sampler, args.num_steps) if args.image_model else None
+    image_path, image_flag = ((args.image_model, "--image_model") if args.image_model else
+                              (next(iter(class_paths.values()), None), "--class_model"))
+    image = load(image_path, image_flag, args.sampler, args.num_steps) if image_path else None
     if image is not None and image.mode.makes_masks:
         raise UserError(f"--image_model {image.path} is a seg model; pass it as --seg_model")
     if image is not None and image.mode.needs == "image":
@@ -120,6 +139,10 @@ def build_job(args, rt):
         raise UserError(f"--mode {args.mode} needs --image_model RUN (--seg_model {main.path} makes "
                         f"{main.meta['mode']!r} masks)")
     mode, name = main.mode, main.meta["mode"]
+    for flag, given in (("--class_counts", args.class_counts), ("--balance", args.balance),
+                        ("--class_model", class_paths)):
+        if given and mode.needs != "label":
+            raise UserError(f"{flag} applies to --mode class only (modes conditioned on a class label)")
     if mode.needs == "mask" and seg is None and not args.masks_from:
         raise UserError(f"--mode {name} needs masks: --seg_model RUN (generated) or --masks_from DIR (real)")
     if mode.needs == "roles" and not args.masks_from:
@@ -128,8 +151,6 @@ def build_job(args, rt):
     if args.masks_from and mode.needs not in ("mask", "roles"):
         raise UserError(f"--masks_from gives real conditioning (masks or other modalities); mode {name} is "
                         f"conditioned on {mode.needs or 'nothing'}")
-    if args.class_counts and mode.needs != "label":
-        raise UserError("--class_counts applies to --mode class only (modes conditioned on a class label)")
     if args.guidance_scale is not None and mode.needs != "label":
         raise UserError("--guidance_scale applies to --mode class only (modes conditioned on a class label)")
     if seg is not None and image is not None and seg.cfg.data.image_size != image.cfg.data.image_size:
@@ -148,9 +169,10 @@ def build_job(args, rt):
         job.masks_from = str(Path(args.masks_from).resolve())
         job.num_images = args.num_images or len(job.real_sources)
     if mode.needs == "label":
+        plan_classes(job, args, class_paths, image_path, load)
         names = job.class_names()
-        if args.class_counts:
-            job.class_plan = parse_class_counts(args.class_counts, names)
+        if job.class_counts:
+            job.class_plan = parse_class_counts(job.class_counts, names)
             if args.num_images and args.num_images != len(job.class_plan):
                 raise UserError(f"--num_images {args.num_images} differs from the {len(job.class_plan)} images "
                                 "--class_counts asks for (leave --num_images out)")
@@ -160,6 +182,42 @@ def build_job(args, rt):
     if not job.num_images:
         raise UserError("--num_images is required")
     return job
+
+
+def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> None:
+    """--balance and --class_model: the classes to draw, how many of each, and the model of each class."""
+    from Generation.TrainGen.core.generate import model_classes
+    from Generation.TrainGen.core.generation.conditions import balance_counts
+    main = job.image_model
+    for name, path in class_paths.items():
+        model = main if path == image_path else load(path, "--class_model", args.sampler, args.num_steps)
+        if model.mode.needs != "label":
+            raise UserError(f"--class_model {name}={path}: a {model.meta['mode']!r} model, not a class model")
+        if name not in model_classes(model):
+            raise UserError(f"--class_model {name}={path}: the model has no class {name!r} (its classes: "
+                            f"{', '.join(model_classes(model))})")
+        if model.cfg.data.image_size != main.cfg.data.image_size:
+            raise UserError(f"--class_model {name}={path} makes {model.cfg.data.image_size} px images, the other "
+                            f"model {main.cfg.data.image_size} px")
+        job.class_models[name] = model
+    drawable = set(class_paths) | (set(model_classes(main)) if args.image_model else set())
+    if args.balance:
+        names, have, need = balance_counts(args.balance, args.balance_to)
+        unknown = sorted(set(class_paths) - set(names))
+        if unknown:
+            raise UserError(f"--class_model {unknown[0]}: not a class of --balance {args.balance} "
+                            f"(its classes: {', '.join(names)})")
+        missing = [n for n in names if need[n] and n not in drawable]
+        if missing:
+            raise UserError(f"--balance: no model draws class {missing[0]!r} (give --class_model "
+                            f"{missing[0]}=RUN, or an --image_model that knows it)")
+        job.class_list = names
+        job.class_counts = ",".join(f"{n}={need[n]}" for n in names if need[n])
+        print("balance: " + ", ".join(f"{n} {have[n]} + {need[n]}" for n in names))
+    else:
+        job.class_counts = args.class_counts
+        if class_paths:
+            job.class_list = sorted(drawable)
 
 
 def segment_images(args, rt) -> int:

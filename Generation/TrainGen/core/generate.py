@@ -46,6 +46,8 @@ class Job:
     masks_from: str | None = None
     class_plan: list[int] | None = None              # class id of every index (label-conditioned modes)
     class_counts: str | None = None
+    class_list: list[str] | None = None              # the classes of the plan (--balance: the data's), when set
+    class_models: dict[str, Model] = field(default_factory=dict)  # class name -> its own model (--class_model)
     mask_filter: MaskFilter = field(default_factory=MaskFilter)
     max_attempts: int = 20
     output_size: int | None = None
@@ -81,13 +83,21 @@ class Job:
                 "seg_sampler": s.sampler if s else None, "seg_steps": s.steps if s else None,
                 "masks_from": self.masks_from, "class_counts": self.class_counts,
                 "mask_filter": self.mask_filter.__dict__ if s else None, "max_attempts": self.max_attempts,
-                "output_size": self.output_size, "png": self.png}
+                "output_size": self.output_size, "png": self.png,
+                **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
+                   if self.class_models else {})}
 
     def roles(self) -> list[str]:
         return self.main_mode.written_roles()
 
     def class_names(self) -> list[str]:
-        return self.image_model.meta.get("class_names") or [str(i) for i in range(self.image_model.meta["num_classes"])]
+        return self.class_list or model_classes(self.image_model)
+
+    def model_for(self, class_name: str) -> tuple[Model, int]:
+        """The model that draws a class (its own --class_model, else the image model) and the class's label
+        id in that model."""
+        model = self.class_models.get(class_name, self.image_model)
+        return model, model_classes(model).index(class_name)
 
     def file_roles(self, index: int) -> list[tuple[str, str]]:
         """[(relative file, the role it holds)] of sample `index`, as the mode declares its output layout."""
@@ -99,6 +109,10 @@ class Job:
 
     def files(self, index: int) -> list[str]:
         return [rel for rel, _ in self.file_roles(index)]
+
+
+def model_classes(model: Model) -> list[str]:
+    return model.meta.get("class_names") or [str(i) for i in range(model.meta["num_classes"])]
 
 
 # ---------------------------------------------------------------- sampling
@@ -154,10 +168,23 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
     mode = job.main_mode
     info = {i: {"condition": ""} for i in indices}
     outs, cond = {}, {}
-    if mode.needs == "label":
-        cond = {"labels": torch.tensor([job.class_plan[i] for i in indices], device=job.device)}
-        for i in indices:
-            info[i]["class"] = job.class_names()[job.class_plan[i]]
+    if mode.needs == "label":   # grouped by the model that draws each class; a sample depends on its seed only
+        names, groups = job.class_names(), {}
+        for k, i in enumerate(indices):
+            model, label = job.model_for(names[job.class_plan[i]])
+            groups.setdefault(id(model), (model, []))[1].append((k, i, label))
+            info[i]["class"] = names[job.class_plan[i]]
+            if model is not job.main_model:
+                info[i].update(checkpoint_sha256=model.sha256, strategy=model.strategy.name, sampler=model.sampler,
+                               steps=model.steps, guidance=job.guidance_of(model))
+        x = [None] * len(indices)
+        for model, members in groups.values():
+            cond = {"labels": torch.tensor([lab for _, _, lab in members], device=job.device)}
+            drawn = draw(job, model, [sample_seed(job.seed, i, IMAGE_STREAM) for _, i, _ in members], cond,
+                         trajectory if len(groups) == 1 else None)
+            for (k, _, _), sample_x in zip(members, drawn):
+                x[k] = sample_x
+        outs.update(mode.outputs(torch.stack(x)))
     elif mode.needs is not None or mode.makes_masks:   # conditioning (or the masks themselves) per sample
         conds, attempts, why = conditions_for(job, indices)
         real = job.real_conditions is not None
@@ -169,7 +196,7 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
         roles = [MASK_ROLE] if mode.makes_masks else mode.condition_roles
         outs = {r: conds[:, k:k + 1] for k, r in enumerate(roles)}
         cond = {"concat": conds * 2 - 1}
-    if not mode.makes_masks:
+    if not mode.makes_masks and mode.needs != "label":
         x = draw(job, job.main_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices], cond, trajectory)
         outs.update(mode.outputs(x))
     if job.output_size and job.output_size != next(iter(outs.values())).shape[-1]:

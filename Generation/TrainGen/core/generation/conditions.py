@@ -62,6 +62,49 @@ def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
     return plan
 
 
+def balance_counts(source, balance_to: int | None = None) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """(class names, images per class in the data, images to generate per class) for --balance: a class image
+    folder (its train/ split when it has one) or a labels CSV (ISIC, APTOS or filename,label). Each class is
+    filled up to the majority count, or to balance_to."""
+    from common import imagefolder
+    from common.data import is_nifti_dataset
+    src = Path(source)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        items, _ = imagefolder.read_labels_csv(src.parent, src)
+    elif not src.is_dir():
+        raise UserError(f"--balance {src}: no such folder or CSV file")
+    elif is_nifti_dataset(src):
+        raise UserError(f"--balance {src}: a NIfTI dataset has no classes to balance (give a class image folder "
+                        "or a labels CSV)")
+    else:
+        items, _ = imagefolder.list_items(src / "train" if (src / "train").is_dir() else src, None)
+    have: dict[str, int] = {}
+    for _, name in items:
+        have[name] = have.get(name, 0) + 1
+    names = sorted(have)
+    target = balance_to if balance_to is not None else max(have.values())
+    if balance_to is not None and balance_to < 1:
+        raise UserError("--balance_to must be at least 1")
+    need = {n: max(0, target - have[n]) for n in names}
+    if not any(need.values()):
+        raise UserError(f"--balance {src}: nothing to generate, every class already has {target} or more images "
+                        f"({', '.join(f'{n} {have[n]}' for n in names)})")
+    return names, have, need
+
+
+def parse_class_models(items: list[str]) -> dict[str, str]:
+    """['melanoma=runs/mel', ...] -> {class name: run}."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--class_model: expected NAME=RUN, got {item!r}")
+        if name.strip() in out:
+            raise UserError(f"--class_model: class {name.strip()!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def load_real_conditions(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
                          compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
     """The model's condition roles (masks, or any modality a mode conditions on) from every split of a NIfTI
