@@ -23,12 +23,19 @@ def _scalars(strategy, t: float) -> tuple[float, float]:
     return float(a), float(s)
 
 
+def _x0(strategy, pred, x_t, t: float) -> torch.Tensor:
+    """The predicted clean sample, clipped to [-1, 1] when the strategy says so (pixel-space data range)."""
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.float64)
+    x0 = strategy.predict_x0(pred, x_t, tt)
+    return x0.clamp(-1, 1) if getattr(strategy, "clip_sample", False) else x0
+
+
 def eta_step(strategy, pred, x_t, t: float, t_next: float, generator, eta: float) -> torch.Tensor:
     """Song et al. 2021, eq. 12, for variance-preserving processes (a^2 + s^2 = 1): eta=1 is the ancestral
     DDPM posterior (the 'fixed_small' variance between neighbouring steps), eta=0 deterministic DDIM. The
-    predicted x0 is clipped to [-1, 1] (MONAI's clip_sample=True) and the noise direction recomputed from it."""
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.float64)
-    x0 = strategy.predict_x0(pred, x_t, tt).clamp(-1, 1)
+    predicted x0 is clipped to [-1, 1] (strategy.ddpm.clip_sample, MONAI's clip_sample=True) and the noise direction
+    recomputed from it."""
+    x0 = _x0(strategy, pred, x_t, t)
     a_t, s_t = _scalars(strategy, t)
     a_n, s_n = _scalars(strategy, t_next)
     eps = (x_t - a_t * x0) / s_t
@@ -51,10 +58,10 @@ def dpmpp_2m(strategy, pred, x_t, t, t_next, generator=None, state=None):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver in data (x0) prediction, for any
     variance-preserving strategy and any prediction type it can turn into x0. The first step and the step to
     the clean end (s = 0) are first order, as diffusers' DPMSolverMultistepScheduler does (lower_order_final,
-    final_sigmas_type='zero'); the midpoint form of the second-order correction. No x0 clipping."""
+    final_sigmas_type='zero'); the midpoint form of the second-order correction. x0 is clipped as in eta_step
+    (diffusers does not clip: the parity test turns clip_sample off)."""
     state = {} if state is None else state
-    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.float64)
-    x0 = strategy.predict_x0(pred, x_t, tt)
+    x0 = _x0(strategy, pred, x_t, t)
     a_t, s_t = _scalars(strategy, t)
     a_n, s_n = _scalars(strategy, t_next)
     lam_t = math.log(a_t) - math.log(s_t)

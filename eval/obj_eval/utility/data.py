@@ -68,9 +68,10 @@ def task_of(root: Path) -> str:
     return "classification" if kind_of(root) == "images" else "segmentation"
 
 
-def _config(root: Path, size: int, positive_only: bool, layout: str, val_fraction: float, seed: int) -> DataConfig:
+def _config(root: Path, size: int, positive_only: bool, layout: str, val_fraction: float, seed: int,
+            skip_bad: bool = False) -> DataConfig:
     return DataConfig(data_dir=str(root), image_size=size, positive_only=positive_only, layout=layout,
-                      val_fraction=val_fraction, split_seed=seed, format="auto")
+                      val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad)
 
 
 def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
@@ -101,6 +102,9 @@ def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
 def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
     cache = PathConfig.from_compute(compute).cache_root / "slices"
     data = load_split(cfg, root, split, roles, cache, kind)
+    skipped = [p for p in data.problems if p.startswith("skipped")]
+    if skipped:   # a synthetic set: a blank sample is a generation failure, counted and named, not a stop
+        warn(f"{name}: {len(skipped)} sample(s) left out, e.g. {skipped[0]}")
     return _to_taskset(name, data, kind, root)
 
 
@@ -160,7 +164,7 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     if native < size:
         raise UserError(f"--synthetic_dir {root}: images are {native} px, smaller than the evaluation size {size} "
                         f"px (--image_size {native}, or generate at {size} px)")
-    cfg = _config(root, size, False, "original", 0.0, 0)
+    cfg = _config(root, size, False, "original", 0.0, 0, skip_bad=True)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     parts = [_load(root, s, kind, cfg, roles, compute, f"synthetic {root.name}") for s in _split_names(cfg, root, kind)]
     if not parts:
