@@ -123,8 +123,9 @@ def test_checkpoints_with_the_old_keys_resume_and_load_silently(demo_root, tmp_p
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     state = torch.load(ckpt, weights_only=True)
     old = state["config"]
-    old["strategy"].update(old["strategy"].pop("ddpm"))   # prediction, schedule at the top, as before
-    old["strategy"].update(old["strategy"].pop("rflow"))
+    ddpm, rflow = old["strategy"].pop("ddpm"), old["strategy"].pop("rflow")   # as before the sections existed:
+    old["strategy"].update(prediction=ddpm["prediction"], schedule=ddpm["schedule"],  # these keys at the top,
+                           time_sampling=rflow["time_sampling"])                      # the later ones absent
     old["mode"].update(old["mode"].pop("labels"))
     old["mode"].update(old["mode"].pop("segment"))
     torch.save(state, ckpt)

@@ -14,7 +14,6 @@ from Generation.TrainGen.core.config import build_config
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.network import build_unet
 from tests.conftest import run_script
-from tests.test_training import tiny_cfg
 
 
 def save_pipeline(root, prediction="epsilon", beta_schedule="linear"):
@@ -63,10 +62,12 @@ def test_fine_tune_one_class_and_generate(demo_root, tmp_path):
     save_pipeline(tmp_path / "pipe", prediction="v_prediction")
     one_class = tmp_path / "melanoma_only"
     shutil.copytree(demo_root / "lesions" / "melanoma", one_class / "melanoma")
-    cfg = tiny_cfg(demo_root, tmp_path, "class", "ddpm", data={"data_dir": str(one_class), "val_fraction": 0.25},
-                   optim={"max_steps": 3}, runtime={"init_from": str(tmp_path / "pipe"), "val_interval": 100})
-    from Generation.TrainGen.core.run import train
-    assert train(cfg) == 0
+    res = run_script("Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode", "class", "--strategy",
+                     "ddpm", "--init_from", str(tmp_path / "pipe"), "--data_dir", str(one_class), "--max_steps", "3",
+                     "--val_interval", "100", "--run_dir", str(tmp_path / "run"),
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.val_fraction=0.25")
+    assert res.returncode == 0, res.stderr[-800:]
+    assert "strategy.ddpm.prediction: 'epsilon' -> 'v'" in res.stdout               # the printed override
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "backend: diffusers" in saved and "prediction: v" in saved    # the pretrained schedule, stored
     out = tmp_path / "gen"
