@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="class mode: generate what each class of this class image folder (its train/ split when it has "
                   "one) or labels CSV lacks to reach the majority count (or --balance_to)")
     add_flag(p, "balance_to", type=int, default=None, metavar="N", help="--balance: fill every class up to N images")
+    add_flag(p, "reject_copies", action="store_true",
+             help="redraw an image closer to a training image than the 1st percentile of the real validation images "
+                  "(the memorization audit's criterion); needs the image model's training data on this machine")
     add_flag(p, "class_model", action="append", default=[], metavar="NAME=RUN",
              help="class mode: draw class NAME with its own model (e.g. fine-tuned on that class); repeatable")
     add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
@@ -181,6 +184,14 @@ def build_job(args, rt):
             job.class_plan = [i % len(names) for i in range(args.num_images)]
     if not job.num_images:
         raise UserError("--num_images is required")
+    if args.reject_copies:
+        if mode.makes_masks:
+            raise UserError("--reject_copies applies to image modes (the generated images are compared with the "
+                            "training images); seg mode makes masks")
+        from Generation.TrainGen.core.generation.copies import CopyCheck
+        job.copy_check = CopyCheck.for_model(job.main_model)
+        print(f"reject copies: distance threshold {job.copy_check.threshold:.4f} (1st percentile of "
+              f"{job.copy_check.n_heldout} validation images' distances to {job.copy_check.n_train} training images)")
     return job
 
 

@@ -23,12 +23,16 @@ from tqdm import tqdm
 from common.data import MASK_ROLE, fit_square
 from common.errors import UserError
 from Generation.TrainGen.core.generation.conditions import MaskFilter
+from Generation.TrainGen.core.generation.copies import CopyCheck
 from Generation.TrainGen.core.generation.models import Model
 from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
                                                           open_output_dir, sample_id, sample_seed, write_manifest,
                                                           write_previews, write_sample)
 from common.grid import save_grid
 from Generation.TrainGen.core.sampling import sample
+
+
+COPY = "copy of a training image"   # the --reject_copies entry of Job.rejections
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Job:
     device: torch.device = torch.device("cpu")
     autocast: object = None
     rejections: Counter = field(default_factory=Counter)
+    copy_check: CopyCheck | None = None              # --reject_copies
 
     @property
     def main_model(self) -> Model:
@@ -84,6 +89,7 @@ class Job:
                 "masks_from": self.masks_from, "class_counts": self.class_counts,
                 "mask_filter": self.mask_filter.__dict__ if s else None, "max_attempts": self.max_attempts,
                 "output_size": self.output_size, "png": self.png,
+                **({"reject_copies": self.copy_check.threshold} if self.copy_check else {}),
                 **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
                    if self.class_models else {})}
 
@@ -124,6 +130,31 @@ def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list 
                          for g in gens])
     return sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps,
                   job.guidance_of(model), gens, job.autocast, trajectory)
+
+
+def draw_checked(job: Job, model: Model, indices: list[int], cond: dict, trajectory: list | None = None
+                 ) -> tuple[torch.Tensor, dict[int, dict]]:
+    """draw(), then with --reject_copies every sample closer to a training image than the threshold is drawn
+    again from its next seed (attempt 1, 2, ...), at most max_attempts times; (samples, manifest fields)."""
+    x = draw(job, model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices], cond, trajectory)
+    if job.copy_check is None:
+        return x, {i: {} for i in indices}
+    images = lambda t: torch.cat(list(model.mode.outputs(t).values()), 1)  # noqa: E731 - roles in [0, 1]
+    dist = job.copy_check.distances(images(x))
+    attempts = {i: 0 for i in indices}
+    for _ in range(job.max_attempts):
+        bad = [k for k in range(len(indices)) if dist[k] < job.copy_check.threshold]
+        if not bad:
+            break
+        for k in bad:
+            attempts[indices[k]] += 1
+        job.rejections[COPY] += len(bad)
+        again = draw(job, model, [sample_seed(job.seed, indices[k], IMAGE_STREAM, attempts[indices[k]]) for k in bad],
+                     {key: v[bad] for key, v in cond.items()})
+        x[bad] = again
+        dist[bad] = job.copy_check.distances(images(again))
+    return x, {i: {"copy_rejections": attempts[i], "copy_distance": round(float(dist[k]), 5),
+                   "sample_seed": sample_seed(job.seed, i, IMAGE_STREAM, attempts[i])} for k, i in enumerate(indices)}
 
 
 def conditions_for(job: Job, indices: list[int]) -> tuple[torch.Tensor, dict[int, int], dict[int, Counter]]:
@@ -180,10 +211,11 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
         x = [None] * len(indices)
         for model, members in groups.values():
             cond = {"labels": torch.tensor([lab for _, _, lab in members], device=job.device)}
-            drawn = draw(job, model, [sample_seed(job.seed, i, IMAGE_STREAM) for _, i, _ in members], cond,
-                         trajectory if len(groups) == 1 else None)
-            for (k, _, _), sample_x in zip(members, drawn):
+            drawn, fields = draw_checked(job, model, [i for _, i, _ in members], cond,
+                                         trajectory if len(groups) == 1 else None)
+            for (k, i, _), sample_x in zip(members, drawn):
                 x[k] = sample_x
+                info[i].update(fields[i])
         outs.update(mode.outputs(torch.stack(x)))
     elif mode.needs is not None or mode.makes_masks:   # conditioning (or the masks themselves) per sample
         conds, attempts, why = conditions_for(job, indices)
@@ -197,7 +229,9 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
         outs = {r: conds[:, k:k + 1] for k, r in enumerate(roles)}
         cond = {"concat": conds * 2 - 1}
     if not mode.makes_masks and mode.needs != "label":
-        x = draw(job, job.main_model, [sample_seed(job.seed, i, IMAGE_STREAM) for i in indices], cond, trajectory)
+        x, fields = draw_checked(job, job.main_model, indices, cond, trajectory)
+        for i in indices:
+            info[i].update(fields[i])
         outs.update(mode.outputs(x))
     if job.output_size and job.output_size != next(iter(outs.values())).shape[-1]:
         outs = {r: fit_square(v.float(), job.output_size, None, "nearest" if r == MASK_ROLE else "bilinear").clamp(0, 1)
@@ -267,6 +301,9 @@ def throughput_line(summary: dict) -> str:
     text = f"generated {summary['generated']} samples in {summary['seconds']:.1f} s ({rate:.2f} images/s)"
     if summary["skipped"]:
         text += f"; {summary['skipped']} already present were kept"
-    if summary["rejections"]:
-        text += "; masks rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["rejections"].items()))
+    masks = {k: v for k, v in summary["rejections"].items() if k != COPY}
+    if masks:
+        text += "; masks rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(masks.items()))
+    if summary["rejections"].get(COPY):
+        text += f"; copies of training images redrawn: {summary['rejections'][COPY]}"
     return text

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.neighbours import nearest, unit_rows
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.utility import models
 
@@ -72,25 +73,6 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
 
 
 # ---------------------------------------------------------------- memorization
-def _unit_rows(images: torch.Tensor) -> torch.Tensor:
-    x = images.flatten(1).double()
-    x = x - x.mean(1, keepdim=True)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def nearest(query: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(distance, index) of each query row's nearest ref row by Euclidean distance (rows as given)."""
-    dist, idx = [], []
-    ref_sq = (ref ** 2).sum(1)
-    for i in range(0, len(query), chunk):
-        q = query[i:i + chunk]
-        d2 = (q ** 2).sum(1, keepdim=True) + ref_sq[None] - 2 * q @ ref.T
-        m, j = d2.clamp_min(0).min(1)
-        dist.append(m.sqrt())
-        idx.append(j)
-    return torch.cat(dist).numpy(), torch.cat(idx).numpy()
-
-
 def _nn_section(synth_rows, train_rows, held_rows, what: str) -> dict:
     d_s, j_s = nearest(synth_rows, train_rows)
     d_h, _ = nearest(held_rows, train_rows)
@@ -107,8 +89,8 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
     """Nearest training neighbours of synthetic images vs those of held-out real images."""
     from skimage.metrics import structural_similarity
     # correlation distance: for unit-norm centred rows, |a - b| = sqrt(2 - 2 r)
-    sections = {"pixel": _nn_section(_unit_rows(synthetic.images), _unit_rows(real_train.images),
-                                     _unit_rows(real_heldout.images), "pixels: sqrt(2 - 2 r), r = Pearson correlation")}
+    sections = {"pixel": _nn_section(unit_rows(synthetic.images), unit_rows(real_train.images),
+                                     unit_rows(real_heldout.images), "pixels: sqrt(2 - 2 r), r = Pearson correlation")}
     if feature_net is not None:
         f = lambda ts: torch.nn.functional.normalize(torch.from_numpy(models.features(feature_net, ts.images, device)), dim=1)  # noqa: E731
         sections["feature"] = _nn_section(f(synthetic), f(real_train), f(real_heldout),

@@ -27,7 +27,7 @@ SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are a
 MASK_STREAM, IMAGE_STREAM = 0, 1
 MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
                    "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
-                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files")
+                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files", "copy_rejections", "copy_distance")
 
 
 def sample_id(index: int) -> str:
@@ -74,7 +74,8 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
     full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
             "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
             "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
-            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "checkpoint_sha256": m.sha256,
+            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "copy_rejections": "",
+            "copy_distance": "", "checkpoint_sha256": m.sha256,
             "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
             "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
             "files": ";".join(files), **row}

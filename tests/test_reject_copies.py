@@ -1,0 +1,64 @@
+"""generate.py --reject_copies: the threshold is the memorization audit's (the 1st percentile of the validation
+images' nearest-training-image distances), rejected samples are redrawn from their next seed, and the
+manifest records attempts, distance and the seed that was kept."""
+import csv
+
+import pytest
+import torch
+
+from common.errors import UserError
+from Generation.TrainGen.core.generate import COPY, Job, draw_checked
+from Generation.TrainGen.core.generation.copies import CopyCheck
+from Generation.TrainGen.core.generation.models import load_model
+from Generation.TrainGen.generate import main as generate_main
+
+
+@pytest.fixture(scope="module")
+def rflow_model(tiny_models):
+    return load_model(tiny_models["bravo_rflow"], "--image_model", torch.device("cpu"), None, "euler", 3)
+
+
+def test_threshold_is_the_heldout_percentile(rflow_model):
+    import numpy as np
+
+    from common.neighbours import nearest, unit_rows
+    from Generation.TrainGen.core.datasource import data_source
+    check = CopyCheck.for_model(rflow_model)
+    src = data_source(rflow_model.cfg)
+    train, val = src.split(rflow_model.cfg.data, "train"), src.split(rflow_model.cfg.data, "val")
+    d = nearest(unit_rows(val.images[:, :1].float()), unit_rows(train.images[:, :1].float()))[0]
+    assert check.threshold == pytest.approx(np.percentile(d, 1))
+    assert check.distances(train.images[:3, :1].float()).max() < 1e-6          # a training image is a copy
+
+
+def test_rejected_samples_are_redrawn_from_their_next_seed(rflow_model, tmp_path):
+    cond = {"concat": (torch.rand(3, 1, 32, 32) > 0.9).float() * 2 - 1}
+    job = Job(mode="bravo", output_dir=tmp_path, num_images=3, batch_size=3, image_model=rflow_model, max_attempts=2)
+    plain, _ = draw_checked(job, rflow_model, [0, 1, 2], cond)
+    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 0.0, [0], 1, 1)   # nothing is a copy
+    same, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
+    assert torch.equal(same, plain) and all(f["copy_rejections"] == 0 for f in fields.values())
+    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 10.0, [0], 1, 1)  # everything is
+    redrawn, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
+    assert all(f["copy_rejections"] == 2 for f in fields.values())                            # max_attempts
+    assert job.rejections[COPY] == 6 and not torch.equal(redrawn, plain)
+    job2 = Job(mode="bravo", output_dir=tmp_path, num_images=3, batch_size=3, image_model=rflow_model, seed=0)
+    from Generation.TrainGen.core.generate import draw
+    from Generation.TrainGen.core.generation.writers import IMAGE_STREAM, sample_seed
+    direct = draw(job2, rflow_model, [sample_seed(0, i, IMAGE_STREAM, 2) for i in range(3)], cond)
+    assert torch.equal(redrawn, direct)                      # the kept sample is its attempt-2 seed's, as recorded
+    assert fields[1]["sample_seed"] == sample_seed(0, 1, IMAGE_STREAM, 2)
+
+
+def test_reject_copies_end_to_end(tiny_models, demo_root, tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert generate_main(["--image_model", str(tiny_models["bravo_rflow"]), "--masks_from", str(demo_root / "brain"),
+                          "--num_images", "4", "--num_steps", "3", "--reject_copies", "--output_dir", str(out),
+                          "--device", "cpu"]) == 0
+    assert "reject copies: distance threshold" in capsys.readouterr().out
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["copy_rejections"] != "" and float(r["copy_distance"]) >= 0 for r in rows)
+    with pytest.raises(UserError, match="--reject_copies applies to image modes"):
+        generate_main(["--seg_model", str(tiny_models["seg"]), "--num_images", "2", "--reject_copies",
+                       "--output_dir", str(tmp_path / "m"), "--device", "cpu"])
