@@ -51,6 +51,11 @@ class PathConfig:
     def demo_root(self) -> Path:
         return self.cache_root / "demo"
 
+    @property
+    def slice_cache(self) -> Path:
+        """Where the preprocessed slice caches of every command live (common/dataset.py)."""
+        return self.cache_root / "slices"
+
     def default_data_dir(self, image_folder: bool = False) -> Path:
         """The dataset used when no --data_dir is given; locally the demo data, built on first use."""
         if self.compute == "cluster":

@@ -33,7 +33,7 @@ def data_source(cfg) -> DataSource:
     paths = PathConfig.from_compute(cfg.paths.compute)
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.cache_root / "slices"
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.slice_cache
     pairs = cfg.data.format == "pairs" or (cfg.data.format == "auto" and mode.needs == "image"
                                            and imagefolder.is_pair_folder(root))
     kind = "pairs" if pairs else "images" if image_folder else "nifti"

@@ -63,7 +63,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         subjects = [s for split in nifti.find_splits(root, layout, 0.0, 0).values() for s in split]
         with_masks = all(nifti.subject_files(s, layout, ["seg"])[0] for s in subjects)
         key = model.cfg.mode.segment.image_key
-        cache = PathConfig.from_compute(compute).cache_root / "slices" if cfg.cache else None
+        cache = PathConfig.from_compute(compute).slice_cache if cfg.cache else None
         data = load_folder(cfg, root, [key, "seg"] if with_masks else [key], cache)
         return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True)
     if (root / "images").is_dir():

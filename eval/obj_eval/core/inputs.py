@@ -109,7 +109,7 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
                        [] if flat else [classes[i] for i in tensors["labels"].tolist()])
     cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
                      positive_only=positive_only, val_fraction=0.0, format="nifti", skip_bad=skip_bad)
-    cache = PathConfig.from_compute(compute).cache_root / "slices"
+    cache = PathConfig.from_compute(compute).slice_cache
     data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
     if len(data) == 0:
         raise UserError(f"{what} {root}: no slices to evaluate")

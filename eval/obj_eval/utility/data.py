@@ -100,7 +100,7 @@ def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
 
 
 def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
-    cache = PathConfig.from_compute(compute).cache_root / "slices"
+    cache = PathConfig.from_compute(compute).slice_cache
     data = load_split(cfg, root, split, roles, cache, kind)
     skipped = [p for p in data.problems if p.startswith("skipped")]
     if skipped:   # a synthetic set: a blank sample is a generation failure, counted and named, not a stop

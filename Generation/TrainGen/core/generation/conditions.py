@@ -116,7 +116,7 @@ def load_real_conditions(directory: str, model: Model, positive_only: bool = Tru
     roles = model.mode.condition_roles
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
                        skip_bad=skip_bad)
-    cache = PathConfig.from_compute(compute).cache_root / "slices" if data_cfg.cache else None
+    cache = PathConfig.from_compute(compute).slice_cache if data_cfg.cache else None
     data = load_folder(data_cfg, Path(directory), roles, cache)
     if len(data) == 0:
         raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
