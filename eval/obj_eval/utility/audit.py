@@ -21,15 +21,10 @@ import torch
 from common.neighbours import nearest, unit_rows
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.utility import models
+from eval.obj_eval.utility.scores import dice
 
 LOW_DICE = 0.5                      # faithfulness: samples listed by id below this Dice
 SIZE_BINS = ("small", "medium", "large")
-
-
-def _dice(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
-    inter = (pred * true).sum((1, 2, 3))
-    total = pred.sum((1, 2, 3)) + true.sum((1, 2, 3))
-    return (2 * inter / total.clamp_min(1e-9)).numpy()
 
 
 def _mean_ci(values: np.ndarray, seed: int) -> dict:
@@ -46,7 +41,7 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
     a_s, a_r, a_train = area(synthetic), area(real_test), area(real_train)
     pos_train = a_train[a_train > 0]
     edges = np.quantile(pos_train, [1 / 3, 2 / 3]) if len(pos_train) else np.array([0.0, 0.0])
-    d_s, d_r = _dice(pred_s, synthetic.targets), _dice(pred_r, real_test.targets)
+    d_s, d_r = dice(pred_s, synthetic.targets).numpy(), dice(pred_r, real_test.targets).numpy()
     bins = []
     for b, name in enumerate(SIZE_BINS):
         lo = edges[b - 1] if b else 0.0

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.fileio import atomic_write
+from eval.obj_eval.utility.scores import dice
 
 # features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
 PRESETS = {
@@ -136,9 +137,7 @@ def validation_score(model, task: str, val, device, bf16: bool) -> float:
     """Higher is better: Dice over the whole validation set (segmentation), balanced accuracy (classification)."""
     probs = predict(model, val.images, task, device, bf16=bf16)
     if task == "segmentation":
-        pred, true = probs > 0.5, val.targets > 0.5
-        total = float(pred.sum() + true.sum())
-        return 2 * float((pred & true).sum()) / total if total else 1.0
+        return float(dice(probs > 0.5, val.targets > 0.5, dims=(0, 1, 2, 3)))
     from sklearn.metrics import balanced_accuracy_score
     return float(balanced_accuracy_score(val.targets.numpy(), probs.argmax(1).numpy()))
 

@@ -32,6 +32,15 @@ def higher_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- segmentation
+def dice(pred: torch.Tensor, true: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
+    """Dice of {0, 1} masks over `dims` (per image by default; all dims for one figure over a set); 1 where
+    both are empty."""
+    pred, true = pred.float(), true.float()
+    inter = (pred * true).sum(dims)
+    total = pred.sum(dims) + true.sum(dims)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
+
+
 def segmentation_scores(probs: torch.Tensor, test) -> dict:
     from monai.metrics import compute_dice, compute_hausdorff_distance
     pred, true = (probs > 0.5).float(), (test.targets > 0.5).float()
