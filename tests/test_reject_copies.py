@@ -35,10 +35,10 @@ def test_rejected_samples_are_redrawn_from_their_next_seed(rflow_model, tmp_path
     cond = {"concat": (torch.rand(3, 1, 32, 32) > 0.9).float() * 2 - 1}
     job = Job(mode="bravo", output_dir=tmp_path, num_images=3, batch_size=3, image_model=rflow_model, max_attempts=2)
     plain, _ = draw_checked(job, rflow_model, [0, 1, 2], cond)
-    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 0.0, [0], 1, 1)   # nothing is a copy
+    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 0.0, 1, 1)   # nothing is a copy
     same, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
     assert torch.equal(same, plain) and all(f["copy_rejections"] == 0 for f in fields.values())
-    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 10.0, [0], 1, 1)  # everything is
+    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 10.0, 1, 1)  # everything is
     redrawn, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
     assert all(f["copy_rejections"] == 2 for f in fields.values())                            # max_attempts
     assert job.rejections[COPY] == 6 and not torch.equal(redrawn, plain)

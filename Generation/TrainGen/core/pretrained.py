@@ -144,13 +144,11 @@ def adapt_state(pretrained: dict[str, torch.Tensor], target: dict[str, torch.Ten
     """The pretrained state dict shaped like `target` (our UNet2DModel's): conv_in / conv_out adapted to the
     image and condition channels, a class embedding the pretrained model lacks zero-initialised."""
     out = dict(pretrained)
-    w_in = pretrained["conv_in.weight"]
-    n_in = target["conv_in.weight"].shape[1]
-    out["conv_in.weight"] = torch.zeros_like(target["conv_in.weight"])
-    out["conv_in.weight"][:, :image_channels] = _map_channels(w_in, 1, image_channels, "sum", flag)
+    out["conv_in.weight"] = torch.zeros_like(target["conv_in.weight"])   # condition channels stay at zero
+    out["conv_in.weight"][:, :image_channels] = _map_channels(pretrained["conv_in.weight"], 1, image_channels, "sum",
+                                                              flag)
     out["conv_out.weight"] = _map_channels(pretrained["conv_out.weight"], 0, target["conv_out.weight"].shape[0], "mean", flag)
     out["conv_out.bias"] = _map_channels(pretrained["conv_out.bias"], 0, target["conv_out.bias"].shape[0], "mean", flag)
-    assert out["conv_in.weight"].shape[1] == n_in
     for k, v in target.items():
         if k not in out and k.startswith("class_embedding."):
             out[k] = torch.zeros_like(v)

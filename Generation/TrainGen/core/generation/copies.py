@@ -19,7 +19,6 @@ HELDOUT_PERCENTILE = 1.0
 class CopyCheck:
     train: torch.Tensor            # unit rows of the training images (N, D)
     threshold: float               # held-out nearest-neighbour distance percentile
-    channels: list[int]            # which image channels of the training data the generated roles are
     n_train: int
     n_heldout: int
 
@@ -40,7 +39,7 @@ class CopyCheck:
                     else list(range(train.images.shape[1])))
         rows = unit_rows(train.images[:, channels].float())
         d_held, _ = nearest(unit_rows(held.images[:, channels].float()), rows)
-        return cls(rows, float(np.percentile(d_held, HELDOUT_PERCENTILE)), channels, len(train), len(held))
+        return cls(rows, float(np.percentile(d_held, HELDOUT_PERCENTILE)), len(train), len(held))
 
     def distances(self, images: torch.Tensor) -> np.ndarray:
         """Nearest-training-image distance of each (B, C, H, W) image in [0, 1]."""
