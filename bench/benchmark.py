@@ -291,9 +291,14 @@ def bench_metrics(device: str, preset: str, work: Path) -> list[dict]:
 MINSNR_EPOCHS = {"tiny": 100, "research": 200}
 
 
-def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: int | None = None) -> list[dict]:
+def intensity_w1(synthetic: torch.Tensor, real: torch.Tensor) -> float:
+    """Wasserstein-1 distance between the brain-voxel intensity histograms (background is 0)."""
     from scipy.stats import wasserstein_distance
+    brain = lambda x: x[x > 0.02].numpy()  # noqa: E731
+    return float(wasserstein_distance(brain(synthetic), brain(real)))
 
+
+def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: int | None = None) -> list[dict]:
     from eval.obj_eval.core.evaluate import Options, evaluate
     from Generation.TrainGen.core.run import train
     from Generation.TrainGen.generate import main as generate
@@ -319,8 +324,7 @@ def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: 
                                    positive_only=True, device=device, floor=False))
             m = {r["metric"]: r["value"] for r in res["metrics"]}
             synth, real = res["_sets"]
-            fg = lambda x: x[x > 0.02].numpy()  # noqa: E731  brain voxels (background is 0)
-            m["intensity_w1"] = wasserstein_distance(fg(synth.images), fg(real.images))
+            m["intensity_w1"] = intensity_w1(synth.images, real.images)
             m["n"] = len(synth)
             results[name].append(m)
     rows = []
@@ -346,8 +350,6 @@ def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n
     step counts on the same real validation masks and seeds. Quality, computable offline: the Fréchet distance
     in the feature space of a downstream segmenter trained on the real training slices (the utility harness),
     and the Wasserstein-1 distance between brain-intensity histograms, both against the real validation slices."""
-    from scipy.stats import wasserstein_distance
-
     from eval.obj_eval.utility import audit, data, models
     from Generation.TrainGen.core.run import train
     from Generation.TrainGen.core.samplers import nfe
@@ -359,7 +361,6 @@ def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n
     heldout = data.concat("real val", [real["val"], real["test"]])
     ref, _ = models.cached_reference(models.TrainSettings("segmentation", "tiny", device=device), real["train"],
                                      real["val"], 0, work / "downstream")
-    fg = lambda x: x[x > 0.02].numpy()  # noqa: E731  brain voxels (background is 0)
     rows = []
     for strategy, samplers in (grid or NFE_GRID).items():
         run = work / f"nfe_{strategy}"
@@ -378,7 +379,7 @@ def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n
             wall = time.perf_counter() - t0
             syn = data.load_synthetic(out, size, ["bravo"], real["train"], compute="local")
             fid = audit.domain(ref, syn, heldout, device, n_boot=0)[0]["value"]
-            w1 = wasserstein_distance(fg(syn.images), fg(heldout.images))
+            w1 = intensity_w1(syn.images, heldout.images)
             rows.append({"suite": "nfe", "metric": f"{strategy} {sampler}-{steps}", "value": fid,
                          "unit": "FD (downstream)", "nfe": nfe(sampler, steps), "seconds": wall, "w1": w1,
                          "note": f"NFE {nfe(sampler, steps)}, {wall:.1f} s for {len(syn)} images, intensity W1 "
