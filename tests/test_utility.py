@@ -188,6 +188,7 @@ def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys)
             "--real_fraction", "0.5,1", "--recipes", "real,real+synthetic", "--positive_only", "--compute", "local",
             *FAST]
     assert utility_main(argv) == 0
+    assert "reference model (real train, seed 0): from the cache" in capsys.readouterr().out   # the study's real model
     summary = json.loads((out / "utility.json").read_text())
     assert [(r["real_fraction"], r["recipe"]) for r in summary["rows"]] == [
         (0.5, "real"), (0.5, "real+synth x1"), (1.0, "real"), (1.0, "real+synth x1")]

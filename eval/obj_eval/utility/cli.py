@@ -108,7 +108,8 @@ def main(argv=None, doc: str = "") -> int:
         raise UserError(f"--output {out}: exists and is not a folder")
     device = resolve_device(args.device)
     roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
-    size = args.image_size or data.default_size(args.synthetic_dir, args.real_dir)
+    natives = data.native_sizes(args.synthetic_dir)
+    size = args.image_size or data.default_size(natives, args.real_dir)
     real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute)
     task = "classification" if real["train"].classes else "segmentation"
     primary = ("dice_subject" if task == "segmentation" else "balanced_accuracy") if args.primary == "auto" else args.primary
@@ -121,7 +122,7 @@ def main(argv=None, doc: str = "") -> int:
     kinds = (args.recipes.split(",") if args.recipes else
              ["real", "real+synthetic", "synthetic"] + (["real+balanced"] if task == "classification" else []))
     recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task)
-    synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute)
+    synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute, natives[d])
                  for n, d in zip(names, args.synthetic_dir)}
     audits = parse_audits(args.audit, task) if synthetic else []
     settings = train_settings(args, task, device)
@@ -132,7 +133,8 @@ def main(argv=None, doc: str = "") -> int:
     data_key = models.content_key(*(t for ts in list(real.values()) + list(synthetic.values())
                                     for t in (ts.images, ts.targets)), roles, size)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key)
+    results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key,
+                              reference_cache(args.compute) if audits else None)
     s = settings.resolved()
     summary = {"task": task, "primary": primary, "unit": "subject" if task == "segmentation" else "image",
                "real_dir": str(Path(args.real_dir).resolve()),
@@ -151,12 +153,16 @@ def main(argv=None, doc: str = "") -> int:
     return 0
 
 
+def reference_cache(compute: str) -> Path:
+    """Where reference downstream models are cached, by content (data, settings, seed)."""
+    return PathConfig.from_compute(compute).cache_root / "downstream"
+
+
 def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: int, device: str, out: Path,
                compute: str) -> list[dict]:
     if not audits:
         return []
-    cache = PathConfig.from_compute(compute).cache_root / "downstream"
-    ref, log = models.cached_reference(settings, real["train"], real["val"], seed, cache)
+    ref, log = models.cached_reference(settings, real["train"], real["val"], seed, reference_cache(compute))
     print(f"reference model (real train, seed {seed}): " + ("from the cache" if log["cached"] else "trained")
           + f", validation {log['val_metric']} {log['best_val']:.3f}")
     recs = []
@@ -179,10 +185,12 @@ def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, si
                   layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str) -> list[dict]:
     """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report."""
     roles = [r.strip() for r in image_type.split(",") if r.strip()]
-    size = size or data.default_size([synthetic_dir], real_dir)
+    natives = data.native_sizes([synthetic_dir])
+    size = size or data.default_size(natives, real_dir)
     real, _ = data.load_real(real_dir, size, roles, positive_only, layout, seed, compute)
     task = "classification" if real["train"].classes else "segmentation"
-    syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute)}
+    syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute,
+                                                         natives[synthetic_dir])}
     if "faithfulness" in names and task != "segmentation":
         raise UserError("faithfulness needs a segmentation dataset (images with masks)")
     settings = models.TrainSettings(task, device=device, **downstream)

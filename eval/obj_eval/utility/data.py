@@ -152,15 +152,17 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     return sets, notes
 
 
-def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compute: str = "auto") -> TaskSet:
+def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compute: str = "auto",
+                   native: int | None = None) -> TaskSet:
     """A whole synthetic folder as one set, checked against the real data: the same task, channels and classes,
-    and images at least as large as the evaluation size (upsampled synthetic images would be judged on blur)."""
+    and images at least as large as the evaluation size (upsampled synthetic images would be judged on blur).
+    `native`: the folder's image size when already read (native_sizes)."""
     root = existing_folder(root, "--synthetic_dir")
     kind = kind_of(root)
     real_task = "classification" if real.classes else "segmentation"
     if task_of(root) != real_task:
         raise UserError(f"--synthetic_dir {root}: a {task_of(root)} dataset, but --real_dir is a {real_task} one")
-    native = native_size(root, "--synthetic_dir")
+    native = native if native is not None else native_size(root, "--synthetic_dir")
     if native < size:
         raise UserError(f"--synthetic_dir {root}: images are {native} px, smaller than the evaluation size {size} "
                         f"px (--image_size {native}, or generate at {size} px)")
@@ -183,10 +185,15 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     return ts
 
 
-def default_size(synthetic_dirs: list[str], real_dir: str) -> int:
+def native_sizes(synthetic_dirs: list[str]) -> dict[str, int]:
+    """{folder: its image size}, each folder's files read once."""
+    return {d: native_size(existing_folder(d, "--synthetic_dir"), "--synthetic_dir") for d in synthetic_dirs}
+
+
+def default_size(natives: dict[str, int], real_dir: str) -> int:
     """The evaluation size: the smallest native size among the synthetic sets (the real set's without any)."""
-    if synthetic_dirs:
-        return min(native_size(existing_folder(d, "--synthetic_dir"), "--synthetic_dir") for d in synthetic_dirs)
+    if natives:
+        return min(natives.values())
     return native_size(existing_folder(real_dir, "--real_dir"), "--real_dir")
 
 

@@ -141,8 +141,10 @@ def read_result(path: Path, key: str) -> dict | None:
 
 def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float], seeds: list[int],
               real: dict[str, TaskSet], synthetic: dict[str, TaskSet], settings: models.TrainSettings,
-              data_key: str) -> dict:
-    """{(fraction, recipe name): [result per seed]}, training what is not on disk yet."""
+              data_key: str, reference_cache: Path | None = None) -> dict:
+    """{(fraction, recipe name): [result per seed]}, training what is not on disk yet. With reference_cache, the
+    `real` model at fraction 1 and the first seed is trained through models.cached_reference: it is the reference
+    model of the audits (faithfulness, memorization, domain), which then load it instead of training it again."""
     results: dict[tuple[float, str], list[dict]] = {}
     total = len(fractions) * len(seeds) * len(recipes)
     done = 0
@@ -157,7 +159,10 @@ def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float
                 tag = f"[{done}/{total}] real {fraction:g}, {recipe.name}, seed {seed}"
                 if res is None:
                     train_set, info = compose(recipe, subset, synthetic, seed)
-                    model, log = models.train(settings, train_set, real["val"], seed, desc=tag)
+                    if reference_cache is not None and recipe.kind == "real" and fraction >= 1.0 and seed == seeds[0]:
+                        model, log = models.cached_reference(settings, train_set, real["val"], seed, reference_cache)
+                    else:
+                        model, log = models.train(settings, train_set, real["val"], seed, desc=tag)
                     probs = models.predict(model, real["test"].images, task, settings.device, bf16=settings.bf16)
                     res = {"key": key, "recipe": recipe.name, "kind": recipe.kind, "synthetic": recipe.synthetic,
                            "ratio": recipe.ratio, "real_fraction": fraction, "seed": seed, "train": info,
