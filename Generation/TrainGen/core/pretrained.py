@@ -6,8 +6,8 @@ folder (unet/ as above, and scheduler/scheduler_config.json). `train.py --init_f
   * sets model.backend = diffusers and stores the UNet2DModel config in the run's config (model.unet2d), so
     the run's checkpoints load without the folder;
   * maps the scheduler config onto the DDPM strategy (number of train timesteps, beta schedule and range,
-    prediction type); a value that differs from an explicit setting is an error, from a default a printed
-    override; a scheduler the DDPM strategy cannot represent is an error;
+    prediction type); where the run's setting differs, a default is overridden (printed) and a value set to
+    something else is an error; a scheduler the DDPM strategy cannot represent is an error;
   * adapts the channels: 3 pretrained image channels onto 1 (grey) sum the input filters, which is the
     pretrained network on the grey image repeated into RGB, and average the output filters; the input
     channels a mode adds for its conditions (a mask, another sequence) and a class embedding start at zero,
@@ -106,9 +106,9 @@ def scheduler_settings(sched: dict, flag: str = "--init_from") -> dict:
             "prediction": PREDICTIONS[pred]}
 
 
-def apply_to_config(cfg, folder: DiffusersFolder, explicit: set[str] = frozenset()) -> tuple[object, list[str]]:
-    """(the config with the pretrained architecture and schedule, notes). `explicit` holds the dotted keys the
-    user set (a mismatch there is an error)."""
+def apply_to_config(cfg, folder: DiffusersFolder) -> tuple[object, list[str]]:
+    """(the config with the pretrained architecture and schedule, notes). A schedule setting that differs from
+    the scheduler's is an override when it is still the default, an error when it was set to something else."""
     from Generation.TrainGen.core.config import StrategyConfig
     notes = []
     if cfg.strategy.name != "ddpm":
@@ -126,7 +126,7 @@ def apply_to_config(cfg, folder: DiffusersFolder, explicit: set[str] = frozenset
         for k, v in want.items():
             if current[k] == v:
                 continue
-            if keys[k] in explicit or current[k] != default[k]:
+            if current[k] != default[k]:
                 raise UserError(f"--init_from {folder.root}: its scheduler has {k} {v!r}, but {keys[k]} is set to "
                                 f"{current[k]!r}; leave it out to use the pretrained one")
             notes.append(f"{keys[k]}: {current[k]!r} -> {v!r} (from {folder.root}/scheduler)")
