@@ -10,7 +10,11 @@ Conventions (all loaders, the cache and the generator share them):
   * slices are centre-cropped (data.crop_size), zero-padded to a square and resized to data.image_size,
     bilinear with antialiasing for images, nearest for masks;
   * slices whose image channels are all zero (outside the head) are dropped; with data.positive_only
-    only slices holding at least one mask voxel are kept.
+    only slices holding at least one mask voxel are kept;
+  * with data.spatial_dims 3 each subject is one (C, D, H, W) volume in the same slice order: centre-cropped
+    in-plane (data.crop_size), zero-padded to a square, then per axis zero-padded up to data.volume_shape
+    (smaller volumes are padded, never an error) and area-downsampled (masks nearest) to it; the voxel
+    spacing of that grid is kept per subject (SliceData.spacing).
 """
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ class DataConfig:
     layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
     modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
     mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1}, BraTS labels)
-    image_size: int = 128                # square output size after crop/pad + resize
+    image_size: int = 128                # square output size after crop/pad + resize (2D)
+    spatial_dims: Literal[2, 3] = 2      # 2: axial slices; 3: whole volumes of data.volume_shape
+    volume_shape: list[int] = field(default_factory=lambda: [64, 64, 48])  # spatial_dims 3: H, W (in-plane) and
+                                         # D (axial slices); 64x64x48 fits a GPU with the tiny preset
     crop_size: int | None = None         # centre crop in-plane before resizing (e.g. 192 for 240x240 BraTS)
     positive_only: bool = False          # keep only slices containing any mask voxel
     norm_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume robust range -> [0,1]
@@ -65,6 +72,16 @@ class DataConfig:
         _check(len(self.norm_percentiles) == 2 and 0 <= self.norm_percentiles[0] < self.norm_percentiles[1] <= 100,
                "data.norm_percentiles must be two increasing numbers in [0, 100]")
         _check(self.layout != "custom" or bool(self.modalities), "data.layout=custom needs data.modalities")
+        _check(len(self.volume_shape) == 3 and min(self.volume_shape) >= 4,
+               "data.volume_shape must be three sizes (H, W, D), each at least 4")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial shape of one sample as tensors hold it: (H, W), or (D, H, W) for volumes."""
+        if self.spatial_dims == 3:
+            h, w, d = self.volume_shape
+            return (d, h, w)
+        return (self.image_size, self.image_size)
 
 
 @dataclass(frozen=True)
@@ -203,18 +220,22 @@ def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: 
     return problems
 
 
-def load_subject(subject: Path, layout: Layout, roles: list[str]) -> tuple[dict[str, np.ndarray], list[Problem]]:
-    """Read and check every modality of one subject; volumes are returned only when nothing fatal was found."""
+def load_subject(subject: Path, layout: Layout, roles: list[str], affines: dict | None = None
+                 ) -> tuple[dict[str, np.ndarray], list[Problem]]:
+    """Read and check every modality of one subject; volumes are returned only when nothing fatal was found
+    (their RAS affines are put in `affines` when it is given)."""
     files, problems = subject_files(subject, layout, roles)
-    vols, affines = {}, {}
+    vols, found, out_affines = {}, {}, affines
     for role, path in files.items():
         vol, affine, problem = read_volume(path)
         if problem:
             problems.append(problem)
         else:
-            vols[role], affines[role] = vol, affine
+            vols[role], found[role] = vol, affine
     if vols:
-        problems += check_volumes(files, vols, affines, layout)
+        problems += check_volumes(files, vols, found, layout)
+    if out_affines is not None:
+        out_affines.update(found)
     return ({} if any(p.fatal for p in problems) else vols), problems
 
 
@@ -266,6 +287,37 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
 
+def fit_volume(x: torch.Tensor, shape: tuple[int, int, int], crop: int | None, mode: str) -> torch.Tensor:
+    """(N, C, D, H, W): centre crop in-plane to `crop`, zero-pad in-plane to a square, then per axis zero-pad up to
+    `shape` (D, H, W) and downsample what is larger (area for images, nearest for masks)."""
+    x = x[:, :, None] if x.dim() == 4 else x
+    n, c, d, h, w = x.shape
+    x = fit_square(x.reshape(n, c * d, h, w), max(h, w) if crop is None else min(crop, max(h, w)), crop, "nearest")
+    x = x.reshape(n, c, d, *x.shape[-2:])
+    pads = []
+    for size, want in zip(reversed(x.shape[2:]), reversed(shape)):
+        extra = max(0, want - size)
+        pads += [extra // 2, extra - extra // 2]
+    x = F.pad(x, pads)
+    if tuple(x.shape[2:]) != tuple(shape):
+        x = F.interpolate(x, size=tuple(shape), mode="nearest-exact" if mode == "nearest" else "area")
+    return x
+
+
+def grid_spacing(spacing: tuple[float, float, float], source: tuple[int, int, int], shape: tuple[int, int, int],
+                 crop: int | None) -> list[float]:
+    """Voxel spacing (D, H, W order, mm) of fit_volume's output grid, from the input spacing and (D, H, W) size."""
+    d, h, w = source
+    side = max(h, w) if crop is None else min(crop, max(h, w))
+    return [float(sp * max(n, want) / want) for sp, n, want in zip(spacing, (d, side, side), shape)]
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """(D, H, W) = (S, A, R) voxel sizes of a RAS affine, in the slice order to_slices gives."""
+    x, y, z = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    return float(z), float(y), float(x)
+
+
 @dataclass
 class Preprocess:
     image_size: int
@@ -275,9 +327,11 @@ class Preprocess:
     positive_only: bool = False
     image_roles: list[str] = field(default_factory=list)
     with_mask: bool = True
+    volume_shape: tuple[int, int, int] | None = None    # (D, H, W): whole volumes instead of slices
 
-    def __call__(self, vols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """Volumes of one subject -> {'images': (S, C, H, W) float32, 'masks': (S, 1, H, W) uint8, 'index': (S,)}."""
+    def __call__(self, vols: dict[str, np.ndarray], spacing=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
+        """Volumes of one subject -> {'images': (S, C, H, W) float32, 'masks': (S, 1, H, W) uint8, 'index': (S,)};
+        with volume_shape one (1, C, D, H, W) volume, index [-1] and its grid 'spacing' (1, 3)."""
         imgs = np.stack([to_slices(normalise(vols[r], self.percentiles)) for r in self.image_roles], 1) \
             if self.image_roles else None
         mask = None
@@ -285,6 +339,8 @@ class Preprocess:
             seg = to_slices(vols["seg"])
             mask = (seg > 0) if self.mask_mode == "binary" else np.rint(seg)
             mask = mask.astype(np.uint8)[:, None]
+        if self.volume_shape is not None:
+            return self.volume(imgs, mask, spacing)
         keep = np.ones(len(mask if mask is not None else imgs), bool)
         if imgs is not None:
             keep &= imgs.reshape(len(imgs), -1).any(1)
@@ -297,4 +353,19 @@ class Preprocess:
         if mask is not None:
             m = fit_square(torch.from_numpy(mask[keep]).float(), self.image_size, self.crop_size, "nearest")
             out["masks"] = m.to(torch.uint8)
+        return out
+
+    def volume(self, imgs: np.ndarray | None, mask: np.ndarray | None, spacing) -> dict[str, torch.Tensor]:
+        """(Z, C, H, W) slices of one subject -> one volume on the configured grid."""
+        keep = not (self.positive_only and mask is not None and not mask.any())
+        source = (imgs if imgs is not None else mask).shape
+        out = {"index": torch.full((int(keep),), -1),
+               "spacing": torch.tensor([grid_spacing(spacing, (source[0], *source[2:]), self.volume_shape,
+                                                     self.crop_size)] * int(keep))}
+        as_volume = lambda a: torch.from_numpy(a[None].transpose(0, 2, 1, 3, 4).copy())  # noqa: E731 (1,C,Z,H,W)
+        if imgs is not None:
+            out["images"] = fit_volume(as_volume(imgs).float(), self.volume_shape, self.crop_size, "area").clamp_(0, 1)[:int(keep)]
+        if mask is not None:
+            m = fit_volume(as_volume(mask).float(), self.volume_shape, self.crop_size, "nearest")
+            out["masks"] = m.to(torch.uint8)[:int(keep)]
         return out

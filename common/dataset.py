@@ -35,6 +35,12 @@ class SliceData:
     channels: list[str]                   # names of the image channels, in order
     class_names: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)   # skipped subjects and warnings, one line each
+    spacing: torch.Tensor | None = None   # volumes: (N, 3) voxel spacing in mm of each grid, (D, H, W) order
+
+    @property
+    def spatial_dims(self) -> int:
+        ref = self.images if self.images is not None else self.masks
+        return 2 if ref is None else ref.dim() - 2
 
     def __len__(self) -> int:
         ref = self.images if self.images is not None else self.masks
@@ -52,7 +58,7 @@ class SliceData:
     def to(self, device) -> "SliceData":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SliceData(move(self.images), move(self.masks), move(self.labels), self.sources, self.slice_index,
-                         self.channels, self.class_names, self.problems)
+                         self.channels, self.class_names, self.problems, self.spacing)
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather one batch as float32 (masks as float {0,1} or label ids) on the data's device."""
@@ -110,8 +116,14 @@ def read_cache(path: Path) -> SliceData | None:
 
 def _process_subject(args):
     subject, layout, roles, pre = args
-    vols, problems = nifti.load_subject(subject, layout, roles)
-    return (pre(vols) if vols else None), problems
+    affines: dict = {}
+    vols, problems = nifti.load_subject(subject, layout, roles, affines)
+    if not vols:
+        return None, problems
+    if pre.volume_shape is not None and min(v.shape[2] for v in vols.values()) == 1:
+        return None, problems + [nifti.Problem(subject, "2D slices, not volumes: data.spatial_dims 3 "
+                                                        "(--spatial_dims 3) needs 3D NIfTI volumes")]
+    return pre(vols, nifti.voxel_spacing(next(iter(affines.values())))), problems
 
 
 def _build_nifti(subjects, layout, roles, pre, workers, desc) -> tuple[SliceData, list[nifti.Problem]]:
@@ -130,10 +142,14 @@ def _build_nifti(subjects, layout, roles, pre, workers, desc) -> tuple[SliceData
             index += tensors["index"].tolist()
     cat = lambda k: torch.cat([p[k] for p in parts]) if parts and k in parts[0] else None  # noqa: E731
     images = cat("images")
+    shape = pre.volume_shape or (pre.image_size, pre.image_size)
     if images is None and pre.image_roles:
-        images = torch.zeros(0, len(pre.image_roles), pre.image_size, pre.image_size)
+        images = torch.zeros(0, len(pre.image_roles), *shape)
     masks = cat("masks")
-    data = SliceData(images.half() if images is not None else None, masks, None, sources, index, pre.image_roles)
+    if masks is None and pre.with_mask:
+        masks = torch.zeros(0, 1, *shape, dtype=torch.uint8)
+    data = SliceData(images.half() if images is not None else None, masks, None, sources, index, pre.image_roles,
+                     spacing=cat("spacing"))
     return data, problems
 
 
@@ -151,7 +167,7 @@ def load_folder(data_cfg, root: Path, roles: list[str], cache_dir: Path | None) 
     cat = lambda k: torch.cat([getattr(p, k) for p in parts]) if getattr(parts[0], k) is not None else None  # noqa: E731
     return SliceData(cat("images"), cat("masks"), None, [s for p in parts for s in p.sources],
                      [k for p in parts for k in p.slice_index], parts[0].channels,
-                     problems=[x for p in parts for x in p.problems])
+                     problems=[x for p in parts for x in p.problems], spacing=cat("spacing"))
 
 
 def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Path | None,
@@ -160,6 +176,9 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
     (kind 'images') or image + mask PNG folders (kind 'pairs'). A fatal problem without data.skip_bad raises
     UserError when raise_fatal, else it is returned (for --check_data) and nothing is cached."""
     root = Path(root)
+    if kind != "nifti" and data_cfg.spatial_dims == 3:
+        raise UserError(f"{root}: data.spatial_dims 3 (--spatial_dims 3) needs NIfTI volumes; this is a 2D "
+                        f"image folder")
     if kind == "pairs":
         splits, folder_problems = imagefolder.find_pair_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
         files = [f for pair in splits.get(split, []) for f in pair if f is not None]
@@ -178,7 +197,8 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
         image_roles = [r for r in roles if r != "seg"]
         percentiles = None if nifti.is_generated(root) else tuple(data_cfg.norm_percentiles)
         pre = nifti.Preprocess(data_cfg.image_size, data_cfg.crop_size, percentiles,
-                               data_cfg.mask_mode, data_cfg.positive_only, image_roles, "seg" in roles)
+                               data_cfg.mask_mode, data_cfg.positive_only, image_roles, "seg" in roles,
+                               data_cfg.shape if data_cfg.spatial_dims == 3 else None)
         subjects = splits.get(split, [])
         found = [nifti.subject_files(s, layout, roles) for s in subjects]
         files = [f for fs, _ in found for f in fs.values()]

@@ -33,3 +33,10 @@ def run_main(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def shape_text(shape, unit: str = " px") -> str:
+    """(128, 128) -> '128 px'; (48, 64, 64) -> '64x64x48' (volumes as H x W x D, as data.volume_shape is given)."""
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return f"{shape[0]}{unit}"
+    return "x".join(map(str, (*shape[1:], shape[0]) if len(shape) == 3 else shape))

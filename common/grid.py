@@ -41,8 +41,25 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def mid_planes(volumes: torch.Tensor) -> torch.Tensor:
+    """(N, C, D, H, W) -> (3N, C, S, S): each volume's axial, coronal and sagittal mid-planes (superior at the top
+    of the last two), zero-padded to one square size S = max(D, H, W)."""
+    d, h, w = volumes.shape[2:]
+    side = max(d, h, w)
+    planes = [volumes[:, :, d // 2], volumes[:, :, :, h // 2].flip(2), volumes[:, :, :, :, w // 2].flip(2)]
+
+    def square(x):
+        ph, pw = side - x.shape[-2], side - x.shape[-1]
+        return torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return torch.stack([square(p) for p in planes], 1).flatten(0, 1)
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, masks: torch.Tensor | None = None,
               scale: int = 1) -> Path:
+    """A PNG grid of (N, C, H, W) images, or of volumes (N, C, D, H, W) shown as three mid-planes each."""
+    if images.dim() == 5:
+        images, nrow = mid_planes(images), nrow * 3
+        masks = None if masks is None else mid_planes(masks)
     arr = make_grid(to_rgb(images, masks), nrow)
     img = Image.fromarray(arr)
     if scale > 1:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.cli import HelpFormatter, add_flag  # noqa: E402
 from Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
-from common.errors import UserError, run_main  # noqa: E402
+from common.errors import UserError, run_main, shape_text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,9 +156,13 @@ def build_job(args, rt):
                         f"conditioned on {mode.needs or 'nothing'}")
     if args.guidance_scale is not None and mode.needs != "label":
         raise UserError("--guidance_scale applies to --mode class only (modes conditioned on a class label)")
-    if seg is not None and image is not None and seg.cfg.data.image_size != image.cfg.data.image_size:
-        raise UserError(f"--seg_model makes {seg.cfg.data.image_size} px masks but --image_model expects "
-                        f"{image.cfg.data.image_size} px")
+    if seg is not None and image is not None and seg.cfg.data.shape != image.cfg.data.shape:
+        raise UserError(f"--seg_model makes {shape_text(seg.cfg.data.shape)} masks but --image_model expects "
+                        f"{shape_text(image.cfg.data.shape)}")
+    if (image or seg).cfg.data.spatial_dims == 3:
+        for flag, given in (("--output_size", args.output_size), ("--reject_copies", args.reject_copies)):
+            if given:
+                raise UserError(f"{flag} works on 2D samples; this model makes volumes")
     worker, workers = split_work(args.shard, rt.rank, rt.world)
     job = Job(mode=name, output_dir=Path(args.output_dir), num_images=args.num_images or 0,
               batch_size=args.batch_size, seed=args.seed, image_model=image, seg_model=seg,
@@ -207,9 +211,9 @@ def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> No
         if name not in model_classes(model):
             raise UserError(f"--class_model {name}={path}: the model has no class {name!r} (its classes: "
                             f"{', '.join(model_classes(model))})")
-        if model.cfg.data.image_size != main.cfg.data.image_size:
-            raise UserError(f"--class_model {name}={path} makes {model.cfg.data.image_size} px images, the other "
-                            f"model {main.cfg.data.image_size} px")
+        if model.cfg.data.shape != main.cfg.data.shape:
+            raise UserError(f"--class_model {name}={path} makes {shape_text(model.cfg.data.shape)} images, the "
+                            f"other model {shape_text(main.cfg.data.shape)}")
         job.class_models[name] = model
     drawable = set(class_paths) | (set(model_classes(main)) if args.image_model else set())
     if args.balance:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from common.errors import UserError
+from Generation.TrainGen.core.latent import sample_shape
 
 SAFETY = 0.9
 
@@ -42,15 +43,17 @@ def find_batch_size(cfg, rt, parts) -> int:
     takes the smallest result (one all-reduce)."""
     if rt.device.type != "cuda":
         raise UserError("--batch_size auto probes GPU memory and needs CUDA; give a number on CPU")
-    size, mode, strategy, net = cfg.data.image_size, parts.mode, parts.strategy, parts.net
+    mode, strategy, net = parts.mode, parts.strategy, parts.net
+    shape = sample_shape(cfg, mode)
     saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    net = net.to(memory_format=torch.channels_last) if cfg.runtime.channels_last else net
+    fmt = torch.channels_last if len(shape) == 2 else torch.channels_last_3d
+    net = net.to(memory_format=fmt) if cfg.runtime.channels_last else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=True)
 
     def fits(n: int) -> bool:
         try:
-            x = torch.randn(n, mode.in_channels, size, size, device=rt.device)
-            x = x.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else x
+            x = torch.randn(n, mode.in_channels, *shape, device=rt.device)
+            x = x.contiguous(memory_format=fmt) if cfg.runtime.channels_last else x
             t = strategy.net_time(strategy.sample_times(n, None, rt.device))
             labels = torch.zeros(n, dtype=torch.long, device=rt.device) if mode.class_embeds else None
             with rt.autocast():

@@ -124,9 +124,8 @@ def model_classes(model: Model) -> list[str]:
 # ---------------------------------------------------------------- sampling
 def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list | None = None) -> torch.Tensor:
     """Samples in [-1, 1], one per seed, each from its own generator."""
-    size = model.cfg.data.image_size
     gens = [torch.Generator(job.device).manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(model.mode.out_channels, size, size, generator=g, device=job.device)
+    noise = torch.stack([torch.randn(model.mode.out_channels, *model.shape, generator=g, device=job.device)
                          for g in gens])
     return sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps,
                   job.guidance_of(model), gens, job.autocast, trajectory)

@@ -1,6 +1,9 @@
 """The denoising networks: MONAI DiffusionModelUNet presets, always with SDPA attention (use_flash_attention=True:
 without it the attention matrix is materialised and 128-256 px runs out of memory, MONAI #7944), or diffusers'
-UNet2DModel (model.backend: diffusers) to start from published diffusers weights (core/pretrained.py)."""
+UNet2DModel (model.backend: diffusers) to start from published diffusers weights (core/pretrained.py).
+Volumes (data.spatial_dims 3) use the same presets with spatial_dims=3 and, unless model.attention_levels says
+otherwise, attention at the coarsest level only: a 3D attention map at a finer level is quadratic in far more
+voxels."""
 from __future__ import annotations
 
 import torch
@@ -16,26 +19,49 @@ PRESETS = {
 
 
 def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None,
-               flash_attention: bool = True):
+               flash_attention: bool = True, spatial_dims: int = 2):
     """The preset's UNet; flash_attention=False (attention matrix materialised) only for the benchmark baseline."""
+    from common.errors import UserError
     channels, attention, res_blocks, groups, heads = PRESETS[model_cfg.preset]
     channels = tuple(model_cfg.channels or channels)
-    attention = tuple(model_cfg.attention_levels if model_cfg.attention_levels is not None else attention)
+    if model_cfg.attention_levels is not None:
+        attention = tuple(model_cfg.attention_levels)
+    elif spatial_dims == 3:
+        attention = tuple(i == len(channels) - 1 for i in range(len(channels)))
     if len(attention) != len(channels):
-        from common.errors import UserError
         raise UserError("model.attention_levels needs one entry per model.channels level")
     if getattr(model_cfg, "backend", "monai") == "diffusers":
+        if spatial_dims != 2:
+            raise UserError("model.backend diffusers (UNet2DModel) is 2D only; volumes use the MONAI backend")
         config = dict(model_cfg.unet2d) if model_cfg.unet2d else {
             "block_out_channels": list(channels), "layers_per_block": model_cfg.num_res_blocks or res_blocks,
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
             "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
             "norm_num_groups": min(groups, min(channels)), "attention_head_dim": min(heads, min(channels))}
         return DiffusersUNet(config, in_channels, out_channels, num_class_embeds)
-    return DiffusionModelUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=channels,
+    net = DiffusionModelUNet(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=channels,
         attention_levels=attention, num_res_blocks=model_cfg.num_res_blocks or res_blocks,
         norm_num_groups=min(groups, min(channels)), num_head_channels=min(heads, min(channels)),
         num_class_embeds=num_class_embeds, use_flash_attention=flash_attention)
+    if getattr(model_cfg, "gradient_checkpointing", False):
+        for block in [*net.down_blocks, net.middle_block, *net.up_blocks]:
+            checkpointed(block)
+    return net
+
+
+def checkpointed(module: torch.nn.Module) -> torch.nn.Module:
+    """Recompute the module's activations in the backward pass instead of storing them (training only; the
+    parameters and the results are unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+    plain = module.forward
+
+    def forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        return plain(*args, **kwargs)
+    module.forward = forward
+    return module
 
 
 class DiffusersUNet(torch.nn.Module):

@@ -89,9 +89,9 @@ def _files(images: ImageSet, index: int) -> dict[str, str]:
     return {"seg": f"masks/{stem}.png", "seg_mean": f"mean/{stem}.png", "seg_std": f"uncertainty/{stem}.png"}
 
 
-def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool) -> None:
+def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool, spacing=None) -> None:
     from Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
-    data = nifti_bytes(array[0], is_mask) if rel.endswith(".nii.gz") else png_bytes(array)
+    data = nifti_bytes(array[0], is_mask, spacing) if rel.endswith(".nii.gz") else png_bytes(array)
     atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
 
 
@@ -104,14 +104,13 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
     open_output_dir(out, SETTINGS, {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps,
                                     "ensemble": ensemble, "seed": seed, "sources": len(images.sources)})
     todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{sample_id(i)}.json").is_file()]
-    size = images.images.shape[-1]
     for start in tqdm(range(0, len(todo), batch_size), desc="segmenting", unit="batch", disable=not todo):
         idx = todo[start:start + batch_size]
         cond = {"concat": images.images[idx].to(device) * 2 - 1}
         members = []
         for e in range(ensemble):
             gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, IMAGE_STREAM, e)) for i in idx]
-            noise = torch.stack([torch.randn(1, size, size, generator=g, device=device) for g in gens])
+            noise = torch.stack([torch.randn(1, *model.shape, generator=g, device=device) for g in gens])
             x = sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, 1.0, gens,
                        autocast)
             members.append(((x[:, :1].float() + 1) / 2).clamp(0, 1).cpu())
@@ -120,9 +119,10 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
         for k, i in enumerate(idx):
             mask = (mean[k] > 0.5).float()
             files = _files(images, i)
-            _write(out, files["seg"], mask.numpy(), True)
-            _write(out, files["seg_mean"], mean[k].numpy(), False)
-            _write(out, files["seg_std"], (2 * std[k]).clamp(0, 1).numpy(), False)  # std <= 0.5: scaled to [0, 1]
+            spacing = model.meta.get("spacing")
+            _write(out, files["seg"], mask.numpy(), True, spacing)
+            _write(out, files["seg_mean"], mean[k].numpy(), False, spacing)
+            _write(out, files["seg_std"], (2 * std[k]).clamp(0, 1).numpy(), False, spacing)  # std <= 0.5: to [0, 1]
             row = {"index": i, "source": images.sources[i], "seed": seed, "ensemble": ensemble,
                    "sampler": model.sampler, "steps": model.steps, "checkpoint_sha256": model.sha256,
                    "mask_area": float(mask.mean()), "dice": "", "iou": "", "files": ";".join(files.values())}

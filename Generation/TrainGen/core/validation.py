@@ -47,7 +47,8 @@ def validation_scores(tr) -> tuple[dict, dict, dict]:
 
 def write_sample_grid(mode, outputs: dict, batch: dict, path: Path) -> Path:
     """Rows of samples: each generated output next to the real image or mask it should resemble."""
-    real = mode.outputs(mode.split(batch)[0])
+    pixel_mode = getattr(mode, "mode", mode)   # a latent run's real images are shown as they are, not re-coded
+    real = pixel_mode.outputs(pixel_mode.split(batch)[0])
     # masks are outlined on images that were made from them (conditioning) or that they were made from
     outline = batch.get("masks") if MASK_ROLE in mode.condition_roles or mode.needs == "image" else None
     tiles, marks = [], []

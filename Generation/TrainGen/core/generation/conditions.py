@@ -17,7 +17,7 @@ from Generation.TrainGen.core.generation.models import Model
 @dataclass
 class MaskFilter:
     """Rejects generated masks that are empty or outside component-count and area bounds (area as a fraction
-    of the image; components 8-connected)."""
+    of the image or volume; components 8-connected, 26 in 3D)."""
     min_area: float = 0.0005
     max_area: float = 0.25
     min_components: int = 1
@@ -39,7 +39,7 @@ class MaskFilter:
             return "too small"
         if area > self.max_area:
             return "too large"
-        n = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+        n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))[1]
         if n < self.min_components:
             return "too few components"
         if n > self.max_components:

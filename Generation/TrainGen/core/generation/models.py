@@ -13,6 +13,7 @@ from Generation.TrainGen.core.config import stored_config
 from common.errors import UserError
 from common.features import sha256_of
 from Generation.TrainGen.core.network import build_unet
+from Generation.TrainGen.core.latent import sample_shape
 from Generation.TrainGen.core.trainer import build_parts
 
 
@@ -80,6 +81,11 @@ class Model:
     sampler: str
     steps: int
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The spatial shape the network samples: the data's, or the autoencoder's latent grid."""
+        return sample_shape(self.cfg, self.mode)
+
 
 def load_model(path, flag: str, device, strategy: str | None, sampler: str | None, num_steps: int | None,
                compile_model: bool = False) -> Model:
@@ -93,8 +99,12 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     if strategy and strategy != meta["strategy"]:
         raise UserError(f"--strategy {strategy} contradicts {flag} {file}, which was trained with strategy "
                         f"{meta['strategy']!r} (leave --strategy out to use the checkpoint's)")
-    strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"])
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds)
+    if cfg.latent.autoencoder and meta.get("latent_scale") is None:
+        raise UserError(f"{flag} {file}: a latent run without its latent scale (damaged checkpoint)")
+    strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"], device,
+                              latent_scale=meta.get("latent_scale"))
+    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
+                     spatial_dims=cfg.data.spatial_dims)
     weights = model_weights(state)
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         raise UserError(f"{flag} {file}: the weights hold NaN/inf values (a diverged run); sample from an "

@@ -17,7 +17,7 @@ from PIL import Image
 from common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
 from common.errors import UserError
 from common.fileio import atomic_write, atomic_write_text, remove_stale_tmp
-from common.grid import save_grid
+from common.grid import mid_planes, save_grid
 
 if TYPE_CHECKING:
     from Generation.TrainGen.core.generate import Job
@@ -40,11 +40,15 @@ def sample_seed(seed: int, index: int, stream: int, attempt: int = 0) -> int:
     return (int(hi) << 32 | int(lo)) & (2**63 - 1)
 
 
-def nifti_bytes(image: np.ndarray, is_mask: bool) -> bytes:
-    """A (H, W) slice as a fresh 2D NIfTI (RAS, 1 mm, empty description and aux file, no extensions), gzip
-    with mtime 0 so the same array always gives the same bytes."""
-    vol = from_slices(image[None])
-    img = nib.Nifti1Image(vol.astype(np.uint8 if is_mask else np.float32), np.eye(4))
+def nifti_bytes(image: np.ndarray, is_mask: bool, spacing=None) -> bytes:
+    """A (H, W) slice or a (D, H, W) volume as a fresh NIfTI (RAS; voxel sizes `spacing` in (D, H, W) order, else
+    1 mm; empty description and aux file, no extensions), gzip with mtime 0 so the same array always gives the
+    same bytes."""
+    vol = from_slices(image[None] if image.ndim == 2 else image)
+    affine = np.eye(4)
+    if spacing is not None:
+        affine[[2, 1, 0], [2, 1, 0]] = spacing
+    img = nib.Nifti1Image(vol.astype(np.uint8 if is_mask else np.float32), affine)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
@@ -52,7 +56,9 @@ def nifti_bytes(image: np.ndarray, is_mask: bool) -> bytes:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG."""
+    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG; a (C, D, H, W) volume as its three mid-planes side by side."""
+    if image.ndim == 4:
+        image = torch.cat(list(mid_planes(torch.from_numpy(image)[None])), -1).numpy()
     arr = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr[:3].transpose(1, 2, 0))
     buf = io.BytesIO()
@@ -66,7 +72,7 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
     for rel, role in job.file_roles(index):
         arr = arrays[role].numpy()
         if rel.endswith(".nii.gz"):
-            data = nifti_bytes(arr[0], role == MASK_ROLE)
+            data = nifti_bytes(arr[0], role == MASK_ROLE, job.main_model.meta.get("spacing"))
         else:
             data = png_bytes(arr)
         atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
@@ -128,14 +134,15 @@ def write_manifest(out: Path, fields: tuple[str, ...] = MANIFEST_FIELDS) -> list
 
 
 def read_sample(out: Path, row: dict) -> dict[str, np.ndarray]:
-    """{role: (C, H, W) float array in [0, 1]} of a committed sample, read back from its files (NIfTI for
-    subject samples, the PNG for class samples)."""
+    """{role: (C, H, W) float array in [0, 1]} of a committed sample, (C, D, H, W) for a volume, read back from its
+    files (NIfTI for subject samples, the PNG for class samples)."""
     files = row["files"].split(";")
     arrays = {}
     for rel in files:
         path = Path(out) / rel
         if rel.endswith(".nii.gz"):
-            arrays[path.name.split(".")[0]] = to_slices(np.asanyarray(nib.load(str(path)).dataobj))[:1].astype(np.float32)
+            slices = to_slices(np.asanyarray(nib.load(str(path)).dataobj)).astype(np.float32)
+            arrays[path.name.split(".")[0]] = slices[None] if len(slices) > 1 else slices
     if not arrays:
         img = np.asarray(Image.open(Path(out) / files[0]), dtype=np.float32) / 255
         arrays["image"] = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
@@ -152,5 +159,5 @@ def write_previews(job: Job, rows: list[dict]) -> list[Path]:
     outline = show != MASK_ROLE and all(MASK_ROLE in a for a in picked)   # masks drawn over the images
     masks = torch.stack([torch.from_numpy(a[MASK_ROLE]) for a in picked]) if outline else None
     return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
-                      masks=None if masks is None else masks[:side * side], scale=max(1, 128 // images.shape[-1]))
+                      masks=None if masks is None else masks[:side * side], scale=max(1, 128 // max(images.shape[2:])))
             for side in (4, 8)]
