@@ -27,6 +27,8 @@ class ModelConfig:
     attention_levels: list[bool] | None = None  # override the preset's attention per level
     num_res_blocks: int | None = None    # override the preset's residual blocks per level
     backend: Literal["monai", "diffusers"] = "monai"  # MONAI DiffusionModelUNet, or diffusers' UNet2DModel
+    gradient_checkpointing: bool = False  # recompute each UNet block in the backward pass: less memory (3D), ~30%
+                                         # slower
     unet2d: dict[str, Any] | None = None  # backend diffusers: UNet2DModel config (set by --init_from a diffusers
                                          # folder; None: built from the preset's channels and attention levels)
 
@@ -138,6 +140,26 @@ class RuntimeConfig:
     init_from: str | None = None         # weights of another run to fine-tune from
     max_nonfinite: int = 5               # stop after this many consecutive non-finite steps
     early_stop_patience: int | None = None  # segment mode: validations without Dice improvement
+    stage: Literal["diffusion", "autoencoder"] = "diffusion"  # autoencoder: train latent diffusion's first stage
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion: the autoencoder stage (train.py --stage autoencoder) and the diffusion run on its latents
+    (--latent AE_RUN). Defaults follow MONAI's generative tutorials (L1 + KL 1e-6 + perceptual + adversarial)."""
+    autoencoder: str | None = None       # --latent: an autoencoder run folder or checkpoint; None: pixel space
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # AutoencoderKL levels: each after the
+                                         # first halves the grid (3 levels: 4x smaller per axis)
+    latent_channels: int = 3
+    num_res_blocks: int = 1
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.001     # RadImageNet features (2D); skipped, said once, when no weights are found
+    adv_weight: float = 0.01             # PatchGAN least-squares adversarial loss
+    adv_start: int = 0                   # optimizer steps before the discriminator joins (0: from the start)
+
+    def __post_init__(self):
+        _check(len(self.channels) >= 1 and self.latent_channels >= 1, "latent.channels and latent.latent_channels "
+               "must be non-empty and positive")
 
 
 @dataclass
@@ -165,6 +187,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

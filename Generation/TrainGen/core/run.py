@@ -13,7 +13,7 @@ from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoint
 from Generation.TrainGen.core.config import save_config
 from common.dataset import print_problems
 from Generation.TrainGen.core.datasource import data_source
-from common.errors import UserError, lookup
+from common.errors import UserError, lookup, shape_text
 from common.fileio import remove_stale_tmp
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
@@ -57,8 +57,9 @@ def resolve_run_dir(cfg, rt) -> Path:
     paths = PathConfig.from_compute(cfg.paths.compute)
     if cfg.paths.run_dir:
         return Path(cfg.paths.run_dir)
-    name = lambda stamp: cfg.paths.run_name.format(mode=cfg.mode.name, strategy=cfg.strategy.name,  # noqa: E731
-                                                   image_size=cfg.data.image_size, epochs=cfg.optim.epochs,
+    name = lambda stamp: cfg.paths.run_name.format(mode=cfg.mode.name + ("_ae" if cfg.runtime.stage == "autoencoder"
+                                                                          else ""), strategy=cfg.strategy.name,  # noqa: E731
+                                                   image_size=shape_text(cfg.data.shape, ""), epochs=cfg.optim.epochs,
                                                    timestamp=stamp)
     if cfg.runtime.resume == "auto":
         runs = sorted(p for p in paths.output_root.glob(name("*")) if list_checkpoints(p))
@@ -144,8 +145,9 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / REQUEUE_FILE).unlink(missing_ok=True)  # a fresh start clears a mark left for the job script
     logger = RunLogger(run_dir)
+    unit = "volumes" if train_data.spatial_dims == 3 else "slices"
     logger.text(f"run folder {run_dir}; {len(train_data)} train / {len(val_data) if val_data else 0} val "
-                f"slices; {rt.world} process(es) on {rt.device}")
+                f"{unit}; {rt.world} process(es) on {rt.device}")
     return logger
 
 
@@ -159,7 +161,31 @@ def with_pretrained(cfg):
     return cfg
 
 
+def train_stage1(cfg) -> int:
+    """train.py --stage autoencoder: the first stage of latent diffusion (core/autoencoder.py)."""
+    from Generation.TrainGen.core.autoencoder import train_autoencoder
+    lookup(MODES, cfg.mode.name, "--mode")
+    for flag, given in (("--latent", cfg.latent.autoencoder), ("--resume", cfg.runtime.resume),
+                        ("--init_from", cfg.runtime.init_from), ("--multi_gpu", cfg.runtime.multi_gpu)):
+        if given:
+            raise UserError(f"{flag} does not apply to --stage autoencoder (a short single-process stage; "
+                            "start it again to retrain)")
+    rt = init_runtime(cfg.runtime)
+    logger = None
+    try:
+        train_data, val_data = load_data(cfg, rt)
+        run_dir = resolve_run_dir(cfg, rt)
+        logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
+        return train_autoencoder(cfg, rt, train_data, run_dir, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+        shutdown(rt)
+
+
 def train(cfg) -> int:
+    if cfg.runtime.stage == "autoencoder":
+        return train_stage1(cfg)
     preflight(cfg)
     cfg = with_pretrained(cfg)
     rt = init_runtime(cfg.runtime)

@@ -17,6 +17,7 @@ from ema_pytorch import EMA
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from Generation.TrainGen.core import latent
 from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
 from Generation.TrainGen.core.config import stored_config, to_dict
 from common.errors import UserError, lookup
@@ -28,7 +29,7 @@ from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.validation import validation_scores, write_sample_grid
 
 N_BINS = 10  # loss is also logged per tenth of the time range
-RESUME_FIXED = ("model", "strategy", "mode")  # sections a resumed run must share with its checkpoint
+RESUME_FIXED = ("model", "strategy", "mode", "latent")  # sections a resumed run must share with its checkpoint
 PREEMPT_FILE = ".preempt"   # touched by the SLURM script's SIGUSR1 trap (or by hand): checkpoint and stop
 REQUEUE_FILE = ".requeue"   # left by a preempted run: the job script requeues itself
 
@@ -45,11 +46,26 @@ def compile_enabled(cfg, device) -> bool:
     return cfg.runtime.compile if cfg.runtime.compile is not None else device.type == "cuda"
 
 
-def build_parts(cfg, num_classes: int | None, image_channels: int | None):
-    """(strategy, mode) objects for a config; unknown names are user errors."""
+def build_parts(cfg, num_classes: int | None, image_channels: int | None, device="cpu", data=None,
+                latent_scale: float | None = None):
+    """(strategy, mode) objects for a config; unknown names are user errors. With latent.autoencoder the mode
+    works in that autoencoder's latent space (core/latent.py; its scale measured on `data` unless given)."""
     strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
-    strategy.bind_shape((cfg.data.image_size, cfg.data.image_size))
-    return strategy, lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
+    mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
+    mode = latent.wrap(mode, cfg, device, data, latent_scale)
+    strategy.bind_shape(latent.sample_shape(cfg, mode))
+    return strategy, mode
+
+
+def check_grid(cfg, shape: tuple[int, ...]) -> None:
+    """Every UNet level halves the grid: each side must divide by 2^(levels - 1), else skip connections misalign."""
+    from Generation.TrainGen.core.network import PRESETS
+    levels = len(cfg.model.channels or PRESETS[cfg.model.preset][0])
+    factor = 2 ** (levels - 1)
+    if cfg.model.backend == "monai" and any(n % factor for n in shape):
+        where = "latent grid" if cfg.latent.autoencoder else "data shape"
+        raise UserError(f"the {where} {'x'.join(map(str, shape))} does not divide by {factor}, which the "
+                        f"{levels}-level UNet needs (data.image_size / data.volume_shape)")
 
 
 @dataclass
@@ -65,9 +81,18 @@ def build_run_parts(cfg, train_data, device) -> RunParts:
     channels = train_data.images.shape[1] if train_data.images is not None else None
     meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
             "class_names": list(train_data.class_names)}
-    strategy, mode = build_parts(cfg, meta["num_classes"], channels)
+    if train_data.spacing is not None:   # the voxel grid generated volumes are written on
+        meta["spacing"] = train_data.spacing.float().median(0).values.tolist()
+    if cfg.optim.perceptual_weight > 0 and (cfg.data.spatial_dims != 2 or cfg.latent.autoencoder):
+        raise UserError("optim.perceptual_weight (a 2D RadImageNet loss on the predicted image) needs 2D "
+                        "pixel-space training; set it to 0 for volumes or latent runs")
+    strategy, mode = build_parts(cfg, meta["num_classes"], channels, device, train_data)
+    if isinstance(mode, latent.LatentMode):
+        meta.update(latent_scale=mode.scale, autoencoder_sha256=mode.ae.sha256)
     strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds).to(device)
+    check_grid(cfg, latent.sample_shape(cfg, mode))
+    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
+                     spatial_dims=cfg.data.spatial_dims).to(device)
     return RunParts(strategy, mode, net, meta)
 
 
@@ -80,8 +105,9 @@ class DiffusionTrainer:
         self.strategy, self.mode, self.net, self.meta = parts.strategy, parts.mode, parts.net, parts.meta
         dev = rt.device
         self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
+        self.memory_format = torch.channels_last if cfg.data.spatial_dims == 2 else torch.channels_last_3d
         if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=self.memory_format)
         self.model = DDP(self.net, device_ids=[dev.index] if dev.type == "cuda" else None) if rt.distributed else self.net
         if compile_enabled(cfg, dev):
             # mode "default": fused kernels without CUDA graphs; "reduce-overhead" (CUDA graphs) would pin a
@@ -123,7 +149,8 @@ class DiffusionTrainer:
     def to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
         if self.channels_last:
-            out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in out.items()}
+            out = {k: v.contiguous(memory_format=self.memory_format) if v.dim() == 2 + self.cfg.data.spatial_dims
+                   else v for k, v in out.items()}
         return out
 
     def loss(self, batch: dict, noise=None, t=None, generator=None, model=None, train=True):
@@ -386,6 +413,8 @@ class DiffusionTrainer:
                 raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
                                 f"resume with the same --{section if section != 'model' else 'config'}")
         self.load_state(state)
+        if isinstance(self.mode, latent.LatentMode):   # the run's scale, as measured when it started
+            self.mode.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def init_weights(self, path) -> None:

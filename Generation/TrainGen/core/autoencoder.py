@@ -1,0 +1,151 @@
+"""Stage 1 of latent diffusion: train.py --stage autoencoder trains a MONAI AutoencoderKL on the mode's generated
+channels, with the losses of MONAI's generative tutorials: L1 reconstruction + latent.kl_weight * KL, a perceptual
+term (RadImageNet features, 2D; skipped with a note when the weights are absent or the data are volumes) and a
+least-squares PatchGAN term once latent.adv_start steps have passed. Checkpoints are written atomically every
+epoch (ckpt_*.pt, the last runtime.keep_last kept) and hold what a diffusion run needs: the weights, the config,
+the channel count and dimensionality (core/latent.py checks them against the diffusion run)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
+from tqdm import tqdm
+
+from Generation.TrainGen.core.checkpoint import save_checkpoint
+from Generation.TrainGen.core.config import to_dict
+from Generation.TrainGen.core.latent import build_autoencoder, downsample_factor, latent_shape
+from Generation.TrainGen.core.modes import MODES
+from common.errors import UserError, lookup
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent elements, averaged over the batch (MONAI tutorials)."""
+    kl = 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square().clamp(min=1e-12)) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def perceptual_net(cfg, spatial_dims: int, say):
+    """The RadImageNet feature network for the perceptual term, or None (said once) when it cannot be used."""
+    if cfg.latent.perceptual_weight <= 0:
+        return None
+    if spatial_dims != 2:
+        say("note: the perceptual term is 2D; this volume autoencoder trains with L1 + KL + adversarial")
+        return None
+    from common.features import load_radimagenet
+    try:
+        return load_radimagenet(cfg.optim.perceptual_weights, cfg.optim.perceptual_sha256)
+    except UserError as err:
+        say(f"note: no perceptual term ({str(err).splitlines()[0]})")
+        return None
+
+
+class AutoencoderTrainer:
+    def __init__(self, cfg, rt, train_data, run_dir, logger):
+        self.cfg, self.rt, self.data, self.run_dir, self.logger = cfg, rt, train_data, run_dir, logger
+        self.mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, len(train_data.class_names) or None,
+                                                          train_data.images.shape[1] if train_data.images is not None else None)
+        dims = cfg.data.spatial_dims
+        latent_shape(cfg.data.shape, downsample_factor(cfg.latent))   # a shape the encoder cannot halve fails now
+        dev = rt.device
+        self.net = build_autoencoder(cfg.latent, dims, self.mode.out_channels).to(dev)
+        # MONAI's tutorials use 3 strided layers; fewer where the smallest side would fall below the 4-voxel kernel
+        layers = max(1, min(3, int(math.log2(min(cfg.data.shape))) - 2))
+        self.disc = PatchDiscriminator(spatial_dims=dims, channels=32, in_channels=self.mode.out_channels,
+                                       num_layers_d=layers).to(dev) if cfg.latent.adv_weight > 0 else None
+        self.adv = PatchAdversarialLoss(criterion="least_squares")
+        self.percep = perceptual_net(cfg, dims, self.say)
+        self.percep = self.percep.to(dev) if self.percep is not None else None
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.optim.lr) if self.disc is not None else None
+        self.gen = torch.Generator().manual_seed(cfg.runtime.seed)
+        self.step = 0
+
+    def say(self, line: str) -> None:
+        (self.logger.text if self.logger is not None else print)(line)
+
+    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        recon, mu, sigma = self.net(x)
+        parts = {"l1": (recon - x).abs().mean(), "kl": kl_loss(mu, sigma)}
+        loss = parts["l1"] + self.cfg.latent.kl_weight * parts["kl"]
+        if self.percep is not None:
+            from common.features import perceptual_distance
+            parts["perceptual"] = perceptual_distance(self.percep, (recon + 1) / 2, (x + 1) / 2).mean()
+            loss = loss + self.cfg.latent.perceptual_weight * parts["perceptual"]
+        if self.disc is not None and self.step >= self.cfg.latent.adv_start:
+            parts["generator"] = self.adv(self.disc(recon.contiguous().float())[-1], target_is_real=True,
+                                          for_discriminator=False)
+            loss = loss + self.cfg.latent.adv_weight * parts["generator"]
+        return loss, {**parts, "recon": recon.detach()}
+
+    def train_step(self, batch: dict) -> dict:
+        x = self.mode.split({k: v.to(self.rt.device) for k, v in batch.items()})[0]
+        self.net.train()
+        with self.rt.autocast():
+            loss, parts = self.losses(x)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip or math.inf)
+        self.opt.step()
+        if self.disc is not None and self.step >= self.cfg.latent.adv_start:
+            with self.rt.autocast():
+                fake = self.adv(self.disc(parts["recon"].float())[-1], target_is_real=False, for_discriminator=True)
+                real = self.adv(self.disc(x.float())[-1], target_is_real=True, for_discriminator=True)
+                d_loss = 0.5 * (fake + real)
+            self.opt_d.zero_grad(set_to_none=True)
+            (self.cfg.latent.adv_weight * d_loss).backward()
+            self.opt_d.step()
+            parts["discriminator"] = d_loss.detach()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in parts.items() if k != "recon"}
+
+    def state(self, epoch: int) -> dict:
+        return {"autoencoder": self.net.state_dict(), "config": to_dict(self.cfg), "step": self.step, "epoch": epoch,
+                "meta": {"stage": "autoencoder", "mode": self.mode.name, "roles": list(self.mode.generated_roles),
+                         "channels": self.mode.out_channels, "spatial_dims": self.cfg.data.spatial_dims,
+                         "shape": list(self.cfg.data.shape), "latent_channels": self.cfg.latent.latent_channels}}
+
+    def fit(self) -> None:
+        o = self.cfg.optim
+        max_steps = o.max_steps or math.inf
+        for epoch in range(o.epochs):
+            order = self.data.batch_indices(o.batch_size, epoch, self.cfg.runtime.seed)
+            if len(order) == 0:
+                raise UserError(f"the training split has {len(self.data)} samples: too few for batch_size {o.batch_size}")
+            for idx in tqdm(order, desc=f"autoencoder epoch {epoch + 1}/{o.epochs}", leave=False,
+                            disable=not self.rt.is_main):
+                parts = self.train_step(self.data.batch(idx))
+                if self.step % self.cfg.runtime.log_interval == 0 and self.logger is not None:
+                    self.logger.scalars({f"train/{k}": v for k, v in parts.items()}, self.step)
+                if self.step >= max_steps:
+                    break
+            if self.run_dir is not None and self.rt.is_main:
+                path = save_checkpoint(self.state(epoch + 1), self.run_dir, self.step, self.cfg.runtime.keep_last)
+                self.say(f"saved {path.name}")
+                self.write_grid(epoch + 1)
+            if self.step >= max_steps:
+                break
+
+    @torch.no_grad()
+    def write_grid(self, epoch: int) -> None:
+        """Real images beside their reconstructions (logged to TensorBoard as well)."""
+        from common.grid import save_grid
+        n = min(8, len(self.data))
+        x = self.mode.split({k: v.to(self.rt.device) for k, v in self.data.batch(torch.arange(n)).items()})[0]
+        self.net.eval()
+        recon = self.net.reconstruct(x.float())
+        tiles = torch.stack([t for pair in zip(x[:, :1], recon[:, :1]) for t in pair]).add(1).div(2).clamp(0, 1)
+        path = save_grid(tiles.cpu(), self.run_dir / "samples" / f"reconstruction_{epoch:04d}.png", nrow=8, scale=2)
+        if self.logger is not None:
+            self.logger.image("reconstruction", path, self.step)
+
+
+def train_autoencoder(cfg, rt, train_data, run_dir, logger) -> int:
+    tr = AutoencoderTrainer(cfg, rt, train_data, run_dir, logger)
+    n = sum(p.numel() for p in tr.net.parameters())
+    tr.say(f"autoencoder for {cfg.mode.name} ({', '.join(tr.mode.generated_roles)}): AutoencoderKL {n / 1e6:.2f}M "
+           f"parameters, latent {cfg.latent.latent_channels} x "
+           f"{'x'.join(map(str, latent_shape(cfg.data.shape, downsample_factor(cfg.latent))))}")
+    tr.fit()
+    return 0
