@@ -21,6 +21,10 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
     add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
     add_flag(p, "positive-only", action="store_true", help="only slices with mask voxels")
+    add_flag(p, "spatial-dims", type=int, default=2, choices=(2, 3),
+             help="3: compare whole volumes (2.5D FID per plane and mean, 3D MS-SSIM, MAE/PSNR per volume)")
+    add_flag(p, "volume-shape", default=None, metavar="H,W,D",
+             help="--spatial-dims 3: the grid both sets are read on (default: the synthetic volumes')")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     add_flag(p, "batch-size", type=int, default=64, help="images per network pass")
     add_flag(p, "seed", type=int, default=0, help="pair sampling, bootstrap and real-set halves")
@@ -58,6 +62,14 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
         raise UserError("--batch-size must be at least 1")
     if args.image_size is not None and args.image_size < 8:
         raise UserError("--image-size must be at least 8")
+    volume = None
+    if args.volume_shape is not None:
+        try:
+            volume = [int(v) for v in args.volume_shape.split(",")]
+        except ValueError:
+            volume = []
+        if len(volume) != 3 or min(volume) < 4 or args.spatial_dims != 3:
+            raise UserError(f"--volume-shape {args.volume_shape}: expected H,W,D (each at least 4) with --spatial-dims 3")
     nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
     for n in nets:
         check_fid_network(n)
@@ -74,7 +86,8 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
                    bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
                    seed=args.seed, floor=not args.no_floor and args.real_dir is not None, output=args.output,
-                   skip_bad=args.skip_bad, compute=args.compute, **extra)
+                   skip_bad=args.skip_bad, compute=args.compute, spatial_dims=args.spatial_dims,
+                   volume_shape=volume, **extra)
 
 
 def run(opts: Options, strict: bool) -> int:

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from config.paths import PathConfig
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.core.inputs import EvalSet, load_set, pair
 from eval.obj_eval.core.networks import load_fid_network, load_lpips
-from common.errors import UserError
+from common.errors import UserError, shape_text
 from common.fileio import atomic_write, atomic_write_text
 
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
@@ -53,6 +54,8 @@ class Options:
     compute: str = "auto"                 # where the caches live (config/paths.py)
     real_train_dir: str | None = None     # downstream metrics: the real training data (default: real_dir)
     downstream: dict = field(default_factory=dict)   # downstream metrics: TrainSettings fields (preset, ...)
+    spatial_dims: int = 2                 # 3: whole volumes (2.5D FID, 3D MS-SSIM, MAE/PSNR per volume)
+    volume_shape: list[int] | None = None  # volumes: the [H, W, D] grid (None: the synthetic set's own)
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -85,13 +88,18 @@ def load_sets(o: Options) -> tuple[EvalSet, EvalSet | None]:
     from eval.obj_eval.core.inputs import existing_folder, native_size
     if o.real_dir is not None:
         existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
-    size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
+    from eval.obj_eval.core.inputs import native_volume_shape
+    volume = None
+    if o.spatial_dims == 3:
+        size, volume = None, o.volume_shape or native_volume_shape(o.synthetic_dir)
+    else:
+        size = o.image_size or native_size(o.synthetic_dir, "--synthetic-dir")
     synth = load_set(o.synthetic_dir, o.image_type, size, o.positive_only, o.layout, what="--synthetic-dir",
-                     skip_bad=o.skip_bad, compute=o.compute)
+                     skip_bad=o.skip_bad, compute=o.compute, volume_shape=volume)
     if o.real_dir is None:
         return synth, None
     real = load_set(o.real_dir, o.image_type, size, o.positive_only, o.layout, what="--real-dir", skip_bad=o.skip_bad,
-                    compute=o.compute)
+                    compute=o.compute, volume_shape=volume)
     if synth.images.shape[1] != real.images.shape[1]:
         raise UserError(f"--synthetic-dir has {synth.images.shape[1]}-channel images, --real-dir "
                         f"{real.images.shape[1]}-channel ones")
@@ -99,6 +107,22 @@ def load_sets(o: Options) -> tuple[EvalSet, EvalSet | None]:
 
 
 # ---------------------------------------------------------------- metric families
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def plane_slices(s: EvalSet, plane: str) -> EvalSet:
+    """Every slice of every volume along one plane, zero-padded to a square (2.5D FID, as MAISI reports it)."""
+    axis = 2 + PLANES.index(plane)                     # (N, C, D, H, W): axial cuts D, coronal H, sagittal W
+    x = s.images.movedim(axis, 1)                      # (N, k, C, a, b)
+    x = x.flatten(0, 1)
+    side = max(x.shape[-2:])
+    ph, pw = side - x.shape[-2], side - x.shape[-1]
+    x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    k = s.images.shape[axis]
+    ids = [f"{i}#{plane}{j}" for i in s.ids for j in range(k)]
+    return EvalSet(s.root, s.kind, x, ids, ids)
+
+
 def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]:
     out = []
     for kind in o.feature_networks:
@@ -108,7 +132,18 @@ def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]
         except UserError as err:
             out.append(unavailable(name, str(err), feature_network=kind))
             continue
-        out.append(guarded(name, lambda: fid_record(o, synth, real, device, kind, net, digest)))
+        if synth.images.dim() == 4:
+            out.append(guarded(name, lambda: fid_record(o, synth, real, device, kind, net, digest)))
+            continue
+        planes = [guarded(f"{name}_{p}", lambda p=p: fid_record(o, plane_slices(synth, p), plane_slices(real, p),
+                                                                device, kind, net, digest, f"{name}_{p}"))
+                  for p in PLANES]
+        out += planes
+        if all(r.get("available", True) for r in planes):
+            out.append({"metric": f"{name}_2.5d", "value": float(np.mean([r["value"] for r in planes])),
+                        "n": planes[0]["n"], "method": {"feature_network": kind, "weights_sha256": digest,
+                                                        "what": "mean of the axial, coronal and sagittal FIDs "
+                                                                "(every slice of every volume along each plane)"}})
     return out
 
 
@@ -126,8 +161,9 @@ def read_feature_cache(path: Path, n: int) -> np.ndarray | None:
     return None
 
 
-def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net, digest: str) -> dict:
-    name = f"fid_{kind}"
+def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net, digest: str,
+               name: str | None = None) -> dict:
+    name = name or f"fid_{kind}"
     cache = PathConfig.from_compute(o.compute).cache_root / "fid_features"
     key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
     real_f = read_feature_cache(key, len(real))
@@ -157,8 +193,10 @@ def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net
     return rec
 
 
-def usable_lpips(lpips_net, size: int):
+def usable_lpips(lpips_net, size: int, ndim: int = 4):
     """(network, digest) when LPIPS can run on size-px images; else a UserError with the reason."""
+    if ndim == 5:
+        raise UserError("LPIPS is a 2D network; volumes are compared with 2.5D FID, 3D MS-SSIM, MAE and PSNR")
     if isinstance(lpips_net, str):
         raise UserError(lpips_net)
     net = lpips_net[0]
@@ -190,13 +228,13 @@ def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[
                                         "identical_pairs": int((vals >= M.PSNR_CAP_DB).sum())}, o.seed)
 
     def ms_ssim():
-        window, weights = M.ms_ssim_settings(a.shape[-1])
+        window, weights = M.ms_ssim_settings(min(a.shape[2:]))
         vals = M.pair_distances(lambda x, y: M.ms_ssim(x, y, o.data_range, window, weights), a, b, device, o.batch_size)
         return M.summary(vals, "ms_ssim_quality", {**common, "window": window, "scales": len(weights),
                                                     "weights": weights, "sigma": 1.5}, o.seed)
 
     def lpips():
-        net, digest = usable_lpips(lpips_net, a.shape[-1])
+        net, digest = usable_lpips(lpips_net, a.shape[-1], a.dim())
         vals = M.pair_distances(net.to(device), a, b, device, o.batch_size)
         return M.summary(vals, "lpips_quality", {**common, "network": f"{o.lpips_net} v0.1",
                                                   "weights_sha256": digest}, o.seed)
@@ -207,7 +245,7 @@ def pair_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[
 def diversity_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted: set[str], lpips_net=None) -> list[dict]:
     """Mean pairwise similarity among synthetic samples (lower MS-SSIM / higher LPIPS = more diverse),
     overall and within samples sharing a conditioning mask; the real set's value is the reference."""
-    size = synth.images.shape[-1]
+    size = min(synth.images.shape[2:])
 
     def ms_ssim():
         window, weights = M.ms_ssim_settings(size)
@@ -215,7 +253,7 @@ def diversity_records(o: Options, synth: EvalSet, real: EvalSet, device, wanted:
                 {"window": window, "scales": len(weights), "weights": weights, "sigma": 1.5, "data_range": o.data_range})
 
     def lpips():
-        net, digest = usable_lpips(lpips_net, size)
+        net, digest = usable_lpips(lpips_net, size, synth.images.dim())
         return net.to(device), {"network": f"{o.lpips_net} v0.1", "weights_sha256": digest}
     fns = {name: f for name, f, key in (("ms_ssim_diversity", ms_ssim, "ms_ssim"), ("lpips_diversity", lpips, "lpips"))
            if key in wanted}
@@ -280,7 +318,7 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     synth, real = load_sets(o)
     print(f"synthetic: {len(synth)} images from {synth.root}; "
           + (f"real: {len(real)} images from {real.root}; " if real is not None else "no real set; ")
-          + f"{synth.images.shape[-1]} px, on {device}")
+          + f"{shape_text(synth.images.shape[2:])}, on {device}")
     wanted = set(o.metrics)
     lpips_net = None
     if "lpips" in wanted:
@@ -291,6 +329,8 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     result = {"synthetic_dir": str(Path(o.synthetic_dir).resolve()),
               "real_dir": str(Path(o.real_dir).resolve()) if real is not None else None,
               "n_synthetic": len(synth), "n_real": len(real) if real is not None else 0, "image_size": int(synth.images.shape[-1]),
+              **({"volume_shape": [int(n) for n in synth.images.shape[3:]] + [int(synth.images.shape[2])]}
+                 if synth.images.dim() == 5 else {}),
               "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed, "metrics": []}
     families = []
     if "fid" in wanted:

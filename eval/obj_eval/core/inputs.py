@@ -32,7 +32,7 @@ from common.errors import UserError
 class EvalSet:
     root: Path
     kind: str                      # nifti | images
-    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]
+    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]; volumes (N, C, D, H, W)
     ids: list[str]                 # '<subject name>#slice<k>' or the relative image path
     paths: list[str]               # '<resolved subject folder>#slice<k>' or the resolved image file
     groups: list[str] = field(default_factory=list)   # conditioning of each item (diversity within a mask)
@@ -78,6 +78,18 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     return sizes[0]
 
 
+def native_volume_shape(root: Path, what: str = "--synthetic-dir") -> list[int]:
+    """[H, W, D] of a NIfTI dataset's first volume in the loaders' slice order (data.volume_shape's order)."""
+    root = existing_folder(root, what)
+    files = [p for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
+    if not files:
+        raise UserError(f"{what} {root}: volumes are evaluated from NIfTI files and this folder holds none")
+    x, y, *z = nib.load(str(files[0])).shape
+    if not z or z[0] == 1:
+        raise UserError(f"{what} {files[0]}: a 2D slice; --spatial-dims 3 evaluates 3D volumes")
+    return [int(y), int(x), int(z[0])]
+
+
 def manifest_conditions(root: Path) -> dict[str, str]:
     """{sample folder name: the conditioning it was generated with} from a generate.py manifest.csv."""
     path = Path(root) / "manifest.csv"
@@ -89,10 +101,14 @@ def manifest_conditions(root: Path) -> dict[str, str]:
 
 def load_set(root, image_type: str = "bravo", size: int | None = None, positive_only: bool = False,
              layout: str = "original", crop_size: int | None = None, what: str = "--real-dir",
-             skip_bad: bool = False, compute: str = "auto") -> EvalSet:
-    """A whole folder (every split) as an EvalSet at `size` px."""
+             skip_bad: bool = False, compute: str = "auto", volume_shape: list[int] | None = None) -> EvalSet:
+    """A whole folder (every split) as an EvalSet at `size` px; with volume_shape [H, W, D] whole volumes
+    (N, 1, D, H, W) on that grid (the training loaders' crop/pad/downsample)."""
     root = existing_folder(root, what)
-    size = size or native_size(root, what)
+    if volume_shape is None:
+        size = size or native_size(root, what)
+    elif not is_nifti_dataset(root):
+        raise UserError(f"{what} {root}: --spatial-dims 3 evaluates NIfTI volumes; this is an image folder")
     if not is_nifti_dataset(root):
         flat = is_flat_image_folder(root)
         if flat:   # unlabelled: no classes, no conditioning groups; same file names pair up
@@ -107,8 +123,9 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
         ids = [str(f.resolve().relative_to(root.resolve())) for f in files]
         return EvalSet(root, "images", tensors["images"].float(), ids, [str(f.resolve()) for f in files],
                        [] if flat else [classes[i] for i in tensors["labels"].tolist()])
-    cfg = DataConfig(data_dir=str(root), image_size=size, layout=layout, crop_size=crop_size,
-                     positive_only=positive_only, val_fraction=0.0, format="nifti", skip_bad=skip_bad)
+    cfg = DataConfig(data_dir=str(root), image_size=size or 128, layout=layout, crop_size=crop_size,
+                     positive_only=positive_only, val_fraction=0.0, format="nifti", skip_bad=skip_bad,
+                     spatial_dims=3 if volume_shape else 2, volume_shape=list(volume_shape or [64, 64, 48]))
     cache = PathConfig.from_compute(compute).slice_cache
     data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
     if len(data) == 0:

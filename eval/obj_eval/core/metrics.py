@@ -81,18 +81,35 @@ def fid_interval(boots, value: float) -> tuple[list[float], float]:
     return [float(lo), float(hi)], bias
 
 
+def frechet_from_samples(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """The Fréchet distance of two feature sets with fewer samples than dimensions, without a d x d matrix root.
+    With centred rows A1, A2 and S_k = A_k^T A_k / (n_k - 1), the non-zero eigenvalues of S1 S2 are those of
+    (A1 A2^T)(A1 A2^T)^T / ((n1 - 1)(n2 - 1)), so tr sqrt(S1 S2) is the sum of the singular values of the
+    n1 x n2 matrix A1 A2^T over sqrt((n1 - 1)(n2 - 1)): exact, and O(n1 n2 d) instead of O(d^3)."""
+    r, s = np.asarray(real, np.float64), np.asarray(synthetic, np.float64)
+    a1, a2 = r - r.mean(0), s - s.mean(0)
+    n1, n2 = len(r) - 1, len(s) - 1
+    tr_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt(n1 * n2)
+    diff = r.mean(0) - s.mean(0)
+    return float(diff @ diff + np.square(a1).sum() / n1 + np.square(a2).sum() / n2 - 2 * tr_sqrt)
+
+
 def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0) -> dict:
-    mu_r, s_r = gaussian_stats(real)
-    mu_s, s_s = gaussian_stats(synthetic)
-    a = _sqrt_psd(s_r)
-    value = frechet_distance(mu_r, s_r, mu_s, s_s, a)
+    """FID with a bootstrap interval; sets smaller than the feature dimension take the exact sample form
+    (frechet_from_samples), which is many times faster there."""
+    if max(len(real), len(synthetic)) < real.shape[1]:
+        distance = lambda syn: frechet_from_samples(real, syn)  # noqa: E731
+    else:
+        mu_r, s_r = gaussian_stats(real)
+        a = _sqrt_psd(s_r)
+        distance = lambda syn: frechet_distance(mu_r, s_r, *gaussian_stats(syn), a)  # noqa: E731
+    value = distance(synthetic)
     out = {"value": value, "ci95": None, "n": {"real": int(len(real)), "synthetic": int(len(synthetic))}}
     if n_boot > 1 and len(synthetic) > 1:
         rng = np.random.default_rng(seed)
         boots = []
         for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False, disable=n_boot < 20):
-            mu_b, s_b = gaussian_stats(synthetic[rng.integers(0, len(synthetic), len(synthetic))])
-            boots.append(frechet_distance(mu_r, s_r, mu_b, s_b, a))
+            boots.append(distance(synthetic[rng.integers(0, len(synthetic), len(synthetic))]))
         out["ci95"], out["resampling_bias"] = fid_interval(boots, value)
     return out
 
@@ -192,10 +209,18 @@ def _gauss(window: int, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim_and_cs(x, y, window: int, data_range: float, k1=0.01, k2=0.03):
-    c = x.shape[1]
+    """Per-sample SSIM and contrast-structure of (B, C, H, W) images or (B, C, D, H, W) volumes (separable
+    Gaussian window along every spatial axis, valid region only)."""
+    c, dims = x.shape[1], x.dim() - 2
     g = _gauss(window).to(x)
-    kh, kw = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    filt = lambda z: F.conv2d(F.conv2d(z, kh, groups=c), kw, groups=c)  # noqa: E731
+    conv = F.conv2d if dims == 2 else F.conv3d
+    kernels = [g.view(1, 1, *[-1 if k == axis else 1 for k in range(dims)]).repeat(c, *[1] * (dims + 1))
+               for axis in range(dims)]
+
+    def filt(z):
+        for k in kernels:
+            z = conv(z, k, groups=c)
+        return z
     mx, my = filt(x), filt(y)
     sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -206,16 +231,17 @@ def ssim_and_cs(x, y, window: int, data_range: float, k1=0.01, k2=0.03):
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int | None = None,
             weights: tuple[float, ...] | None = None) -> torch.Tensor:
-    """(B,) MS-SSIM of aligned image batches."""
+    """(B,) MS-SSIM of aligned image (or volume) batches."""
     if window is None or weights is None:
-        window, weights = ms_ssim_settings(x.shape[-1])
+        window, weights = ms_ssim_settings(min(x.shape[2:]))
     x, y = x.double(), y.double()
+    pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
     levels = []
     for i, _ in enumerate(weights):
         ssim, cs = ssim_and_cs(x, y, window, data_range)
         levels.append(torch.relu(ssim if i == len(weights) - 1 else cs))
         if i < len(weights) - 1:
-            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+            x, y = pool(x, 2), pool(y, 2)
     w = torch.tensor(weights, dtype=torch.float64, device=x.device).view(-1, 1)
     return torch.prod(torch.stack(levels) ** w, 0)
 

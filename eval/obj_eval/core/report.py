@@ -44,10 +44,18 @@ def rows(result: dict) -> list[list[str]]:
     return out
 
 
+def size_text(result: dict) -> str:
+    """'128 px' or, for volumes, '64x64x48 volumes'."""
+    if "volume_shape" in result:
+        return "x".join(map(str, result["volume_shape"])) + " volumes"
+    return f"{result['image_size']} px"
+
+
 def markdown(result: dict) -> str:
-    head = (f"# Evaluation\n\nsynthetic: `{result['synthetic_dir']}` ({result['n_synthetic']} images)  \n"
-            f"real: `{result['real_dir']}` ({result['n_real']} images)  \n"
-            f"{result['image_size']} px, modality {result['image_type']}, positive-only {result['positive_only']}, "
+    unit = "volumes" if "volume_shape" in result else "images"
+    head = (f"# Evaluation\n\nsynthetic: `{result['synthetic_dir']}` ({result['n_synthetic']} {unit})  \n"
+            f"real: `{result['real_dir']}` ({result['n_real']} {unit})  \n"
+            f"{size_text(result)}, modality {result['image_type']}, positive-only {result['positive_only']}, "
             f"seed {result['seed']}\n\n")
     table = tabulate(rows(result), headers=["metric", "value", "95% CI", "real vs real", "N", "method"],
                      tablefmt="github")
@@ -59,7 +67,7 @@ def notes(result: dict) -> list[str]:
     """Caveats a reader of the table needs: MS-SSIM settings that differ from the literature's."""
     settings = {(m["window"], m["scales"]) for r in result["metrics"] if r["metric"].startswith("ms_ssim")
                 for m in [r.get("method", {})] if "window" in m}
-    return [f"\nNote: MS-SSIM uses a {w}-px window and {k} scales to fit {result['image_size']}-px images; these "
+    return [f"\nNote: MS-SSIM uses a {w}-px window and {k} scales to fit {size_text(result)}; these "
             f"values are not comparable with MS-SSIM values in the literature (11-px window, 5 scales).\n"
             for w, k in sorted(settings) if (w, k) != (11, 5)]
 
