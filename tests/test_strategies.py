@@ -31,10 +31,11 @@ def test_registry_covers_both():
     assert set(STRATEGIES) >= {"ddpm", "rflow"}
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (2, 1, 4, 8, 8)], ids=["2d", "3d"])
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
-def test_clean_at_t0_and_snr_falls(name, kw):
-    st = make(name, **kw)
-    x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+def test_clean_at_t0_and_snr_falls(name, kw, shape):
+    st = make(name, **kw).bind_shape(shape[2:])
+    x0, noise = torch.rand(*shape) * 2 - 1, torch.randn(*shape)
     x_t, _ = st.corrupt(x0, noise, torch.zeros(2))           # one time domain: t = 0 is clean for all
     assert torch.equal(x_t, x0)
     t_first = st.sample_times(4096, torch.Generator().manual_seed(0), "cpu").min()
@@ -54,13 +55,14 @@ def test_rflow_at_T_is_noise():
     assert torch.equal(x_t, noise) and torch.allclose(target, x0 - noise)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (2, 1, 4, 8, 8)], ids=["2d", "3d"])
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
-def test_sampler_with_oracle_recovers_clean_sample(name, kw):
-    st = make(name, **kw)
-    x0 = torch.rand(2, 1, 8, 8) * 1.8 - 0.9
+def test_sampler_with_oracle_recovers_clean_sample(name, kw, shape):
+    st = make(name, **kw).bind_shape(shape[2:])
+    x0 = torch.rand(*shape) * 1.8 - 0.9
     for sampler in st.samplers:
         for steps in (st.num_timesteps, 7):
-            x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
             gen = torch.Generator().manual_seed(1)
             grid = st.timesteps(steps, sampler)
             assert grid[0][0] == 1.0 and grid[-1][1] == 0.0   # from pure noise to clean
