@@ -26,6 +26,11 @@ Suites
          the same real validation masks and seeds; quality = Fréchet distance in a downstream segmenter's
          feature space (trained on the real slices, offline) and the brain-intensity Wasserstein-1 distance.
          Prints the table and plots it (--plot). Ask for it with --suite nfe.
+  volumes  bravo training on whole volumes (rflow step, random data: the cost does not depend on it): volumes/s
+         and memory for pixel space, pixel space with gradient checkpointing, and latent space (AutoencoderKL,
+         4x smaller per axis, encoded on the fly; the latent grid must still divide by 4 for the UNet). Memory is the CUDA peak on a GPU and, on CPU, the bytes
+         autograd saves for the backward pass. On CUDA also the largest volume that trains at batch 1, with
+         and without latents. 32x32x16 on CPU (tiny), 64x64x48 (tiny) or 128x128x96 (research) on a GPU.
 """
 from __future__ import annotations
 
@@ -412,14 +417,108 @@ def plot_nfe(rows: list[dict], path: Path) -> Path:
     return path
 
 
+VOLUME_SHAPES = {("tiny", "cpu"): [32, 32, 16], ("tiny", "cuda"): [64, 64, 48], ("research", "cpu"): [64, 64, 48],
+                 ("research", "cuda"): [128, 128, 96]}   # H, W, D (data.volume_shape)
+PROBE_SHAPES = [[64, 64, 48], [128, 128, 96], [160, 160, 128], [192, 192, 144], [256, 256, 192], [320, 320, 240]]
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while fn() runs (the activation memory of a
+    training step, measurable on CPU too)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def volume_step(device, volume_shape: list[int], latent: bool, checkpointing: bool, batch: int, unet: str):
+    """One bravo training step on volumes as the trainer takes it (rflow; pixel space, or on a 4x autoencoder's
+    latents encoded on the fly): (step function, its network)."""
+    from Generation.TrainGen.core.latent import build_autoencoder
+    from Generation.TrainGen.core.network import build_unet
+    cfg = build_config({"data": {"spatial_dims": 3, "volume_shape": volume_shape},
+                        "model": {"preset": unet, "gradient_checkpointing": checkpointing}})
+    dev = torch.device(device)
+    ae = build_autoencoder(cfg.latent, 3, 1).to(dev).eval().requires_grad_(False) if latent else None
+    grid = cfg.data.shape
+    net = build_unet(cfg.model, 2 if not latent else cfg.latent.latent_channels + 1,
+                     1 if not latent else cfg.latent.latent_channels, spatial_dims=3).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    image, mask = torch.rand(batch, 1, *grid, device=dev) * 2 - 1, torch.rand(batch, 1, *grid, device=dev).round() * 2 - 1
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with torch.no_grad():
+            x0 = ae.encode(image)[0] if latent else image
+            cond = torch.nn.functional.interpolate(mask, size=x0.shape[2:], mode="area") if latent else mask
+        t = torch.rand(batch, device=dev)
+        noise = torch.randn_like(x0)
+        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+        with autocast:
+            pred = net(torch.cat([x_t, cond], 1), t * 1000)
+        loss = (pred.float() - (noise - x0)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    net.train()
+    return step, net
+
+
+def bench_volumes(device: str, preset: str, work: Path) -> list[dict]:
+    """Training throughput and memory on whole volumes: pixel space, pixel space with gradient checkpointing,
+    and latent (AutoencoderKL 4x per axis); on CUDA also the largest volume that trains at batch 1."""
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    shape = VOLUME_SHAPES[(preset, dev.type)]
+    unet, batch = MODEL_PRESETS[preset][0] if dev.type == "cuda" else "tiny", 2
+    n_warm, n = (1, 3) if dev.type == "cpu" else (3, 10)
+    rows = []
+    for name, latent, ckpt in (("pixel", False, False), ("pixel + checkpointing", False, True),
+                               ("latent (4x AE)", True, False)):
+        step, _ = volume_step(device, shape, latent, ckpt, batch, unet)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        sec = timed_steps(step, n_warm, n, sync)
+        memory = (torch.cuda.max_memory_allocated(dev) / 2**30, "GiB peak (CUDA)") if dev.type == "cuda" else \
+            (saved_activation_bytes(step) / 2**20, "MiB saved for backward")
+        label = "x".join(map(str, shape))
+        rows += [{"suite": "volumes", "metric": f"{name} {label}", "value": batch / sec, "unit": "volumes/s",
+                  "note": f"UNet {unet}, batch {batch}, rflow step"},
+                 {"suite": "volumes", "metric": f"{name} {label} memory", "value": memory[0], "unit": memory[1],
+                  "note": "the same step"}]
+    if dev.type == "cuda":
+        for latent in (False, True):
+            fits = None
+            for probe in PROBE_SHAPES:
+                try:
+                    step, net = volume_step(device, probe, latent, not latent, 1, unet)
+                    step()
+                    sync()
+                    fits = probe
+                except torch.cuda.OutOfMemoryError:
+                    break
+                finally:
+                    torch.cuda.empty_cache()
+            rows.append({"suite": "volumes", "metric": f"largest volume at batch 1 ({'latent' if latent else 'pixel'})",
+                         "value": float("nan") if fits is None else fits[0] * fits[1] * fits[2], "unit": "voxels",
+                         "note": "x".join(map(str, fits)) if fits else "none of the probe shapes fit"})
+    return rows
+
+
 def _tiny_yaml() -> dict:
     from Generation.TrainGen.core.config import load_yaml
     return load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
 
 
 SUITES = {"data": bench_data, "training": bench_training, "sampling": bench_sampling, "metrics": bench_metrics,
-          "minsnr": bench_minsnr, "nfe": bench_nfe}
-DEFAULT_SUITES = ("data", "training", "sampling", "metrics")
+          "minsnr": bench_minsnr, "nfe": bench_nfe, "volumes": bench_volumes}
+DEFAULT_SUITES = ("data", "training", "sampling", "metrics", "volumes")
 
 
 def main() -> int:

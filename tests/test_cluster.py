@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -179,9 +178,14 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     metrics = {(r["suite"], r["metric"]) for r in rows}
     for needed in [("training", "speed-up ours / baseline"), ("training", "data path / step rate"),
                    ("sampling", "rflow euler-30"), ("sampling", "ddpm ddim-50"), ("sampling", "ddpm ddpm-1000"),
-                   ("metrics", "FID features, Inception-v3"), ("data", "batches from cache")]:
+                   ("metrics", "FID features, Inception-v3"), ("data", "batches from cache"),
+                   ("volumes", "pixel 32x32x16"), ("volumes", "latent (4x AE) 32x32x16")]:
         assert needed in metrics
     assert all(r["value"] is None or r["value"] > 0 for r in rows)
+    memory = {r["metric"]: r["value"] for r in rows if r["metric"].endswith("memory")}
+    # checkpointing and latents both keep less for the backward pass than pixel-space 3D training
+    assert memory["pixel + checkpointing 32x32x16 memory"] < memory["pixel 32x32x16 memory"] / 4
+    assert memory["latent (4x AE) 32x32x16 memory"] < memory["pixel 32x32x16 memory"] / 4
     assert "speed-up ours / baseline" in res.stdout
 
 
