@@ -49,6 +49,7 @@ class DataConfig:
     spatial_dims: Literal[2, 3] = 2      # 2: axial slices; 3: whole volumes of data.volume_shape
     volume_shape: list[int] = field(default_factory=lambda: [64, 64, 48])  # spatial_dims 3: H, W (in-plane) and
                                          # D (axial slices); 64x64x48 fits a GPU with the tiny preset
+    random_flip: bool | None = None      # training: random left-right flips; None: on for volumes, off for slices
     crop_size: int | None = None         # centre crop in-plane before resizing (e.g. 192 for 240x240 BraTS)
     positive_only: bool = False          # keep only slices containing any mask voxel
     norm_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume robust range -> [0,1]

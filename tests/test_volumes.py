@@ -249,3 +249,20 @@ def test_sample_form_of_fid_equals_the_matrix_root_form():
     scipy_form = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
     assert M.frechet_from_samples(real, syn) == pytest.approx(matrix_form, rel=1e-7)
     assert M.fid_from_features(real, syn, 0)["value"] == pytest.approx(scipy_form, rel=1e-6)
+
+
+def test_random_flip_mirrors_images_and_masks_together(demo_root, tmp_path):
+    """Volumes are flipped left-right by default, image and mask alike, about half of them; slices are not."""
+    from tests.test_training import make_trainer
+    tr = make_trainer(vol_cfg(demo_root, tmp_path))
+    batch = tr.train_data.batch(torch.arange(6))
+    out = tr.flipped(batch)
+    flipped = [not torch.equal(out["images"][i], batch["images"][i]) for i in range(6)]
+    for i in range(6):
+        expect = batch["images"][i].flip(-1) if flipped[i] else batch["images"][i]
+        assert torch.equal(out["images"][i], expect)
+        assert torch.equal(out["masks"][i], batch["masks"][i].flip(-1) if flipped[i] else batch["masks"][i])
+    assert 0 < sum(flipped) < 6
+    flat = make_trainer(tiny_cfg(demo_root, tmp_path / "2d"))
+    b2 = flat.train_data.batch(torch.arange(4))
+    assert all(torch.equal(flat.flipped(b2)[k], b2[k]) for k in b2)

@@ -153,6 +153,17 @@ class DiffusionTrainer:
                    else v for k, v in out.items()}
         return out
 
+    def flipped(self, batch: dict) -> dict:
+        """data.random_flip: each sample mirrored left-right (the last axis) with probability 1/2, images and
+        masks together, drawn from the run's generator (so resume stays exact)."""
+        flip = self.cfg.data.random_flip
+        if not (flip if flip is not None else self.cfg.data.spatial_dims == 3):
+            return batch
+        ref = next(v for k, v in batch.items() if k in ("images", "masks"))
+        pick = torch.rand(len(ref), generator=self.gen, device=ref.device) < 0.5
+        return {k: torch.where(pick.view(-1, *[1] * (v.dim() - 1)), v.flip(-1), v) if k in ("images", "masks") else v
+                for k, v in batch.items()}
+
     def loss(self, batch: dict, noise=None, t=None, generator=None, model=None, train=True):
         """(weighted mean loss, per-sample unweighted loss, times) for one batch."""
         gen = generator or self.gen
@@ -184,7 +195,7 @@ class DiffusionTrainer:
             ctx = self.model.no_sync() if self.rt.distributed and not last and hasattr(self.model, "no_sync") \
                 else contextlib.nullcontext()
             with ctx:
-                loss, per, t = self.loss(self.to_device(batch))
+                loss, per, t = self.loss(self.flipped(self.to_device(batch)))
                 (loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
             self._record(per, t)
