@@ -53,6 +53,19 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
         add_flag(p, f"{k}-sha256", default=None, help=f"pin the {k} file's full SHA-256")
 
 
+def parse_volume_shape(text: str | None) -> list[int] | None:
+    """'64,64,48' -> [64, 64, 48] (H, W, D); None stays None."""
+    if text is None:
+        return None
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 4:
+        raise UserError(f"--volume-shape {text}: expected H,W,D, each at least 4 (e.g. 64,64,48)")
+    return shape
+
+
 def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:
     """Options from parsed flags; weights_kind names the network a single-metric script's --weights is for."""
     from eval.obj_eval.core.networks import check_fid_network
@@ -62,14 +75,9 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
         raise UserError("--batch-size must be at least 1")
     if args.image_size is not None and args.image_size < 8:
         raise UserError("--image-size must be at least 8")
-    volume = None
-    if args.volume_shape is not None:
-        try:
-            volume = [int(v) for v in args.volume_shape.split(",")]
-        except ValueError:
-            volume = []
-        if len(volume) != 3 or min(volume) < 4 or args.spatial_dims != 3:
-            raise UserError(f"--volume-shape {args.volume_shape}: expected H,W,D (each at least 4) with --spatial-dims 3")
+    volume = parse_volume_shape(args.volume_shape)
+    if volume is not None and args.spatial_dims != 3:
+        raise UserError("--volume-shape needs --spatial-dims 3")
     nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
     for n in nets:
         check_fid_network(n)

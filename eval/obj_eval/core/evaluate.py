@@ -291,7 +291,11 @@ def downstream_records(o: Options, wanted: set[str], device) -> list[dict]:
     names = [m for m in DOWNSTREAM_METRICS if m in wanted]
     out = Path(o.output) if o.output else Path(o.synthetic_dir) / "eval"
     try:
-        recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, o.image_size,
+        size = o.image_size
+        if o.spatial_dims == 3:
+            from eval.obj_eval.core.inputs import native_volume_shape
+            size = o.volume_shape or native_volume_shape(o.synthetic_dir)
+        recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, size,
                              o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute)
     except UserError as err:
         return [unavailable(n, str(err)) for n in names]

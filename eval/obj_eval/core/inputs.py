@@ -130,7 +130,8 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
     data = load_folder(cfg, root, [image_type, "seg"] if positive_only else [image_type], cache)
     if len(data) == 0:
         raise UserError(f"{what} {root}: no slices to evaluate")
-    ids = [f"{Path(src).name}#slice{k}" for src, k in zip(data.sources, data.slice_index)]
+    ids = [f"{Path(src).name}#slice{k}" if k >= 0 else Path(src).name   # a volume is its subject
+           for src, k in zip(data.sources, data.slice_index)]
     paths = data.slice_keys()
     conditions = manifest_conditions(root)
     groups = [conditions.get(i.split("#")[0], p) or p for i, p in zip(ids, paths)]

@@ -36,8 +36,8 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
     """Dice between the segmenter's prediction on each synthetic image and its conditioning mask."""
     pred_s = (models.predict(segmenter, synthetic.images, "segmentation", device) > 0.5).float()
     pred_r = (models.predict(segmenter, real_test.images, "segmentation", device) > 0.5).float()
-    pixels = synthetic.images.shape[-1] * synthetic.images.shape[-2]
-    area = lambda ts: (ts.targets > 0.5).sum((1, 2, 3)).numpy() / pixels  # noqa: E731
+    pixels = synthetic.images[0, 0].numel()
+    area = lambda ts: (ts.targets > 0.5).flatten(1).sum(1).numpy() / pixels  # noqa: E731
     a_s, a_r, a_train = area(synthetic), area(real_test), area(real_train)
     pos_train = a_train[a_train > 0]
     edges = np.quantile(pos_train, [1 / 3, 2 / 3]) if len(pos_train) else np.array([0.0, 0.0])
@@ -60,7 +60,7 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
             "ceiling": _mean_ci(d_r[a_r > 0], seed), "bins": bins, "low_dice_threshold": LOW_DICE,
             "low": low[:200], "n_low": len(low),
             "empty_masks": {"n": int(empty.sum()),
-                            "predicted_foreground": int((pred_s[torch.from_numpy(empty)].sum((1, 2, 3)) > 0).sum())},
+                            "predicted_foreground": int((pred_s[torch.from_numpy(empty)].flatten(1).sum(1) > 0).sum())},
             "method": {"segmenter": "downstream segmenter trained on the real training split (the utility harness)",
                        "dice": "per synthetic image with a non-empty conditioning mask; prediction thresholded at 0.5",
                        "bins": "tumour area as a fraction of the image; edges at the terciles of the real training "
@@ -96,7 +96,7 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
     for i in order:
         a = synthetic.images[i].numpy()
         b = real_train.images[px["_nn"][i]].numpy()
-        ssim = structural_similarity(a, b, data_range=1.0, channel_axis=0, win_size=min(7, a.shape[-1] // 2 * 2 - 1))
+        ssim = structural_similarity(a, b, data_range=1.0, channel_axis=0, win_size=min(7, min(a.shape[1:]) // 2 * 2 - 1))
         closest.append({"synthetic": synthetic.ids[i], "train": real_train.ids[px["_nn"][i]],
                         "distance": round(float(px["_d_synth"][i]), 5), "ssim": round(float(ssim), 4)})
     rec = {"metric": "memorization", "value": px["fraction_below_p1"], "n": len(synthetic),

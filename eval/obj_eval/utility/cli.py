@@ -74,12 +74,30 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "image-type", default="bravo", help="NIfTI data: the image channel(s), comma list (e.g. t1_pre,t1_gd)")
     add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "positive-only", action="store_true", help="NIfTI data: only slices with mask voxels")
+    add_flag(p, "spatial-dims", type=int, default=2, choices=(2, 3),
+             help="3: whole NIfTI volumes and a 3D BasicUNet (the grid: --volume-shape, default the synthetic set's)")
+    add_flag(p, "volume-shape", default=None, metavar="H,W,D", help="--spatial-dims 3: the evaluation grid")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
     add_flag(p, "bootstrap", type=int, default=1000, help="resamples of the paired comparison")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
     add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"), help="where caches live")
     add_downstream_flags(p)
     return p
+
+
+def eval_size(args) -> tuple[dict, object]:
+    """({synthetic folder: native size}, the evaluation size: px, or an [H, W, D] grid with --spatial-dims 3)."""
+    if args.spatial_dims == 2:
+        if args.volume_shape:
+            raise UserError("--volume-shape needs --spatial-dims 3")
+        natives = data.native_sizes(args.synthetic_dir)
+        return natives, args.image_size or data.default_size(natives, args.real_dir)
+    from eval.obj_eval.core.cli import parse_volume_shape
+    from eval.obj_eval.core.inputs import native_volume_shape
+    shape = parse_volume_shape(args.volume_shape) or native_volume_shape(
+        args.synthetic_dir[0] if args.synthetic_dir else args.real_dir,
+        "--synthetic_dir" if args.synthetic_dir else "--real_dir")
+    return {d: None for d in args.synthetic_dir}, shape
 
 
 def parse_audits(text: str, task: str) -> list[str]:
@@ -108,8 +126,7 @@ def main(argv=None, doc: str = "") -> int:
         raise UserError(f"--output {out}: exists and is not a folder")
     device = resolve_device(args.device)
     roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
-    natives = data.native_sizes(args.synthetic_dir)
-    size = args.image_size or data.default_size(natives, args.real_dir)
+    natives, size = eval_size(args)
     real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute)
     task = "classification" if real["train"].classes else "segmentation"
     primary = ("dice_subject" if task == "segmentation" else "balanced_accuracy") if args.primary == "auto" else args.primary
@@ -185,8 +202,11 @@ def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, si
                   layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str) -> list[dict]:
     """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report."""
     roles = [r.strip() for r in image_type.split(",") if r.strip()]
-    natives = data.native_sizes([synthetic_dir])
-    size = size or data.default_size(natives, real_dir)
+    if isinstance(size, (list, tuple)):   # volumes: the grid both sets are read on
+        natives = {synthetic_dir: None}
+    else:
+        natives = data.native_sizes([synthetic_dir])
+        size = size or data.default_size(natives, real_dir)
     real, _ = data.load_real(real_dir, size, roles, positive_only, layout, seed, compute)
     task = "classification" if real["train"].classes else "segmentation"
     syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute,

@@ -28,7 +28,7 @@ TASKS = ("segmentation", "classification")
 @dataclass
 class TaskSet:
     name: str                      # what it is, for messages and the report ("real test", "synthetic S")
-    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]
+    images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]; volumes (N, C, D, H, W)
     targets: torch.Tensor          # segmentation: (N, 1, H, W) float {0, 1}; classification: (N,) int64
     units: list[str]               # the resampling unit of each item: subject folder or image file
     ids: list[str]                 # '<subject>#slice<k>' or the image path relative to the dataset
@@ -68,10 +68,13 @@ def task_of(root: Path) -> str:
     return "classification" if kind_of(root) == "images" else "segmentation"
 
 
-def _config(root: Path, size: int, positive_only: bool, layout: str, val_fraction: float, seed: int,
+def _config(root: Path, size, positive_only: bool, layout: str, val_fraction: float, seed: int,
             skip_bad: bool = False) -> DataConfig:
-    return DataConfig(data_dir=str(root), image_size=size, positive_only=positive_only, layout=layout,
-                      val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad)
+    """`size`: the evaluation size in px, or a volume grid [H, W, D] (whole volumes, data.spatial_dims 3)."""
+    volume = list(size) if isinstance(size, (list, tuple)) else None
+    return DataConfig(data_dir=str(root), image_size=128 if volume else size, positive_only=positive_only,
+                      layout=layout, val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad,
+                      spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48])
 
 
 def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
@@ -93,7 +96,7 @@ def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
             raise UserError(f"{root}: no masks to train a segmenter on (segmentation needs seg files or masks/)")
         targets = (data.masks > 0).float()
     if kind == "nifti":
-        ids = [f"{Path(s).name}#slice{k}" for s, k in zip(data.sources, data.slice_index)]
+        ids = [f"{Path(s).name}#slice{k}" if k >= 0 else Path(s).name for s, k in zip(data.sources, data.slice_index)]
     else:
         ids = [str(Path(s).resolve().relative_to(root.resolve())) for s in data.sources]
     return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names))
@@ -162,8 +165,8 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     real_task = "classification" if real.classes else "segmentation"
     if task_of(root) != real_task:
         raise UserError(f"--synthetic_dir {root}: a {task_of(root)} dataset, but --real_dir is a {real_task} one")
-    native = native if native is not None else native_size(root, "--synthetic_dir")
-    if native < size:
+    native = native if native is not None or not isinstance(size, int) else native_size(root, "--synthetic_dir")
+    if isinstance(size, int) and native < size:
         raise UserError(f"--synthetic_dir {root}: images are {native} px, smaller than the evaluation size {size} "
                         f"px (--image_size {native}, or generate at {size} px)")
     cfg = _config(root, size, False, "original", 0.0, 0, skip_bad=True)

@@ -67,9 +67,10 @@ class TrainSettings:
 
 
 class Segmenter(nn.Module):
-    def __init__(self, in_channels: int, features):
+    def __init__(self, in_channels: int, features, spatial_dims: int = 2):
         super().__init__()
-        self.net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=tuple(features))
+        self.net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
+                             features=tuple(features))
 
     def forward(self, x):
         return self.net(x)
@@ -80,7 +81,7 @@ class Segmenter(nn.Module):
         n = self.net
         h3 = n.down_3(n.down_2(n.down_1(n.conv_0(x))))
         h4 = n.down_4(h3)
-        return torch.cat([h.mean(dim=(2, 3)) for h in (h3, h4)] + [h.amax(dim=(2, 3)) for h in (h3, h4)], 1)
+        return torch.cat([h.flatten(2).mean(2) for h in (h3, h4)] + [h.flatten(2).amax(2) for h in (h3, h4)], 1)
 
 
 class Classifier(nn.Module):
@@ -97,15 +98,16 @@ class Classifier(nn.Module):
         return self.backbone(x)
 
 
-def build(settings: TrainSettings, in_channels: int, num_classes: int) -> nn.Module:
+def build(settings: TrainSettings, in_channels: int, num_classes: int, spatial_dims: int = 2) -> nn.Module:
     p = PRESETS[settings.preset]
     if settings.task == "segmentation":
-        return Segmenter(in_channels, p["unet"])
+        return Segmenter(in_channels, p["unet"], spatial_dims)
     return Classifier(in_channels, num_classes, p["layers"], p["planes"])
 
 
 def _min_size(settings: TrainSettings) -> int:
-    return 16 if settings.task == "segmentation" else 8   # BasicUNet halves the size four times
+    # BasicUNet halves the size four times, and instance norm needs more than one element at the deepest level
+    return 32 if settings.task == "segmentation" else 8
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -137,7 +139,7 @@ def validation_score(model, task: str, val, device, bf16: bool) -> float:
     """Higher is better: Dice over the whole validation set (segmentation), balanced accuracy (classification)."""
     probs = predict(model, val.images, task, device, bf16=bf16)
     if task == "segmentation":
-        return float(dice(probs > 0.5, val.targets > 0.5, dims=(0, 1, 2, 3)))
+        return float(dice(probs > 0.5, val.targets > 0.5, dims=tuple(range(probs.dim()))))
     from sklearn.metrics import balanced_accuracy_score
     return float(balanced_accuracy_score(val.targets.numpy(), probs.argmax(1).numpy()))
 
@@ -145,14 +147,15 @@ def validation_score(model, task: str, val, device, bf16: bool) -> float:
 def train(settings: TrainSettings, train_set, val_set, seed: int, desc: str = "train") -> tuple[nn.Module, dict]:
     """(the best model on the validation split, its log)."""
     s = settings.resolved()
-    if train_set.images.shape[-1] < _min_size(s):
-        raise UserError(f"the downstream {s.task} network needs images of at least {_min_size(s)} px "
-                        f"(these are {train_set.images.shape[-1]} px): raise --image_size")
+    smallest = min(train_set.images.shape[2:])
+    if smallest < _min_size(s):
+        raise UserError(f"the downstream {s.task} network needs images of at least {_min_size(s)} px on every side "
+                        f"(these have {smallest}): raise --image_size (or --volume_shape)")
     if len(train_set) == 0:
         raise UserError(f"{desc}: no training images")
     device = torch.device(s.device)
     torch.manual_seed(seed)
-    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes))).to(device)
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2).to(device)
     step_fn = torch.compile(model) if s.compile and device.type == "cuda" else model
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
     loss_fn = DiceCELoss(sigmoid=True, batch=True) if s.task == "segmentation" else nn.CrossEntropyLoss()
@@ -170,9 +173,10 @@ def train(settings: TrainSettings, train_set, val_set, seed: int, desc: str = "t
         idx, order = order[:s.batch_size], order[s.batch_size:]
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         flip = torch.rand(len(idx), generator=gen) < 0.5          # horizontal flips, the one augmentation
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        flip = flip.to(device).view(-1, *[1] * (x.dim() - 1))
+        x = torch.where(flip, x.flip(-1), x)
         if s.task == "segmentation":
-            y = torch.where(flip.to(device)[:, None, None, None], y.flip(-1), y)
+            y = torch.where(flip, y.flip(-1), y)
         model.train()
         with _autocast(device, s.bf16):
             loss = loss_fn(step_fn(x).float(), y)
@@ -217,7 +221,7 @@ def cached_reference(settings: TrainSettings, train_set, val_set, seed: int, cac
     key = content_key(train_set.images, train_set.targets, val_set.images, val_set.targets, s.key(), seed,
                       train_set.classes)
     path = Path(cache_dir) / f"{s.task}-{s.preset}-{key}.pt"
-    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)))
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2)
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

@@ -74,7 +74,7 @@ def markdown(study: dict) -> str:
     metric_names = list(study["rows"][0]["metrics"]) if study["rows"] else []
     out = [f"# Downstream utility: {study['task']}", "", verdict(study), ""]
     out += [f"Real data: {study['real_dir']}; synthetic: {', '.join(study['synthetic_dirs']) or '(none)'}; "
-            f"{study['image_size']} px; downstream model: {study['model']}; training: {study['training']}.", ""]
+            f"{size_label(study['image_size'])}; downstream model: {study['model']}; training: {study['training']}.", ""]
     out += [f"- {n}" for n in study.get("notes", [])] + ([""] if study.get("notes") else [])
     head = ["real fraction", "recipe", "N train (synthetic)"] + [LABELS.get(m, m) for m in metric_names] + \
            [f"{LABELS.get(primary, primary)} vs real [95% CI]", "p"]
@@ -205,3 +205,8 @@ def plot_closest_pairs(synthetic, train, order, nn, path: Path) -> Path:
     bottom = train.images[[int(nn[i]) for i in order]]
     save_grid(torch.cat([top, bottom]), path, nrow=max(1, len(order)))
     return path
+
+
+def size_label(size) -> str:
+    """'64 px', or '16x16x16 volumes' for a volume grid."""
+    return "x".join(map(str, size)) + " volumes" if isinstance(size, (list, tuple)) else f"{size} px"

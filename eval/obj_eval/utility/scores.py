@@ -32,10 +32,11 @@ def higher_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- segmentation
-def dice(pred: torch.Tensor, true: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
-    """Dice of {0, 1} masks over `dims` (per image by default; all dims for one figure over a set); 1 where
-    both are empty."""
+def dice(pred: torch.Tensor, true: torch.Tensor, dims=None) -> torch.Tensor:
+    """Dice of {0, 1} masks over `dims` (per image or volume by default; all dims for one figure over a set);
+    1 where both are empty."""
     pred, true = pred.float(), true.float()
+    dims = tuple(range(1, pred.dim())) if dims is None else dims
     inter = (pred * true).sum(dims)
     total = pred.sum(dims) + true.sum(dims)
     return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
@@ -48,16 +49,16 @@ def segmentation_scores(probs: torch.Tensor, test) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # MONAI warns about every empty mask it skips
         dice = compute_dice(pred, true, include_background=True, ignore_empty=True)[:, 0].numpy()
-        both = ((pred.sum((1, 2, 3)) > 0) & (true.sum((1, 2, 3)) > 0)).numpy()
+        both = ((pred.flatten(1).sum(1) > 0) & (true.flatten(1).sum(1) > 0)).numpy()
         hd = np.full(len(pred), np.nan)
         if both.any():
             hd[both] = compute_hausdorff_distance(pred[both], true[both], include_background=True,
                                                   percentile=95)[:, 0].numpy()
-    inter = (pred * true).sum((1, 2, 3)).numpy()
-    total = (pred.sum((1, 2, 3)) + true.sum((1, 2, 3))).numpy()
+    inter = (pred * true).flatten(1).sum(1).numpy()
+    total = (pred.flatten(1).sum(1) + true.flatten(1).sum(1)).numpy()
     n = len(units)
     subj_inter, subj_total = np.bincount(unit_of, inter, n), np.bincount(unit_of, total, n)
-    subj_true = np.bincount(unit_of, true.sum((1, 2, 3)).numpy(), n)
+    subj_true = np.bincount(unit_of, true.flatten(1).sum(1).numpy(), n)
     subj_ok = subj_true > 0                    # subjects without tumour have no Dice (as MONAI's ignore_empty)
     subj_dice = np.where(subj_ok, 2 * subj_inter / np.maximum(subj_total, 1e-9), 0.0)
     per_unit = {"dice_subject": (subj_dice, subj_ok.astype(float))}
