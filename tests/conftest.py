@@ -15,13 +15,59 @@ def demo_root(tmp_path_factory) -> Path:
     return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", n_subjects=8, shape=(32, 32, 24))
 
 
-def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300):
-    """Run one of the public scripts as a user would: python <path> ... from the repository root."""
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300, isolated: bool = False):
+    """Run one of the public scripts as a user would: `python <path> ...` from the repository root, returning
+    its exit code, stdout and stderr. By default the script runs in this process (runpy, as `__main__`: the same
+    flag parsing, run_main and exit codes; a fresh interpreter would spend ~4 s importing torch and MONAI on
+    every call). isolated=True, or MEDGEN_TEST_SUBPROCESS=1 for the whole suite, starts a real subprocess."""
     import os
     import subprocess
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    if isolated or os.environ.get("MEDGEN_TEST_SUBPROCESS"):
+        return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=timeout)
+    return _run_in_process(script, list(args), env or {})
+
+
+def _run_in_process(script: str, args: list, env: dict):
+    import contextlib
+    import io
+    import os
+    import runpy
+    import subprocess
+    import traceback
+    import warnings
+
+    from Generation.TrainGen.core import plugins
+    from Generation.TrainGen.core.modes import MODES
+    from Generation.TrainGen.core.strategies import STRATEGIES
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, list(sys.path), dict(os.environ), os.getcwd(), dict(MODES), dict(STRATEGIES),
+             dict(plugins._loaded))
+    code = 0
+    try:
+        os.environ.update(env)
+        os.chdir(ROOT)
+        sys.argv = [script, *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as stop:
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:  # noqa: BLE001 - what the interpreter would print, and its exit code
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        os.chdir(saved[3])
+        for registry, before in ((MODES, saved[4]), (STRATEGIES, saved[5]), (plugins._loaded, saved[6])):
+            # a plugin registers into MODES / STRATEGIES once per process: a fresh "process" loads it again
+            registry.clear()
+            registry.update(before)
+    return subprocess.CompletedProcess([sys.executable, script, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,7 @@ def test_torchrun_processes_match_one_process(tiny_models, tmp_path):
     # float reductions split their work by thread: equal results need equal threads per process, so both
     # runs use torchrun's default of one
     env = {"OMP_NUM_THREADS": "1"}
-    one = run_script(GEN, *bravo_args(tiny_models, tmp_path / "one", 8), env=env)
+    one = run_script(GEN, *bravo_args(tiny_models, tmp_path / "one", 8), env=env, isolated=True)   # threads: set at start-up
     assert one.returncode == 0, one.stderr[-2000:]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29631", GEN, *bravo_args(tiny_models, tmp_path / "ddp", 8)], cwd=ROOT,

@@ -82,7 +82,8 @@ def check_data(cfg, every_modality: bool = False) -> int:
         print_problems(lines)
         n_fatal += fatal
         n_slices[split] = len(data)
-    summary = ", ".join(f"{s}: {n} slices" for s, n in n_slices.items())
+    unit = "volumes" if cfg.data.spatial_dims == 3 else "slices"
+    summary = ", ".join(f"{s}: {n} {unit}" for s, n in n_slices.items())
     if n_fatal:
         print(f"{src.root}: {n_fatal} problem(s) found ({summary}); fix them or pass --skip_bad", file=sys.stderr)
         return 1
