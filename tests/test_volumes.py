@@ -209,6 +209,15 @@ def test_latent_diffusion_end_to_end(demo_root, tmp_path, dims):
     assert res.returncode == 0, res.stderr
     arr = np.asanyarray(nib.load(str(out / "sample_000000" / "bravo.nii.gz")).dataobj)
     assert arr.shape == ((16, 16, 8) if dims == 3 else (16, 16, 1)) and 0 <= arr.min() and arr.max() <= 1
+    if dims == 2:   # an autoencoder retrained in place would decode the run's latents wrongly: refused
+        ckpt = next(ae_run.glob("ckpt_*.pt"))
+        state = torch.load(ckpt, weights_only=False)
+        state["autoencoder"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state["autoencoder"].items()}
+        torch.save(state, ckpt)
+        res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tmp_path / "ld" / "run"),
+                         "--masks_from", str(demo_root / "brain"), "--num_images", "2", "--output_dir",
+                         str(tmp_path / "again"))
+        assert res.returncode == 2 and "changed since the run was trained" in res.stderr
 
 
 def test_latent_bad_input_is_one_clear_line(demo_root, tmp_path):

@@ -141,8 +141,9 @@ class LatentMode:
 
 @torch.no_grad()
 def latent_scale(ae: Autoencoder, mode, data, device) -> float:
-    """1 / std of the latents of the first SCALE_SAMPLES training samples (Rombach et al.'s scale factor)."""
-    index = torch.arange(min(SCALE_SAMPLES, len(data)))
+    """1 / std of the latents of SCALE_SAMPLES training samples drawn with a fixed seed (Rombach et al.'s scale
+    factor; not the first ones, which in a sorted folder may all be one class or one subject)."""
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:SCALE_SAMPLES]
     zs = [ae.encode(mode.split({k: v.to(device) for k, v in data.batch(chunk).items()})[0])
           for chunk in index.split(16)]
     std = float(torch.cat(zs).float().std())
@@ -150,6 +151,14 @@ def latent_scale(ae: Autoencoder, mode, data, device) -> float:
         raise UserError(f"--latent {ae.path}: the training latents have no variance (std {std}); the autoencoder "
                         "did not learn (train it longer)")
     return 1.0 / std
+
+
+def check_unchanged(mode, meta: dict, what: str) -> None:
+    """A latent run decodes with the autoencoder it was trained on: a file that changed since is refused."""
+    if isinstance(mode, LatentMode) and meta.get("autoencoder_sha256") not in (None, mode.ae.sha256):
+        raise UserError(f"{what}: its autoencoder {mode.ae.path} changed since the run was trained (SHA-256 "
+                        f"{mode.ae.sha256[:12]}, the run recorded {meta['autoencoder_sha256'][:12]}); "
+                        "use the original autoencoder checkpoint")
 
 
 def sample_shape(cfg, mode) -> tuple[int, ...]:

@@ -425,6 +425,7 @@ class DiffusionTrainer:
                                 f"resume with the same --{section if section != 'model' else 'config'}")
         self.load_state(state)
         if isinstance(self.mode, latent.LatentMode):   # the run's scale, as measured when it started
+            latent.check_unchanged(self.mode, state["meta"], f"--resume {path}")
             self.mode.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 

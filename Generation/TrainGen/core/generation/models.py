@@ -13,7 +13,7 @@ from Generation.TrainGen.core.config import stored_config
 from common.errors import UserError
 from common.features import sha256_of
 from Generation.TrainGen.core.network import build_unet
-from Generation.TrainGen.core.latent import sample_shape
+from Generation.TrainGen.core.latent import check_unchanged, sample_shape
 from Generation.TrainGen.core.trainer import build_parts
 
 
@@ -103,6 +103,7 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
         raise UserError(f"{flag} {file}: a latent run without its latent scale (damaged checkpoint)")
     strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"], device,
                               latent_scale=meta.get("latent_scale"))
+    check_unchanged(mode, meta, f"{flag} {file}")
     net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
                      spatial_dims=cfg.data.spatial_dims)
     weights = model_weights(state)
