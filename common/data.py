@@ -221,22 +221,22 @@ def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: 
     return problems
 
 
-def load_subject(subject: Path, layout: Layout, roles: list[str], affines: dict | None = None
+def load_subject(subject: Path, layout: Layout, roles: list[str], affines_out: dict | None = None
                  ) -> tuple[dict[str, np.ndarray], list[Problem]]:
     """Read and check every modality of one subject; volumes are returned only when nothing fatal was found
-    (their RAS affines are put in `affines` when it is given)."""
+    (their RAS affines are put in `affines_out` when it is given)."""
     files, problems = subject_files(subject, layout, roles)
-    vols, found, out_affines = {}, {}, affines
+    vols, affines = {}, {}
     for role, path in files.items():
         vol, affine, problem = read_volume(path)
         if problem:
             problems.append(problem)
         else:
-            vols[role], found[role] = vol, affine
+            vols[role], affines[role] = vol, affine
     if vols:
-        problems += check_volumes(files, vols, found, layout)
-    if out_affines is not None:
-        out_affines.update(found)
+        problems += check_volumes(files, vols, affines, layout)
+    if affines_out is not None:
+        affines_out.update(affines)
     return ({} if any(p.fatal for p in problems) else vols), problems
 
 
@@ -291,9 +291,8 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
 def fit_volume(x: torch.Tensor, shape: tuple[int, int, int], crop: int | None, mode: str) -> torch.Tensor:
     """(N, C, D, H, W): centre crop in-plane to `crop`, zero-pad in-plane to a square, then per axis zero-pad up to
     `shape` (D, H, W) and downsample what is larger (area for images, nearest for masks)."""
-    x = x[:, :, None] if x.dim() == 4 else x
     n, c, d, h, w = x.shape
-    x = fit_square(x.reshape(n, c * d, h, w), max(h, w) if crop is None else min(crop, max(h, w)), crop, "nearest")
+    x = fit_square(x.reshape(n, c * d, h, w), max(h, w) if crop is None else min(crop, max(h, w)), crop, mode)
     x = x.reshape(n, c, d, *x.shape[-2:])
     pads = []
     for size, want in zip(reversed(x.shape[2:]), reversed(shape)):
@@ -357,16 +356,15 @@ class Preprocess:
         return out
 
     def volume(self, imgs: np.ndarray | None, mask: np.ndarray | None, spacing) -> dict[str, torch.Tensor]:
-        """(Z, C, H, W) slices of one subject -> one volume on the configured grid."""
-        keep = not (self.positive_only and mask is not None and not mask.any())
-        source = (imgs if imgs is not None else mask).shape
-        out = {"index": torch.full((int(keep),), -1),
-               "spacing": torch.tensor([grid_spacing(spacing, (source[0], *source[2:]), self.volume_shape,
-                                                     self.crop_size)] * int(keep))}
-        as_volume = lambda a: torch.from_numpy(a[None].transpose(0, 2, 1, 3, 4).copy())  # noqa: E731 (1,C,Z,H,W)
+        """(Z, C, H, W) slices of one subject -> one volume on the configured grid (none when positive_only and
+        the mask is empty)."""
+        source = imgs if imgs is not None else mask
+        n = 0 if self.positive_only and mask is not None and not mask.any() else 1
+        grid = grid_spacing(spacing, (source.shape[0], *source.shape[2:]), self.volume_shape, self.crop_size)
+        out = {"index": torch.full((n,), -1), "spacing": torch.tensor([grid] * n)}
+        as_volume = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 0, 2, 3)))[None].float()  # noqa: E731
         if imgs is not None:
-            out["images"] = fit_volume(as_volume(imgs).float(), self.volume_shape, self.crop_size, "area").clamp_(0, 1)[:int(keep)]
+            out["images"] = fit_volume(as_volume(imgs), self.volume_shape, self.crop_size, "area").clamp_(0, 1)[:n]
         if mask is not None:
-            m = fit_volume(as_volume(mask).float(), self.volume_shape, self.crop_size, "nearest")
-            out["masks"] = m.to(torch.uint8)[:int(keep)]
+            out["masks"] = fit_volume(as_volume(mask), self.volume_shape, self.crop_size, "nearest").to(torch.uint8)[:n]
         return out
