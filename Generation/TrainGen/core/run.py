@@ -57,10 +57,11 @@ def resolve_run_dir(cfg, rt) -> Path:
     paths = PathConfig.from_compute(cfg.paths.compute)
     if cfg.paths.run_dir:
         return Path(cfg.paths.run_dir)
-    name = lambda stamp: cfg.paths.run_name.format(mode=cfg.mode.name + ("_ae" if cfg.runtime.stage == "autoencoder"
-                                                                          else ""), strategy=cfg.strategy.name,  # noqa: E731
-                                                   image_size=shape_text(cfg.data.shape, ""), epochs=cfg.optim.epochs,
-                                                   timestamp=stamp)
+    mode = cfg.mode.name + ("_ae" if cfg.runtime.stage == "autoencoder" else "")   # an autoencoder run says so
+
+    def name(stamp: str) -> str:
+        return cfg.paths.run_name.format(mode=mode, strategy=cfg.strategy.name, image_size=shape_text(cfg.data.shape, ""),
+                                         epochs=cfg.optim.epochs, timestamp=stamp)
     if cfg.runtime.resume == "auto":
         runs = sorted(p for p in paths.output_root.glob(name("*")) if list_checkpoints(p))
         if runs:
