@@ -70,6 +70,23 @@ def _run_in_process(script: str, args: list, env: dict):
     return subprocess.CompletedProcess([sys.executable, script, *args], code, out.getvalue(), err.getvalue())
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def torchrun(*args, env: dict | None = None, timeout: int = 240):
+    """Two CPU processes under torchrun (gloo) on a free port (--standalone), over the loopback interface. gloo
+    can abort a rank while the pair connections are set up (std::terminate from a connection thread:
+    pytorch/pytorch#188266, pytorch/gloo#514); that failure, and only that one, is retried once."""
+    import os
+    import subprocess
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if res.returncode != 0 and GLOO_ABORT in res.stderr:
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return res
+
+
 @pytest.fixture(scope="session")
 def tiny_models(demo_root, tmp_path_factory) -> dict:
     """Run folders of tiny models trained for a few steps: seg and bravo (DDPM), bravo (RFlow), class (DDPM).

@@ -1,20 +1,12 @@
 """Two CPU processes under torchrun with the gloo backend, and a run killed with SIGKILL that resumes."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
-from tests.conftest import ROOT, run_script
-
-
-def torchrun(*args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 2000), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+from tests.conftest import ROOT, run_script, torchrun
 
 
 def test_gloo_ddp_replicas_stay_equal(demo_root, tmp_path):

@@ -1,6 +1,5 @@
 import csv
 import gzip
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from common.errors import UserError
 from Generation.TrainGen.core.generation.conditions import MaskFilter
 from Generation.TrainGen.core.generation.writers import read_rows, sample_seed
 from Generation.TrainGen.generate import main as generate_main
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, torchrun
 
 GEN = "Generation/TrainGen/generate.py"
 LOOSE = ["--max_components", "1000", "--max_mask_area", "1", "--min_mask_area", "0"]
@@ -124,9 +123,7 @@ def test_torchrun_processes_match_one_process(tiny_models, tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     one = run_script(GEN, *bravo_args(tiny_models, tmp_path / "one", 8), env=env, isolated=True)   # threads: set at start-up
     assert one.returncode == 0, one.stderr[-2000:]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29631", GEN, *bravo_args(tiny_models, tmp_path / "ddp", 8)], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    res = torchrun(GEN, *bravo_args(tiny_models, tmp_path / "ddp", 8), env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "worker 1/2" in res.stdout and len(manifest(tmp_path / "ddp")) == 32
     a, b = arrays(tmp_path / "one"), arrays(tmp_path / "ddp")
