@@ -292,3 +292,20 @@ def test_utility_harness_runs_a_3d_segmenter(demo_root, tmp_path):
     mem = next(r for r in study["audit"] if r["metric"] == "memorization")
     assert mem["value"] > 0.95
     assert "32x32x32 volumes" in (out / "utility.md").read_text()
+
+
+def test_autoencoder_stage_resumes_exactly(demo_root, tmp_path):
+    """4 steps straight equal 2 steps, a stop, and --resume auto to 4: weights, discriminator and optimizer."""
+    def stage(root, max_steps, resume=None):
+        cfg = latent_cfg(demo_root, root, 2, optim={"max_steps": max_steps, "epochs": 3},
+                         runtime={"stage": "autoencoder", **({"resume": resume} if resume else {})},
+                         latent={"channels": [8, 16], "latent_channels": 2})
+        assert train(cfg) == 0
+        return torch.load(sorted((root / "run").glob("ckpt_*.pt"))[-1], weights_only=False)
+    straight = stage(tmp_path / "a", 7)
+    stage(tmp_path / "b", 3)
+    resumed = stage(tmp_path / "b", 7, resume="auto")
+    assert straight["step"] == resumed["step"] == 7 and straight["epoch"] == resumed["epoch"] == 1
+    for key in ("autoencoder", "discriminator"):
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key])
+    assert torch.equal(straight["rng"]["cpu"], resumed["rng"]["cpu"])

@@ -3,7 +3,9 @@ channels, with the losses of MONAI's generative tutorials: L1 reconstruction + l
 term (RadImageNet features, 2D; skipped with a note when the weights are absent or the data are volumes) and a
 least-squares PatchGAN term once latent.adv_start steps have passed. Checkpoints are written atomically every
 epoch (ckpt_*.pt, the last runtime.keep_last kept) and hold what a diffusion run needs: the weights, the config,
-the channel count and dimensionality (core/latent.py checks them against the diffusion run)."""
+the channel count and dimensionality (core/latent.py checks them against the diffusion run), and what an exact
+resume needs (`--resume auto|PATH`): both optimizers, the discriminator, the data position and the RNG state
+the reparameterisation draws from."""
 from __future__ import annotations
 
 import math
@@ -14,7 +16,7 @@ from monai.networks.nets import PatchDiscriminator
 from tqdm import tqdm
 
 from Generation.TrainGen.core.checkpoint import save_checkpoint
-from Generation.TrainGen.core.config import to_dict
+from Generation.TrainGen.core.config import stored_config, to_dict
 from Generation.TrainGen.core.latent import build_autoencoder, downsample_factor, latent_shape
 from Generation.TrainGen.core.modes import MODES
 from common.errors import UserError, lookup
@@ -59,8 +61,7 @@ class AutoencoderTrainer:
         self.percep = self.percep.to(dev) if self.percep is not None else None
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.optim.lr) if self.disc is not None else None
-        self.gen = torch.Generator().manual_seed(cfg.runtime.seed)
-        self.step = 0
+        self.step, self.epoch, self.batch_pos, self.saved_step = 0, 0, 0, -1
 
     def say(self, line: str) -> None:
         (self.logger.text if self.logger is not None else print)(line)
@@ -100,49 +101,87 @@ class AutoencoderTrainer:
         self.step += 1
         return {k: float(v.detach()) for k, v in parts.items() if k != "recon"}
 
-    def state(self, epoch: int) -> dict:
-        return {"autoencoder": self.net.state_dict(), "config": to_dict(self.cfg), "step": self.step, "epoch": epoch,
+    def state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        return {"autoencoder": self.net.state_dict(), "config": to_dict(self.cfg), "step": self.step,
+                "epoch": self.epoch, "batch_pos": self.batch_pos, "opt": self.opt.state_dict(), "rng": rng,
+                "discriminator": self.disc.state_dict() if self.disc is not None else None,
+                "opt_d": self.opt_d.state_dict() if self.disc is not None else None,
                 "meta": {"stage": "autoencoder", "mode": self.mode.name, "roles": list(self.mode.generated_roles),
                          "channels": self.mode.out_channels, "spatial_dims": self.cfg.data.spatial_dims,
                          "shape": list(self.cfg.data.shape), "latent_channels": self.cfg.latent.latent_channels}}
 
+    def resume(self, path) -> None:
+        """Continue exactly where a checkpoint of this stage stopped (weights, optimizers, data position, RNG)."""
+        from Generation.TrainGen.core.checkpoint import load_checkpoint
+        state = load_checkpoint(path, self.say)
+        if state.get("meta", {}).get("stage") != "autoencoder" or "opt" not in state:
+            raise UserError(f"--resume {path}: not a checkpoint of an autoencoder stage")
+        if to_dict(stored_config(state["config"]))["latent"] != to_dict(self.cfg)["latent"]:
+            raise UserError(f"--resume {path}: the checkpoint's latent settings differ from this run's")
+        self.net.load_state_dict(state["autoencoder"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and state["discriminator"] is not None:
+            self.disc.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.step, self.epoch, self.batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+        self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    def checkpoint(self) -> None:
+        """Save (atomically) and write the reconstruction grid, once per optimizer step."""
+        if self.run_dir is None or not self.rt.is_main or self.step == self.saved_step:
+            return
+        path = save_checkpoint(self.state(), self.run_dir, self.step, self.cfg.runtime.keep_last)
+        self.saved_step = self.step
+        self.say(f"saved {path.name}")
+        self.write_grid()
+
     def fit(self) -> None:
         o = self.cfg.optim
         max_steps = o.max_steps or math.inf
-        for epoch in range(o.epochs):
-            order = self.data.batch_indices(o.batch_size, epoch, self.cfg.runtime.seed)
+        while self.epoch < o.epochs and self.step < max_steps:
+            order = self.data.batch_indices(o.batch_size, self.epoch, self.cfg.runtime.seed)
             if len(order) == 0:
                 raise UserError(f"the training split has {len(self.data)} samples: too few for batch_size {o.batch_size}")
-            for idx in tqdm(order, desc=f"autoencoder epoch {epoch + 1}/{o.epochs}", leave=False,
-                            disable=not self.rt.is_main):
-                parts = self.train_step(self.data.batch(idx))
+            bar = tqdm(total=len(order), initial=self.batch_pos, desc=f"autoencoder epoch {self.epoch + 1}/{o.epochs}",
+                       leave=False, disable=not self.rt.is_main)
+            while self.batch_pos < len(order) and self.step < max_steps:
+                parts = self.train_step(self.data.batch(order[self.batch_pos]))
+                self.batch_pos += 1
+                bar.update(1)
                 if self.step % self.cfg.runtime.log_interval == 0 and self.logger is not None:
                     self.logger.scalars({f"train/{k}": v for k, v in parts.items()}, self.step)
-                if self.step >= max_steps:
-                    break
-            if self.run_dir is not None and self.rt.is_main:
-                path = save_checkpoint(self.state(epoch + 1), self.run_dir, self.step, self.cfg.runtime.keep_last)
-                self.say(f"saved {path.name}")
-                self.write_grid(epoch + 1)
-            if self.step >= max_steps:
-                break
+            bar.close()
+            if self.batch_pos < len(order):
+                break          # max_steps mid-epoch: the position is saved below
+            self.epoch, self.batch_pos = self.epoch + 1, 0
+            self.checkpoint()
+        self.checkpoint()
 
     @torch.no_grad()
-    def write_grid(self, epoch: int) -> None:
-        """Real images beside their reconstructions (logged to TensorBoard as well)."""
+    def write_grid(self) -> None:
+        """Real images beside their reconstructions from the posterior mean (no random draw, so writing it
+        changes nothing a resumed run would see); logged to TensorBoard as well."""
         from common.grid import save_grid
         n = min(8, len(self.data))
         x = self.mode.split({k: v.to(self.rt.device) for k, v in self.data.batch(torch.arange(n)).items()})[0]
         self.net.eval()
-        recon = self.net.reconstruct(x.float())
+        recon = self.net.decode(self.net.encode(x.float())[0])
         tiles = torch.stack([t for pair in zip(x[:, :1], recon[:, :1]) for t in pair]).add(1).div(2).clamp(0, 1)
-        path = save_grid(tiles.cpu(), self.run_dir / "samples" / f"reconstruction_{epoch:04d}.png", nrow=8, scale=2)
+        path = save_grid(tiles.cpu(), self.run_dir / "samples" / f"reconstruction_{self.step:08d}.png", nrow=8, scale=2)
         if self.logger is not None:
             self.logger.image("reconstruction", path, self.step)
 
 
-def train_autoencoder(cfg, rt, train_data, run_dir, logger) -> int:
+def train_autoencoder(cfg, rt, train_data, run_dir, logger, resume=None) -> int:
     tr = AutoencoderTrainer(cfg, rt, train_data, run_dir, logger)
+    if resume is not None:
+        tr.resume(resume)
     n = sum(p.numel() for p in tr.net.parameters())
     tr.say(f"autoencoder for {cfg.mode.name} ({', '.join(tr.mode.generated_roles)}): AutoencoderKL {n / 1e6:.2f}M "
            f"parameters, latent {cfg.latent.latent_channels} x "

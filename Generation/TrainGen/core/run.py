@@ -166,18 +166,18 @@ def train_stage1(cfg) -> int:
     """train.py --stage autoencoder: the first stage of latent diffusion (core/autoencoder.py)."""
     from Generation.TrainGen.core.autoencoder import train_autoencoder
     lookup(MODES, cfg.mode.name, "--mode")
-    for flag, given in (("--latent", cfg.latent.autoencoder), ("--resume", cfg.runtime.resume),
-                        ("--init_from", cfg.runtime.init_from), ("--multi_gpu", cfg.runtime.multi_gpu)):
+    for flag, given in (("--latent", cfg.latent.autoencoder), ("--init_from", cfg.runtime.init_from),
+                        ("--multi_gpu", cfg.runtime.multi_gpu)):
         if given:
-            raise UserError(f"{flag} does not apply to --stage autoencoder (a short single-process stage; "
-                            "start it again to retrain)")
+            raise UserError(f"{flag} does not apply to --stage autoencoder (a single-process first stage)")
     rt = init_runtime(cfg.runtime)
     logger = None
     try:
         train_data, val_data = load_data(cfg, rt)
         run_dir = resolve_run_dir(cfg, rt)
+        resume = resume_path(cfg, run_dir)
         logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
-        return train_autoencoder(cfg, rt, train_data, run_dir, logger)
+        return train_autoencoder(cfg, rt, train_data, run_dir, logger, resume)
     finally:
         if logger is not None:
             logger.close()
