@@ -65,6 +65,25 @@ run_resumable eval/obj_eval/run_utility.py --real_dir "$REAL_DIR" --synthetic_di
 """
 
 
+VOLUME = "--config config/volume_128.yaml"   # 128x128x96 volumes
+AUTOENCODER = """# Stage 1 of 3D latent diffusion; stage 2 (latent_3d_bravo.slurm) can wait for it:
+#   AE=$(sbatch --parsable IDUN/slurmT/autoencoder_3d_bravo.slurm)
+#   sbatch --dependency=afterok:$AE --export=ALL,AE_RUN=$MEDGEN_OUTPUT_ROOT/runs/autoencoder_3d_bravo_$AE \\
+#       IDUN/slurmT/latent_3d_bravo.slurm
+RUN_DIR="$MEDGEN_OUTPUT_ROOT/runs/autoencoder_3d_bravo_$JOB_ID"
+run_training 1 "$RUN_DIR" Generation/TrainGen/train.py --stage autoencoder --mode bravo {volume} \\
+    --epochs 100 --batch_size 2 --compute cluster --run_dir "$RUN_DIR" --resume auto
+"""
+
+LATENT = """# Stage 2: rectified flow on the latents of AE_RUN (an autoencoder_3d_bravo run folder).
+: "${{AE_RUN:=${{DRY_RUN:+\\$AE_RUN}}}}"
+: "${{AE_RUN:?set AE_RUN (the autoencoder run folder)}}"
+RUN_DIR="$MEDGEN_OUTPUT_ROOT/runs/latent_3d_bravo_$JOB_ID"
+run_training 1 "$RUN_DIR" Generation/TrainGen/train.py --mode bravo --strategy rflow {volume} --latent "$AE_RUN" \\
+    --set model.gradient_checkpointing=false --batch_size 8 --compute cluster --run_dir "$RUN_DIR" --resume auto
+"""
+
+
 def templates() -> dict[str, str]:
     out = {}
     for strategy in STRATEGIES:
@@ -91,6 +110,14 @@ def templates() -> dict[str, str]:
         name="utility", nodes=1, gpus=1, cpus=8, mem="64G", time="1-00:00:00",
         what="A downstream utility study (real vs real+synthetic, faithfulness, memorization).",
         file="IDUN/slurmT/utility.slurm") + UTILITY.format()
+    out["autoencoder_3d_bravo.slurm"] = HEADER.format(
+        name="autoencoder_3d_bravo", nodes=1, gpus=1, cpus=8, mem="64G", time="1-00:00:00",
+        what="The AutoencoderKL of 3D latent diffusion (128x128x96 bravo); checkpoints on SIGUSR1 and requeues.",
+        file="IDUN/slurmT/autoencoder_3d_bravo.slurm") + AUTOENCODER.format(volume=VOLUME)
+    out["latent_3d_bravo.slurm"] = HEADER.format(
+        name="latent_3d_bravo", nodes=1, gpus=1, cpus=8, mem="64G", time="2-00:00:00",
+        what="3D bravo x rflow in an autoencoder's latent space; checkpoints on SIGUSR1 and requeues.",
+        file="IDUN/slurmT/latent_3d_bravo.slurm") + LATENT.format(volume=VOLUME)
     return out
 
 

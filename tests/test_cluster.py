@@ -198,3 +198,13 @@ def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):
                                                           "intensity_w1"]
     for r in rows:
         assert r["value"] > 0 and "on: " in r["note"] and "off " in r["note"]
+
+
+def test_latent_3d_templates_chain_the_two_stages():
+    env = {"MEDGEN_OUTPUT_ROOT": "/out", "MEDGEN_DATA_ROOT": "/data", "SLURM_JOB_ID": "9"}
+    ae = dry_run(SLURM_DIR / "autoencoder_3d_bravo.slurm", **env)
+    assert ae.endswith("train.py --stage autoencoder --mode bravo --config config/volume_128.yaml --epochs 100 "
+                       "--batch_size 2 --compute cluster --run_dir /out/runs/autoencoder_3d_bravo_9 --resume auto")
+    ld = dry_run(SLURM_DIR / "latent_3d_bravo.slurm", **env, AE_RUN="/out/runs/autoencoder_3d_bravo_8")
+    assert "--latent /out/runs/autoencoder_3d_bravo_8" in ld and ld.endswith("--run_dir /out/runs/latent_3d_bravo_9 "
+                                                                             "--resume auto")

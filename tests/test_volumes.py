@@ -309,3 +309,16 @@ def test_autoencoder_stage_resumes_exactly(demo_root, tmp_path):
     for key in ("autoencoder", "discriminator"):
         assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key])
     assert torch.equal(straight["rng"]["cpu"], resumed["rng"]["cpu"])
+
+
+def test_autoencoder_stage_honours_a_preemption_request(demo_root, tmp_path):
+    """The SLURM trap's .preempt file: the stage checkpoints at its next log interval, leaves .requeue, stops."""
+    run = tmp_path / "ae" / "run"
+    run.mkdir(parents=True)
+    (run / ".preempt").touch()
+    cfg = latent_cfg(demo_root, tmp_path / "ae", 2, optim={"max_steps": 50, "epochs": 5},
+                     runtime={"stage": "autoencoder", "log_interval": 2},
+                     latent={"channels": [8, 16], "latent_channels": 2})
+    assert train(cfg) == 0
+    assert (run / ".requeue").is_file() and not (run / ".preempt").exists()
+    assert [p.name for p in run.glob("ckpt_*.pt")] == ["ckpt_00000002.pt"]

@@ -132,6 +132,17 @@ class AutoencoderTrainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
         self.say(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
+    def preempted(self) -> bool:
+        """A <run>/.preempt request (the SLURM script's SIGUSR1 trap): checkpoint, leave .requeue, stop."""
+        from Generation.TrainGen.core.trainer import PREEMPT_FILE, REQUEUE_FILE
+        if self.run_dir is None or not (self.run_dir / PREEMPT_FILE).exists():
+            return False
+        self.checkpoint()
+        (self.run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+        (self.run_dir / REQUEUE_FILE).touch()
+        self.say(f"preempted at step {self.step}: checkpoint saved; the job script requeues and resumes")
+        return True
+
     def checkpoint(self) -> None:
         """Save (atomically) and write the reconstruction grid, once per optimizer step."""
         if self.run_dir is None or not self.rt.is_main or self.step == self.saved_step:
@@ -154,8 +165,12 @@ class AutoencoderTrainer:
                 parts = self.train_step(self.data.batch(order[self.batch_pos]))
                 self.batch_pos += 1
                 bar.update(1)
-                if self.step % self.cfg.runtime.log_interval == 0 and self.logger is not None:
-                    self.logger.scalars({f"train/{k}": v for k, v in parts.items()}, self.step)
+                if self.step % self.cfg.runtime.log_interval == 0:
+                    if self.logger is not None:
+                        self.logger.scalars({f"train/{k}": v for k, v in parts.items()}, self.step)
+                    if self.preempted():
+                        bar.close()
+                        return
             bar.close()
             if self.batch_pos < len(order):
                 break          # max_steps mid-epoch: the position is saved below
