@@ -8,9 +8,9 @@ SCRIPTS = ["Generation/TrainGen/train.py", "Generation/TrainGen/generate.py", "G
            "eval/obj_eval/run_evaluation.py", "eval/obj_eval/run_utility.py", "eval/obj_eval/generate_report.py", "eval/obj_eval/metrics/fid.py",
            "eval/obj_eval/metrics/lpips_eval.py", "eval/obj_eval/metrics/ms_ssim.py",
            "eval/obj_eval/metrics/mae_psnr.py", "bench/benchmark.py"]
-# flags of other programs the README shows (sbatch, pip, torchrun)
+# flags of other programs the README shows (sbatch, pip, torchrun, huggingface-cli)
 FOREIGN = {"--account", "--export", "--constraint", "--signal", "--dependency", "--no-deps", "--nproc_per_node",
-           "--local-dir"}   # flags of sbatch, pip, torchrun and huggingface-cli
+           "--local-dir"}
 FLAG = re.compile(r"--[a-z][a-z0-9_-]*")
 
 
