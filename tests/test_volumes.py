@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.metrics import SSIMMetric
+from PIL import Image
 
 from common import data as nifti
 from common.dataset import load_split
@@ -322,3 +323,29 @@ def test_autoencoder_stage_honours_a_preemption_request(demo_root, tmp_path):
     assert train(cfg) == 0
     assert (run / ".requeue").is_file() and not (run / ".preempt").exists()
     assert [p.name for p in run.glob("ckpt_*.pt")] == ["ckpt_00000002.pt"]
+
+
+def test_segment_volumes_and_class_latents_reach_generation(demo_root, tmp_path):
+    """The modes that need an image (segment, 3D) or a label (class, in a latent space) generate too."""
+    cfg = vol_cfg(demo_root, tmp_path / "segment", "segment", "ddpm", optim={"max_steps": 2},
+                  runtime={"val_interval": 100})
+    assert train(cfg) == 0
+    res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tmp_path / "segment" / "run"),
+                     "--images_from", str(demo_root / "brain" / "val"), "--num_steps", "2",
+                     "--output_dir", str(tmp_path / "masks"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    mask = np.asanyarray(nib.load(str(tmp_path / "masks" / "sample_000000" / "seg.nii.gz")).dataobj)
+    assert mask.shape == (16, 16, 8) and set(np.unique(mask)) <= {0, 1}
+
+    latent = {"channels": [8, 16], "latent_channels": 2}
+    stage = {"data": {"image_size": 16}, "optim": {"batch_size": 4, "max_steps": 2}}
+    assert train(tiny_cfg(demo_root, tmp_path / "cae", "class", "ddpm", runtime={"stage": "autoencoder"},
+                          latent=latent, **stage)) == 0
+    assert train(tiny_cfg(demo_root, tmp_path / "cld", "class", "ddpm", runtime={"val_interval": 100},
+                          latent={"autoencoder": str(tmp_path / "cae" / "run")}, **stage)) == 0
+    res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tmp_path / "cld" / "run"),
+                     "--num_images", "4", "--num_steps", "2", "--guidance_scale", "2",
+                     "--output_dir", str(tmp_path / "classes"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    pngs = sorted((tmp_path / "classes").glob("*/sample_*.png"))
+    assert len(pngs) == 4 and all(Image.open(p).size == (16, 16) for p in pngs)   # decoded to the data's size
