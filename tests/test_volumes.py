@@ -349,3 +349,25 @@ def test_segment_volumes_and_class_latents_reach_generation(demo_root, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     pngs = sorted((tmp_path / "classes").glob("*/sample_*.png"))
     assert len(pngs) == 4 and all(Image.open(p).size == (16, 16) for p in pngs)   # decoded to the data's size
+
+
+def test_volume_autoencoder_perceptual_term_is_2_5d(demo_root, tmp_path):
+    """With RadImageNet weights (made here), a volume autoencoder's perceptual term is the mean of three
+    per-axis distances on a fifth of the slices: zero for a perfect reconstruction, positive otherwise."""
+    from Generation.TrainGen.core.autoencoder import perceptual_term, slice_sample
+    torch.manual_seed(0)
+    net = ResNet50Features().eval()
+    x = torch.rand(2, 1, 10, 16, 20) * 2 - 1
+    sample = slice_sample(x, x)
+    assert [a.shape for a, _ in sample] == [(2 * 2, 1, 16, 20), (2 * 3, 1, 10, 20), (2 * 4, 1, 10, 16)]
+    assert all(torch.equal(a, b) for a, b in sample)
+    with torch.no_grad():
+        assert float(perceptual_term(net, x, x)) == pytest.approx(0, abs=1e-6)
+        assert float(perceptual_term(net, x.flip(-1), x)) > 0
+    weights = tmp_path / "radimagenet.pt"
+    torch.save(net.state_dict(), weights)
+    cfg = latent_cfg(demo_root, tmp_path / "ae", 3, optim={"max_steps": 2, "perceptual_weights": str(weights)},
+                     runtime={"stage": "autoencoder", "log_interval": 1},
+                     latent={"channels": [8, 16], "latent_channels": 2})
+    assert train(cfg) == 0
+    assert "perceptual=" in (tmp_path / "ae" / "run" / "train.log").read_text()

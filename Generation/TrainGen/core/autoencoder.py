@@ -1,6 +1,7 @@
 """Stage 1 of latent diffusion: train.py --stage autoencoder trains a MONAI AutoencoderKL on the mode's generated
 channels, with the losses of MONAI's generative tutorials: L1 reconstruction + latent.kl_weight * KL, a perceptual
-term (RadImageNet features, 2D; skipped with a note when the weights are absent or the data are volumes) and a
+term (RadImageNet features; on volumes 2.5D, a fifth of the slices along each axis as MONAI's "fake 3D" loss;
+skipped with a note when the weights are absent) and a
 least-squares PatchGAN term once latent.adv_start steps have passed. Checkpoints are written atomically every
 epoch (ckpt_*.pt, the last runtime.keep_last kept) and hold what a diffusion run needs: the weights, the config,
 the channel count and dimensionality (core/latent.py checks them against the diffusion run), and what an exact
@@ -28,12 +29,35 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-def perceptual_net(cfg, spatial_dims: int, say):
+FAKE_3D_RATIO = 0.2   # volumes: the share of slices along each axis that the 2D perceptual term sees (MAISI)
+
+
+def slice_sample(x: torch.Tensor, y: torch.Tensor, ratio: float = FAKE_3D_RATIO):
+    """Volumes (B, C, D, H, W) -> [(x slices, y slices)] for each of the three axes: the same randomly chosen
+    `ratio` of the slices of both, as MONAI's "fake 3D" perceptual loss takes them (global RNG, which the
+    stage's checkpoints save)."""
+    out = []
+    for axis in (2, 3, 4):
+        n = x.shape[axis]
+        pick = torch.randperm(n, device=x.device)[:max(1, int(n * ratio))]
+        take = lambda v: v.index_select(axis, pick).movedim(axis, 1).flatten(0, 1)  # noqa: E731
+        out.append((take(x), take(y)))
+    return out
+
+
+def perceptual_term(net, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """RadImageNet perceptual distance of images in [-1, 1]; volumes: the mean over the three axes of the
+    distance on a sample of their slices (2.5D)."""
+    from common.features import perceptual_distance
+    if x.dim() == 4:
+        return perceptual_distance(net, (recon + 1) / 2, (x + 1) / 2).mean()
+    return torch.stack([perceptual_distance(net, (a + 1) / 2, (b + 1) / 2).mean()
+                        for a, b in slice_sample(recon, x)]).mean()
+
+
+def perceptual_net(cfg, say):
     """The RadImageNet feature network for the perceptual term, or None (said once) when it cannot be used."""
     if cfg.latent.perceptual_weight <= 0:
-        return None
-    if spatial_dims != 2:
-        say("note: the perceptual term is 2D; this volume autoencoder trains with L1 + KL + adversarial")
         return None
     from common.features import load_radimagenet
     try:
@@ -57,7 +81,7 @@ class AutoencoderTrainer:
         self.disc = PatchDiscriminator(spatial_dims=dims, channels=32, in_channels=self.mode.out_channels,
                                        num_layers_d=layers).to(dev) if cfg.latent.adv_weight > 0 else None
         self.adv = PatchAdversarialLoss(criterion="least_squares")
-        self.percep = perceptual_net(cfg, dims, self.say)
+        self.percep = perceptual_net(cfg, self.say)
         self.percep = self.percep.to(dev) if self.percep is not None else None
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.optim.lr)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.optim.lr) if self.disc is not None else None
@@ -71,8 +95,7 @@ class AutoencoderTrainer:
         parts = {"l1": (recon - x).abs().mean(), "kl": kl_loss(mu, sigma)}
         loss = parts["l1"] + self.cfg.latent.kl_weight * parts["kl"]
         if self.percep is not None:
-            from common.features import perceptual_distance
-            parts["perceptual"] = perceptual_distance(self.percep, (recon + 1) / 2, (x + 1) / 2).mean()
+            parts["perceptual"] = perceptual_term(self.percep, recon, x)
             loss = loss + self.cfg.latent.perceptual_weight * parts["perceptual"]
         if self.disc is not None and self.step >= self.cfg.latent.adv_start:
             parts["generator"] = self.adv(self.disc(recon.contiguous().float())[-1], target_is_real=True,
