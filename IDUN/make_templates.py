@@ -98,26 +98,22 @@ def templates() -> dict[str, str]:
                                                      file=f"IDUN/slurmT/{name}.slurm") + \
                     TRAIN.format(name=name, gpus=gpus, mode=mode, strategy=strategy,
                                  multi=" --multi_gpu" if multi else "")
-    out["generate_array.slurm"] = HEADER.format(
-        name="generate", nodes=1, gpus=1, cpus=8, mem="64G", time="0-12:00:00",
-        what="A job array building one synthetic dataset; requeues on SIGUSR1, finished samples are kept.",
-        file="IDUN/slurmT/generate_array.slurm") + GENERATE.format()
-    out["evaluate.slurm"] = HEADER.format(
-        name="evaluate", nodes=1, gpus=1, cpus=8, mem="64G", time="0-04:00:00",
-        what="Evaluates a synthetic dataset against a real one (FID, LPIPS, MS-SSIM, MAE, PSNR).",
-        file="IDUN/slurmT/evaluate.slurm") + EVALUATE.format()
-    out["utility.slurm"] = HEADER.format(
-        name="utility", nodes=1, gpus=1, cpus=8, mem="64G", time="1-00:00:00",
-        what="A downstream utility study (real vs real+synthetic, faithfulness, memorization).",
-        file="IDUN/slurmT/utility.slurm") + UTILITY.format()
-    out["autoencoder_3d_bravo.slurm"] = HEADER.format(
-        name="autoencoder_3d_bravo", nodes=1, gpus=1, cpus=8, mem="64G", time="1-00:00:00",
-        what="The AutoencoderKL of 3D latent diffusion (128x128x96 bravo); checkpoints on SIGUSR1 and requeues.",
-        file="IDUN/slurmT/autoencoder_3d_bravo.slurm") + AUTOENCODER.format(volume=VOLUME)
-    out["latent_3d_bravo.slurm"] = HEADER.format(
-        name="latent_3d_bravo", nodes=1, gpus=1, cpus=8, mem="64G", time="2-00:00:00",
-        what="3D bravo x rflow in an autoencoder's latent space; checkpoints on SIGUSR1 and requeues.",
-        file="IDUN/slurmT/latent_3d_bravo.slurm") + LATENT.format(volume=VOLUME)
+    single = [("generate_array", "generate", "0-12:00:00",
+               "A job array building one synthetic dataset; requeues on SIGUSR1, finished samples are kept.",
+               GENERATE.format()),
+              ("evaluate", "evaluate", "0-04:00:00",
+               "Evaluates a synthetic dataset against a real one (FID, LPIPS, MS-SSIM, MAE, PSNR).", EVALUATE.format()),
+              ("utility", "utility", "1-00:00:00",
+               "A downstream utility study (real vs real+synthetic, faithfulness, memorization).", UTILITY.format()),
+              ("autoencoder_3d_bravo", "autoencoder_3d_bravo", "1-00:00:00",
+               "The AutoencoderKL of 3D latent diffusion (128x128x96 bravo); checkpoints on SIGUSR1 and requeues.",
+               AUTOENCODER.format(volume=VOLUME)),
+              ("latent_3d_bravo", "latent_3d_bravo", "2-00:00:00",
+               "3D bravo x rflow in an autoencoder's latent space; checkpoints on SIGUSR1 and requeues.",
+               LATENT.format(volume=VOLUME))]
+    for file, name, time, what, body in single:   # one GPU, 8 CPUs, 64 GB each
+        out[f"{file}.slurm"] = HEADER.format(name=name, nodes=1, gpus=1, cpus=8, mem="64G", time=time, what=what,
+                                             file=f"IDUN/slurmT/{file}.slurm") + body
     return out
 
 
