@@ -270,6 +270,14 @@ def normalise(vol: np.ndarray, percentiles: tuple[float, float] | None = (0.5, 9
     return np.clip((vol - lo) / (hi - lo), 0.0, 1.0)
 
 
+def pad_square(x: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """Zero-pad the last two axes, centred, to side x side (default: the longer of the two)."""
+    h, w = x.shape[-2:]
+    side = max(h, w) if side is None else side
+    ph, pw = side - h, side - w
+    return x if (ph, pw) == (0, 0) else F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
 def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch.Tensor:
     """(N, C, H, W): centre crop to `crop`, zero-pad to a square, resize to size x size."""
     h, w = x.shape[-2:]
@@ -278,9 +286,7 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
         x = x[..., top:top + crop, left:left + crop]
         h, w = x.shape[-2:]
     side = max(h, w)
-    if (h, w) != (side, side):
-        ph, pw = side - h, side - w
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    x = pad_square(x, side)
     if side == size:
         return x
     if mode == "nearest":

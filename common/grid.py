@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.data import pad_square
 from common.fileio import atomic_write
 
 OUTLINE_RGB = (1.0, 0.15, 0.1)
@@ -47,11 +48,7 @@ def mid_planes(volumes: torch.Tensor) -> torch.Tensor:
     d, h, w = volumes.shape[2:]
     side = max(d, h, w)
     planes = [volumes[:, :, d // 2], volumes[:, :, :, h // 2].flip(2), volumes[:, :, :, :, w // 2].flip(2)]
-
-    def square(x):
-        ph, pw = side - x.shape[-2], side - x.shape[-1]
-        return torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-    return torch.stack([square(p) for p in planes], 1).flatten(0, 1)
+    return torch.stack([pad_square(p, side) for p in planes], 1).flatten(0, 1)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, masks: torch.Tensor | None = None,

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from common.data import pad_square
 from config.paths import PathConfig
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.core.inputs import EvalSet, load_set, pair
@@ -113,11 +113,7 @@ PLANES = ("axial", "coronal", "sagittal")
 def plane_slices(s: EvalSet, plane: str) -> EvalSet:
     """Every slice of every volume along one plane, zero-padded to a square (2.5D FID, as MAISI reports it)."""
     axis = 2 + PLANES.index(plane)                     # (N, C, D, H, W): axial cuts D, coronal H, sagittal W
-    x = s.images.movedim(axis, 1)                      # (N, k, C, a, b)
-    x = x.flatten(0, 1)
-    side = max(x.shape[-2:])
-    ph, pw = side - x.shape[-2], side - x.shape[-1]
-    x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    x = pad_square(s.images.movedim(axis, 1).flatten(0, 1))   # (N k, C, a, b) -> square
     k = s.images.shape[axis]
     ids = [f"{i}#{plane}{j}" for i in s.ids for j in range(k)]
     return EvalSet(s.root, s.kind, x, ids, ids)
