@@ -53,10 +53,12 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
         add_flag(p, f"{k}-sha256", default=None, help=f"pin the {k} file's full SHA-256")
 
 
-def parse_volume_shape(text: str | None) -> list[int] | None:
-    """'64,64,48' -> [64, 64, 48] (H, W, D); None stays None."""
+def parse_volume_shape(text: str | None, spatial_dims: int) -> list[int] | None:
+    """--volume-shape '64,64,48' -> [64, 64, 48] (H, W, D); None stays None. Only with --spatial-dims 3."""
     if text is None:
         return None
+    if spatial_dims != 3:
+        raise UserError("--volume-shape needs --spatial-dims 3")
     try:
         shape = [int(v) for v in text.split(",")]
     except ValueError:
@@ -75,9 +77,7 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
         raise UserError("--batch-size must be at least 1")
     if args.image_size is not None and args.image_size < 8:
         raise UserError("--image-size must be at least 8")
-    volume = parse_volume_shape(args.volume_shape)
-    if volume is not None and args.spatial_dims != 3:
-        raise UserError("--volume-shape needs --spatial-dims 3")
+    volume = parse_volume_shape(args.volume_shape, args.spatial_dims)
     nets = tuple(n.strip() for n in getattr(args, "feature_network", "inception").split(",") if n.strip())
     for n in nets:
         check_fid_network(n)

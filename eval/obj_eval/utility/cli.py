@@ -87,14 +87,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def eval_size(args) -> tuple[dict, object]:
     """({synthetic folder: native size}, the evaluation size: px, or an [H, W, D] grid with --spatial-dims 3)."""
+    from eval.obj_eval.core.cli import parse_volume_shape
+    volume = parse_volume_shape(args.volume_shape, args.spatial_dims)
     if args.spatial_dims == 2:
-        if args.volume_shape:
-            raise UserError("--volume-shape needs --spatial-dims 3")
         natives = data.native_sizes(args.synthetic_dir)
         return natives, args.image_size or data.default_size(natives, args.real_dir)
-    from eval.obj_eval.core.cli import parse_volume_shape
     from eval.obj_eval.core.inputs import native_volume_shape
-    shape = parse_volume_shape(args.volume_shape) or native_volume_shape(
+    shape = volume or native_volume_shape(
         args.synthetic_dir[0] if args.synthetic_dir else args.real_dir,
         "--synthetic_dir" if args.synthetic_dir else "--real_dir")
     return {d: None for d in args.synthetic_dir}, shape
