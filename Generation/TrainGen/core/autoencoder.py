@@ -73,7 +73,7 @@ class AutoencoderTrainer:
         self.mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, len(train_data.class_names) or None,
                                                           train_data.images.shape[1] if train_data.images is not None else None)
         dims = cfg.data.spatial_dims
-        latent_shape(cfg.data.shape, downsample_factor(cfg.latent))   # a shape the encoder cannot halve fails now
+        self.latent_grid = latent_shape(cfg.data.shape, downsample_factor(cfg.latent))   # fails now if not halvable
         dev = rt.device
         self.net = build_autoencoder(cfg.latent, dims, self.mode.out_channels).to(dev)
         # MONAI's tutorials use 3 strided layers; fewer where the smallest side would fall below the 4-voxel kernel
@@ -157,12 +157,11 @@ class AutoencoderTrainer:
 
     def preempted(self) -> bool:
         """A <run>/.preempt request (the SLURM script's SIGUSR1 trap): checkpoint, leave .requeue, stop."""
-        from Generation.TrainGen.core.trainer import PREEMPT_FILE, REQUEUE_FILE
+        from Generation.TrainGen.core.trainer import PREEMPT_FILE, leave_requeue_mark
         if self.run_dir is None or not (self.run_dir / PREEMPT_FILE).exists():
             return False
         self.checkpoint()
-        (self.run_dir / PREEMPT_FILE).unlink(missing_ok=True)
-        (self.run_dir / REQUEUE_FILE).touch()
+        leave_requeue_mark(self.run_dir)
         self.say(f"preempted at step {self.step}: checkpoint saved; the job script requeues and resumes")
         return True
 
@@ -222,7 +221,6 @@ def train_autoencoder(cfg, rt, train_data, run_dir, logger, resume=None) -> int:
         tr.resume(resume)
     n = sum(p.numel() for p in tr.net.parameters())
     tr.say(f"autoencoder for {cfg.mode.name} ({', '.join(tr.mode.generated_roles)}): AutoencoderKL {n / 1e6:.2f}M "
-           f"parameters, latent {cfg.latent.latent_channels} x "
-           f"{'x'.join(map(str, latent_shape(cfg.data.shape, downsample_factor(cfg.latent))))}")
+           f"parameters, latent {cfg.latent.latent_channels} x {'x'.join(map(str, tr.latent_grid))}")
     tr.fit()
     return 0

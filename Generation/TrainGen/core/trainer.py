@@ -34,6 +34,12 @@ PREEMPT_FILE = ".preempt"   # touched by the SLURM script's SIGUSR1 trap (or by 
 REQUEUE_FILE = ".requeue"   # left by a preempted run: the job script requeues itself
 
 
+def leave_requeue_mark(run_dir: Path) -> None:
+    """After the checkpoint a preemption request asked for: the request is answered, the job script requeues."""
+    (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+    (run_dir / REQUEUE_FILE).touch()
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -331,8 +337,7 @@ class DiffusionTrainer:
         """Preemption: checkpoint now (every rank takes part), leave <run>/.requeue for the job script."""
         self.checkpoint(False)
         if self.rt.is_main and self.run_dir is not None:
-            (self.run_dir / PREEMPT_FILE).unlink(missing_ok=True)
-            (self.run_dir / REQUEUE_FILE).touch()
+            leave_requeue_mark(self.run_dir)
             self.log_line(f"preempted at optimizer step {self.step} (epoch {self.epoch}): checkpoint saved; "
                           f"the job script requeues and resumes with --resume auto")
         return "preempted"
