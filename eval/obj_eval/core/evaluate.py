@@ -280,18 +280,23 @@ def diversity_record(o: Options, synth: EvalSet, real: EvalSet, device, name: st
     return rec
 
 
-def downstream_records(o: Options, wanted: set[str], device) -> list[dict]:
+def volume_grid(s: EvalSet) -> list[int] | None:
+    """[H, W, D] of a set of volumes (data.volume_shape's order); None for images."""
+    if s.images.dim() != 5:
+        return None
+    d, h, w = (int(n) for n in s.images.shape[2:])
+    return [h, w, d]
+
+
+def downstream_records(o: Options, wanted: set[str], device, grid: list[int] | None = None) -> list[dict]:
     """Faithfulness, memorization and the domain feature-space metrics (eval/obj_eval/utility/audit.py), with
-    the downstream network trained on the real training data; one unavailable record each when that fails."""
+    the downstream network trained on the real training data; one unavailable record each when that fails.
+    `grid`: the volume grid the image metrics read both sets on (volumes only)."""
     from eval.obj_eval.utility.cli import audit_records
     names = [m for m in DOWNSTREAM_METRICS if m in wanted]
     out = Path(o.output) if o.output else Path(o.synthetic_dir) / "eval"
     try:
-        size = o.image_size
-        if o.spatial_dims == 3:
-            from eval.obj_eval.core.inputs import native_volume_shape
-            size = o.volume_shape or native_volume_shape(o.synthetic_dir)
-        recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, size,
+        recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, grid or o.image_size,
                              o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute)
     except UserError as err:
         return [unavailable(n, str(err)) for n in names]
@@ -326,11 +331,11 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
             lpips_net = load_lpips(o.lpips_net, o.weights.get(o.lpips_net), o.weights_sha256.get(o.lpips_net))
         except UserError as err:
             lpips_net = str(err)
+    grid = volume_grid(synth)
     result = {"synthetic_dir": str(Path(o.synthetic_dir).resolve()),
               "real_dir": str(Path(o.real_dir).resolve()) if real is not None else None,
               "n_synthetic": len(synth), "n_real": len(real) if real is not None else 0, "image_size": int(synth.images.shape[-1]),
-              **({"volume_shape": [int(n) for n in synth.images.shape[3:]] + [int(synth.images.shape[2])]}
-                 if synth.images.dim() == 5 else {}),
+              **({"volume_shape": grid} if grid else {}),
               "image_type": o.image_type, "positive_only": o.positive_only, "seed": o.seed, "metrics": []}
     families = []
     if "fid" in wanted:
@@ -340,7 +345,7 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     if "diversity" in o.modes and wanted & {"ms_ssim", "lpips"}:
         families.append(lambda: diversity_records(o, synth, real, device, wanted, lpips_net))
     if wanted & set(DOWNSTREAM_METRICS):
-        families.append(lambda: downstream_records(o, wanted, device))
+        families.append(lambda: downstream_records(o, wanted, device, grid))
     for family in families:
         result["metrics"] += family()
         if out_dir is not None:
