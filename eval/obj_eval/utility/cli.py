@@ -32,6 +32,15 @@ def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     add_flag(g, "patience", type=int, default=5, help="early stopping: validations without improvement")
     add_flag(g, "no-bf16", action="store_true", help="CUDA: train in float32 instead of bf16 autocast")
     add_flag(g, "compile", action="store_true", help="CUDA: torch.compile the downstream network")
+    add_split_flags(g)
+
+
+def add_split_flags(p) -> None:
+    add_flag(p, "split-seed", type=int, default=None,
+             help="a flat real folder (no train/val folders): its split seed (default: the generator's, from the "
+                  "synthetic folder's generation.json; else 0)")
+    add_flag(p, "val-fraction", type=float, default=None,
+             help="a flat real folder: its validation share (default: the generator's; else 0.2)")
 
 
 def train_settings(args, task: str, device: str) -> models.TrainSettings:
@@ -67,8 +76,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "real-fraction", default="1", help="fractions of the real training data (comma list)")
     add_flag(p, "seeds", type=int, default=3, help="models per recipe and fraction (at least 2 for a CI)")
     add_flag(p, "seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
-    add_flag(p, "primary", default="auto", help="score of the paired comparison: auto (dice_subject / "
-                                                "balanced_accuracy) or one of " + ", ".join(scores.SEG_METRICS + scores.CLASS_METRICS))
+    add_flag(p, "primary", default="auto", help="score of the verdict: auto (dice_subject; balanced_accuracy, or "
+                                                "kappa_quadratic for ordinal grades) or one of " +
+                                                ", ".join(dict.fromkeys(scores.SEG_METRICS + scores.SEG_METRICS_3D
+                                                                        + scores.CLASS_METRICS)))
+    add_flag(p, "ordinal", action="store_true",
+             help="class data: the classes are ordered grades (automatic when every class name is an integer)")
     add_flag(p, "audit", default="all", help="sections beside the study: all, none, or a comma list of "
                                              + ", ".join(AUDITS) + " (faithfulness: segmentation only)")
     add_flag(p, "image-type", default="bravo", help="NIfTI data: the image channel(s), comma list (e.g. t1_pre,t1_gd)")
@@ -126,12 +139,13 @@ def main(argv=None, doc: str = "") -> int:
     device = resolve_device(args.device)
     roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
     natives, size = eval_size(args)
-    real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute)
+    check_split_flags(args)
+    generators = data.generator_records(args.synthetic_dir) if args.synthetic_dir else None
+    real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute,
+                                 generators, args.split_seed, args.val_fraction)
     task = "classification" if real["train"].classes else "segmentation"
-    primary = ("dice_subject" if task == "segmentation" else "balanced_accuracy") if args.primary == "auto" else args.primary
-    allowed = scores.SEG_METRICS if task == "segmentation" else scores.CLASS_METRICS
-    if primary not in allowed:
-        raise UserError(f"--primary {primary!r} is not a {task} score (choose from {', '.join(allowed)})")
+    ordinal = task == "classification" and (args.ordinal or scores.ordinal_classes(real["train"].classes))
+    primary = choose_primary(args.primary, task, args.spatial_dims, ordinal, real["train"].classes)
     names = [Path(d).name for d in args.synthetic_dir]
     if len(set(names)) != len(names):
         raise UserError("--synthetic_dir: two folders share a name; the recipes are named after the folders")
@@ -147,12 +161,13 @@ def main(argv=None, doc: str = "") -> int:
     for n in notes:
         print(f"note: {n}")
     data_key = models.content_key(*(t for ts in list(real.values()) + list(synthetic.values())
-                                    for t in (ts.images, ts.targets)), roles, size)
+                                    for t in (ts.images, ts.targets)), roles, size, scores.SCORES_VERSION)
     seeds = list(range(args.seed, args.seed + args.seeds))
     results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key,
                               reference_cache(args.compute) if audits else None)
     s = settings.resolved()
-    summary = {"task": task, "primary": primary, "unit": "subject" if task == "segmentation" else "image",
+    unit = "subject" if task == "segmentation" else "image"
+    summary = {"task": task, "primary": primary, "unit": unit, "ordinal": ordinal,
                "real_dir": str(Path(args.real_dir).resolve()),
                "synthetic_dirs": [str(Path(d).resolve()) for d in args.synthetic_dir], "image_size": size,
                "image_type": roles, "positive_only": args.positive_only, "notes": notes,
@@ -163,10 +178,35 @@ def main(argv=None, doc: str = "") -> int:
                            f"steps, patience {s.patience}, on {device}",
                "settings": s.key(), "seeds": seeds, "real_fractions": fractions, "bootstrap": args.bootstrap,
                "sets": {k: {"n": len(v), "units": len(set(v.units))} for k, v in {**real, **synthetic}.items()},
-               "rows": study.summarise(results, recipes, fractions, primary, args.bootstrap, args.seed)}
-    summary["audit"] = run_audits(audits, real, synthetic, settings, args.seed, device, out, args.compute)
+               "rows": study.summarise(results, recipes, fractions, primary, args.bootstrap, args.seed, unit)}
+    summary["audit"] = run_audits(audits, real, synthetic, settings, args.seed, device, out, args.compute, notes)
     write(summary, out)
     return 0
+
+
+def check_split_flags(args) -> None:
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+
+
+def choose_primary(name: str, task: str, spatial_dims: int, ordinal: bool, classes: list[str]) -> str:
+    """The verdict's score. Quadratic kappa weighs a disagreement by the distance between class numbers, which
+    only means something for ordered grades (diabetic retinopathy 0-4): the default for those, refused for
+    unordered classes, where balanced accuracy is the headline and kappa a secondary column."""
+    if task == "segmentation":
+        allowed = scores.SEG_METRICS_3D if spatial_dims == 3 else scores.SEG_METRICS
+    else:
+        allowed = scores.CLASS_METRICS
+    if name == "auto":
+        return "dice_subject" if task == "segmentation" else "kappa_quadratic" if ordinal else "balanced_accuracy"
+    if name not in allowed:
+        raise UserError(f"--primary {name!r} is not a {task} score" + (" on volumes" if spatial_dims == 3 else "")
+                        + f" (choose from {', '.join(allowed)})")
+    if name == "kappa_quadratic" and not ordinal:
+        raise UserError(f"--primary kappa_quadratic: the classes ({', '.join(classes)}) are not ordered grades; "
+                        "quadratic kappa weighs disagreements by class distance, which means nothing for unordered "
+                        "classes (use balanced_accuracy, or pass --ordinal if the class order is a grade)")
+    return name
 
 
 def reference_cache(compute: str) -> Path:
@@ -175,7 +215,7 @@ def reference_cache(compute: str) -> Path:
 
 
 def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: int, device: str, out: Path,
-               compute: str) -> list[dict]:
+               compute: str, notes: list[str] | None = None) -> list[dict]:
     if not audits:
         return []
     ref, log = models.cached_reference(settings, real["train"], real["val"], seed, reference_cache(compute))
@@ -191,22 +231,28 @@ def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: i
         if "memorization" in audits:
             sub = out / f"memorization_{name}"
             sub.mkdir(parents=True, exist_ok=True)
-            recs.append({**audit.memorization(syn, real["train"], real["test"], ref, device, sub), **tag})
+            recs.append({**audit.memorization(syn, real["train"], real["test"], ref, device, sub, seed=seed,
+                                              notes=notes), **tag})
         if "domain" in audits:
             recs += [{**r, **tag} for r in audit.domain(ref, syn, real["test"], device, seed=seed)]
     return recs
 
 
 def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, size: int | None, positive_only: bool,
-                  layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str) -> list[dict]:
-    """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report."""
+                  layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str,
+                  split_seed: int | None = None, val_fraction: float | None = None,
+                  flag: str = "--real-train-dir") -> list[dict]:
+    """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report,
+    with the real training data at `real_dir` (a dataset root or its train split)."""
     roles = [r.strip() for r in image_type.split(",") if r.strip()]
+    root, note = data.dataset_root(real_dir, flag)
     if isinstance(size, (list, tuple)):   # volumes: the grid both sets are read on
         natives = {synthetic_dir: None}
     else:
         natives = data.native_sizes([synthetic_dir])
-        size = size or data.default_size(natives, real_dir)
-    real, _ = data.load_real(real_dir, size, roles, positive_only, layout, seed, compute)
+        size = size or data.default_size(natives, root)
+    real, notes = data.load_real(root, size, roles, positive_only, layout, seed, compute,
+                                 data.generator_records([synthetic_dir]), split_seed, val_fraction, flag)
     task = "classification" if real["train"].classes else "segmentation"
     syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute,
                                                          natives[synthetic_dir])}
@@ -214,12 +260,13 @@ def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, si
         raise UserError("faithfulness needs a segmentation dataset (images with masks)")
     settings = models.TrainSettings(task, device=device, **downstream)
     out.mkdir(parents=True, exist_ok=True)
-    return run_audits(names, real, syn, settings, seed, device, out, compute)
+    return run_audits(names, real, syn, settings, seed, device, out, compute, ([note] if note else []) + notes)
 
 
 def downstream_options(args) -> dict:
     """TrainSettings fields from add_downstream_flags' flags."""
     train_settings(args, "segmentation", "cpu")   # the same checks
+    check_split_flags(args)
     return {"preset": args.preset, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.train_batch_size, "lr": args.lr, "val_every": args.val_every,
             "patience": args.patience, "bf16": not args.no_bf16, "compile": args.compile}

@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from common.fileio import atomic_write
 from common.grid import save_grid
-from eval.obj_eval.utility.scores import LABELS, higher_is_better
+from eval.obj_eval.utility.scores import LABELS, MIN_SEEDS, MIN_TEST_UNITS, higher_is_better
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,45 +28,64 @@ def _pct(fraction: float) -> str:
     return f"{fraction * 100:g}% real data"
 
 
+def _what(row: dict) -> str:
+    return (f"adding {row['ratio']:g}x {row['synthetic']}" if row["kind"] == "real+synthetic" else
+            f"balancing the classes with {row['synthetic']}" if row["kind"] == "real+balanced" else
+            f"training on {row['synthetic']} alone")
+
+
+def comparison(row: dict, label: str, primary: str, unit: str) -> str:
+    """One recipe's verdict in words: not assessable (with the counts), a difference distinguishable from
+    zero, or one that is not, with the difference this study could have detected."""
+    vs, where = row["vs_real"], _pct(row["real_fraction"])
+    what = _what(row)
+    if not vs.get("assessable", True):
+        return f"{what} at {where}: not assessable ({vs['why_not']})"
+    if vs.get("ci95") is None:
+        return f"{what} at {where}: no interval (a seed without a score)"
+    better = (vs["diff"] > 0) == higher_is_better(primary)
+    if vs["distinguishable"]:
+        return (f"{what} {'improved' if better else 'worsened'} test {label} by {vs['diff']:+.3f} "
+                f"{_ci(vs['ci95'], sign='+')} at {where} (distinguishable from zero over {vs['n_seeds']} seeds, "
+                f"p = {vs['p']:.3f})")
+    return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}, not "
+            f"distinguishable from zero (p = {vs['p']:.2f}); with the seed-to-seed spread seen here this study "
+            f"detects about {vs['detectable']:.3f} (80% power), so a smaller effect is not ruled out")
+
+
 def verdict(study: dict) -> str:
     """The plain-language paragraph at the top of the report."""
     primary, label = study["primary"], LABELS.get(study["primary"], study["primary"])
-    lines = []
-    for row in study["rows"]:
-        vs = row.get("vs_real")
-        if not vs:
-            continue
-        what = (f"adding {row['ratio']:g}x {row['synthetic']}" if row["kind"] == "real+synthetic" else
-                f"balancing the classes with {row['synthetic']}" if row["kind"] == "real+balanced" else
-                f"training on {row['synthetic']} alone")
-        if vs.get("ci95") is None:
-            lines.append(f"{what} changed test {label} by {vs['diff']:+.3f} at {_pct(row['real_fraction'])} "
-                         f"(no interval)")
-            continue
-        better = (vs["diff"] > 0) == higher_is_better(primary)
-        if vs["distinguishable"]:
-            how = f"{'improved' if better else 'worsened'} test {label} by {vs['diff']:+.3f}"
-            tail = f"distinguishable from zero, p = {vs['p']:.3f}"
-        else:
-            how = f"changed test {label} by {vs['diff']:+.3f}"
-            tail = f"not distinguishable from zero, p = {vs['p']:.2f}"
-        lines.append(f"{what} {how} {_ci(vs['ci95'], sign='+')} at {_pct(row['real_fraction'])} ({tail})")
+    unit = study["unit"]
+    lines = [comparison(row, label, primary, unit) for row in study["rows"] if row.get("vs_real")]
     n_seeds = len(study["rows"][0]["seeds"]) if study["rows"] else 0
     text = ("; ".join(lines) + ". ") if lines else "Only the real recipe was trained. "
     text = text[0].upper() + text[1:]
-    text += (f"Differences are paired by seed and test {study['unit']} ({n_seeds} seeds, bootstrap over "
-             f"{study['rows'][0]['n_test_units']} test {study['unit']}s); scores are on the real test split only.")
+    if lines:
+        text += (f"Each comparison pairs the recipe with `real` on the same {n_seeds} seeds: the interval and p are "
+                 f"over the per-seed differences, each scored on all {study['rows'][0]['n_test_units']} test "
+                 f"{unit}s, so they include what changes between training runs; scores are on the real test "
+                 f"split only.")
     for rec in study.get("audit", []):
         if rec.get("metric") == "faithfulness_dice" and rec.get("value") is not None:
             text += (f" Faithfulness: the real-data segmenter finds the conditioning mask in the synthetic images "
                      f"with Dice {rec['value']:.3f} {_ci(rec['ci95'])}, against {_f(rec['ceiling']['mean'])} on real "
                      f"test images ({rec['n_low']} of {rec['n']} below {rec['low_dice_threshold']}).")
         if rec.get("metric") == "memorization":
-            px = rec["sections"]["pixel"]
-            text += (f" Memorization: {px['fraction_below_p1'] * 100:.1f}% of synthetic images are closer to a "
-                     f"training image than the 1st percentile of real held-out images (about 1% expected without "
-                     f"copying; {px['fraction_below_p5'] * 100:.1f}% below the 5th percentile, about 5% expected).")
+            text += " " + memorization_sentence(rec)
     return text
+
+
+def memorization_sentence(rec: dict) -> str:
+    px = rec["sections"]["pixel"]
+    p1 = px["below"]["p1"]
+    lo, hi = p1["null_range"]
+    verdict = ("more than expected without copying: inspect the closest pairs" if p1["excess"] else
+               "within what is expected without copying")
+    return (f"Memorization: {p1['fraction'] * 100:.1f}% of synthetic images are closer to a training image "
+            f"(allowing {rec['tolerance']}) than the held-out 1st-percentile threshold; "
+            f"{p1['expected'] * 100:.1f}% expected without copying with {rec['n_heldout_units']} held-out subjects "
+            f"(95% range {lo * 100:.1f}-{hi * 100:.1f}%), {verdict}.")
 
 
 def markdown(study: dict) -> str:
@@ -76,20 +95,24 @@ def markdown(study: dict) -> str:
     out += [f"Real data: {study['real_dir']}; synthetic: {', '.join(study['synthetic_dirs']) or '(none)'}; "
             f"{size_label(study['image_size'])}; downstream model: {study['model']}; training: {study['training']}.", ""]
     out += [f"- {n}" for n in study.get("notes", [])] + ([""] if study.get("notes") else [])
-    head = ["real fraction", "recipe", "N train (synthetic)"] + [LABELS.get(m, m) for m in metric_names] + \
-           [f"{LABELS.get(primary, primary)} vs real [95% CI]", "p"]
+    head = ["real fraction", "recipe", "N train (synthetic)", "steps"] + [LABELS.get(m, m) for m in metric_names] + \
+           [f"{LABELS.get(primary, primary)} vs real [95% CI over seeds]", "p", "test-set CI (models fixed)"]
     body = []
     for r in study["rows"]:
-        cells = [f"{r['real_fraction']:g}", r["recipe"], f"{int(np.mean(r['n_train']))} ({int(np.mean(r['n_synthetic']))})"]
+        cells = [f"{r['real_fraction']:g}", r["recipe"], f"{int(np.mean(r['n_train']))} ({int(np.mean(r['n_synthetic']))})",
+                 _steps(r.get("steps"))]
         for m in metric_names:
             s = r["metrics"][m]
             cells.append(f"{_f(s['mean'])} {_ci(s['ci95'])}")
-        vs = r.get("vs_real")
-        cells += [f"{vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')}" if vs else "", _f(vs.get("p")) if vs else ""]
+        cells += _vs_cells(r.get("vs_real"))
         body.append(cells)
     out += ["## Scores on the real test split", "",
-            "Mean over seeds with the 95% t-interval; the last columns pair each recipe with `real` on the same "
-            "seeds and test units (bootstrap).", "", tabulate(body, head, tablefmt="github"), ""]
+            "Mean over seeds with the 95% t-interval. The comparison with `real` pairs the same seeds: its interval "
+            "and p come from the per-seed differences (a paired t-test over seeds), the verdict's basis. The "
+            "test-set CI resamples test units with the trained models fixed: how much the figure would move on "
+            "another test set, not on another training run. A comparison needs at least "
+            f"{MIN_SEEDS} seeds and {MIN_TEST_UNITS} test {study['unit']}s; below that it reads 'not assessable'.", "",
+            tabulate(body, head, tablefmt="github"), ""]
     classes = [c for r in study["rows"][:1] for c in r.get("recall_per_class", {})]
     if classes:
         body = [[f"{r['real_fraction']:g}", r["recipe"]] + [f"{_f(r['recall_per_class'][c]['mean'])}" for c in classes]
@@ -100,6 +123,28 @@ def markdown(study: dict) -> str:
         out += _audit_section(rec)
     out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in study.get("plots", [])] + [""]
     return "\n".join(out)
+
+
+def _steps(steps) -> str:
+    """Training steps of a row's seeds: one number when they agree, else the range (early stopping, --epochs)."""
+    if not steps:
+        return "-"
+    return f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+
+
+def _vs_cells(vs) -> list[str]:
+    if not vs:
+        return ["", "", ""]
+    test_set = _ci(vs["test_set"]["ci95"], sign="+") if vs.get("test_set") else "-"
+    if not vs.get("assessable", True):
+        return ["not assessable", "-", test_set]
+    return [f"{vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')}", _f(vs.get("p")), test_set]
+
+
+def _below_cells(b: dict) -> list[str]:
+    lo, hi = b["null_range"]
+    return [f"{b['fraction'] * 100:.1f}%" + (" EXCESS" if b["excess"] else ""),
+            f"{b['expected'] * 100:.1f}% ({lo * 100:.1f}-{hi * 100:.1f}%)"]
 
 
 def _audit_section(rec: dict) -> list[str]:
@@ -120,24 +165,38 @@ def _audit_section(rec: dict) -> list[str]:
                 f"Synthetic images with an empty conditioning mask: {rec['empty_masks']['n']} "
                 f"({rec['empty_masks']['predicted_foreground']} with predicted foreground).", ""]
     if name == "memorization":
-        rows = [[s["space"], f"{s['fraction_below_p1'] * 100:.1f}%", f"{s['fraction_below_p5'] * 100:.1f}%",
+        rows = [[s["space"], *(cell for q in ("p1", "p5") for cell in _below_cells(s["below"][q])),
                  _f(s["synthetic_nn"]["median"], 4), _f(s["heldout_nn"]["median"], 4), _f(s["synthetic_nn"]["min"], 4)]
                 for s in rec["sections"].values()]
         pairs = ", ".join(f"{c['synthetic']} ~ {c['train']} (d {c['distance']:.4f}, SSIM {c['ssim']:.3f})"
                           for c in rec["closest"][:5])
         return ["## Memorization", "",
                 f"Nearest training image of each of {rec['n']} synthetic images, against the nearest-neighbour "
-                f"distances of {rec['n_heldout']} real held-out images to the same {rec['n_train']} training images.",
-                "", tabulate(rows, ["distance", "synthetic < held-out p1 (~1% expected)", "< p5 (~5% expected)",
-                                    "median NN synthetic", "median NN held-out", "min NN synthetic"],
-                             tablefmt="github"), "", f"Closest pairs: {pairs}.", ""]
+                f"distances to the same {rec['n_train']} training images of one image drawn from each of the "
+                f"{rec['n_heldout_units']} held-out subjects or files ({rec['n_heldout']} held-out images; the "
+                "slices of one subject are not independent). The threshold is an order statistic of those "
+                "distances; without copying the share below it is beta-binomial, whose mean and 95% range are the "
+                "'expected' columns (synthetic images taken as independent); a share above the range is marked "
+                "EXCESS.", "",
+                tabulate(rows, ["distance", "below held-out p1", "expected (95% range)", "below p5",
+                                "expected (95% range)", "median NN synthetic", "median NN held-out",
+                                "min NN synthetic"], tablefmt="github"), "",
+                f"The pixel distance detects {rec['detects']}; it does not detect {rec['misses']}.", "",
+                *[f"- warning: {w}" for w in rec.get("warnings", [])], *[f"- note: {n}" for n in rec.get("notes", [])],
+                f"Closest pairs: {pairs}.", ""]
+    warn = [f"- warning: {rec['warning']}", ""] if rec.get("warning") else []
     if name == "fid_domain":
         return ["## Domain feature space", "", f"Fréchet distance {_f(rec['value'])} {_ci(rec['ci95'])} "
-                f"(N = {rec['n']['synthetic']} synthetic, {rec['n']['real']} real); feature space: {rec['method']['space']}.", ""]
+                f"(N = {rec['n']['synthetic']} synthetic, {rec['n']['real']} real); feature space: {rec['method']['space']}.",
+                ""] + warn
+    if name == "kid_domain":
+        return [f"KID (unbiased at any N) {_f(rec['value'], 4)} +- {_f(rec['se'], 4)} (standard error), same "
+                "feature space.", ""]
     if name == "prdc_domain":
         v = rec["value"]
         return [f"Precision {v['precision']:.3f}, recall {v['recall']:.3f}, density {v['density']:.3f}, coverage "
-                f"{v['coverage']:.3f} (k = {rec['method']['k']}, {rec['method']['reference']}), same feature space.", ""]
+                f"{v['coverage']:.3f} (k = {rec['method']['k']}, {rec['method']['reference']}), same feature space.",
+                ""] + warn
     return []
 
 
@@ -192,7 +251,7 @@ def plot_memorization(sections: dict, path: Path) -> Path:
         bins = np.linspace(both.min(), both.max() + 1e-9, 40)
         ax.hist(s["_d_held"], bins, alpha=0.6, density=True, label="real held-out -> train")
         ax.hist(s["_d_synth"], bins, alpha=0.6, density=True, label="synthetic -> train")
-        ax.axvline(s["threshold_p1"], color="k", ls="--", lw=1, label="held-out 1st percentile")
+        ax.axvline(s["below"]["p1"]["threshold"], color="k", ls="--", lw=1, label="held-out 1st-percentile threshold")
         ax.set_title(f"nearest-neighbour distance ({name})")
         ax.legend(fontsize=7)
     return _save(fig, path)

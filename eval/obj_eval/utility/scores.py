@@ -2,7 +2,8 @@
 
 Segmentation (MONAI metrics, on the binarised prediction at 0.5): Dice per slice (slices whose true mask is
 empty are left out, MONAI's ignore_empty), Dice per subject (all of a subject's slices stacked), HD95 per slice
-in pixels at the evaluation size (slices where the truth and the prediction both hold foreground).
+in pixels at the evaluation size; on volumes Dice and HD95 per volume, HD95 in mm with the grid's spacing. An
+empty prediction of a non-empty truth scores HD95 = the image diagonal, and is counted.
 Classification (scikit-learn): accuracy, balanced accuracy, macro one-vs-rest AUC (over the classes present in
 the test set), quadratic-weighted Cohen's kappa (ordinal grades such as diabetic retinopathy 0-4), recall per
 class.
@@ -20,11 +21,24 @@ import torch
 from scipy import stats
 
 SEG_METRICS = ("dice_subject", "dice_slice", "hd95_slice")
+SEG_METRICS_3D = ("dice_subject", "hd95_volume")     # volumes: one item per subject, HD95 in mm
 CLASS_METRICS = ("balanced_accuracy", "accuracy", "auc_macro_ovr", "kappa_quadratic")
-HIGHER_IS_BETTER = {"hd95_slice": False}
+HIGHER_IS_BETTER = {"hd95_slice": False, "hd95_volume": False}
 LABELS = {"dice_subject": "Dice per subject", "dice_slice": "Dice per slice", "hd95_slice": "HD95 per slice (px)",
+          "hd95_volume": "HD95 per volume (mm)",
           "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "auc_macro_ovr": "macro OvR AUC",
           "kappa_quadratic": "quadratic kappa"}
+# Bump when a score's definition changes: stored per-model results with another version are recomputed.
+SCORES_VERSION = 2
+
+
+def ordinal_classes(names: list[str]) -> bool:
+    """Class names that are integer grades in their own order (APTOS 0-4): quadratic kappa's setting."""
+    try:
+        grades = [int(n) for n in names]
+    except ValueError:
+        return False
+    return len(grades) > 1 and grades == sorted(grades)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -42,18 +56,34 @@ def dice(pred: torch.Tensor, true: torch.Tensor, dims=None) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
 
 
+def hd95(pred: torch.Tensor, true: torch.Tensor, spacing: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """(HD95 per item, whether its prediction was empty). Items with an empty truth are NaN (left out, as Dice
+    leaves them out); an empty prediction of a non-empty truth scores the image diagonal (px, or mm with
+    `spacing`, (N, dims) in the tensors' axis order): the largest distance the grid holds, so that a model
+    which finds nothing is not scored on the items it happened to find."""
+    from monai.metrics import compute_hausdorff_distance
+    has_true, has_pred = ((m.flatten(1).sum(1) > 0).numpy() for m in (true, pred))
+    sizes = np.array(true.shape[2:], float)
+    steps = np.ones((len(true), len(sizes))) if spacing is None else np.asarray(spacing, float)
+    out = np.full(len(true), np.nan)
+    both = has_true & has_pred
+    if both.any():
+        out[both] = compute_hausdorff_distance(pred[both], true[both], include_background=True, percentile=95,
+                                               spacing=None if spacing is None else steps[both].tolist())[:, 0].numpy()
+    empty = has_true & ~has_pred
+    out[empty] = np.sqrt(((sizes * steps[empty]) ** 2).sum(1))
+    return out, empty
+
+
 def segmentation_scores(probs: torch.Tensor, test) -> dict:
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_dice
     pred, true = (probs > 0.5).float(), (test.targets > 0.5).float()
+    volumes = pred.dim() == 5
     units, unit_of = test.unit_index()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # MONAI warns about every empty mask it skips
         dice = compute_dice(pred, true, include_background=True, ignore_empty=True)[:, 0].numpy()
-        both = ((pred.flatten(1).sum(1) > 0) & (true.flatten(1).sum(1) > 0)).numpy()
-        hd = np.full(len(pred), np.nan)
-        if both.any():
-            hd[both] = compute_hausdorff_distance(pred[both], true[both], include_background=True,
-                                                  percentile=95)[:, 0].numpy()
+        hd, empty_pred = hd95(pred, true, getattr(test, "spacing", None) if volumes else None)
     inter = (pred * true).flatten(1).sum(1).numpy()
     total = (pred.flatten(1).sum(1) + true.flatten(1).sum(1)).numpy()
     n = len(units)
@@ -62,14 +92,17 @@ def segmentation_scores(probs: torch.Tensor, test) -> dict:
     subj_ok = subj_true > 0                    # subjects without tumour have no Dice (as MONAI's ignore_empty)
     subj_dice = np.where(subj_ok, 2 * subj_inter / np.maximum(subj_total, 1e-9), 0.0)
     per_unit = {"dice_subject": (subj_dice, subj_ok.astype(float))}
-    for name, vals in (("dice_slice", dice), ("hd95_slice", hd)):
-        ok = np.isfinite(vals)
-        per_unit[name] = (np.bincount(unit_of, np.where(ok, vals, 0.0), n), np.bincount(unit_of, ok.astype(float), n))
+    names = SEG_METRICS_3D if volumes else SEG_METRICS
+    for name, vals in (("dice_slice", dice), (names[-1], hd)):
+        if name in names:
+            ok = np.isfinite(vals)
+            per_unit[name] = (np.bincount(unit_of, np.where(ok, vals, 0.0), n), np.bincount(unit_of, ok.astype(float), n))
     per_unit = {k: {"sum": s.tolist(), "count": c.tolist()} for k, (s, c) in per_unit.items()}
     out = {"units": units, "per_unit": per_unit, "n_items": len(pred),
-           "excluded": {"dice_slice": int((~np.isfinite(dice)).sum()), "hd95_slice": int((~both).sum()),
-                        "dice_subject": int((~subj_ok).sum())}}
-    out["metrics"] = {m: metric_on(out, m, np.arange(n)) for m in SEG_METRICS}
+           "excluded": {"dice_slice": int((~np.isfinite(dice)).sum()), names[-1]: int((~np.isfinite(hd)).sum()),
+                        "dice_subject": int((~subj_ok).sum())},
+           "empty_predictions": int(empty_pred.sum())}
+    out["metrics"] = {m: metric_on(out, m, np.arange(n)) for m in names}
     out["per_slice_dice"] = np.nan_to_num(dice, nan=-1.0).round(5).tolist()   # -1: empty truth (faithfulness)
     return out
 
@@ -143,10 +176,11 @@ def seed_ci(values) -> dict:
 
 
 def paired_bootstrap(recipe: list[dict], real: list[dict], name: str, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Difference recipe - real of one score, paired by seed (the i-th results share seed and test set) and by
-    test unit: each resample draws test units with replacement, recomputes the score of every model on them and
-    averages the per-seed differences. Returns the observed difference, the 2.5/97.5 percentiles of the resampled
-    differences and a two-sided bootstrap p-value (twice the smaller tail beyond zero)."""
+    """Test-set uncertainty for these trained models: the difference recipe - real of one score, averaged over
+    the paired seeds, with test units (subjects or images) resampled while the models stay fixed. It says how
+    much the figure would move on another test set drawn like this one; it says nothing about another training
+    run, so it is not the verdict (`seed_paired_test` is). Returns the observed difference, the 2.5/97.5
+    percentiles of the resampled differences and a two-sided bootstrap p-value."""
     if len(recipe) != len(real) or not recipe:
         raise ValueError("paired results need the same seeds")
     n = len(real[0]["units"])
@@ -164,3 +198,59 @@ def paired_bootstrap(recipe: list[dict], real: list[dict], name: str, n_boot: in
     p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
     return {"diff": observed, "ci95": [float(lo), float(hi)], "p": float(p), "n_units": n, "n_boot": int(len(diffs)),
             "distinguishable": bool(lo > 0 or hi < 0)}
+
+
+# A verdict about a recipe is a claim about training runs, so its uncertainty is the spread between training
+# runs: the per-seed paired differences d_s = score(recipe, s) - score(real, s), each on the whole test set, and
+# a t-interval with n - 1 degrees of freedom. Below MIN_SEEDS the spread of the d_s is one or two numbers and
+# the interval is a guess (t_0.975 is 12.7 at one degree of freedom). Below MIN_TEST_UNITS test units a single
+# subject carries over a tenth of the score: the seeds then compare the recipes on a handful of particular
+# subjects, and nothing supports the claim about patients that a report sentence makes.
+MIN_SEEDS = 3
+MIN_TEST_UNITS = 10
+POWER = 0.8
+
+
+def scored_units(result: dict, name: str) -> int:
+    """The test units that enter a score (segmentation: units whose count for it is positive)."""
+    if "per_unit" in result:
+        return int((np.asarray(result["per_unit"][name]["count"]) > 0).sum())
+    return len(set(result["units"]))
+
+
+def detectable_difference(sd: float, n: int, power: float = POWER) -> float:
+    """The smallest true difference a two-sided 5% paired t-test over n seeds finds with the given power when
+    the per-seed differences spread by sd (the usual (t_0.975 + t_power) sd / sqrt(n) approximation)."""
+    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(power, n - 1)) * sd / np.sqrt(n))
+
+
+def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str = "unit",
+                     min_seeds: int = MIN_SEEDS, min_units: int = MIN_TEST_UNITS) -> dict:
+    """The verdict of recipe vs real on one score: the mean of the per-seed paired differences, its 95%
+    t-interval and two-sided p-value (a paired t-test over seeds), and whether it is assessable at all
+    (enough seeds and test units; else `why_not` gives the counts). `detectable` is the difference this
+    study would find with 80% power, from the seed-to-seed spread it observed."""
+    if len(recipe) != len(real) or not recipe:
+        raise ValueError("paired results need the same seeds")
+    every = np.arange(len(real[0]["units"]))
+    d = np.array([metric_on(a, name, every) - metric_on(b, name, every) for a, b in zip(recipe, real)], float)
+    d = d[np.isfinite(d)]
+    units = min(scored_units(r, name) for r in recipe + real)
+    out = {"diff": float(d.mean()) if len(d) else None, "per_seed": d.round(6).tolist(), "n_seeds": int(len(d)),
+           "n_units": units, "ci95": None, "p": None, "sd": None, "detectable": None, "distinguishable": False,
+           "method": "paired t-test over seeds (per-seed differences on the whole test set, t with n-1 df)"}
+    short = [f"{len(d)} seed(s) with a score, at least {min_seeds} needed" if len(d) < min_seeds else "",
+             f"{units} test {unit}(s) with a score, at least {min_units} needed" if units < min_units else ""]
+    out["why_not"] = "; ".join(s for s in short if s) or None
+    out["assessable"] = out["why_not"] is None
+    if len(d) < 2:
+        return out
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n))
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
+    else:                                   # identical differences on every seed (deterministic training)
+        p = 1.0 if mean == 0 else 0.0
+    out.update(ci95=[mean - half, mean + half], p=p, sd=sd, detectable=detectable_difference(sd, n),
+               distinguishable=bool(out["assessable"] and (mean - half > 0 or mean + half < 0)))
+    return out

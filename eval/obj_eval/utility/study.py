@@ -176,9 +176,10 @@ def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float
 
 
 def summarise(results: dict, recipes: list[Recipe], fractions: list[float], primary: str, n_boot: int,
-              seed: int) -> list[dict]:
-    """One row per (fraction, recipe): every score's mean and seed CI; the paired difference to real of the
-    primary score."""
+              seed: int, unit: str = "unit") -> list[dict]:
+    """One row per (fraction, recipe): every score's mean and seed CI, the training steps each seed ran; for
+    every recipe but real, the verdict on the primary score (paired over seeds, scores.seed_paired_test) and
+    the test-set uncertainty of these trained models (paired bootstrap over test units)."""
     rows = []
     for fraction in fractions:
         base = results[(fraction, "real")]
@@ -189,12 +190,14 @@ def summarise(results: dict, recipes: list[Recipe], fractions: list[float], prim
                    "n_train": [r["train"]["n_real"] + r["train"]["n_synthetic"] for r in res],
                    "n_synthetic": [r["train"]["n_synthetic"] for r in res],
                    "n_test_items": res[0]["n_items"], "n_test_units": len(res[0]["units"]),
+                   "steps": [r["training"]["steps"] for r in res],
                    "metrics": {m: scores.seed_ci([r["metrics"][m] for r in res]) for m in res[0]["metrics"]}}
             if "recall_per_class" in res[0]:
                 row["recall_per_class"] = {c: scores.seed_ci([r["recall_per_class"][c] for r in res
                                                              if r["recall_per_class"][c] is not None])
                                            for c in res[0]["recall_per_class"]}
             if recipe.kind != "real":
-                row["vs_real"] = {"metric": primary, **scores.paired_bootstrap(res, base, primary, n_boot, seed)}
+                row["vs_real"] = {"metric": primary, **scores.seed_paired_test(res, base, primary, unit),
+                                  "test_set": scores.paired_bootstrap(res, base, primary, n_boot, seed)}
             rows.append(row)
     return rows
