@@ -1,11 +1,13 @@
-"""generate.py --reject_copies: the threshold is the memorization audit's (the 1st percentile of the validation
-images' nearest-training-image distances), rejected samples are redrawn from their next seed, and the
+"""generate.py --reject_copies: the copy distance against a direct computation, the threshold is the memorization
+audit's (the 1st-percentile order statistic of the validation images' copy distances), rejected samples are redrawn from their next seed, and the
 manifest records attempts, distance and the seed that was kept."""
 import csv
 
+import numpy as np
 import pytest
 import torch
 
+from common.neighbours import CopyIndex
 from common.errors import UserError
 from Generation.TrainGen.core.generate import COPY, Job, draw_checked
 from Generation.TrainGen.core.generation.copies import CopyCheck
@@ -18,27 +20,50 @@ def rflow_model(tiny_models):
     return load_model(tiny_models["bravo_rflow"], "--image_model", torch.device("cpu"), None, "euler", 3)
 
 
-def test_threshold_is_the_heldout_percentile(rflow_model):
-    import numpy as np
+def copy_distance_by_hand(a: np.ndarray, b: np.ndarray, s: int = 2) -> float:
+    """The copy distance written out: over mirroring and moves of up to s px, sqrt(2 - 2 r) of the windows."""
+    h, w = b.shape[-2:]
+    ref = b[..., s:h - s, s:w - s].ravel()
+    best = np.inf
+    for q in (a, a[..., ::-1]):
+        for dy in range(-s, s + 1):
+            for dx in range(-s, s + 1):
+                r = np.corrcoef(q[..., s + dy:h - s + dy, s + dx:w - s + dx].ravel(), ref)[0, 1]
+                best = min(best, np.sqrt(max(2 - 2 * r, 0.0)))
+    return best
 
-    from common.neighbours import nearest, unit_rows
+
+def test_copy_distance_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.random((5, 1, 16, 16)))
+    queries = torch.cat([torch.from_numpy(rng.random((3, 1, 16, 16))), train[:1].roll(1, -1), train[1:2].flip(-1)])
+    d, j = CopyIndex(train).query(queries)
+    want = np.array([[copy_distance_by_hand(q.numpy(), t.numpy()) for t in train] for q in queries])
+    assert d == pytest.approx(want.min(1), abs=1e-6) and (j == want.argmin(1)).all()   # sqrt of float64 round-off
+    assert d[3] < 1e-6 and d[4] < 1e-6                       # a rolled and a mirrored training image are copies
+
+
+def test_threshold_is_the_heldout_order_statistic(rflow_model):
     from Generation.TrainGen.core.datasource import data_source
     check = CopyCheck.for_model(rflow_model)
     src = data_source(rflow_model.cfg)
     train, val = src.split(rflow_model.cfg.data, "train"), src.split(rflow_model.cfg.data, "val")
-    d = nearest(unit_rows(val.images[:, :1].float()), unit_rows(train.images[:, :1].float()))[0]
-    assert check.threshold == pytest.approx(np.percentile(d, 1))
+    d = CopyIndex(train.images[:, :1].float()).query(val.images[:, :1].float())[0]
+    k = max(1, round(0.01 * (len(d) + 1)))
+    assert check.threshold == pytest.approx(np.sort(d)[k - 1])
     assert check.distances(train.images[:3, :1].float()).max() < 1e-6          # a training image is a copy
+    assert check.distances(train.images[:3, :1].float().roll(2, -2)).max() < 1e-6   # moved by 2 px: still one
 
 
 def test_rejected_samples_are_redrawn_from_their_next_seed(rflow_model, tmp_path):
     cond = {"concat": (torch.rand(3, 1, 32, 32) > 0.9).float() * 2 - 1}
     job = Job(mode="bravo", output_dir=tmp_path, num_images=3, batch_size=3, image_model=rflow_model, max_attempts=2)
     plain, _ = draw_checked(job, rflow_model, [0, 1, 2], cond)
-    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 0.0, 1, 1)   # nothing is a copy
+    blank = CopyIndex(torch.zeros(1, 1, 32, 32))
+    job.copy_check = CopyCheck(blank, 0.0, 1, 1)                                   # nothing is a copy
     same, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
     assert torch.equal(same, plain) and all(f["copy_rejections"] == 0 for f in fields.values())
-    job.copy_check = CopyCheck(torch.zeros(1, 32 * 32, dtype=torch.float64), 10.0, 1, 1)  # everything is
+    job.copy_check = CopyCheck(blank, 10.0, 1, 1)                                  # everything is
     redrawn, fields = draw_checked(job, rflow_model, [0, 1, 2], cond)
     assert all(f["copy_rejections"] == 2 for f in fields.values())                            # max_attempts
     assert job.rejections[COPY] == 6 and not torch.equal(redrawn, plain)
@@ -55,7 +80,7 @@ def test_reject_copies_end_to_end(tiny_models, demo_root, tmp_path, capsys):
     assert generate_main(["--image_model", str(tiny_models["bravo_rflow"]), "--masks_from", str(demo_root / "brain"),
                           "--num_images", "4", "--num_steps", "3", "--reject_copies", "--output_dir", str(out),
                           "--device", "cpu"]) == 0
-    assert "reject copies: distance threshold" in capsys.readouterr().out
+    assert "reject copies: copy distance threshold" in capsys.readouterr().out
     with open(out / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(r["copy_rejections"] != "" and float(r["copy_distance"]) >= 0 for r in rows)

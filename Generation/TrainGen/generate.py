@@ -194,8 +194,9 @@ def build_job(args, rt):
                             "training images); seg mode makes masks")
         from Generation.TrainGen.core.generation.copies import CopyCheck
         job.copy_check = CopyCheck.for_model(job.main_model)
-        print(f"reject copies: distance threshold {job.copy_check.threshold:.4f} (1st percentile of "
-              f"{job.copy_check.n_heldout} validation images' distances to {job.copy_check.n_train} training images)")
+        print(f"reject copies: copy distance threshold {job.copy_check.threshold:.4f} (1st-percentile order statistic "
+              f"of {job.copy_check.n_heldout} validation images' distances to {job.copy_check.n_train} training "
+              "images; moves of up to 2 px and mirroring count as copies)")
     return job
 
 

@@ -1,7 +1,8 @@
-"""generate.py --reject_copies: a generated image closer to a training image than the 1st percentile of the
-real held-out images' nearest-training-image distances is dropped and drawn again (the memorization audit's
-criterion, eval/obj_eval/utility/audit.py; distance sqrt(2 - 2 r) with r the Pearson correlation of the
-preprocessed images). The training and validation splits are the image model's own, read as it was trained."""
+"""generate.py --reject_copies: a generated image closer to a training image than the held-out 1st-percentile
+threshold (the k-th smallest of the validation images' nearest-training-image distances, k = round(0.01 (n+1)))
+is dropped and drawn again: the memorization audit's criterion and copy distance (common/neighbours.py: pixel
+correlation, tolerant of moves of up to 2 px and mirroring). The training and validation splits are the image
+model's own, read as it was trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,15 +11,15 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.neighbours import nearest, unit_rows
+from common.neighbours import CopyIndex, order_threshold
 
-HELDOUT_PERCENTILE = 1.0
+HELDOUT_QUANTILE = 0.01
 
 
 @dataclass
 class CopyCheck:
-    train: torch.Tensor            # unit rows of the training images (N, D)
-    threshold: float               # held-out nearest-neighbour distance percentile
+    train: CopyIndex               # the training images
+    threshold: float               # held-out nearest-neighbour distance order statistic
     n_train: int
     n_heldout: int
 
@@ -37,10 +38,10 @@ class CopyCheck:
         roles = [r for r in model.mode.generated_roles]
         channels = ([train.channels.index(r) for r in roles] if all(r in train.channels for r in roles)
                     else list(range(train.images.shape[1])))
-        rows = unit_rows(train.images[:, channels].float())
-        d_held, _ = nearest(unit_rows(held.images[:, channels].float()), rows)
-        return cls(rows, float(np.percentile(d_held, HELDOUT_PERCENTILE)), len(train), len(held))
+        index = CopyIndex(train.images[:, channels].float())
+        d_held, _ = index.query(held.images[:, channels].float())
+        return cls(index, order_threshold(d_held, HELDOUT_QUANTILE)[0], len(train), len(held))
 
     def distances(self, images: torch.Tensor) -> np.ndarray:
-        """Nearest-training-image distance of each (B, C, H, W) image in [0, 1]."""
-        return nearest(unit_rows(images.float().cpu()), self.train)[0]
+        """Copy distance to the nearest training image of each (B, C, H, W) image in [0, 1]."""
+        return self.train.query(images.float().cpu())[0]
