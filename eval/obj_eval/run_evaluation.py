@@ -30,8 +30,9 @@ def main(argv=None) -> int:
                                                "faithfulness, memorization, domain (these train a downstream network "
                                                "on --real-train-dir)")
     add_flag(p, "real-train-dir", default=None, metavar="DIR",
-             help="faithfulness/memorization/domain: the real training data (train/val[/test] splits; default: "
-                  "--real-dir); pass the diffusion model's training set so memorization looks for copies of it")
+             help="faithfulness/memorization/domain: the real training data, a dataset root (train/val[/test]) or "
+                  "its train/ folder; memorization needs it (the generator's training set, where copies come "
+                  "from); faithfulness and domain default to --real-dir")
     add_downstream_flags(p)
     add_fid_flags(p, many=True)
     add_weight_flags(p, ("inception", "radimagenet", "alex", "vgg"))
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     return run(options(args, args.metrics, lpips_net=args.lpips_net, max_pairs=args.max_pairs,
                        data_range=args.data_range, real_train_dir=args.real_train_dir,
-                       downstream=downstream_options(args)), strict=False)
+                       downstream=downstream_options(args), split_seed=args.split_seed,
+                       val_fraction=args.val_fraction), strict=False)
 
 
 if __name__ == "__main__":

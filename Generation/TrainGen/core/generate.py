@@ -93,6 +93,13 @@ class Job:
                 **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
                    if self.class_models else {})}
 
+    def provenance(self) -> dict:
+        """What generation.json records beside the settings: the hashed training units of each model, so that an
+        evaluation can refuse test data a generator saw (common/splits.py)."""
+        models = {"image": self.image_model, "seg": self.seg_model}
+        return {"training_data": {k: m.meta["data_units"] for k, m in models.items()
+                                  if m is not None and m.meta.get("data_units")}}
+
     def roles(self) -> list[str]:
         return self.main_mode.written_roles()
 
@@ -257,7 +264,7 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
 def run_job(job: Job, barrier=None) -> dict:
     """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
     out = job.output_dir
-    open_output_dir(out, SETTINGS_FILE, job.settings(), write=job.worker == 0)
+    open_output_dir(out, SETTINGS_FILE, job.settings(), write=job.worker == 0, record=job.provenance())
     mine = [i for i in range(job.num_images) if i % job.workers == job.worker]
     todo = [i for i in mine if not is_done(job, i)]
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from Generation.TrainGen.core import latent
 from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
 from Generation.TrainGen.core.config import stored_config, to_dict
+from common.splits import units_record
 from common.errors import UserError, lookup
 from common.features import load_radimagenet, perceptual_distance
 from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
@@ -59,6 +60,8 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None, device
     strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
     mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
     mode = latent.wrap(mode, cfg, device, data, latent_scale)
+    if isinstance(mode, latent.LatentMode):
+        strategy.clip_sample = False      # unit-variance latents are not bounded to [-1, 1] (run.preflight)
     strategy.bind_shape(latent.sample_shape(cfg, mode))
     return strategy, mode
 
@@ -109,6 +112,8 @@ class DiffusionTrainer:
         self.run_dir, self.logger = run_dir, logger
         parts = parts or build_run_parts(cfg, train_data, rt.device)
         self.strategy, self.mode, self.net, self.meta = parts.strategy, parts.mode, parts.net, parts.meta
+        # which units trained it, hashed: evaluations refuse test data the generator saw (common/splits.py)
+        self.meta["data_units"] = units_record(cfg.data, train_data.sources, val_data.sources if val_data else [])
         dev = rt.device
         self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
         self.memory_format = torch.channels_last if cfg.data.spatial_dims == 2 else torch.channels_last_3d

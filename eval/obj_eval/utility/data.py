@@ -16,11 +16,12 @@ import torch
 
 from common import data as nifti
 from common import imagefolder
-from common.data import DataConfig, is_nifti_dataset
+from common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nifti_dataset
 from common.dataset import SliceData, load_split
 from common.errors import UserError
 from config.paths import PathConfig
 from eval.obj_eval.core.inputs import existing_folder, native_size
+from eval.obj_eval.utility.scores import MIN_TEST_UNITS
 
 TASKS = ("segmentation", "classification")
 
@@ -33,6 +34,7 @@ class TaskSet:
     units: list[str]               # the resampling unit of each item: subject folder or image file
     ids: list[str]                 # '<subject>#slice<k>' or the image path relative to the dataset
     classes: list[str] = field(default_factory=list)
+    spacing: torch.Tensor | None = None   # volumes: (N, 3) grid spacing in mm, (D, H, W) order (HD95 in mm)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -40,7 +42,8 @@ class TaskSet:
     def subset(self, index) -> "TaskSet":
         index = [int(i) for i in index]
         return TaskSet(self.name, self.images[index], self.targets[index], [self.units[i] for i in index],
-                       [self.ids[i] for i in index], self.classes)
+                       [self.ids[i] for i in index], self.classes,
+                       None if self.spacing is None else self.spacing[index])
 
     def unit_index(self) -> tuple[list[str], np.ndarray]:
         """(unit names in first-seen order, the unit number of each item)."""
@@ -54,8 +57,9 @@ class TaskSet:
 
 def concat(name: str, parts: list[TaskSet]) -> TaskSet:
     parts = [p for p in parts if len(p)]
+    spacing = torch.cat([p.spacing for p in parts]) if all(p.spacing is not None for p in parts) else None
     return TaskSet(name, torch.cat([p.images for p in parts]), torch.cat([p.targets for p in parts]),
-                   [u for p in parts for u in p.units], [i for p in parts for i in p.ids], parts[0].classes)
+                   [u for p in parts for u in p.units], [i for p in parts for i in p.ids], parts[0].classes, spacing)
 
 
 def kind_of(root: Path) -> str:
@@ -99,7 +103,8 @@ def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
         ids = [f"{Path(s).name}#slice{k}" if k >= 0 else Path(s).name for s, k in zip(data.sources, data.slice_index)]
     else:
         ids = [str(Path(s).resolve().relative_to(root.resolve())) for s in data.sources]
-    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names))
+    spacing = data.spacing.float() if data.spacing is not None else None
+    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names), spacing)
 
 
 def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
@@ -122,36 +127,94 @@ def carve(ts: TaskSet, fraction: float, seed: int, names: tuple[str, str]) -> tu
     return rest, out
 
 
+def dataset_root(path, flag: str) -> tuple[Path, str | None]:
+    """A dataset root, given the root or its train/ split folder (then the root, and a note saying so)."""
+    p = existing_folder(path, flag)
+    if p.name in SPLIT_NAMES and (p.parent / "train").is_dir():
+        if p.name != "train":
+            raise UserError(f"{flag} {p}: this is the {p.name} split; give the training data (the dataset root "
+                            f"{p.parent} or its train/ folder)")
+        return p.parent, (f"{flag} {p} is a train split: its dataset root {p.parent} is read (train/ is the "
+                          "training data, val/ and test/ the held-out data)")
+    return p, None
+
+
+def generator_records(synthetic_dirs: list) -> dict[str, dict]:
+    """{'<folder> <role> model': training-units record} from each synthetic folder's generation.json (generate.py
+    writes what each model trained on, hashed: common/splits.py); folders without one give nothing."""
+    import json
+    out = {}
+    for d in synthetic_dirs:
+        path = Path(d) / GENERATED_MARKER
+        try:
+            rec = json.loads(path.read_text()).get("training_data") or {} if path.is_file() else {}
+        except (OSError, ValueError):
+            rec = {}
+        out.update({f"{Path(d).name} {role}": r for role, r in rec.items() if isinstance(r, dict)})
+    return out
+
+
+def split_settings(records: dict[str, dict], split_seed: int | None, val_fraction: float | None) -> tuple[int, float, str]:
+    """(split seed, val fraction, where they come from) for a flat dataset: the flags, else the generator's own
+    (its image model's first), else the training defaults."""
+    recs = sorted(records.items(), key=lambda kv: not kv[0].endswith(" image"))
+    seed = split_seed if split_seed is not None else next((r["split_seed"] for _, r in recs if "split_seed" in r), None)
+    frac = val_fraction if val_fraction is not None else next((r["val_fraction"] for _, r in recs
+                                                               if "val_fraction" in r), None)
+    how = "--split-seed/--val-fraction" if split_seed is not None or val_fraction is not None else \
+        "the generator's split settings" if seed is not None else "the training defaults"
+    default = DataConfig()
+    return (default.split_seed if seed is None else seed), (default.val_fraction if frac is None else frac), how
+
+
 def load_real(root, size: int, image_roles: list[str], positive_only: bool = False, layout: str = "original",
-              seed: int = 0, compute: str = "auto") -> tuple[dict[str, TaskSet], list[str]]:
-    """({'train', 'val', 'test'}: TaskSet, notes). A missing test split is carved from val by subject (half of
-    it), a missing val split from train (a fifth); the notes say so."""
-    root = existing_folder(root, "--real_dir")
+              seed: int = 0, compute: str = "auto", generators: dict[str, dict] | None = None,
+              split_seed: int | None = None, val_fraction: float | None = None,
+              flag: str = "--real_dir") -> tuple[dict[str, TaskSet], list[str]]:
+    """({'train', 'val', 'test'}: TaskSet, notes). A flat folder is split as the generator split it (its record
+    in `generators`, or --split-seed / --val-fraction); a missing test split is carved from val by subject (half
+    of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator
+    trained on is refused, naming it (generators None: no synthetic data to check against)."""
+    from common.splits import check_no_leak
+    root = existing_folder(root, flag)
     kind = kind_of(root)
-    cfg = _config(root, size, positive_only, layout, 0.2, seed)
+    s_seed, s_frac, how = split_settings(generators or {}, split_seed, val_fraction)
+    cfg = _config(root, size, positive_only, layout, s_frac, s_seed)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     names = _split_names(cfg, root, kind)
     if "train" not in names:
-        raise UserError(f"--real_dir {root}: no training split (expected {root}/train/ or a flat folder of "
+        raise UserError(f"{flag} {root}: no training split (expected {root}/train/ or a flat folder of "
                         f"subjects or class folders)")
     for s in ("val", "test"):
         if (root / s).is_dir() and s not in names:
-            raise UserError(f"--real_dir {root}: the {s} split ({root / s}) is empty")
+            raise UserError(f"{flag} {root}: the {s} split ({root / s}) is empty")
     sets = {s: _load(root, s, kind, cfg, roles, compute, f"real {s}") for s in ("train", "val", "test") if s in names}
     notes = []
+    if not any((root / s).is_dir() for s in SPLIT_NAMES):
+        notes.append(f"{root} has no split folders: split by subject with seed {s_seed} and val fraction "
+                     f"{s_frac:g} ({how})")
     if "val" not in sets:
         sets["train"], sets["val"] = carve(sets["train"], 0.2, seed, ("real train", "real val"))
         notes.append(f"no val split in {root}: a fifth of the training subjects (seeded) is the validation set")
     if "test" not in sets:
-        if len(set(sets["val"].units)) < 2:
-            raise UserError(f"--real_dir {root}: no test split, and too few validation subjects to carve one "
+        n_val = len(set(sets["val"].units))
+        if n_val < 2:
+            raise UserError(f"{flag} {root}: no test split, and too few validation subjects to carve one "
                             f"(add {root}/test/)")
         sets["val"], sets["test"] = carve(sets["val"], 0.5, seed, ("real val", "real test"))
-        notes.append(f"no test split in {root}: half of the validation subjects (seeded) are the test set; "
-                     f"add {root}/test/ for a fixed one")
+        n_test = len(set(sets["test"].units))
+        notes.append(f"no test split in {root}: {n_test} of the {n_val} validation subjects (seeded) are the test "
+                     f"set; add {root}/test/ for a fixed one" +
+                     (f" (warning: {n_test} test subjects is too few for a verdict, which needs {MIN_TEST_UNITS})"
+                      if n_test < MIN_TEST_UNITS else ""))
     for s in ("val", "test"):
         if len(sets[s]) == 0:
-            raise UserError(f"--real_dir {root}: the {s} split is empty")
+            raise UserError(f"{flag} {root}: the {s} split is empty")
+    if generators:
+        notes += check_no_leak(generators, {s: sets[s].units for s in ("val", "test")}, f"{flag} {root}")
+    elif generators is not None:
+        notes.append("no generator record (a synthetic folder from generate.py holds one): the test subjects could "
+                     "not be checked against the generator's training data")
     return sets, notes
 
 

@@ -104,9 +104,10 @@ def read_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def open_output_dir(out: Path, settings_file: str, settings: dict, write: bool = True) -> None:
+def open_output_dir(out: Path, settings_file: str, settings: dict, write: bool = True, record: dict | None = None) -> None:
     """Create out (removing temp files a kill left there 10 minutes or more ago: other shards may be writing
-    now) and record the settings that decide its contents; a folder made with other settings is refused."""
+    now) and record the settings that decide its contents; a folder made with other settings is refused.
+    `record`: more that the file keeps (provenance), written beside the settings but not compared."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out, older_than_s=600)
     path = out / settings_file
@@ -117,7 +118,7 @@ def open_output_dir(out: Path, settings_file: str, settings: dict, write: bool =
             raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
                             f"use a new --output_dir or the same settings to continue it")
     elif write:
-        atomic_write_text(path, json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
 
 
 def write_manifest(out: Path, fields: tuple[str, ...] = MANIFEST_FIELDS) -> list[dict]:
