@@ -52,7 +52,10 @@ class Options:
     output: str | None = None
     skip_bad: bool = False                # NIfTI sets: leave out subjects whose files fail the scan
     compute: str = "auto"                 # where the caches live (config/paths.py)
-    real_train_dir: str | None = None     # downstream metrics: the real training data (default: real_dir)
+    real_train_dir: str | None = None     # downstream metrics: the real training data (a root or its train/;
+                                          # faithfulness/domain default to real_dir, memorization needs it)
+    split_seed: int | None = None         # downstream metrics on a flat real folder: its split (default: the
+    val_fraction: float | None = None     # generator's record in generation.json)
     downstream: dict = field(default_factory=dict)   # downstream metrics: TrainSettings fields (preset, ...)
     spatial_dims: int = 2                 # 3: whole volumes (2.5D FID, 3D MS-SSIM, MAE/PSNR per volume)
     volume_shape: list[int] | None = None  # volumes: the [H, W, D] grid (None: the synthetic set's own)
@@ -120,6 +123,7 @@ def plane_slices(s: EvalSet, plane: str) -> EvalSet:
 
 
 def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]:
+    """FID and KID per feature network; on volumes per plane (2.5D) and their means."""
     out = []
     for kind in o.feature_networks:
         name = f"fid_{kind}"
@@ -129,18 +133,44 @@ def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]
             out.append(unavailable(name, str(err), feature_network=kind))
             continue
         if synth.images.dim() == 4:
-            out.append(guarded(name, lambda: fid_record(o, synth, real, device, kind, net, digest)))
+            out += with_kid(guarded(name, lambda: fid_record(o, synth, real, device, kind, net, digest)))
             continue
         planes = [guarded(f"{name}_{p}", lambda p=p: fid_record(o, plane_slices(synth, p), plane_slices(real, p),
-                                                                device, kind, net, digest, f"{name}_{p}"))
+                                                                device, kind, net, digest, f"{name}_{p}",
+                                                                volumes=len(synth)))
                   for p in PLANES]
-        out += planes
+        out += [r for p in planes for r in with_kid(p)]
         if all(r.get("available", True) for r in planes):
+            what = "mean of the axial, coronal and sagittal {} (every slice of every volume along each plane)"
             out.append({"metric": f"{name}_2.5d", "value": float(np.mean([r["value"] for r in planes])),
                         "n": planes[0]["n"], "method": {"feature_network": kind, "weights_sha256": digest,
-                                                        "what": "mean of the axial, coronal and sagittal FIDs "
-                                                                "(every slice of every volume along each plane)"}})
+                                                        "what": what.format("FIDs")}})
+            kids = [r["kid"] for r in planes]
+            if all(k["value"] is not None for k in kids):
+                se = float(np.mean([k["se"] for k in kids])) if all(k["se"] is not None for k in kids) else None
+                out.append(kid_record(f"kid_{kind}_2.5d", {"value": float(np.mean([k["value"] for k in kids])),
+                                                          "se": se, "n": planes[0]["n"]},
+                                      {"feature_network": kind, "what": what.format("KIDs"),
+                                       "se": "mean of the planes' standard errors (the planes share volumes: "
+                                             "the bound for fully dependent planes)"}))
     return out
+
+
+def kid_record(name: str, kid: dict, method: dict) -> dict:
+    se = kid.get("se")
+    ci = [kid["value"] - 1.96 * se, kid["value"] + 1.96 * se] if se is not None else None
+    return {"metric": name, "value": kid["value"], "se": se, "ci95": ci, "n": kid["n"],
+            "method": {**method, "ci": "value +- 1.96 standard errors" if ci else "none"}}
+
+
+def with_kid(rec: dict) -> list[dict]:
+    """A FID record, and the KID record computed beside it (the unbiased small-N companion)."""
+    kid = rec.get("kid")
+    if not kid or kid.get("value") is None:
+        return [rec]
+    name = "kid" + rec["metric"][3:]
+    return [rec, kid_record(name, {**kid, "n": rec["n"]}, {"feature_network": rec["method"]["feature_network"],
+                                                           "estimator": kid.get("method")})]
 
 
 def read_feature_cache(path: Path, n: int) -> np.ndarray | None:
@@ -158,7 +188,9 @@ def read_feature_cache(path: Path, n: int) -> np.ndarray | None:
 
 
 def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net, digest: str,
-               name: str | None = None) -> dict:
+               name: str | None = None, volumes: int | None = None) -> dict:
+    """One FID record. `volumes`: the sets are the slices of that many synthetic volumes along one plane
+    (plane_slices), which the interval resamples whole and the counts and the small-N warning report."""
     name = name or f"fid_{kind}"
     cache = PathConfig.from_compute(o.compute).cache_root / "fid_features"
     key = cache / f"{kind}-{M.content_key(real.images, digest, real.images.shape)}.npy"
@@ -167,20 +199,26 @@ def fid_record(o: Options, synth: EvalSet, real: EvalSet, device, kind: str, net
         real_f = M.extract_features(net, real.images, device, o.batch_size, f"{kind} features (real)")
         atomic_write(key, lambda tmp, f=real_f: np.save(open(tmp, "wb"), f))
     synth_f = M.extract_features(net, synth.images, device, o.batch_size, f"{kind} features (synthetic)")
-    res = M.fid_from_features(real_f, synth_f, o.bootstrap, o.seed)
+    groups, real_groups = ([i.split("#")[0] for i in s.ids] for s in (synth, real)) if volumes else (None, None)
+    res = M.fid_from_features(real_f, synth_f, o.bootstrap, o.seed, groups)
+    kid = M.kid_from_features(real_f, synth_f, o.seed, groups, real_groups)
     rec = {"metric": name, "value": res["value"], "n": res["n"], "ci95": res["ci95"],
            "method": {"feature_network": kind, "weights_sha256": digest, "features": real_f.shape[1],
                       "statistics": "float64 mean and covariance",
-                      "ci": f"{o.bootstrap} resamples; {M.FID_CI_METHOD}" if res["ci95"] else "none",
+                      "ci": (f"{o.bootstrap} resamples" + (" of whole volumes (their slices together)" if volumes
+                                                              else "") + f"; {M.FID_CI_METHOD}") if res["ci95"] else "none",
                       "resampling_bias": res.get("resampling_bias"),
                       "input": ("bilinear resize to 299 px, [0,1] -> [-1,1], grey -> 3 channels"
                                 if kind == "inception" else
                                 "native size, grey -> 3 channels, RGB -> BGR, minus ImageNet BGR mean"),
                       "resize": RESIZE, "real_features_cache": str(key)}}
-    n_min = min(len(real_f), len(synth_f))
-    if n_min < M.FID_MIN_N:
-        rec["warning"] = f"N = {n_min} < {M.FID_MIN_N}: FID is biased upwards at small N; compare only at equal N"
-        print(f"warning: {name}: {rec['warning']}", file=sys.stderr)
+    if volumes:
+        rec["n"] = {**rec["n"], "synthetic_volumes": volumes, "real_volumes": len({i.split("#")[0] for i in real.ids})}
+    rec["kid"] = kid
+    warning = M.small_n_warning(len(real_f), len(synth_f), real_f.shape[1], volumes, rec["n"].get("real_volumes"))
+    if warning:
+        rec["warning"] = warning
+        print(f"warning: {name}: {warning}", file=sys.stderr)
     if o.floor and len(real_f) >= 4:
         perm = np.random.default_rng(o.seed).permutation(len(real_f))
         half = len(real_f) // 2
@@ -294,22 +332,35 @@ def downstream_records(o: Options, wanted: set[str], device, grid: list[int] | N
     `grid`: the volume grid the image metrics read both sets on (volumes only)."""
     from eval.obj_eval.utility.cli import audit_records
     names = [m for m in DOWNSTREAM_METRICS if m in wanted]
+    missing = []
+    if "memorization" in names and not o.real_train_dir:
+        names.remove("memorization")
+        missing.append(unavailable("memorization", "memorization needs --real-train-dir: the generator's training "
+                                   "data (a dataset root or its train/ split). --real-dir is a val or test set, and "
+                                   "splitting it again would audit against subjects the generator never saw"))
+    if not names:
+        return missing
     out = Path(o.output) if o.output else Path(o.synthetic_dir) / "eval"
+    flag = "--real-train-dir" if o.real_train_dir else "--real-dir"
     try:
         recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, grid or o.image_size,
-                             o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute)
+                             o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute,
+                             o.split_seed, o.val_fraction, flag)
     except UserError as err:
-        return [unavailable(n, str(err)) for n in names]
-    flat = []
+        return missing + [unavailable(n, str(err)) for n in names]
+    flat = list(missing)
     for r in recs:   # one row per number in the report: precision/recall/density/coverage apart
         if r["metric"] == "prdc_domain" and r.get("available") is not False:
-            flat += [{"metric": f"{k}_domain", "value": v, "n": r["n"], "method": r["method"]} for k, v in r["value"].items()]
+            flat += [{"metric": f"{k}_domain", "value": v, "n": r["n"], "method": r["method"],
+                      **({"warning": r["warning"]} if "warning" in r else {})} for k, v in r["value"].items()]
         elif r["metric"] == "faithfulness_dice":
             flat.append({**r, "floor": {"value": r["ceiling"]["mean"], "n": r["ceiling"]["n"],
                                         "what": "the same segmenter on real test images (ceiling)"}})
         elif r["metric"] == "memorization":
-            flat.append({**r, "floor": {"value": 0.01, "n": r["n_heldout"],
-                                        "what": "expected without copying (held-out 1st percentile)"}})
+            p1 = r["sections"]["pixel"]["below"]["p1"]
+            flat.append({**r, "floor": {"value": p1["expected"], "n": r["n_heldout"], "range": p1["null_range"],
+                                        "what": "expected without copying (below the held-out 1st-percentile "
+                                                "threshold, for this many held-out images)"}})
         else:
             flat.append(r)
     return flat

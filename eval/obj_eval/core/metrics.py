@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
 FID_MIN_N = 2048
+FID_MIN_VOLUMES = 100   # 2.5D FID: volumes below which the report warns
 
 
 # ---------------------------------------------------------------- statistics
@@ -94,9 +95,22 @@ def frechet_from_samples(real: np.ndarray, synthetic: np.ndarray) -> float:
     return float(diff @ diff + np.square(a1).sum() / n1 + np.square(a2).sum() / n2 - 2 * tr_sqrt)
 
 
-def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0) -> dict:
+def cluster_resample(rng, groups: np.ndarray | None, n: int) -> np.ndarray:
+    """Row indices of one bootstrap resample: n rows with replacement, or, with groups (the unit of each row:
+    its volume), whole units with replacement, all rows of each drawn unit together."""
+    if groups is None:
+        return rng.integers(0, n, n)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == u) for u in range(len(names))]
+    return np.concatenate([members[u] for u in rng.integers(0, len(names), len(names))])
+
+
+def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0,
+                      groups=None) -> dict:
     """FID with a bootstrap interval; sets smaller than the feature dimension take the exact sample form
-    (frechet_from_samples), which is many times faster there."""
+    (frechet_from_samples), which is many times faster there. `groups`: the unit of each synthetic row (the
+    volume of a slice); units are resampled whole, since the slices of one volume are not independent."""
+    groups = None if groups is None else np.asarray(groups)
     if max(len(real), len(synthetic)) < real.shape[1]:
         distance = lambda syn: frechet_from_samples(real, syn)  # noqa: E731
     else:
@@ -105,13 +119,92 @@ def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50,
         distance = lambda syn: frechet_distance(mu_r, s_r, *gaussian_stats(syn), a)  # noqa: E731
     value = distance(synthetic)
     out = {"value": value, "ci95": None, "n": {"real": int(len(real)), "synthetic": int(len(synthetic))}}
-    if n_boot > 1 and len(synthetic) > 1:
+    n_units = len(synthetic) if groups is None else len(np.unique(groups))
+    if n_boot > 1 and n_units > 1:
         rng = np.random.default_rng(seed)
         boots = []
         for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False, disable=n_boot < 20):
-            boots.append(distance(synthetic[rng.integers(0, len(synthetic), len(synthetic))]))
+            boots.append(distance(synthetic[cluster_resample(rng, groups, len(synthetic))]))
         out["ci95"], out["resampling_bias"] = fid_interval(boots, value)
     return out
+
+
+KID_MAX_N = 4000   # rows per set in the kernel matrices (a random subset beyond; the record says so)
+
+
+def _group_index(groups, n: int) -> tuple[np.ndarray, int]:
+    if groups is None:
+        return np.arange(n), n
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    return inverse, int(inverse.max()) + 1
+
+
+def kid_from_features(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, groups=None, real_groups=None,
+                      max_n: int = KID_MAX_N) -> dict:
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased estimate of the squared MMD with the
+    cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, on the whole sets (not averaged over subsets), with its
+    standard error by the two-sample jackknife (one unit of either set left out at a time; Arvesen 1969 for
+    U-statistics). Unbiased at any N, so unlike FID it compares sets of different sizes, and it is still
+    defined below the feature dimension. `groups` / `real_groups`: the unit of each row (a volume's slices
+    are left out together)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(real, np.float64), np.asarray(synthetic, np.float64)
+    gx, gy = (None if g is None else np.asarray(g) for g in (real_groups, groups))
+    subset = max(len(x), len(y)) > max_n
+    if len(x) > max_n:
+        keep = np.sort(rng.choice(len(x), max_n, replace=False))
+        x, gx = x[keep], None if gx is None else gx[keep]
+    if len(y) > max_n:
+        keep = np.sort(rng.choice(len(y), max_n, replace=False))
+        y, gy = y[keep], None if gy is None else gy[keep]
+    m, n, d = len(x), len(y), x.shape[1]
+    if min(m, n) < 2:
+        return {"value": None, "se": None, "n": {"real": m, "synthetic": n}}
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    np.fill_diagonal(kxx, 0)
+    np.fill_diagonal(kyy, 0)
+
+    def value(sxx, m_, syy, n_, sxy):
+        return sxx / (m_ * (m_ - 1)) + syy / (n_ * (n_ - 1)) - 2 * sxy / (m_ * n_)
+    sxx, syy, sxy = kxx.sum(), kyy.sum(), kxy.sum()
+    est = value(sxx, m, syy, n, sxy)
+    # leave one unit out: its rows' off-diagonal sums (counted twice) minus its own block, and its cross terms
+    var = 0.0
+    for k, (gram, cross, groups_, size) in enumerate(((kxx, kxy.sum(1), gx, m), (kyy, kxy.sum(0), gy, n))):
+        unit, n_units = _group_index(groups_, size)
+        if n_units < 2:
+            return {"value": float(est), "se": None, "n": {"real": m, "synthetic": n}}
+        rows = np.bincount(unit, gram.sum(1), n_units)
+        own = np.array([gram[np.ix_(unit == u, unit == u)].sum() for u in range(n_units)]) if groups_ is not None \
+            else np.zeros(n_units)
+        counts = np.bincount(unit, minlength=n_units)
+        left = size - counts
+        loo = np.bincount(unit, cross, n_units)
+        if k == 0:
+            thetas = value(sxx - 2 * rows + own, left, syy, n, sxy - loo)
+        else:
+            thetas = value(sxx, m, syy - 2 * rows + own, left, sxy - loo)
+        var += (n_units - 1) / n_units * np.square(thetas - thetas.mean()).sum()
+    return {"value": float(est), "se": float(np.sqrt(var)), "n": {"real": m, "synthetic": n},
+            "method": "unbiased squared MMD, cubic polynomial kernel (x.y/d + 1)^3, whole sets"
+                      + (f" (random subsets of {max_n} rows)" if subset else "")
+                      + "; standard error: two-sample jackknife" + (" by volume" if groups is not None else "")}
+
+
+def small_n_warning(n_real: int, n_synthetic: int, dim: int, volumes: int | None = None,
+                    real_volumes: int | None = None) -> str | None:
+    """What a Fréchet distance at this N can and cannot be compared with, or None when N is large enough."""
+    n_min = min(n_real, n_synthetic)
+    parts = []
+    if volumes is not None and min(volumes, real_volumes or volumes) < FID_MIN_VOLUMES:
+        parts.append(f"{volumes} synthetic and {real_volumes} real volumes (the slices of one volume are not "
+                     f"independent, so the interval rests on the volumes; at least {FID_MIN_VOLUMES} advised)")
+    if n_min < dim:
+        parts.append(f"N = {n_min} < {dim} feature dimensions: the covariance is rank-deficient and FD is biased "
+                     "upwards by an amount that depends on N; compare only at equal N, or use KID")
+    elif n_min < FID_MIN_N:
+        parts.append(f"N = {n_min} < {FID_MIN_N}: FID is biased upwards at small N; compare only at equal N")
+    return "; ".join(parts) or None
 
 
 # ---------------------------------------------------------------- batched network passes

@@ -13,7 +13,8 @@ from common.grid import save_grid
 LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, "psnr": False,
                    "ms_ssim_quality": False, "lpips_quality": True, "faithfulness_dice": False,
                    "memorization": True, "fid_domain": True, "precision_domain": False, "recall_domain": False,
-                   "density_domain": False, "coverage_domain": False}
+                   "density_domain": False, "coverage_domain": False, "kid_inception": True,
+                   "kid_radimagenet": True, "kid_domain": True}
 
 
 def _fmt(v, digits=4):
@@ -22,6 +23,9 @@ def _fmt(v, digits=4):
 
 def _n(rec) -> str:
     n = rec.get("n")
+    if isinstance(n, dict) and "synthetic_volumes" in n:
+        return (f"{n['synthetic_volumes']} volumes ({n['synthetic']} slices) synth / {n['real_volumes']} volumes "
+                f"({n['real']} slices) real")
     return f"{n['synthetic']} synth / {n['real']} real" if isinstance(n, dict) else str(n)
 
 
