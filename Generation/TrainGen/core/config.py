@@ -37,7 +37,9 @@ class ModelConfig:
 class DDPMOptions:                       # strategy.ddpm: read by the ddpm strategy (and its subclasses)
     schedule: Literal["linear", "cosine"] = "linear"  # beta schedule (MONAI DDPMScheduler)
     prediction: Literal["epsilon", "v"] = "epsilon"   # network target
-    clip_sample: bool = True             # samplers clip the predicted x0 to [-1, 1] (MONAI's clip_sample; pixel space)
+    clip_sample: bool | None = None      # samplers clip the predicted x0 to [-1, 1] (MONAI's clip_sample); None: on in
+                                         # pixel space, off in latent space (latents have unit variance, and true
+                                         # is refused there)
 
 
 @dataclass

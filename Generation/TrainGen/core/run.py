@@ -90,6 +90,10 @@ def preflight(cfg) -> None:
     """Errors in names, the sampler and the checkpoint paths, before any data is read or a run folder made."""
     lookup(MODES, cfg.mode.name, "--mode")
     lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy).check_sampler(cfg.strategy.sampler)
+    if cfg.latent.autoencoder and cfg.strategy.ddpm.clip_sample:
+        raise UserError("strategy.ddpm.clip_sample true with --latent: latents are scaled to unit variance and a "
+                        "third of them lie outside [-1, 1], so clipping the predicted x0 would distort every "
+                        "sample; leave it unset (off in latent space)")
     for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from)):
         if flag == "--init_from" and path and is_diffusers_folder(path):
             read_folder(path)                     # a diffusers model or pipeline folder: checked, read later

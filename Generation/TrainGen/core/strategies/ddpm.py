@@ -26,7 +26,7 @@ class DDPMStrategy(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.prediction = cfg.ddpm.prediction
-        self.clip_sample = cfg.ddpm.clip_sample
+        self.clip_sample = cfg.ddpm.clip_sample is not False    # None: on; build_parts turns it off for latents
         sched = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=SCHEDULES[cfg.ddpm.schedule])
         self.alphas_cumprod = sched.alphas_cumprod.double()
         self.default_steps = {"ddpm": cfg.num_timesteps, "ddim": 50, "dpmpp_2m": 20}
