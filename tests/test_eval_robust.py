@@ -38,7 +38,7 @@ def test_run_evaluation_all_metrics_at_20_px(paired_set, weights, demo_root, tmp
                      "--output", str(tmp_path / "ev"), env={"MEDGEN_CACHE": str(tmp_path / "c")})
     assert res.returncode == 0, res.stderr[-2000:]
     recs = {r["metric"]: r for r in json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]}
-    assert len(recs) == 8
+    assert len(recs) == 10          # 8 metrics and a KID beside each FID
     for name, r in recs.items():
         if name.startswith("lpips"):   # AlexNet's strides leave no feature map below 31 px: said, not crashed
             assert r["available"] is False and "at least 31 px (these are 20 px)" in r["reason"], r

@@ -152,8 +152,11 @@ def test_3d_bravo_trains_generates_and_evaluates(volume_runs, demo_root, tmp_pat
     recs = {r["metric"]: r for r in result["metrics"]}
     planes = [recs[f"fid_radimagenet_{p}"]["value"] for p in ("axial", "coronal", "sagittal")]
     assert recs["fid_radimagenet_2.5d"]["value"] == pytest.approx(np.mean(planes))
-    assert recs["fid_radimagenet_axial"]["n"] == {"synthetic": 4 * 8, "real": 8 * 8}   # every axial slice
-    assert recs["fid_radimagenet_sagittal"]["n"] == {"synthetic": 4 * 16, "real": 8 * 16}
+    volumes = {"synthetic_volumes": 4, "real_volumes": 8}
+    assert recs["fid_radimagenet_axial"]["n"] == {"synthetic": 4 * 8, "real": 8 * 8, **volumes}   # every axial slice
+    assert recs["fid_radimagenet_sagittal"]["n"] == {"synthetic": 4 * 16, "real": 8 * 16, **volumes}
+    assert "4 synthetic and 8 real volumes" in recs["fid_radimagenet_axial"]["warning"]     # the warning is by volume
+    assert "kid_radimagenet_2.5d" in recs
     assert recs["mae"]["n"] == 4 and recs["ms_ssim_diversity"]["n"] == 6
     assert result["volume_shape"] == [16, 16, 8]
 
@@ -292,7 +295,9 @@ def test_utility_harness_runs_a_3d_segmenter(demo_root, tmp_path):
     assert study["image_size"] == [32, 32, 32] and len(study["rows"]) == 2
     mem = next(r for r in study["audit"] if r["metric"] == "memorization")
     assert mem["value"] > 0.95
-    assert "32x32x32 volumes" in (out / "utility.md").read_text()
+    md = (out / "utility.md").read_text()
+    assert "32x32x32 volumes" in md and "HD95 per volume (mm)" in md
+    assert set(study["rows"][0]["metrics"]) == {"dice_subject", "hd95_volume"}
 
 
 def test_autoencoder_stage_resumes_exactly(demo_root, tmp_path):

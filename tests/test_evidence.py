@@ -1,0 +1,383 @@
+"""What the reports claim, checked where the truth is known: the utility verdict's false-positive rate and power
+(seeds, not test units, are the replicates), 'not assessable' below the minimum units, the memorization audit's
+expected rate and its detection of moved and mirrored copies, leak-free splits, 2.5D FID coverage with a
+per-volume effect, KID against torchmetrics, PRDC against the prdc package, HD95 in mm, the ordinal rule for
+kappa, and latent DDPM sampling without clipping."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from common.errors import UserError
+from common.neighbours import CopyIndex, order_threshold
+from common.splits import digest
+from eval.obj_eval.core import metrics as M
+from eval.obj_eval.utility import audit, data, report, scores, study
+from eval.obj_eval.utility.cli import choose_primary
+from eval.obj_eval.utility.cli import main as utility_main
+from Generation.TrainGen.core.phantom import make_subject, write_subject
+from tests.test_utility import FAST, _lesions
+
+SHAPE = (64, 64, 48)
+
+
+def fake_results(values: np.ndarray) -> list[dict]:
+    """Per-seed segmentation results with one Dice per test unit: values is (seeds, units)."""
+    return [{"units": [f"u{i}" for i in range(values.shape[1])],
+             "per_unit": {"dice_subject": {"sum": row.tolist(), "count": [1.0] * len(row)}}} for row in values]
+
+
+def seed_study(rng, n_seeds: int, n_units: int, effect: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of two recipes trained with n_seeds seeds, on one fixed test set: each subject has its own
+    difficulty, each training run a constant offset (what the subject bootstrap mistook for an effect), and
+    each (run, subject) a little noise; the recipe adds `effect` to every score."""
+    difficulty = rng.uniform(0.4, 0.9, n_units)
+    run = lambda: difficulty + rng.normal(0, 0.03, (n_seeds, 1)) + rng.normal(0, 0.01, (n_seeds, n_units))  # noqa: E731
+    return run() + effect, run()
+
+
+# ---------------------------------------------------------------- the utility verdict
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_seed_verdict_keeps_its_false_positive_rate_and_finds_a_planted_effect(n_seeds):
+    rng = np.random.default_rng(n_seeds)
+    null_new, null_old, found = [], [], []
+    for rep in range(250):
+        a, b = seed_study(rng, n_seeds, 12, 0.0)
+        null_new.append(scores.seed_paired_test(fake_results(a), fake_results(b), "dice_subject")["distinguishable"])
+        null_old.append(scores.paired_bootstrap(fake_results(a), fake_results(b), "dice_subject", 200,
+                                                rep)["distinguishable"])
+        a, b = seed_study(rng, n_seeds, 12, 0.15)      # about 3.5 sd of a per-seed difference
+        found.append(scores.seed_paired_test(fake_results(a), fake_results(b), "dice_subject")["distinguishable"])
+    assert np.mean(null_new) <= 0.10, np.mean(null_new)
+    assert np.mean(null_old) > 0.5          # the test-set bootstrap calls seed noise an effect
+    assert np.mean(found) >= 0.8, np.mean(found)
+
+
+def test_seed_verdict_is_the_paired_t_test_and_says_what_it_could_detect():
+    rng = np.random.default_rng(7)
+    a, b = seed_study(rng, 4, 15, 0.02)
+    got = scores.seed_paired_test(fake_results(a), fake_results(b), "dice_subject", "subject")
+    d = a.mean(1) - b.mean(1)
+    ref = stats.ttest_rel(a.mean(1), b.mean(1))
+    assert got["diff"] == pytest.approx(d.mean()) and got["p"] == pytest.approx(ref.pvalue)
+    lo, hi = stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d))
+    assert got["ci95"] == pytest.approx([lo, hi])
+    power = stats.nct(3, got["detectable"] / stats.sem(d)).sf(stats.t.ppf(0.975, 3))   # power at that difference
+    assert 0.7 < power < 0.9
+
+
+def test_one_test_subject_or_two_seeds_is_not_assessable():
+    rng = np.random.default_rng(0)
+    cases = {(3, 1): "1 test subject(s) with a score, at least 10 needed",
+             (2, 12): "2 seed(s) with a score, at least 3 needed"}
+    for (n_seeds, n_units), why in cases.items():
+        a, b = seed_study(rng, n_seeds, n_units, -0.05)
+        res = {(1.0, "real"): fake_results(b), (1.0, "real+copy x1"): fake_results(a)}
+        for k, r in enumerate((*res[(1.0, "real")], *res[(1.0, "real+copy x1")])):
+            r.update(train={"n_real": 4, "n_synthetic": 0}, n_items=n_units, metrics={}, training={"steps": 10},
+                     seed=k % n_seeds)
+        rows = study.summarise(res, [study.Recipe("real"), study.Recipe("real+synthetic", "copy", 1.0)], [1.0],
+                               "dice_subject", 200, 0, "subject")
+        vs = rows[1]["vs_real"]
+        assert not vs["assessable"] and not vs["distinguishable"] and why in vs["why_not"]
+        text = report.verdict({"primary": "dice_subject", "unit": "subject", "rows": rows})
+        assert "not assessable" in text and "worsened" not in text and "distinguishable from zero" not in text
+
+
+@pytest.fixture(scope="module")
+def lesion_study(tmp_path_factory):
+    """A class study on lesion images with 3 seeds: a copy of the real training images (a true null: the same
+    empirical distribution, the same step budget) and pure noise images as the synthetic sets."""
+    root = tmp_path_factory.mktemp("lesions")
+    real = root / "real"
+    for split, n, seed in (("train", 8, 1), ("val", 4, 2), ("test", 6, 3)):
+        _lesions(real / split, n, seed)
+    copy = _lesions(root / "copy", 8, 1)                 # the real training images again
+    noise = root / "noise"
+    rng = np.random.default_rng(0)
+    for c in ("melanoma", "nevus", "vascular"):
+        (noise / c).mkdir(parents=True)
+        for k in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / c / f"n{k}.png")
+    out = root / "study"
+    assert utility_main(["--real_dir", str(real), "--synthetic_dir", str(copy), "--synthetic_dir", str(noise),
+                         "--output", str(out), "--seeds", "3", "--recipes", "real,real+synthetic", "--audit", "none",
+                         "--compute", "local", *FAST, "--max_steps", "60", "--val_every", "30"]) == 0
+    return json.loads((out / "utility.json").read_text()), (out / "utility.md").read_text()
+
+
+def test_cli_null_and_noise_images_never_read_as_an_improvement(lesion_study):
+    summary, md = lesion_study
+    rows = {r["recipe"]: r for r in summary["rows"]}
+    copy, noise = rows["real+copy x1"]["vs_real"], rows["real+noise x1"]["vs_real"]
+    assert copy["assessable"] and copy["n_seeds"] == 3 and copy["n_units"] == 18
+    assert not copy["distinguishable"]                   # the end-to-end null
+    assert not (noise["distinguishable"] and noise["diff"] > 0)
+    assert "adding 1x noise improved" not in md.lower()
+    assert "|   steps |" in md.replace("| steps   |", "|   steps |") and rows["real"]["steps"] == [60, 60, 60]
+    assert summary["primary"] == "balanced_accuracy" and not summary["ordinal"]
+
+
+def test_quadratic_kappa_is_the_headline_only_for_ordinal_grades():
+    assert scores.ordinal_classes(["0", "1", "2", "3", "4"]) and not scores.ordinal_classes(["melanoma", "nevus"])
+    assert not scores.ordinal_classes(["0", "10", "2"])   # a string order that is not the grade order
+    assert choose_primary("auto", "classification", 2, True, ["0", "1"]) == "kappa_quadratic"
+    assert choose_primary("auto", "classification", 2, False, ["a", "b"]) == "balanced_accuracy"
+    with pytest.raises(UserError, match="not ordered grades.*--ordinal"):
+        choose_primary("kappa_quadratic", "classification", 2, False, ["melanoma", "nevus"])
+    with pytest.raises(UserError, match="not a segmentation score on volumes"):
+        choose_primary("dice_slice", "segmentation", 3, False, [])
+
+
+# ---------------------------------------------------------------- segmentation scores
+def test_hd95_in_mm_and_empty_predictions_score_the_diagonal():
+    true = torch.zeros(2, 1, 8, 16, 16)
+    true[:, :, 2:5, 4:9, 4:9] = 1
+    pred = torch.zeros_like(true)
+    pred[0, :, 3:6, 4:9, 4:9] = 1                        # moved one slice along D
+    spacing = torch.tensor([[2.0, 1.0, 1.0], [2.0, 1.0, 1.0]])   # D, H, W in mm
+    hd, empty = scores.hd95(pred, true, spacing)
+    assert hd[0] == pytest.approx(2.0)                   # one slice = 2 mm, not 1 voxel
+    assert empty.tolist() == [False, True] and hd[1] == pytest.approx(np.sqrt(16 ** 2 + 16 ** 2 + 16 ** 2))
+    test = data.TaskSet("t", true, true, ["a", "b"], ["a", "b"], spacing=spacing)
+    res = scores.segmentation_scores(pred, test)
+    assert set(res["metrics"]) == {"dice_subject", "hd95_volume"} and res["empty_predictions"] == 1
+    assert res["metrics"]["hd95_volume"] == pytest.approx((2.0 + np.sqrt(3 * 16 ** 2)) / 2)
+    flat = scores.hd95(pred[:, :, 3], true[:, :, 3], None)[0]          # 2D: px; the second is empty
+    assert flat[1] == pytest.approx(np.sqrt(2) * 16)
+
+
+# ---------------------------------------------------------------- memorization
+def test_heldout_threshold_gives_its_stated_rate_and_range():
+    """Exchangeable distances (no copying): the share of 50 synthetic images below the 1st-percentile order
+    statistic of 22 held-out ones averages k / (n + 1) = 1/23, not 1%, and falls inside the stated 95% range."""
+    rng = np.random.default_rng(0)
+    fractions, inside = [], []
+    for _ in range(2000):
+        held, synth = rng.gamma(4, size=22), rng.gamma(4, size=50)
+        b = audit.below_threshold(synth, held, 0.01)
+        fractions.append(b["fraction"])
+        inside.append(b["null_range"][0] <= b["fraction"] <= b["null_range"][1])
+    assert b["expected"] == pytest.approx(1 / 23) and b["k"] == 1
+    assert np.mean(fractions) == pytest.approx(1 / 23, abs=0.004)
+    assert np.mean(inside) >= 0.93
+    assert order_threshold(np.arange(1000.0), 0.01) == (9.0, 10)   # large n: the 10th smallest, ~1%
+
+
+@pytest.fixture(scope="module")
+def brain_slices(tmp_path_factory):
+    """8 training and 26 held-out phantom subjects at 32 px."""
+    root = tmp_path_factory.mktemp("mem") / "brain"
+    for i in range(36):
+        split = "train" if i < 8 else "val" if i < 10 else "test"
+        write_subject(root / split / f"s{i:02d}", make_subject(5, i, (64, 64, 24)))
+    sets, _ = data.load_real(root, 32, ["bravo"], positive_only=True, compute="local")
+    return sets
+
+
+@pytest.mark.parametrize("how", ["move 1 px", "move 2 px", "mirror", "move 1 px + mirror"])
+def test_moved_and_mirrored_copies_are_flagged(brain_slices, how):
+    train, held = brain_slices["train"], brain_slices["test"]
+    x = train.images
+    copies = {"move 1 px": x.roll(1, -1), "move 2 px": x.roll((2, -2), (-2, -1)), "mirror": x.flip(-1),
+              "move 1 px + mirror": x.flip(-1).roll(-1, -2)}[how]
+    rec = audit.memorization(data.TaskSet("copies", copies, train.targets, train.units, train.ids), train, held)
+    below = rec["sections"]["pixel"]["below"]["p1"]
+    assert below["fraction"] >= 0.9 and below["excess"], how
+
+
+def test_fresh_samples_fall_at_the_expected_rate(brain_slices, tmp_path):
+    """Fresh phantoms (another seed: no copies), one slice of each, as independent as generated samples."""
+    fresh_root = tmp_path / "fresh"
+    for i in range(30):
+        write_subject(fresh_root / "train" / f"f{i}", make_subject(77, i, (64, 64, 24)))
+    train, held = brain_slices["train"], brain_slices["test"]
+    fresh = data.load_synthetic(fresh_root, 32, ["bravo"], train, compute="local")
+    fresh = fresh.subset(audit.one_per_unit(fresh.units, 0))
+    rec = audit.memorization(fresh, train, held)
+    n = rec["n_heldout_units"]                           # subjects with tumour slices (positive-only)
+    assert n >= 20 and rec["n_heldout"] > n
+    for q in ("p1", "p5"):
+        b = rec["sections"]["pixel"]["below"][q]
+        assert b["expected"] == pytest.approx(1 / (n + 1))
+        assert b["null_range"][0] <= b["fraction"] <= b["null_range"][1] and not b["excess"], (q, b)
+    assert rec["warnings"] and "fewer than 100" in rec["warnings"][0]
+    md = "\n".join(report._audit_section(rec))
+    assert "does not detect rotations" in md and "expected (95% range)" in md
+
+
+# ---------------------------------------------------------------- leak-free splits
+@pytest.fixture(scope="module")
+def flat_brain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat") / "brain"
+    for i in range(10):
+        write_subject(root / f"p{i:02d}", make_subject(9, i, (64, 64, 24)))
+    return root
+
+
+def generator_folder(tmp_path, root, split_seed=0, val_fraction=0.2):
+    """A synthetic folder whose generation.json records the generator's split of the flat dataset."""
+    from common import data as nifti
+    from common.splits import units_record
+    from common.data import DataConfig
+    cfg = DataConfig(data_dir=str(root), split_seed=split_seed, val_fraction=val_fraction)
+    splits = nifti.find_splits(root, nifti.layout_from_config(cfg), val_fraction, split_seed)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    record = {"image": units_record(cfg, [str(p) for p in splits["train"]], [str(p) for p in splits["val"]])}
+    (synth / "generation.json").write_text(json.dumps({"mode": "bravo", "training_data": record}))
+    return synth, splits
+
+
+def test_flat_folder_follows_the_generator_split_and_refuses_its_training_subjects(flat_brain, tmp_path):
+    synth, splits = generator_folder(tmp_path, flat_brain, split_seed=0)
+    gens = data.generator_records([synth])
+    sets, notes = data.load_real(flat_brain, 32, ["bravo"], seed=1, compute="local", generators=gens)
+    held = {u for s in ("val", "test") for u in sets[s].units}
+    assert held == {str(p) for p in splits["val"]}       # the study's --seed 1 no longer moves the split
+    assert any("the generator's split settings" in n for n in notes)
+    assert any("validation data" in n for n in notes)    # and says they chose the generator's best checkpoint
+    with pytest.raises(UserError, match=r"were in the training split of the synth image model .*p\d\d"):
+        data.load_real(flat_brain, 32, ["bravo"], compute="local", generators=gens, split_seed=3)
+
+
+def test_trained_runs_record_their_units_and_generation_copies_them(tiny_models, demo_root, tmp_path):
+    from Generation.TrainGen.generate import main as generate_main
+    out = tmp_path / "g"
+    assert generate_main(["--image_model", str(tiny_models["bravo_rflow"]), "--masks_from",
+                          str(demo_root / "brain" / "val"), "--num_images", "2", "--num_steps", "2",
+                          "--output_dir", str(out), "--device", "cpu"]) == 0
+    rec = json.loads((out / "generation.json").read_text())["training_data"]["image"]
+    train_names = sorted(p.name for p in (demo_root / "brain" / "train").iterdir())
+    assert rec["train"] == sorted(digest(n) for n in train_names)
+    assert not any(n in json.dumps(rec) for n in train_names)         # hashes only, never the names
+    leak = tmp_path / "leak"                             # a test split holding two of the generator's subjects
+    for split, subjects in (("train", sorted((demo_root / "brain" / "val").iterdir())[:2]),
+                            ("val", sorted((demo_root / "brain" / "val").iterdir())[2:3]),
+                            ("test", sorted((demo_root / "brain" / "train").iterdir())[:2])):
+        for subject in subjects:
+            shutil.copytree(subject, leak / split / subject.name)
+    leaked = sorted((demo_root / "brain" / "train").iterdir())[0].name
+    with pytest.raises(UserError, match=f"2 of the 2 test subjects/images were in the training split.*{leaked}"):
+        data.load_real(leak, 32, ["bravo"], compute="local", generators=data.generator_records([out]))
+
+
+def test_memorization_needs_the_training_data(tmp_path, demo_root):
+    from eval.obj_eval.core.evaluate import Options, downstream_records
+    o = Options(str(demo_root / "brain" / "val"), str(demo_root / "brain" / "val"), metrics=("memorization",))
+    rec = downstream_records(o, {"memorization"}, "cpu")[0]
+    assert rec["available"] is False and "needs --real-train-dir" in rec["reason"]
+    with pytest.raises(UserError, match="--real-train-dir .*this is the val split"):
+        data.dataset_root(demo_root / "brain" / "val", "--real-train-dir")
+    root, note = data.dataset_root(demo_root / "brain" / "train", "--real-train-dir")
+    assert root == demo_root / "brain" and "train split" in note
+
+
+# ---------------------------------------------------------------- FID, KID, PRDC
+def test_2_5d_fid_interval_covers_with_a_per_volume_effect():
+    """12 synthetic volumes of 40 slices, each volume shifted by its own random offset: the interval that
+    resamples volumes covers the FID expected at this N; resampling slices, as before, is far too narrow."""
+    rng = np.random.default_rng(0)
+    d, n_vol, n_slice = 6, 12, 40
+    real = rng.normal(size=(600, d))
+    groups = np.repeat(np.arange(n_vol), n_slice)
+    gen = lambda: (rng.normal(0, 0.6, (n_vol, d))[groups] + rng.normal(size=(n_vol * n_slice, d)) + 0.2)  # noqa: E731
+    target = np.mean([M.fid_from_features(real, gen(), 0)["value"] for _ in range(1500)])
+    by_volume, by_slice = [], []
+    for rep in range(120):
+        x = gen()
+        lo, hi = M.fid_from_features(real, x, 150, rep, groups)["ci95"]
+        by_volume.append(lo <= target <= hi)
+        lo, hi = M.fid_from_features(real, x, 150, rep)["ci95"]
+        by_slice.append(lo <= target <= hi)
+    assert np.mean(by_volume) >= 0.85, np.mean(by_volume)
+    assert np.mean(by_slice) < 0.6, np.mean(by_slice)
+
+
+def test_kid_matches_torchmetrics_and_its_standard_error_is_calibrated():
+    from torchmetrics.image.kid import poly_mmd
+    rng = np.random.default_rng(1)
+    real, synth = rng.normal(size=(80, 16)), rng.normal(0.3, 1.1, size=(80, 16))
+    got = M.kid_from_features(real, synth)
+    assert got["value"] == pytest.approx(float(poly_mmd(torch.from_numpy(real), torch.from_numpy(synth))), rel=1e-9)
+    # the jackknife standard error against the spread over fresh real and synthetic sets: independent rows, and
+    # 30 volumes of 8 slices with a per-volume offset, where leaving one volume out at a time is conservative
+    # (the delete-a-group jackknife overstates a little) and leaving out slices understates
+    groups = np.repeat(np.arange(30), 8)
+    draws = {"iid": [], "volumes": [], "slices": []}
+    ses = {k: [] for k in draws}
+    for _ in range(150):
+        r = rng.normal(size=(80, 16))
+        k = M.kid_from_features(r, rng.normal(0.3, 1.1, size=(80, 16)))
+        draws["iid"].append(k["value"])
+        ses["iid"].append(k["se"])
+        x = rng.normal(0, 1.0, (30, 16))[groups] + rng.normal(size=(240, 16))
+        for name, g in (("volumes", groups), ("slices", None)):
+            k = M.kid_from_features(r, x, groups=g)
+            draws[name].append(k["value"])
+            ses[name].append(k["se"])
+    ratio = {k: np.mean(ses[k]) / np.std(draws[k]) for k in draws}
+    assert 0.8 < ratio["iid"] < 1.25 and 0.9 < ratio["volumes"] < 1.6 and ratio["slices"] < 0.9, ratio
+
+
+def test_prdc_matches_the_reference_package_with_duplicates():
+    from prdc import compute_prdc
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(40, 5))
+    fake = np.concatenate([real[:10], real[:10], rng.normal(0.2, 1.0, size=(20, 5))])   # duplicated points
+    want = compute_prdc(real, fake, 5)
+    assert audit.prdc(real, fake, 5) == pytest.approx(want)
+
+
+# ---------------------------------------------------------------- latent sampling
+def _autoencoder_run(tmp_path):
+    from Generation.TrainGen.core.config import build_config, to_dict
+    from Generation.TrainGen.core.latent import build_autoencoder
+    cfg = build_config({"mode": {"name": "bravo"}, "latent": {"channels": [4, 4], "latent_channels": 2}})
+    torch.manual_seed(0)
+    net = build_autoencoder(cfg.latent, 2, 1)
+    path = tmp_path / "ae.pt"
+    torch.save({"autoencoder": net.state_dict(), "config": to_dict(cfg),
+                "meta": {"stage": "autoencoder", "mode": "bravo", "roles": ["bravo"], "channels": 1,
+                         "spatial_dims": 2, "shape": [16, 16], "latent_channels": 2}}, path)
+    return path
+
+
+def test_latent_ddpm_samplers_do_not_clip_unit_variance_latents(tmp_path):
+    from Generation.TrainGen.core.config import build_config
+    from Generation.TrainGen.core.samplers import SAMPLERS
+    from Generation.TrainGen.core.trainer import build_parts
+    from tests.test_strategies import oracle
+    cfg = build_config({"mode": {"name": "bravo"}, "strategy": {"name": "ddpm", "num_timesteps": 100},
+                        "data": {"image_size": 16}, "latent": {"autoencoder": str(_autoencoder_run(tmp_path)),
+                                                               "channels": [4, 4], "latent_channels": 2}})
+    strategy, mode = build_parts(cfg, None, 1, "cpu", latent_scale=1.0)
+    pixel, _ = build_parts(build_config({"mode": {"name": "bravo"}, "strategy": {"name": "ddpm",
+                                                                                 "num_timesteps": 100}}), None, 1)
+    assert strategy.clip_sample is False and pixel.clip_sample is True
+    x0 = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)   # N(0, 1)
+    assert (x0.abs() > 1).float().mean() > 0.2
+    for sampler in ("ddim", "dpmpp_2m"):
+        errors = {}
+        for name, st in (("latent", strategy), ("pixel", pixel)):
+            x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            for t, t_next in st.timesteps(10, sampler):
+                tt = torch.full((2,), t, dtype=torch.float64)
+                x = SAMPLERS[sampler](st, oracle(st, x0, x, tt), x, t, t_next, None, {})
+            errors[name] = float((x - x0).abs().max())
+        assert errors["latent"] < 1e-4 and errors["pixel"] > 0.5, (sampler, errors)
+
+
+def test_clip_sample_true_is_refused_in_latent_space(tmp_path):
+    from Generation.TrainGen.core.config import build_config
+    from Generation.TrainGen.core.run import preflight
+    cfg = build_config({"mode": {"name": "bravo"}, "strategy": {"ddpm": {"clip_sample": True}},
+                        "latent": {"autoencoder": str(tmp_path / "ae")}})
+    with pytest.raises(UserError, match="clip_sample true with --latent"):
+        preflight(cfg)
