@@ -28,12 +28,12 @@ demo: $(STAMP)
 	$(PY) Generation/TrainGen/train.py $(DEMO_TRAIN) --mode bravo --run_dir runs/demo/bravo --resume auto
 	$(PY) Generation/TrainGen/generate.py --seg_model runs/demo/seg --image_model runs/demo/bravo \
 	    --num_images 128 --batch_size 16 --output_dir runs/demo/synthetic --progression
-	$(PY) Generation/TrainGen/generate.py --image_model runs/demo/bravo --masks_from .cache/demo/brain/val \
+	$(PY) Generation/TrainGen/generate.py --image_model runs/demo/bravo --masks_from .cache/demo/brain/test \
 	    --num_images 32 --batch_size 16 --output_dir runs/demo/synthetic_paired
-	$(PY) eval/obj_eval/run_evaluation.py --synthetic_dir runs/demo/synthetic_paired --real_dir .cache/demo/brain/val \
+	$(PY) eval/obj_eval/run_evaluation.py --synthetic_dir runs/demo/synthetic_paired --real_dir .cache/demo/brain/test \
 	    --metrics all --positive-only --output runs/demo/eval
 	$(PY) eval/obj_eval/run_utility.py --real_dir .cache/demo/brain --synthetic_dir runs/demo/synthetic --positive-only \
-	    --real_fraction 0.1,1 --recipes real,real+synthetic --seeds 2 --preset tiny --output runs/demo/utility
+	    --real_fraction 0.1,1 --recipes real,real+synthetic --seeds 3 --preset tiny --max_steps 200 --output runs/demo/utility
 	@echo "demo done: runs/demo/{seg,bravo}/samples/, runs/demo/synthetic/preview_8x8.png, runs/demo/eval/report.md, runs/demo/utility/utility.md"
 
 test: $(STAMP)

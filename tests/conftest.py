@@ -11,8 +11,9 @@ from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """A small demo dataset (8 subjects of 32x32x24 + lesion folders), built once per test session."""
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", n_subjects=8, shape=(32, 32, 24))
+    """A small demo dataset (8 subjects of 32x32x24 in train/val, 2 in test, and lesion folders), built once per
+    test session."""
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", n_subjects=8, shape=(32, 32, 24), n_test=2)
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300, isolated: bool = False):

@@ -1,6 +1,6 @@
 """Build the embedded demo dataset and write its preview.
 
-    python Generation/TrainGen/demo.py [--out DIR] [--subjects 40] [--shape 64 64 48]
+    python Generation/TrainGen/demo.py [--out DIR] [--subjects 40] [--test_subjects 12] [--shape 64 64 48]
 """
 from __future__ import annotations
 
@@ -14,20 +14,22 @@ from config.paths import PathConfig  # noqa: E402
 from common.cli import HelpFormatter  # noqa: E402
 from common.errors import UserError, run_main  # noqa: E402
 from Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
-from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
+from Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_demo_data  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="demo root (default: the local cache, as --compute local uses)")
-    p.add_argument("--subjects", type=int, default=40, help="number of brain phantoms")
+    p.add_argument("--subjects", type=int, default=40, help="brain phantoms in train/ and val/")
+    p.add_argument("--test_subjects", type=int, default=DEMO_TEST_SUBJECTS,
+                   help="brain phantoms in test/ (12: 10 of them hold a tumour, the utility study's minimum)")
     p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.subjects < 2 or min(args.shape) < 16:
-        raise UserError("--subjects must be at least 2 and every --shape size at least 16")
+    if args.subjects < 2 or args.test_subjects < 0 or min(args.shape) < 16:
+        raise UserError("--subjects must be at least 2, --test_subjects at least 0 and every --shape size at least 16")
     root = args.out or PathConfig.from_compute("local").demo_root
-    ensure_demo_data(root, args.subjects, tuple(args.shape), args.seed)
+    ensure_demo_data(root, args.subjects, tuple(args.shape), args.seed, args.test_subjects)
     print(f"demo dataset: {root / 'brain'} (NIfTI, original layout), {root / 'lesions'} (class image folders)")
     print(f"preview: {preview_brain(root / 'brain', root / 'preview_brain.png')}")
     print(f"preview: {preview_lesions(root / 'lesions', root / 'preview_lesions.png')}")

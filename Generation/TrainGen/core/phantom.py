@@ -21,7 +21,7 @@ from scipy.ndimage import gaussian_filter
 
 from common.data import MASK_ROLE
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")
 # tissue -> (T1-pre, T1-gd, bravo) intensity in [0, 1]
 TISSUE = {
@@ -112,10 +112,11 @@ def write_subject(folder: Path, volumes: dict[str, np.ndarray]) -> None:
         nib.save(img, folder / f"{name}.nii.gz")
 
 
-def make_brain_dataset(root: Path, n_subjects=40, shape=(64, 64, 48), val_fraction=0.2, seed=0) -> None:
+def make_brain_dataset(root: Path, n_subjects=40, shape=(64, 64, 48), val_fraction=0.2, seed=0, n_test=0) -> None:
+    """n_subjects phantoms in train/ and val/ (val_fraction of them), and n_test more in test/."""
     n_val = max(1, round(n_subjects * val_fraction))
-    for i in range(n_subjects):
-        split = "val" if i >= n_subjects - n_val else "train"
+    for i in range(n_subjects + n_test):
+        split = "test" if i >= n_subjects else "val" if i >= n_subjects - n_val else "train"
         write_subject(Path(root) / split / f"demo_{i:03d}", make_subject(seed, i, shape))
 
 
@@ -150,16 +151,21 @@ def make_lesion_dataset(root: Path, per_class=30, size=48, seed=0) -> None:
             Image.fromarray(make_lesion_image(seed, c, i, size)).save(folder / f"{name}_{i:03d}.png")
 
 
-def ensure_demo_data(root: Path, n_subjects=40, shape=(64, 64, 48), seed=0) -> Path:
-    """Build <root>/brain and <root>/lesions once; concurrent callers (DDP ranks) never see a partial set."""
+DEMO_TEST_SUBJECTS = 12   # a fixed test split: 12 phantoms of which 10 hold a tumour, the utility study's minimum
+
+
+def ensure_demo_data(root: Path, n_subjects=40, shape=(64, 64, 48), seed=0, n_test=DEMO_TEST_SUBJECTS) -> Path:
+    """Build <root>/brain (train/val of n_subjects, and n_test test subjects) and <root>/lesions once;
+    concurrent callers (DDP ranks) never see a partial set."""
     root = Path(root)
-    params = {"version": DEMO_VERSION, "n_subjects": n_subjects, "shape": list(shape), "seed": seed}
+    params = {"version": DEMO_VERSION, "n_subjects": n_subjects, "shape": list(shape), "seed": seed,
+              "n_test": n_test}
     stamp = root / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return root
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    make_brain_dataset(tmp / "brain", n_subjects, shape, seed=seed)
+    make_brain_dataset(tmp / "brain", n_subjects, shape, seed=seed, n_test=n_test)
     make_lesion_dataset(tmp / "lesions", seed=seed)
     (tmp / "demo.json").write_text(json.dumps(params))
     if stamp.is_file() and json.loads(stamp.read_text()) == params:  # another process finished first

@@ -91,6 +91,14 @@ def below_threshold(d_synth: np.ndarray, d_held: np.ndarray, q: float) -> dict:
             "null_range": [lo / m, hi / m], "p_excess": float(null.sf(count - 1)), "excess": bool(count > hi)}
 
 
+def _nth(k: int) -> str:
+    """'' for 1, else '2nd ', '3rd ', '11th ', ...: 'the {_nth(k)}smallest'."""
+    if k == 1:
+        return ""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix} "
+
+
 def one_per_unit(units: list[str], seed: int) -> np.ndarray:
     """One item of each unit (subject), drawn with a seed: the slices of one subject are not independent, and
     the held-out threshold is an order statistic of independent draws only when each subject gives one."""
@@ -136,7 +144,7 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
     if n_units < MIN_HELDOUT:
         p1 = px["below"]["p1"]
         warnings.append(f"{n_units} held-out subjects or images (fewer than {MIN_HELDOUT}): the 1st-percentile "
-                        f"threshold is the {p1['k']}-th smallest of their distances, so "
+                        f"threshold is the {_nth(p1['k'])}smallest of their distances, so "
                         f"{p1['expected'] * 100:.1f}% of fresh samples fall below it and only more than "
                         f"{p1['null_range'][1] * 100:.1f}% is flagged as an excess")
     rec = {"metric": "memorization", "value": px["below"]["p1"]["fraction"], "n": len(synthetic),

@@ -113,6 +113,7 @@ def markdown(study: dict) -> str:
             "another test set, not on another training run. A comparison needs at least "
             f"{MIN_SEEDS} seeds and {MIN_TEST_UNITS} test {study['unit']}s; below that it reads 'not assessable'.", "",
             tabulate(body, head, tablefmt="github"), ""]
+    out += _budget_notes(study)
     classes = [c for r in study["rows"][:1] for c in r.get("recall_per_class", {})]
     if classes:
         body = [[f"{r['real_fraction']:g}", r["recipe"]] + [f"{_f(r['recall_per_class'][c]['mean'])}" for c in classes]
@@ -123,6 +124,25 @@ def markdown(study: dict) -> str:
         out += _audit_section(rec)
     out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in study.get("plots", [])] + [""]
     return "\n".join(out)
+
+
+def _budget_notes(study: dict) -> list[str]:
+    """Lines saying when recipes trained for different numbers of steps, and how many empty predictions HD95
+    scored at the image diagonal."""
+    out = []
+    steps = {r["recipe"]: r.get("steps") or [] for r in study["rows"]}
+    means = {k: np.mean(v) for k, v in steps.items() if v}
+    if means and max(means.values()) > 1.1 * min(means.values()):
+        out.append("Note: the recipes trained for different numbers of steps (the steps column: --epochs counts "
+                   "passes over each recipe's own data, so a larger training set also trains longer, and early "
+                   "stopping ends runs at different points); a difference may come from the budget, not the data.")
+    empty = [r for r in study["rows"] if any(r.get("empty_predictions") or [])]
+    if empty:
+        out.append("Note: HD95 scores an empty prediction of a tumour at the image diagonal; empty predictions per "
+                   "seed: " + ", ".join(f"{r['recipe']} at {r['real_fraction']:g}: "
+                                        f"{'/'.join(map(str, r['empty_predictions']))}"
+                                        for r in empty) + ".")
+    return out + ([""] if out else [])
 
 
 def _steps(steps) -> str:

@@ -191,6 +191,7 @@ def summarise(results: dict, recipes: list[Recipe], fractions: list[float], prim
                    "n_synthetic": [r["train"]["n_synthetic"] for r in res],
                    "n_test_items": res[0]["n_items"], "n_test_units": len(res[0]["units"]),
                    "steps": [r["training"]["steps"] for r in res],
+                   "empty_predictions": [r["empty_predictions"] for r in res] if "empty_predictions" in res[0] else None,
                    "metrics": {m: scores.seed_ci([r["metrics"][m] for r in res]) for m in res[0]["metrics"]}}
             if "recall_per_class" in res[0]:
                 row["recall_per_class"] = {c: scores.seed_ci([r["recall_per_class"][c] for r in res
