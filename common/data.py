@@ -35,6 +35,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_ROLE = "seg"   # the data role of a segmentation mask (label checks, nearest resizing, thresholded outputs)
 GENERATED_MARKER = "generation.json"   # written by generate.py at the root of every dataset it makes
 SPLIT_NAMES = ("train", "val", "test")
+MAX_VOXELS = 512 ** 3        # a volume grid beyond this is a typo, refused before anything is allocated
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass
@@ -75,6 +77,12 @@ class DataConfig:
         _check(self.layout != "custom" or bool(self.modalities), "data.layout=custom needs data.modalities")
         _check(len(self.volume_shape) == 3 and min(self.volume_shape) >= 4,
                "data.volume_shape must be three sizes (H, W, D), each at least 4")
+        voxels = int(np.prod(self.volume_shape, dtype=np.float64))
+        _check(voxels <= MAX_VOXELS, f"data.volume_shape {self.volume_shape} holds {voxels:,} voxels "
+               f"({voxels * 4 / 2 ** 30:.1f} GiB per float32 channel and sample); at most {MAX_VOXELS:,} "
+               "(512x512x512) are allowed")
+        _check(self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE}, got "
+               f"{self.image_size} ({self.image_size ** 2 * 4 / 2 ** 30:.1f} GiB per float32 channel and sample)")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -177,9 +185,15 @@ def read_volume(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, Probl
     """Read the whole array (a truncated .nii.gz only fails on the last voxel) and reorient to RAS."""
     try:
         img = nib.load(str(path))
+        too_big = volume_too_big(img)
+        if too_big:
+            return None, None, Problem(path, too_big)
+        if np.dtype(img.get_data_dtype()).kind not in "biuf":
+            return None, None, Problem(path, f"voxel type {img.get_data_dtype()} is not a real number type "
+                                             "(complex, RGB or structured voxels are not images or masks)")
         data = np.asanyarray(img.dataobj)
         affine = img.affine
-    except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as err:
+    except (EOFError, OSError, zlib.error, ValueError, MemoryError, nib.filebasedimages.ImageFileError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         return None, None, Problem(path, f"unreadable or truncated file ({reason})")
     if data.ndim == 4 and data.shape[3] == 1:
@@ -193,6 +207,33 @@ def read_volume(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, Probl
     data = ornt.apply_orientation(data, transform)
     affine = affine @ ornt.inv_ornt_aff(transform, data.shape)
     return np.ascontiguousarray(data), affine, None
+
+
+def max_volume_bytes() -> int:
+    """The largest array a header may claim: $MEDGEN_MAX_VOLUME_GB, else a quarter of this machine's memory."""
+    import os
+    given = os.environ.get("MEDGEN_MAX_VOLUME_GB")
+    if given:
+        try:
+            return int(float(given) * 2 ** 30)
+        except ValueError:
+            raise UserError(f"MEDGEN_MAX_VOLUME_GB={given!r}: expected a number of GiB") from None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2 ** 30
+
+
+def volume_too_big(img) -> str | None:
+    """Why a NIfTI header's array cannot be read here (more bytes than max_volume_bytes), checked before a
+    single voxel is read: a damaged or hostile header claiming 30000^3 voxels must not exhaust the memory."""
+    shape = tuple(int(n) for n in img.shape)
+    need = int(np.prod(shape, dtype=np.float64)) * 4      # read as float32 at least
+    limit = max_volume_bytes()
+    if need > limit:
+        return (f"the header claims a {'x'.join(map(str, shape))} array ({need / 2 ** 30:.1f} GiB as float32), "
+                f"more than the {limit / 2 ** 30:.1f} GiB allowed (MEDGEN_MAX_VOLUME_GB raises it): unreadable here")
+    return None
 
 
 def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: dict, layout: Layout) -> list[Problem]:

@@ -39,4 +39,10 @@ def shape_text(shape, unit: str = " px") -> str:
     """(128, 128) -> '128 px'; (48, 64, 64) -> '64x64x48' (volumes as H x W x D, as data.volume_shape is given)."""
     if len(shape) == 2 and shape[0] == shape[1]:
         return f"{shape[0]}{unit}"
+    return grid_text(shape)
+
+
+def grid_text(shape) -> str:
+    """A spatial shape as the user gives it: (32, 48) -> '32x48'; (D, H, W) volumes -> 'HxWxD' (data.volume_shape)."""
+    shape = tuple(shape)
     return "x".join(map(str, (*shape[1:], shape[0]) if len(shape) == 3 else shape))

@@ -30,6 +30,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def exclusive_write_text(path: str | Path, text: str) -> Path:
+    """Write text to path only if no file is there: written in full to a temp file, then hard-linked onto the
+    name (os.link fails if it exists, atomically); FileExistsError when another process was first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return path
+
+
 def remove_stale_tmp(folder: str | Path, older_than_s: float = 0.0) -> int:
     """Delete the temp files (.NAME.*.tmp) that a killed atomic_write left in folder and its sub-folders, when
     not modified for older_than_s seconds (0: all of them, for folders no other process writes into)."""

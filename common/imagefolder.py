@@ -8,6 +8,7 @@ data.val_fraction of each class.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.data import Problem, fit_square
 from common.errors import UserError
+from common.names import check_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -31,35 +33,67 @@ def images_in(folder: Path) -> list[Path]:
 CSV_LAYOUTS = (("filename", "label"), ("id_code", "diagnosis"), ("image", None))  # ours, APTOS, ISIC
 
 
+def _csv_rows(path: Path) -> list[tuple[int, dict]]:
+    """[(line number, row)] of a CSV read as UTF-8 with or without a byte-order mark (as Excel saves it); bytes
+    that are not UTF-8 are one error naming their line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8 "
+                        "(Excel: CSV UTF-8)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    for row in reader:
+        rows.append((reader.line_num, row))
+    return rows
+
+
 def read_labels_csv(root: Path, path: Path, image_col: str | None = None, label_col: str | None = None):
     """[(file, class name)] from a labels CSV: one label column (filename,label; APTOS id_code,diagnosis) or
     one-hot columns (ISIC image,MEL,NV,...: the class is the column holding 1). Columns are found by the
     layouts above unless data.csv_image_column / data.csv_label_column name them. A name without a suffix
-    (ISIC, APTOS) is looked up with each image suffix."""
+    (ISIC, APTOS) is looked up with each image suffix. A row listed twice is used once (with a warning); an
+    image listed with two labels, a short row and a label that cannot be a folder name are refused by line."""
     if not path.is_file():
         raise UserError(f"data.labels_csv not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    header = list(rows[0]) if rows else []
+    rows = _csv_rows(path)
+    header = list(rows[0][1]) if rows else []
     layouts = [(image_col, label_col)] if image_col else CSV_LAYOUTS
     found = next(((i, lab) for i, lab in layouts if i in header and (lab is None or lab in header)), None)
     if found is None:
-        raise UserError(f"{path}: columns {', '.join(header) or '(none)'} match no known layout (filename,label; "
-                        "APTOS id_code,diagnosis; ISIC image + one-hot class columns); set data.csv_image_column "
-                        "and data.csv_label_column")
+        raise UserError(f"{path}: columns {', '.join(map(str, header)) or '(none)'} match no known layout "
+                        "(filename,label; APTOS id_code,diagnosis; ISIC image + one-hot class columns); set "
+                        "data.csv_image_column and data.csv_label_column")
     image_col, label_col = found
     classes = [c for c in header if c != image_col]
+    seen: dict[str, tuple[str, int]] = {}
     items, problems = [], []
-    for n, row in enumerate(rows, start=2):
+    for n, row in rows:
+        if any(v is None for v in row.values()) or None in row:
+            raise UserError(f"{path}: line {n} does not have the header's {len(header)} fields "
+                            f"({', '.join(map(str, header))})")
+        name = row[image_col].strip()
         if label_col is not None:
             label = row[label_col].strip()
         else:
             hot = [c for c in classes if _is_one(row[c])]
             if len(hot) != 1:
-                problems.append(Problem(path, f"line {n}: {len(hot)} one-hot columns set for {row[image_col]!r}"))
+                problems.append(Problem(path, f"line {n}: {len(hot)} one-hot columns set for {name!r}"))
                 continue
             label = hot[0]
-        items.append((_image_file(root, row[image_col].strip()), label))
+        check_name(label, f"{path} line {n}")
+        if name in seen:
+            first, line = seen[name]
+            if first != label:
+                raise UserError(f"{path}: image {name!r} has label {first!r} on line {line} and {label!r} on line "
+                                f"{n}; give each image one label")
+            problems.append(Problem(path, f"line {n}: {name!r} is listed again (line {line}); used once",
+                                    fatal=False))
+            continue
+        seen[name] = (label, n)
+        items.append((_image_file(root, name), label))
     return items, problems
 
 
@@ -91,7 +125,7 @@ def list_items(root: Path, labels_csv: str | None, columns: tuple | None = None
         files = images_in(folder)
         if not files:
             problems.append(Problem(folder, "empty class folder (no .png/.jpg images)"))
-        items += [(f, folder.name) for f in files]
+        items += [(f, check_name(folder.name, f"class folder {folder}")) for f in files]
     if not items:
         raise UserError(f"{root}: no images found (expected {root}/<class_name>/*.png or *.jpg)")
     return items, problems

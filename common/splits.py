@@ -25,6 +25,13 @@ def digest(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:20]
 
 
+def anonymous_key(slice_key: str) -> str:
+    """'<subject folder>#slice<k>' -> 'sha256:<digest of the folder name>#slice<k>': what a manifest records of a
+    real slice with --anonymize_sources, and what evaluation computes from its own real slices to pair them."""
+    path, sep, rest = slice_key.partition("#")
+    return f"sha256:{digest(unit_name(path))}{sep}{rest}"
+
+
 def units_record(data_cfg, train_sources: list[str], val_sources: list[str]) -> dict:
     """What a training run records of its data: the split settings and the hashed unit names per split."""
     hashed = lambda sources: sorted({digest(unit_name(s)) for s in sources})  # noqa: E731

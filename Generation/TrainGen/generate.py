@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "reject_copies", action="store_true",
              help="redraw an image closer to a training image than the 1st percentile of the real validation images "
                   "(the memorization audit's criterion); needs the image model's training data on this machine")
+    add_flag(p, "anonymize_sources", action="store_true",
+             help="--masks_from: the manifest's condition column names each real slice by the SHA-256 of its "
+                  "subject folder's name (hospital exports name folders by MRN) instead of its path; evaluation "
+                  "still pairs samples with their real slices")
     add_flag(p, "class_model", action="append", default=[], metavar="NAME=RUN",
              help="class mode: draw class NAME with its own model (e.g. fine-tuned on that class); repeatable")
     add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
@@ -169,7 +173,8 @@ def build_job(args, rt):
               guidance=args.guidance_scale, masks_from=args.masks_from, class_counts=args.class_counts,
               mask_filter=MaskFilter(args.min_mask_area, args.max_mask_area, args.min_components, args.max_components),
               max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
-              progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast)
+              progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast,
+              anonymize_sources=args.anonymize_sources)
     if args.masks_from:
         job.real_conditions, job.real_sources = load_real_conditions(args.masks_from, image, skip_bad=args.skip_bad,
                                                                      compute=args.compute)

@@ -20,7 +20,7 @@ from Generation.TrainGen.core.checkpoint import save_checkpoint
 from Generation.TrainGen.core.config import stored_config, to_dict
 from Generation.TrainGen.core.latent import build_autoencoder, downsample_factor, latent_shape
 from Generation.TrainGen.core.modes import MODES
-from common.errors import UserError, lookup
+from common.errors import UserError, lookup, grid_text
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -221,6 +221,6 @@ def train_autoencoder(cfg, rt, train_data, run_dir, logger, resume=None) -> int:
         tr.resume(resume)
     n = sum(p.numel() for p in tr.net.parameters())
     tr.say(f"autoencoder for {cfg.mode.name} ({', '.join(tr.mode.generated_roles)}): AutoencoderKL {n / 1e6:.2f}M "
-           f"parameters, latent {cfg.latent.latent_channels} x {'x'.join(map(str, tr.latent_grid))}")
+           f"parameters, latent {cfg.latent.latent_channels} x {grid_text(tr.latent_grid)}")
     tr.fit()
     return 0

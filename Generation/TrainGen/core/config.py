@@ -32,6 +32,16 @@ class ModelConfig:
     unet2d: dict[str, Any] | None = None  # backend diffusers: UNet2DModel config (set by --init_from a diffusers
                                          # folder; None: built from the preset's channels and attention levels)
 
+    def __post_init__(self):
+        _check(self.channels is None or all(0 < c <= MAX_CHANNELS for c in self.channels),
+               f"model.channels must be positive and at most {MAX_CHANNELS} per level, got {self.channels}")
+        _check(self.num_res_blocks is None or 1 <= self.num_res_blocks <= 64,
+               f"model.num_res_blocks must be in [1, 64], got {self.num_res_blocks}")
+
+
+MAX_TIMESTEPS = 100_000
+MAX_CHANNELS = 8192
+
 
 @dataclass
 class DDPMOptions:                       # strategy.ddpm: read by the ddpm strategy (and its subclasses)
@@ -67,7 +77,9 @@ class StrategyConfig:
     rflow: RFlowOptions = field(default_factory=RFlowOptions)
 
     def __post_init__(self):
-        _check(self.num_timesteps >= 2, "strategy.num_timesteps must be at least 2")
+        _check(2 <= self.num_timesteps <= MAX_TIMESTEPS, f"strategy.num_timesteps must be in [2, {MAX_TIMESTEPS}], "
+               f"got {self.num_timesteps} (its schedule tensors alone would hold {self.num_timesteps * 8 * 4 / 2 ** 30:.3g}"
+               " GiB; published schedules use 1000)")
 
 
 @dataclass

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from common.data import MASK_ROLE, fit_square
 from common.errors import UserError
+from common.locks import locked
+from common.splits import anonymous_key
 from Generation.TrainGen.core.generation.conditions import MaskFilter
 from Generation.TrainGen.core.generation.copies import CopyCheck
 from Generation.TrainGen.core.generation.models import Model
@@ -63,6 +65,7 @@ class Job:
     autocast: object = None
     rejections: Counter = field(default_factory=Counter)
     copy_check: CopyCheck | None = None              # --reject_copies
+    anonymize_sources: bool = False                  # condition column: hashed subject names, not paths
 
     @property
     def main_model(self) -> Model:
@@ -90,6 +93,7 @@ class Job:
                 "mask_filter": self.mask_filter.__dict__ if s else None, "max_attempts": self.max_attempts,
                 "output_size": self.output_size, "png": self.png,
                 **({"reject_copies": self.copy_check.threshold} if self.copy_check else {}),
+                **({"anonymize_sources": True} if self.anonymize_sources else {}),
                 **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
                    if self.class_models else {})}
 
@@ -122,6 +126,11 @@ class Job:
 
     def files(self, index: int) -> list[str]:
         return [rel for rel, _ in self.file_roles(index)]
+
+
+def source_name(slice_key: str, anonymize: bool) -> str:
+    """A real slice's key as the manifest records it: its path, or with --anonymize_sources its anonymous key."""
+    return anonymous_key(slice_key) if anonymize else slice_key
 
 
 def model_classes(model: Model) -> list[str]:
@@ -229,7 +238,8 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
         for i in indices:
             info[i] = {"mask_attempts": 0 if real else attempts[i] + 1,
                        "mask_rejections": ";".join(f"{k}:{v}" for k, v in sorted(why[i].items())),
-                       "condition": (job.real_sources[i % len(job.real_sources)] if real
+                       "condition": (source_name(job.real_sources[i % len(job.real_sources)], job.anonymize_sources)
+                                     if real
                                      else f"generated:seg_seed={sample_seed(job.seed, i, MASK_STREAM, attempts[i])}")}
         roles = [MASK_ROLE] if mode.makes_masks else mode.condition_roles
         outs = {r: conds[:, k:k + 1] for k, r in enumerate(roles)}
@@ -264,7 +274,13 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
 def run_job(job: Job, barrier=None) -> dict:
     """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
     out = job.output_dir
-    open_output_dir(out, SETTINGS_FILE, job.settings(), write=job.worker == 0, record=job.provenance())
+    open_output_dir(out, SETTINGS_FILE, job.settings(), record=job.provenance())
+    with locked(out, f"--output_dir (worker {job.worker} of {job.workers})", f".lock-{job.worker}"):
+        return _run_locked(job, barrier)
+
+
+def _run_locked(job: Job, barrier) -> dict:
+    out = job.output_dir
     mine = [i for i in range(job.num_images) if i % job.workers == job.worker]
     todo = [i for i in mine if not is_done(job, i)]
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
 
-from common.errors import UserError
+from common.errors import UserError, grid_text
 from common.features import sha256_of
 from common.fileio import safe_load
 
@@ -40,7 +40,7 @@ def downsample_factor(latent_cfg) -> int:
 
 def latent_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
     if any(n % factor for n in shape):
-        raise UserError(f"data shape {'x'.join(map(str, shape))} is not divisible by the autoencoder's downsampling "
+        raise UserError(f"data shape {grid_text(shape)} is not divisible by the autoencoder's downsampling "
                         f"factor {factor}; choose sizes that are multiples of {factor}")
     return tuple(n // factor for n in shape)
 
@@ -92,10 +92,16 @@ def load_autoencoder(path, flag: str = "--latent") -> Autoencoder:
 
 
 def check_fits(ae: Autoencoder, mode, spatial_dims: int) -> None:
-    """The autoencoder must code exactly what the mode generates, in the same number of dimensions."""
+    """The autoencoder must code exactly what the mode generates (the same roles, so a bravo autoencoder never
+    codes seg masks), in the same number of dimensions."""
     if ae.meta["spatial_dims"] != spatial_dims:
         raise UserError(f"--latent {ae.path}: the autoencoder is {ae.meta['spatial_dims']}D, the data are "
                         f"{spatial_dims}D (data.spatial_dims / --spatial_dims)")
+    roles = list(ae.meta.get("roles") or [])
+    if roles and roles != list(mode.generated_roles):
+        raise UserError(f"--latent {ae.path}: the autoencoder codes {', '.join(roles)} (trained for mode "
+                        f"{ae.meta.get('mode')}); mode {mode.name} generates {', '.join(mode.generated_roles)}: "
+                        f"train an autoencoder for this mode (train.py --stage autoencoder --mode {mode.name})")
     if ae.meta["channels"] != mode.out_channels:
         raise UserError(f"--latent {ae.path}: the autoencoder codes {ae.meta['channels']} channel(s) "
                         f"({', '.join(ae.meta['roles'])}); mode {mode.name} generates {mode.out_channels} "

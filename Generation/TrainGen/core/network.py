@@ -74,7 +74,11 @@ class DiffusersUNet(torch.nn.Module):
         config = {**config, "in_channels": in_channels, "out_channels": out_channels}
         if num_class_embeds:
             config.update(num_class_embeds=num_class_embeds, class_embed_type=None)
-        self.unet = UNet2DModel(**config)
+        try:
+            self.unet = UNet2DModel(**config)
+        except (TypeError, ValueError, RuntimeError) as err:   # model.unet2d set by hand: one line, no traceback
+            raise UserError(f"model.unet2d: diffusers cannot build this UNet2DModel ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
 
     def forward(self, x, timesteps, context=None, class_labels=None):
         return self.unet(x, timesteps, class_labels=class_labels).sample

@@ -8,7 +8,9 @@
     python Generation/TrainGen/train.py --plugin my_modes.py --mode t2 ...
 
 The file is run once, before the flags are read (so --mode/--strategy accept its names). It is code the user
-chose to run, given on the command line: a checkpoint never names a plugin to import.
+chose to run, given on the command line: a checkpoint never names a plugin to import. Registering a name that
+exists already (a built-in or another plugin's) is an error unless the plugin lists it in OVERRIDES; anything
+registered must be a Mode / Strategy class.
 """
 from __future__ import annotations
 
@@ -32,6 +34,37 @@ def plugin_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def _registries() -> dict[str, tuple[dict, type]]:
+    from Generation.TrainGen.core.modes import MODES, Mode
+    from Generation.TrainGen.core.strategies import STRATEGIES
+    from Generation.TrainGen.core.strategies.base import Strategy
+    return {"MODES": (MODES, Mode), "STRATEGIES": (STRATEGIES, Strategy)}
+
+
+def check_registrations(raw: str, module, before: dict[str, dict]) -> None:
+    """What a plugin registered: classes of the right kind, and no replaced entry (a built-in mode or another
+    plugin's) unless the plugin names it in OVERRIDES = {"bravo", ...}."""
+    allowed = set(getattr(module, "OVERRIDES", ()) or ())
+    for reg_name, (registry, base) in _registries().items():
+        for key, value in registry.items():
+            if key in before[reg_name] and before[reg_name][key] is value:
+                continue
+            if not (isinstance(value, type) and issubclass(value, base)):
+                registry.clear()
+                registry.update(before[reg_name])
+                raise UserError(f"--plugin {raw}: {reg_name}[{key!r}] = {value!r} is not a {base.__name__} subclass")
+            if key in before[reg_name] and key not in allowed:
+                registry.clear()
+                registry.update(before[reg_name])
+                raise UserError(f"--plugin {raw}: {reg_name}[{key!r}] is already registered "
+                                f"({before[reg_name][key].__module__}.{before[reg_name][key].__name__}); choose "
+                                f"another name, or set OVERRIDES = {{{key!r}}} in the plugin to replace it on purpose")
+        for key in before[reg_name]:
+            if key not in registry:
+                registry.update(before[reg_name])
+                raise UserError(f"--plugin {raw}: removed {reg_name}[{key!r}]")
+
+
 def load_plugins(paths: list[str]) -> None:
     for raw in paths:
         path = Path(raw).resolve()
@@ -42,9 +75,15 @@ def load_plugins(paths: list[str]) -> None:
         spec = importlib.util.spec_from_file_location(f"medgen_plugin_{len(_loaded)}_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
+        before = {name: dict(reg) for name, (reg, _) in _registries().items()}
         try:
             spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001 - the user's file failed: one line naming it
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as stop:   # a plugin must not end the run: that would exit 0 with nothing done
+            raise UserError(f"--plugin {raw}: called sys.exit({stop.code!r}) while loading") from None
+        except BaseException as err:  # noqa: BLE001 - the user's file failed: one line naming it
             raise UserError(f"--plugin {raw}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") \
                 from None
+        check_registrations(raw, module, before)
         _loaded[str(path)] = module

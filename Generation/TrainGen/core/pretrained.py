@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.fileio import safe_load
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MONAI_LINEAR = (1e-4, 2e-2)          # MONAI DDPMScheduler's linear_beta range, which the ddpm strategy uses
@@ -65,6 +66,7 @@ def read_folder(path, flag: str = "--init_from") -> DiffusersFolder:
     config = _json(unet_dir / "config.json", flag)
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UserError(f"{flag} {unet_dir / 'config.json'}: describes a {config['_class_name']}, not a UNet2DModel")
+    check_unet_config(config, unet_dir / "config.json", flag)
     weights = next((unet_dir / w for w in WEIGHT_FILES if (unet_dir / w).is_file()), None)
     if weights is None:
         raise UserError(f"{flag} {unet_dir}: no weights file ({' or '.join(WEIGHT_FILES)})")
@@ -73,15 +75,66 @@ def read_folder(path, flag: str = "--init_from") -> DiffusersFolder:
     return DiffusersFolder(root, unet_dir, weights, config, scheduler)
 
 
+MAX_CHANNELS = 8192           # the widest published diffusion UNets use 1280-2048 channels per level
+MAX_PARAMETERS = 4e9          # convolution weights a config may imply before nothing is allocated
+
+
+def check_unet_config(config: dict, path: Path, flag: str) -> None:
+    """A UNet2DModel config.json checked before diffusers builds it: known keys, types, group divisibility and
+    a size bound, each one line naming the file (diffusers would raise a TypeError or allocate first)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    args = unet_config(config)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise UserError(f"{flag} {path}: unknown UNet2DModel key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    ints = ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "sample_size",
+            "attention_head_dim", "num_class_embeds")
+    for key in ints:
+        v = args.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if key == "sample_size" and isinstance(v, list) and all(isinstance(n, int) and n > 0 for n in v):
+                continue
+            raise UserError(f"{flag} {path}: {key} must be a positive whole number, got {v!r}")
+    blocks = args.get("block_out_channels", [224, 448, 672, 896])
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                             and 0 < c for c in blocks):
+        raise UserError(f"{flag} {path}: block_out_channels must be a list of positive whole numbers, got {blocks!r}")
+    if max(blocks) > MAX_CHANNELS:
+        raise UserError(f"{flag} {path}: block_out_channels {blocks} has more than {MAX_CHANNELS} channels in a level")
+    groups = args.get("norm_num_groups", 32)
+    bad = [c for c in blocks if c % groups]
+    if bad:
+        raise UserError(f"{flag} {path}: norm_num_groups {groups} does not divide block_out_channels {bad} "
+                        "(GroupNorm splits each level's channels into equal groups)")
+    for key in ("down_block_types", "up_block_types"):
+        if key in args and (not isinstance(args[key], list) or len(args[key]) != len(blocks)):
+            raise UserError(f"{flag} {path}: {key} must list one block per level ({len(blocks)})")
+    layers = args.get("layers_per_block", 2)
+    params = sum(2 * (layers + 1) * 9 * c * c for c in blocks) * 2      # down and up resnets, 3x3 convolutions
+    if params > MAX_PARAMETERS:
+        raise UserError(f"{flag} {path}: this config implies about {params / 1e9:.0f} billion convolution weights "
+                        f"({params * 4 / 2 ** 30:.0f} GiB in float32); refused before allocating it")
+
+
 def read_weights(folder: DiffusersFolder, flag: str = "--init_from") -> dict[str, torch.Tensor]:
-    try:
-        if folder.weights.suffix == ".safetensors":
+    if folder.weights.suffix == ".safetensors":
+        try:
             from safetensors.torch import load_file
-            return load_file(str(folder.weights))
-        return torch.load(folder.weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure of a user's file is one message
-        raise UserError(f"{flag} {folder.weights}: unreadable weights ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120] if str(err) else 'corrupt'})") from None
+            state = load_file(str(folder.weights))
+        except Exception as err:  # noqa: BLE001 - any decoding failure of a user's file is one message
+            raise UserError(f"{flag} {folder.weights}: unreadable weights ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:120] if str(err) else 'corrupt'})") from None
+    else:
+        state = safe_load(folder.weights, "weights file")   # pickles with code are refused, never run
+    conv_in = state.get("conv_in.weight") if isinstance(state, dict) else None
+    claimed = folder.config.get("in_channels")
+    if conv_in is not None and conv_in.dim() == 4 and claimed is not None and conv_in.shape[1] != claimed:
+        raise UserError(f"{flag} {folder.unet_dir / 'config.json'}: in_channels {claimed} contradicts the weights "
+                        f"(conv_in takes {conv_in.shape[1]} channel(s) in {folder.weights.name})")
+    return state
 
 
 def unet_config(config: dict) -> dict:

@@ -15,6 +15,7 @@ from common.dataset import print_problems
 from Generation.TrainGen.core.datasource import data_source
 from common.errors import UserError, lookup, shape_text
 from common.fileio import remove_stale_tmp
+from common.locks import acquire, release
 from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from Generation.TrainGen.core.strategies import STRATEGIES
@@ -28,6 +29,7 @@ class RunLogger:
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
         self.log = open(run_dir / "train.log", "a", buffering=1)
+        self.lock = None          # the run folder's lock (common/locks.py), released on close
         self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def text(self, line: str) -> None:
@@ -51,6 +53,8 @@ class RunLogger:
     def close(self) -> None:
         self.tb.close()
         self.log.close()
+        if self.lock is not None:
+            release(self.lock)
 
 
 def resolve_run_dir(cfg, rt) -> Path:
@@ -141,15 +145,18 @@ def resume_path(cfg, run_dir: Path) -> Path | None:
 
 
 def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger | None:
-    """Rank 0: the folder (stale temp files removed), its config.yaml, and the logger."""
+    """Rank 0: the folder, locked for this job (a second training into it is refused while this one runs),
+    stale temp files removed, its config.yaml, and the logger."""
     if not rt.is_main:
         return None
+    lock = acquire(run_dir, "--run_dir")
     if run_dir.is_dir():
         remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / REQUEUE_FILE).unlink(missing_ok=True)  # a fresh start clears a mark left for the job script
     logger = RunLogger(run_dir)
+    logger.lock = lock
     unit = "volumes" if train_data.spatial_dims == 3 else "slices"
     logger.text(f"run folder {run_dir}; {len(train_data)} train / {len(val_data) if val_data else 0} val "
                 f"{unit}; {rt.world} process(es) on {rt.device}")
@@ -194,7 +201,7 @@ def train(cfg) -> int:
     preflight(cfg)
     cfg = with_pretrained(cfg)
     rt = init_runtime(cfg.runtime)
-    tr = None
+    tr = logger = None
     try:
         train_data, val_data = load_data(cfg, rt)
         parts = build_run_parts(cfg, train_data, rt.device)       # strategy, mode and network: built once
@@ -222,6 +229,6 @@ def train(cfg) -> int:
         tr.fit(validate=True)
         return 0
     finally:
-        if tr is not None and tr.logger is not None:
-            tr.logger.close()
+        if logger is not None:
+            logger.close()
         shutdown(rt)

@@ -23,6 +23,8 @@ from common import data as nifti
 from common import imagefolder
 from common.errors import UserError
 from common.fileio import atomic_write, atomic_write_text
+from common.locks import locked
+from common.names import inside
 from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
                                                           sample_seed, write_manifest)
 from Generation.TrainGen.core.sampling import sample
@@ -92,7 +94,7 @@ def _files(images: ImageSet, index: int) -> dict[str, str]:
 def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool, spacing=None) -> None:
     from Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
     data = nifti_bytes(array[0], is_mask, spacing) if rel.endswith(".nii.gz") else png_bytes(array)
-    atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(inside(out, rel), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
@@ -103,6 +105,12 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
                         f"{model.meta.get('image_channels')}-channel ones")
     open_output_dir(out, SETTINGS, {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps,
                                     "ensemble": ensemble, "seed": seed, "sources": len(images.sources)})
+    with locked(out, "--output_dir"):
+        return _segment_todo(model, images, out, ensemble, batch_size, seed, device, autocast)
+
+
+def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
+                  autocast) -> dict:
     todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{sample_id(i)}.json").is_file()]
     for start in tqdm(range(0, len(todo), batch_size), desc="segmenting", unit="batch", disable=not todo):
         idx = todo[start:start + batch_size]

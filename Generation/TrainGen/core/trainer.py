@@ -21,7 +21,7 @@ from Generation.TrainGen.core import latent
 from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
 from Generation.TrainGen.core.config import stored_config, to_dict
 from common.splits import units_record
-from common.errors import UserError, lookup
+from common.errors import UserError, lookup, grid_text
 from common.features import load_radimagenet, perceptual_distance
 from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
 from Generation.TrainGen.core.modes import MODES
@@ -73,7 +73,7 @@ def check_grid(cfg, shape: tuple[int, ...]) -> None:
     factor = 2 ** (levels - 1)
     if cfg.model.backend == "monai" and any(n % factor for n in shape):
         where = "latent grid" if cfg.latent.autoencoder else "data shape"
-        raise UserError(f"the {where} {'x'.join(map(str, shape))} does not divide by {factor}, which the "
+        raise UserError(f"the {where} {grid_text(shape)} does not divide by {factor}, which the "
                         f"{levels}-level UNet needs (data.image_size / data.volume_shape)")
 
 
@@ -135,7 +135,9 @@ class DiffusionTrainer:
         self.batches_per_epoch = len(train_data.batch_indices(o.batch_size, 0, cfg.runtime.seed, rt.rank, rt.world))
         self.steps_per_epoch = self.batches_per_epoch // o.grad_accum
         if self.steps_per_epoch == 0:
-            raise UserError(f"the training split has {len(train_data)} slices: too few for batch_size "
+            unit = "volume(s)" if train_data.spatial_dims == 3 else "slice(s)" if train_data.masks is not None \
+                else "image(s)"
+            raise UserError(f"the training split has {len(train_data)} {unit}: too few for batch_size "
                             f"{o.batch_size} x grad_accum {o.grad_accum} x {rt.world} process(es)")
         total = self.steps_per_epoch * o.epochs  # independent of max_steps, so a resumed run sees the same LR
         self.sched = torch.optim.lr_scheduler.LambdaLR(

@@ -26,6 +26,7 @@ from common.data import DataConfig
 from common.data import NIFTI_SUFFIXES, is_nifti_dataset
 from common.dataset import load_folder
 from common.errors import UserError
+from common.splits import anonymous_key
 
 
 @dataclass
@@ -141,6 +142,8 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
 def pair(synthetic: EvalSet, real: EvalSet) -> tuple[list[int], list[int], str]:
     """(synthetic indices, real indices, how) of matched pairs; empty lists when nothing matches."""
     by_path = {p: i for i, p in enumerate(real.paths)}
+    if any(g.startswith("sha256:") for g in synthetic.groups):     # generate.py --anonymize_sources
+        by_path.update({anonymous_key(p): i for i, p in enumerate(real.paths)})
     s_idx, r_idx = [], []
     for i, g in enumerate(synthetic.groups):
         if g in by_path and g not in synthetic.paths:

@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from common.data import MASK_ROLE
 from common.errors import UserError
+from common.names import check_name
 from Generation.TrainGen.core.generation.models import Model
 
 
@@ -54,6 +55,7 @@ def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
         name, sep, count = item.strip().partition("=")
         if not sep or not count.strip().isdigit():
             raise UserError(f"--class_counts: expected name=count, got {item.strip()!r}")
+        check_name(name, "--class_counts")
         if name not in class_names:
             raise UserError(f"--class_counts: unknown class {name!r} (the model knows: {', '.join(class_names)})")
         plan += [class_names.index(name)] * int(count)

@@ -11,6 +11,7 @@ from common.fileio import safe_load
 from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
 from Generation.TrainGen.core.config import stored_config
 from common.errors import UserError
+from common.names import check_name
 from common.features import sha256_of
 from Generation.TrainGen.core.network import build_unet
 from Generation.TrainGen.core.latent import check_unchanged, sample_shape
@@ -96,6 +97,8 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
         raise UserError(f"{flag} {file}: not a training checkpoint of this framework")
     cfg, meta = stored_config(state["config"]), state["meta"]
+    for name in meta.get("class_names") or []:      # they become folder names of generated images
+        check_name(name, f"{flag} {file}: class_names")
     if strategy and strategy != meta["strategy"]:
         raise UserError(f"--strategy {strategy} contradicts {flag} {file}, which was trained with strategy "
                         f"{meta['strategy']!r} (leave --strategy out to use the checkpoint's)")

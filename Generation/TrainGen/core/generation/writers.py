@@ -2,6 +2,7 @@
 manifest.csv, and preview grids read back from the files."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -16,7 +17,8 @@ from PIL import Image
 
 from common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
 from common.errors import UserError
-from common.fileio import atomic_write, atomic_write_text, remove_stale_tmp
+from common.names import inside
+from common.fileio import atomic_write, atomic_write_text, exclusive_write_text, remove_stale_tmp
 from common.grid import mid_planes, save_grid
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
             data = nifti_bytes(arr[0], role == MASK_ROLE, job.main_model.meta.get("spacing"))
         else:
             data = png_bytes(arr)
-        atomic_write(out / rel, lambda tmp, d=data: Path(tmp).write_bytes(d))
+        atomic_write(inside(out, rel), lambda tmp, d=data: Path(tmp).write_bytes(d))
     m, s = job.main_model, job.chained_seg
     full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
             "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
@@ -104,21 +106,23 @@ def read_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def open_output_dir(out: Path, settings_file: str, settings: dict, write: bool = True, record: dict | None = None) -> None:
+def open_output_dir(out: Path, settings_file: str, settings: dict, record: dict | None = None) -> None:
     """Create out (removing temp files a kill left there 10 minutes or more ago: other shards may be writing
-    now) and record the settings that decide its contents; a folder made with other settings is refused.
-    `record`: more that the file keeps (provenance), written beside the settings but not compared."""
+    now) and record the settings that decide its contents; a folder made with other settings is refused. The
+    file is created exclusively (the first of several starting jobs writes it, every one then compares), so
+    two jobs with different settings cannot both pass. `record`: more that the file keeps (provenance),
+    written beside the settings but not compared."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out, older_than_s=600)
     path = out / settings_file
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
-            raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
-                            f"use a new --output_dir or the same settings to continue it")
-    elif write:
-        atomic_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
+    if not path.is_file():
+        with contextlib.suppress(FileExistsError):
+            exclusive_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
+    old = json.loads(path.read_text())
+    diff = [k for k in settings if old.get(k) != settings[k]]
+    if diff:
+        raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
+                        f"use a new --output_dir or the same settings to continue it")
 
 
 def write_manifest(out: Path, fields: tuple[str, ...] = MANIFEST_FIELDS) -> list[dict]:

@@ -1,0 +1,102 @@
+"""One writer per folder: a run folder is trained by one job at a time, an output folder (or one shard of it) is
+filled by one generate.py at a time.
+
+The lock is a file created with O_EXCL that names its owner (host, pid, SLURM job, command). A lock whose
+owner is gone is stale and taken over: on the same host when its pid no longer runs (or is this very
+process), anywhere when it belongs to this same SLURM job (a requeued job starts on another node after its
+predecessor was killed). A lock held by a live process, or by a process on another host that cannot be
+checked, is refused with one line naming the owner and the file to delete if that owner is gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's process: it runs
+        return True
+    return True
+
+
+def is_stale(owner: dict) -> bool:
+    me = _owner()
+    if owner.get("slurm_job") and owner["slurm_job"] == me["slurm_job"]:
+        return True
+    if owner.get("host") != me["host"]:
+        return False
+    pid = owner.get("pid")
+    return not isinstance(pid, int) or pid == me["pid"] or not _alive(pid)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        # being written this instant, or damaged: damaged and older than a minute is stale
+        try:
+            return {} if time.time() - path.stat().st_mtime > 60 else {"host": "?", "pid": -1, "writing": True}
+        except FileNotFoundError:
+            return None
+
+
+def acquire(folder: Path, what: str, name: str = ".lock") -> Path:
+    """Create folder/name for this process, or raise UserError naming the live owner."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read(path)
+            if owner is None:
+                continue                       # released meanwhile
+            if owner.get("writing") or not is_stale(owner):
+                who = (f"{owner.get('host')} pid {owner.get('pid')}" +
+                       (f" (SLURM job {owner['slurm_job']})" if owner.get("slurm_job") else "") +
+                       (f" since {owner['since']}: {owner.get('command', '')}" if owner.get("since") else ""))
+                raise UserError(f"{what} {folder} is in use by {who}; wait for it to finish or use another "
+                                f"folder (if that process is gone, delete {path})")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()                  # stale: its owner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_owner(), f)
+        return path
+    raise UserError(f"{what} {folder}: could not take the lock {path}")
+
+
+def release(path: Path) -> None:
+    """Remove the lock if it is still this process's."""
+    owner = _read(path)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def locked(folder: Path, what: str, name: str = ".lock"):
+    path = acquire(folder, what, name)
+    try:
+        yield path
+    finally:
+        release(path)

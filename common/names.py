@@ -1,0 +1,48 @@
+"""Names that become paths. A class name from a CSV, a folder or a shared checkpoint, a --class_counts entry or
+a file a plugin mode names is checked once where it enters (check_name), and every generated file is placed
+through inside(), which resolves the target (symlinked folders included) and refuses anything outside the
+output folder the user named."""
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from common.errors import UserError
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot be one path component (a class or file name), or None when it can."""
+    if not isinstance(name, str):
+        return f"not text ({type(name).__name__})"
+    if not name.strip():
+        return "empty"
+    if name in (".", ".."):
+        return f"{name!r} names a folder, not a class"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "holds a control character"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path"
+    if name != name.strip():
+        return "starts or ends with white space"
+    return None
+
+
+def check_name(name, source: str) -> str:
+    """name, if it can be a single path component; else one UserError naming where it came from."""
+    problem = name_problem(name)
+    if problem:
+        raise UserError(f"{source}: the name {name!r} {problem}; class and file names become folder and file "
+                        "names, so they must be one plain path component")
+    return name
+
+
+def inside(root: Path, rel: str | Path, what: str = "--output_dir") -> Path:
+    """root / rel, refused unless it resolves (symbolic links followed) inside root."""
+    root = Path(root)
+    base = root.resolve()
+    target = (base / rel).resolve()
+    if target != base and not target.is_relative_to(base):
+        raise UserError(f"{what} {root}: refusing to write {rel} outside it (it resolves to {target})")
+    return root / rel
