@@ -152,10 +152,10 @@ def test_3d_bravo_trains_generates_and_evaluates(volume_runs, demo_root, tmp_pat
     recs = {r["metric"]: r for r in result["metrics"]}
     planes = [recs[f"fid_radimagenet_{p}"]["value"] for p in ("axial", "coronal", "sagittal")]
     assert recs["fid_radimagenet_2.5d"]["value"] == pytest.approx(np.mean(planes))
-    volumes = {"synthetic_volumes": 4, "real_volumes": 8}
-    assert recs["fid_radimagenet_axial"]["n"] == {"synthetic": 4 * 8, "real": 8 * 8, **volumes}   # every axial slice
-    assert recs["fid_radimagenet_sagittal"]["n"] == {"synthetic": 4 * 16, "real": 8 * 16, **volumes}
-    assert "4 synthetic and 8 real volumes" in recs["fid_radimagenet_axial"]["warning"]     # the warning is by volume
+    volumes = {"synthetic_volumes": 4, "real_volumes": 10}                 # every split of the demo's 10 subjects
+    assert recs["fid_radimagenet_axial"]["n"] == {"synthetic": 4 * 8, "real": 10 * 8, **volumes}  # every axial slice
+    assert recs["fid_radimagenet_sagittal"]["n"] == {"synthetic": 4 * 16, "real": 10 * 16, **volumes}
+    assert "4 synthetic and 10 real volumes" in recs["fid_radimagenet_axial"]["warning"]    # the warning is by volume
     assert "kid_radimagenet_2.5d" in recs
     assert recs["mae"]["n"] == 4 and recs["ms_ssim_diversity"]["n"] == 6
     assert result["volume_shape"] == [16, 16, 8]
@@ -231,7 +231,7 @@ def test_latent_bad_input_is_one_clear_line(demo_root, tmp_path):
                      str(demo_root / "brain"), "--mode", "dual", "--latent", str(ae_run), "--image_size", "16",
                      "--max_steps", "1", "--run_dir", str(tmp_path / "x"), "--set", f"data.cache_dir={tmp_path / 'c'}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "codes 1 channel(s) (bravo); mode dual generates 2" in res.stderr.strip().splitlines()[-1]
+    assert "codes bravo (trained for mode bravo); mode dual generates t1_pre, t1_gd" in res.stderr.strip().splitlines()[-1]
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     diffusion = tmp_path / "diffusion_run"

@@ -271,6 +271,42 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
                      scale=max(1, 128 // tiles.shape[-1]))
 
 
+WRITER_THREADS = 2       # encoding (gzip, PNG) and the fsyncs release the GIL; two keep up with sampling on CPU
+WRITE_BACKLOG = 2        # batches written behind the one being sampled, at most (bounds the memory held)
+
+
+class SampleWriter:
+    """Writes samples on a thread pool while the next batch is sampled: gzip/PNG encoding and each file's
+    atomic write (temp file, fsync, rename; the row last) leave the main loop. Each sample is still committed
+    only when all its files are on disk, so a kill at any point leaves whole samples; the first write error
+    is raised in the main thread at the next batch (or when the writer closes)."""
+
+    def __init__(self, job: Job):
+        from concurrent.futures import ThreadPoolExecutor
+        self.job, self.pool, self.pending = job, ThreadPoolExecutor(WRITER_THREADS, "writer"), []
+
+    def put(self, results: dict[int, dict]) -> None:
+        self.pending.append([self.pool.submit(write_sample, self.job, i, r["arrays"], r["row"])
+                             for i, r in results.items()])
+        while len(self.pending) > WRITE_BACKLOG:
+            for f in self.pending.pop(0):
+                f.result()
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:        # the loop failed: finish what is being written, drop the queue
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        try:
+            for batch in self.pending:
+                for f in batch:
+                    f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def run_job(job: Job, barrier=None) -> dict:
     """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
     out = job.output_dir
@@ -285,11 +321,10 @@ def _run_locked(job: Job, barrier) -> dict:
     todo = [i for i in mine if not is_done(job, i)]
     t0 = time.perf_counter()
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generating", unit="img",
-              disable=job.worker != 0) as bar:
+              disable=job.worker != 0) as bar, SampleWriter(job) as writer:
         for start in range(0, len(todo), job.batch_size):
             chunk = todo[start:start + job.batch_size]
-            for i, res in generate_batch(job, chunk).items():
-                write_sample(job, i, res["arrays"], res["row"])
+            writer.put(generate_batch(job, chunk))
             bar.update(len(chunk))
     elapsed = time.perf_counter() - t0
     if barrier is not None:

@@ -41,6 +41,12 @@ def leave_requeue_mark(run_dir: Path) -> None:
     (run_dir / REQUEUE_FILE).touch()
 
 
+def all_finite(tensors) -> bool:
+    """Whether every value of every tensor is finite, read back from the device once (not once per tensor)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -119,14 +125,18 @@ class DiffusionTrainer:
         self.memory_format = torch.channels_last if cfg.data.spatial_dims == 2 else torch.channels_last_3d
         if self.channels_last:
             self.net = self.net.to(memory_format=self.memory_format)
-        self.model = DDP(self.net, device_ids=[dev.index] if dev.type == "cuda" else None) if rt.distributed else self.net
+        # gradient_as_bucket_view: gradients live in the all-reduce buckets (no second copy of every gradient);
+        # static_graph: every step runs the same graph (fixed shapes, drop_last), so DDP can skip re-checking
+        # which parameters were used and overlap the reduction of the last buckets better
+        self.model = (DDP(self.net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                          gradient_as_bucket_view=True, static_graph=True) if rt.distributed else self.net)
         if compile_enabled(cfg, dev):
             # mode "default": fused kernels without CUDA graphs; "reduce-overhead" (CUDA graphs) would pin a
             # second copy of activations and recapture on every validation shape; dynamic=False because every
             # training batch has the same shape (batch_indices drops the tail).
             self.model = torch.compile(self.model, mode="default", dynamic=False)
         self.ema = (EMA(self.net, beta=cfg.ema.beta, update_after_step=cfg.ema.update_after_step,
-                        update_every=cfg.ema.update_every, include_online_model=False)
+                        update_every=cfg.ema.update_every, include_online_model=False, use_foreach=True)
                     if cfg.ema.enabled else None)
         # fused: one kernel for all parameters, and it can skip a non-finite step on the device (found_inf)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -403,7 +413,7 @@ class DiffusionTrainer:
         """Called on every rank (the RNG gather is a collective); rank 0 writes."""
         if self.run_dir is None or (self.step == self.saved_step and not is_best):
             return
-        if not all(torch.isfinite(p).all() for p in self.net.parameters()):  # one sync per checkpoint
+        if not all_finite(self.net.parameters()):  # one device-to-host read per checkpoint
             raise UserError(f"stopping: the weights became NaN/inf by optimizer step {self.step} (epoch {self.epoch}); "
                             "no checkpoint is written, the saved ones are intact; lower optim.lr")
         self.saved_step = self.step

@@ -29,6 +29,7 @@ class DDPMStrategy(Strategy):
         self.clip_sample = cfg.ddpm.clip_sample is not False    # None: on; build_parts turns it off for latents
         sched = DDPMScheduler(num_train_timesteps=cfg.num_timesteps, schedule=SCHEDULES[cfg.ddpm.schedule])
         self.alphas_cumprod = sched.alphas_cumprod.double()
+        self._tables: dict[torch.device, torch.Tensor] = {}   # one copy per device: no host-device copy per step
         self.default_steps = {"ddpm": cfg.num_timesteps, "ddim": 50, "dpmpp_2m": 20}
 
     def step_index(self, t) -> torch.Tensor:
@@ -37,7 +38,10 @@ class DDPMStrategy(Strategy):
 
     def _abar(self, t) -> torch.Tensor:
         k = self.step_index(t)
-        ab = self.alphas_cumprod.to(k.device)[k.clamp(min=0)]
+        table = self._tables.get(k.device)
+        if table is None:
+            table = self._tables[k.device] = self.alphas_cumprod.to(k.device)
+        ab = table[k.clamp(min=0)]
         return torch.where(k < 0, torch.ones_like(ab), ab)  # t = 0 is the clean end
 
     def sample_times(self, n, generator, device):
