@@ -64,7 +64,9 @@ class DataConfig:
     csv_label_column: str | None = None  # labels_csv: the label column (None with csv_image_column: one-hot)
     cache: bool = True                   # build preprocessed slices once, reuse while inputs and params match
     cache_dir: str | None = None         # None: <paths cache root>/slices
-    cache_device: Literal["cpu", "cuda"] = "cpu"  # where the cached tensors live during training
+    cache_device: Literal["auto", "cpu", "cuda"] = "auto"  # where the cached tensors live during training; auto:
+                                         # on the GPU when they take under a quarter of its free memory (then a
+                                         # batch is gathered on the device), else host memory
     skip_bad: bool = False               # leave out subjects that fail the scan instead of stopping
     num_workers: int = 0                 # processes reading volumes while building the cache (0: in-process)
 

@@ -26,10 +26,36 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     if isolated or os.environ.get("MEDGEN_TEST_SUBPROCESS"):
         return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, **(env or {})}, timeout=timeout)
-    return _run_in_process(script, list(args), env or {})
+    return _run_in_process(script, list(args), env or {}, timeout)
 
 
-def _run_in_process(script: str, args: list, env: dict):
+class ScriptTimeout(BaseException):
+    """An in-process script ran past run_script's timeout (a BaseException, so the script cannot catch it)."""
+
+
+def _alarm(seconds: int | None, message: str):
+    """Raise ScriptTimeout in the main thread after `seconds` (the in-process twin of subprocess's timeout)."""
+    import contextlib
+    import signal
+    import threading
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def armed():
+        def fire(signum, frame):
+            raise ScriptTimeout(message)
+        previous = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return armed()
+
+
+def _run_in_process(script: str, args: list, env: dict, timeout: int | None = None):
     import contextlib
     import io
     import os
@@ -49,13 +75,16 @@ def _run_in_process(script: str, args: list, env: dict):
         os.environ.update(env)
         os.chdir(ROOT)
         sys.argv = [script, *args]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(), \
+                _alarm(timeout, f"{script} ran past its {timeout} s timeout"):
             try:
                 runpy.run_path(str(ROOT / script), run_name="__main__")
             except SystemExit as stop:
                 if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except ScriptTimeout:
+                raise
             except BaseException:  # noqa: BLE001 - what the interpreter would print, and its exit code
                 traceback.print_exc()
                 code = 1
@@ -69,6 +98,30 @@ def _run_in_process(script: str, args: list, env: dict):
             registry.clear()
             registry.update(before)
     return subprocess.CompletedProcess([sys.executable, script, *args], code, out.getvalue(), err.getvalue())
+
+
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], **kwargs):
+    """A process in its own process group, killed with everything it started when the block ends, however it
+    ends (a failed assertion must not leave a training running)."""
+    import os
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 GLOO_ABORT = "terminate called without an active exception"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from Generation.TrainGen.core.autobatch import largest_fitting, with_margin
-from tests.conftest import ROOT, run_script
+from tests.conftest import background, ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "IDUN"))
 from make_templates import MODES, STRATEGIES, templates  # noqa: E402
@@ -120,12 +120,12 @@ def test_sigusr1_checkpoints_requeues_and_resumes(demo_root, tmp_path):
                          "--set runtime.log_interval=2"}
     job = SLURM_DIR / "ddpm_128_bravo.slurm"
     run_dir = out / "runs" / "ddpm_128_bravo_4242"
-    proc = subprocess.Popen(["bash", str(job)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    assert wait_for(lambda: (run_dir / "train.log").is_file() and "step 4:" in (run_dir / "train.log").read_text())
-    proc.send_signal(signal.SIGUSR1)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stdout[-3000:]
+    with background(["bash", str(job)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True) as proc:
+        assert wait_for(lambda: (run_dir / "train.log").is_file() and "step 4:" in (run_dir / "train.log").read_text())
+        proc.send_signal(signal.SIGUSR1)
+        stdout, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stdout[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert "preempted at optimizer step" in (run_dir / "train.log").read_text()
     assert not (run_dir / ".requeue").exists() and not (run_dir / ".preempt").exists()
@@ -139,13 +139,13 @@ def test_sigusr1_checkpoints_requeues_and_resumes(demo_root, tmp_path):
 
 def test_sigusr1_to_the_trainer_itself(demo_root, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode",
-                             "seg", "--data_dir", str(demo_root / "brain"), "--epochs", "400", "--run_dir", str(run_dir),
-                             "--set", "runtime.log_interval=2", "--set", f"data.cache_dir={tmp_path / 'c'}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: (run_dir / "train.log").is_file() and "step 4:" in (run_dir / "train.log").read_text())
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=120) == 0
+    with background([sys.executable, "Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode", "seg",
+                     "--data_dir", str(demo_root / "brain"), "--epochs", "400", "--run_dir", str(run_dir), "--set",
+                     "runtime.log_interval=2", "--set", f"data.cache_dir={tmp_path / 'c'}"],
+                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        assert wait_for(lambda: (run_dir / "train.log").is_file() and "step 4:" in (run_dir / "train.log").read_text())
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=60) == 0
     assert (run_dir / ".requeue").is_file() and list(run_dir.glob("ckpt_*.pt"))
 
 
@@ -171,13 +171,15 @@ def test_batch_size_auto_needs_cuda(demo_root, tmp_path):
 
 
 def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
-    res = run_script("bench/benchmark.py", "--device", "cpu", "--preset", "tiny", "--json", str(tmp_path / "b.json"),
+    res = run_script("bench/benchmark.py", "--device", "cpu", "--preset", "ci", "--json", str(tmp_path / "b.json"),
                      timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     metrics = {(r["suite"], r["metric"]) for r in rows}
-    for needed in [("training", "speed-up ours / baseline"), ("training", "data path / step rate"),
-                   ("sampling", "rflow euler-30"), ("sampling", "ddpm ddim-50"), ("sampling", "ddpm ddpm-1000"),
+    for needed in [("training", "step-only ratio ours / tutorial"), ("training", "end-to-end ratio ours / tutorial"),
+                   ("training", "MONAI tutorial step (same batch on device)"), ("training", "data path / step rate"),
+                   ("sampling", "rflow euler-30"), ("sampling", "ddpm ddim-50"), ("sampling", "ddpm ddpm-100"),
+                   ("sampling", "writing / sampling only"),
                    ("metrics", "FID features, Inception-v3"), ("data", "batches from cache"),
                    ("volumes", "pixel 32x32x16"), ("volumes", "latent (4x AE) 32x32x16")]:
         assert needed in metrics
@@ -186,7 +188,7 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     # checkpointing and latents both keep less for the backward pass than pixel-space 3D training
     assert memory["pixel + checkpointing 32x32x16 memory"] < memory["pixel 32x32x16 memory"] / 4
     assert memory["latent (4x AE) 32x32x16 memory"] < memory["pixel 32x32x16 memory"] / 4
-    assert "speed-up ours / baseline" in res.stdout
+    assert "step-only ratio ours / tutorial" in res.stdout
 
 
 def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys)
     out = tmp_path / "study"
     argv = ["--real_dir", str(brain), "--synthetic_dir", str(synth), "--output", str(out), "--seeds", "2",
             "--real_fraction", "0.5,1", "--recipes", "real,real+synthetic", "--positive_only", "--compute", "local",
-            *FAST]
+            *FAST, "--max_steps", "40"]                                     # the machinery, not the models
     assert utility_main(argv) == 0
     assert "reference model (real train, seed 0): from the cache" in capsys.readouterr().out   # the study's real model
     summary = json.loads((out / "utility.json").read_text())

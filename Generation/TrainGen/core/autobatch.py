@@ -1,6 +1,8 @@
-"""--batch_size auto: the largest training batch that fits on this GPU, probed with the real settings
-(bf16 autocast, channels_last, the same UNet, AdamW state included), then 90% of it as a safety margin for
-fragmentation and the validation pass. Probes run eager: torch.compile would recompile for every probed size,
+"""--batch_size auto: a training batch that fits on this GPU and saturates it, probed with the real settings
+(bf16 autocast, channels_last, the same UNet, AdamW state included): the largest that fits, less 10% for
+fragmentation and the validation pass, and no larger than where throughput stops growing (plateau_batch).
+The learning rate is not changed: optim.lr was chosen for optim.batch_size, and for Adam-family optimizers
+the usual rule when the batch grows by a factor k is lr x sqrt(k) (train.py prints the factor). Probes run eager: torch.compile would recompile for every probed size,
 and a compiled step needs less memory than an eager one, so the eager limit is the safe side."""
 from __future__ import annotations
 
@@ -33,6 +35,17 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 40
     return lo
 
 
+PLATEAU = 0.95      # the smallest batch within 5% of the best measured throughput is as fast as any larger one
+
+
+def plateau_batch(rates: dict[int, float], plateau: float = PLATEAU) -> int:
+    """The smallest batch size whose throughput (images/s) is within `plateau` of the best measured: beyond the
+    point where the GPU is saturated a larger batch only costs memory and optimisation quality (the LR was
+    chosen for the configured batch)."""
+    best = max(rates.values())
+    return min(n for n, r in rates.items() if r >= plateau * best)
+
+
 def with_margin(n: int) -> int:
     m = max(1, int(n * SAFETY))
     return m - m % 8 if m >= 16 else m
@@ -50,26 +63,38 @@ def find_batch_size(cfg, rt, parts) -> int:
     net = net.to(memory_format=fmt) if cfg.runtime.channels_last else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=True)
 
+    rates: dict[int, float] = {}
+
+    def step(n: int) -> None:
+        x = torch.randn(n, mode.in_channels, *shape, device=rt.device)
+        x = x.contiguous(memory_format=fmt) if cfg.runtime.channels_last else x
+        t = strategy.net_time(strategy.sample_times(n, None, rt.device))
+        labels = torch.zeros(n, dtype=torch.long, device=rt.device) if mode.class_embeds else None
+        with rt.autocast():
+            out = net(x, t, class_labels=labels)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def fits(n: int) -> bool:
+        import time
         try:
-            x = torch.randn(n, mode.in_channels, *shape, device=rt.device)
-            x = x.contiguous(memory_format=fmt) if cfg.runtime.channels_last else x
-            t = strategy.net_time(strategy.sample_times(n, None, rt.device))
-            labels = torch.zeros(n, dtype=torch.long, device=rt.device) if mode.class_embeds else None
-            with rt.autocast():
-                out = net(x, t, class_labels=labels)
-            out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(n)                                   # the first step allocates (and may run out)
             torch.cuda.synchronize(rt.device)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                step(n)
+            torch.cuda.synchronize(rt.device)
+            rates[n] = 2 * n / (time.perf_counter() - t0)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
             opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()                  # after step()'s tensors went out of scope
 
-    found = with_margin(largest_fitting(fits, start=max(8, cfg.optim.batch_size)))
+    largest = with_margin(largest_fitting(fits, start=max(8, cfg.optim.batch_size)))
+    found = min(largest, plateau_batch({n: r for n, r in rates.items() if n <= largest} or {largest: 1.0}))
     net.load_state_dict(saved)
     del opt, saved
     torch.cuda.empty_cache()

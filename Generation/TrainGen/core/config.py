@@ -143,6 +143,8 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (no fp16: NaNs)
     compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (see README)
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: dynamo + AOT autograd without
+                                         # code generation: the CPU check for graph breaks and recompiles
     channels_last: bool = True           # CUDA only
     multi_gpu: bool = False              # DDP (torchrun / srun)
     val_interval: int = 30               # epochs between validation + sample grids (the original default)

@@ -271,7 +271,8 @@ def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
                      scale=max(1, 128 // tiles.shape[-1]))
 
 
-WRITER_THREADS = 2       # encoding (gzip, PNG) and the fsyncs release the GIL; two keep up with sampling on CPU
+WRITER_THREADS = 1       # encoding (gzip, PNG) and fsync release the GIL; one thread keeps up (a few ms a sample)
+                         # and, on a CPU-only machine, competes least with the sampling threads
 WRITE_BACKLOG = 2        # batches written behind the one being sampled, at most (bounds the memory held)
 
 

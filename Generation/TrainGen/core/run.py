@@ -109,7 +109,7 @@ def preflight(cfg) -> None:
 
 
 def load_data(cfg, rt):
-    """(train split, val split or None), rank 0 building the cache first; on the GPU when data.cache_device says."""
+    """(train split, val split or None), rank 0 building the cache first; on the GPU as data.cache_device says."""
     src = data_source(cfg)
     if src.demo:
         rt.print(f"no --data_dir: training on the built-in demo phantoms ({src.root}); pass --data_dir DIR "
@@ -125,16 +125,29 @@ def load_data(cfg, rt):
         torch.distributed.barrier()
     if rt.is_main:
         print_problems(train_data.problems)
-    if cfg.data.cache_device == "cuda" and rt.device.type == "cuda":
+    if rt.device.type == "cuda" and cache_on_device(cfg.data.cache_device, rt.device, train_data, val_data):
         train_data = train_data.to(rt.device)
         val_data = val_data.to(rt.device) if val_data is not None else None
     return train_data, val_data
 
 
+def cache_on_device(setting: str, device, *sets) -> bool:
+    """data.cache_device: cuda always; auto when the sets take under a quarter of the GPU's free memory (a
+    batch is then gathered on the device, with no host-to-device copy per step)."""
+    if setting != "auto":
+        return setting == "cuda"
+    size = sum(t.numel() * t.element_size() for s in sets if s is not None
+               for t in (s.images, s.masks, s.labels) if t is not None)
+    return size < torch.cuda.mem_get_info(device)[0] / 4
+
+
 def auto_batch_size(cfg, rt, parts):
     from Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
     bs = find_batch_size(cfg, rt, parts)
-    rt.print(f"--batch_size auto: {bs} per GPU ({SAFETY:.0%} of the largest that fits)")
+    k = bs / cfg.optim.batch_size
+    rt.print(f"--batch_size auto: {bs} per GPU (at most {SAFETY:.0%} of the largest that fits, and where throughput "
+             f"stops growing); optim.lr {cfg.optim.lr:g} was set for batch {cfg.optim.batch_size}: for Adam the "
+             f"usual rule is lr x sqrt({k:.3g}) = {cfg.optim.lr * k ** 0.5:.3g} (not applied)")
     return replace(cfg, optim=replace(cfg.optim, batch_size=bs, auto_batch_size=False))
 
 

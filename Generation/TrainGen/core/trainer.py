@@ -134,7 +134,8 @@ class DiffusionTrainer:
             # mode "default": fused kernels without CUDA graphs; "reduce-overhead" (CUDA graphs) would pin a
             # second copy of activations and recapture on every validation shape; dynamic=False because every
             # training batch has the same shape (batch_indices drops the tail).
-            self.model = torch.compile(self.model, mode="default", dynamic=False)
+            self.model = torch.compile(self.model, backend=cfg.runtime.compile_backend, dynamic=False,
+                                       **({"mode": "default"} if cfg.runtime.compile_backend == "inductor" else {}))
         self.ema = (EMA(self.net, beta=cfg.ema.beta, update_after_step=cfg.ema.update_after_step,
                         update_every=cfg.ema.update_every, include_online_model=False, use_foreach=True)
                     if cfg.ema.enabled else None)
