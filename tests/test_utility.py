@@ -52,7 +52,7 @@ def real(brain):
 
 @pytest.fixture(scope="module")
 def segmenter(real, tmp_path_factory):
-    s = models.TrainSettings("segmentation", "tiny", max_steps=300, val_every=50)
+    s = models.TrainSettings("segmentation", "tiny", max_steps=150, val_every=50)
     model, log = models.cached_reference(s, real["train"], real["val"], 0, tmp_path_factory.mktemp("cache"))
     return model, log
 
@@ -175,7 +175,7 @@ def test_faithfulness_drops_when_masks_are_shifted(real, segmenter):
 
 def test_reference_model_is_cached_by_content(real, segmenter, tmp_path):
     _, log = segmenter
-    s = models.TrainSettings("segmentation", "tiny", max_steps=300, val_every=50)
+    s = models.TrainSettings("segmentation", "tiny", max_steps=150, val_every=50)
     again, log2 = models.cached_reference(s, real["train"], real["val"], 0, Path(log["cache"]).parent)
     assert log2["cached"] and log2["cache"] == log["cache"]
     x = real["test"].images[:4]
@@ -236,7 +236,7 @@ def test_classification_study_shuffled_labels_hurt(tmp_path):
     out = tmp_path / "study"
     assert utility_main(["--real_dir", str(real_root), "--synthetic_dir", str(synth), "--output", str(out),
                          "--seeds", "3", "--recipes", "real,real+synthetic,real+balanced", "--synthetic_ratio", "2",
-                         "--audit", "none", "--compute", "local", *FAST]) == 0
+                         "--audit", "none", "--compute", "local", *FAST, "--max_steps", "60", "--val_every", "30"]) == 0
     rows = {r["recipe"]: r for r in json.loads((out / "utility.json").read_text())["rows"]}
     real_acc = rows["real"]["metrics"]["balanced_accuracy"]["mean"]
     assert real_acc > 0.6
