@@ -7,13 +7,14 @@ Suites
          served from the in-memory cache (batches/s), on the embedded demo dataset.
   sampling  images/s of generate.py's sampling path (per-sample generators, batch-invariant UNet, bf16 on
          CUDA) for DDPM-1000 (ancestral), DDIM-50 and RFlow Euler-30 on the same bravo UNet (random weights:
-         the cost does not depend on them).
-  training  bravo-mode training throughput, same UNet and data, side by side in one process:
-         baseline = the MONAI-tutorial loop (fp32 eager, attention without SDPA, plain AdamW, a DataLoader
-         running NIfTI transforms per item); ours = DiffusionTrainer's default path (cached slices, SDPA,
-         fused AdamW, device-side NaN guard; on CUDA also bf16, channels_last, TF32, torch.compile).
-         Reports images/s of both and the ratio, peak memory, MFU = 3 x forward FLOPs (torch.utils.flop_counter)
-         x steps/s over the GPU's dense bf16 peak, and the cached data path's batch rate over the step rate.
+         the cost does not depend on them); and generation with its output written against sampling alone.
+  training  bravo-mode training throughput, same UNet, data and batch, side by side in one process, alternated:
+         baseline = a faithful copy of MONAI's 2d_ddpm tutorial loop (CacheDataset + DataLoader workers,
+         DiffusionInferer + DDPMScheduler, Adam, fp16 autocast + GradScaler on CUDA, attention without SDPA);
+         ours = DiffusionTrainer's default path (slice cache, SDPA, fused AdamW, device-side NaN guard; on CUDA
+         also bf16, channels_last, TF32, torch.compile). Two ratios: step only (the same batch already on the
+         device) and end to end (each side's data path). Also MFU = 3 x forward FLOPs (torch.utils.flop_counter)
+         x steps/s over the GPU's dense bf16 peak (by exact device name), and the data path's batch rate.
   metrics  images/s (or pairs/s) of each evaluation metric: Inception and RadImageNet feature extraction,
          LPIPS, MS-SSIM, MAE+PSNR, on random images (random weights: same cost as the published ones).
   minsnr   sample quality of rectified flow trained with and without Min-SNR weighting, side by side: the same
@@ -26,6 +27,9 @@ Suites
          the same real validation masks and seeds; quality = Fréchet distance in a downstream segmenter's
          feature space (trained on the real slices, offline) and the brain-intensity Wasserstein-1 distance.
          Prints the table and plots it (--plot). Ask for it with --suite nfe.
+  gpu      what only a GPU shows (bench/gpu_check.sh): training with compile off/on for ddpm and rflow with the
+         first step's time, DDIM-50 sampling against diffusers' DDIMScheduler on the same network, and the
+         batch-invariance difference on the device. Ask for it with --suite gpu.
   volumes  bravo training on whole volumes (rflow step, random data: the cost does not depend on it): volumes/s
          and memory for pixel space, pixel space with gradient checkpointing, and latent space (AutoencoderKL,
          4x smaller per axis, encoded on the fly; the latent grid must still divide by 4 for the UNet). Memory is the CUDA peak on a GPU and, on CPU, the bytes
@@ -144,21 +148,22 @@ def bench_writing(model, mask, batch: int, dev, autocast, work: Path, n_batches:
         sync()
 
     def with_writing(k):
-        run_job(job(work / f"written{k}"))
+        return run_job(job(work / f"written{k}"))["seconds"]   # the loop, writer drained; not the final manifest
     # alternated, median of three each: a 2-core machine drifts by more than the difference being measured
     times = {"alone": [], "written": []}
     for k in range(3):
-        for name, fn in (("alone", sampling_only), ("written", with_writing)):
-            t0 = time.perf_counter()
-            fn(k)
-            times[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sampling_only(k)
+        times["alone"].append(time.perf_counter() - t0)
+        times["written"].append(with_writing(k))
     alone, written = (n / sorted(times[k])[1] for k in ("alone", "written"))
     summary = {"committed": len(list((work / "written0" / ".rows").glob("*.json")))}
     note = f"{n} samples, {model.sampler}-{model.steps}, batch {batch}"
     return [{"suite": "sampling", "metric": "generation, sampling only", "value": alone, "unit": "images/s",
              "note": note},
             {"suite": "sampling", "metric": "generation with writing", "value": written, "unit": "images/s",
-             "note": note + f"; {summary['committed']} committed (NIfTI + row, fsync each file)"},
+             "note": note + f"; {summary['committed']} committed (NIfTI + row, fsync each file); the generation "
+                            "loop until the last write, without the final manifest and previews"},
             {"suite": "sampling", "metric": "writing / sampling only", "value": written / alone, "unit": "x",
              "note": "same process; target >= 0.9"}]
 
@@ -203,6 +208,20 @@ def timed_steps(step, n_warm: int, n: int, sync) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def interleaved(steps: dict, n_warm: int, n: int, sync, rounds: int = 3) -> dict:
+    """Seconds per call of each step, measured in alternation (A B C, A B C, ...) and the median of the
+    rounds kept: on a shared or 2-core machine the speed drifts by more than the differences measured."""
+    for step in steps.values():
+        for _ in range(n_warm):
+            step()
+    sync()
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            times[k].append(timed_steps(step, 1, n, sync))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     """Baseline: a faithful copy of MONAI's 2d_ddpm tutorial loop (CacheDataset + DataLoader workers,
     DiffusionInferer + DDPMScheduler, Adam, fp16 autocast with GradScaler on CUDA, MONAI's default attention
@@ -223,7 +242,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    n_warm, n_steps = (3, 10) if not cuda else (15, 50)
+    n_warm, n_steps = (15, 50) if cuda else (1, 3) if preset == "ci" else (3, 10)
     cfg = build_config({"data": {"image_size": size, "data_dir": str(root), "cache_dir": str(work / "cache")},
                         "model": {"preset": unet}, "mode": {"name": "bravo"}, "strategy": {"name": "ddpm"},
                         "optim": {"batch_size": batch}, "runtime": {"device": dev.type}})
@@ -263,12 +282,6 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
         base_update(item["image"].to(dev, non_blocking=True), item["seg"].to(dev, non_blocking=True))
     fixed = next(iter(loader))
     fixed_img, fixed_seg = fixed["image"].to(dev), fixed["seg"].to(dev)
-    base_step_s = timed_steps(lambda: base_update(fixed_img, fixed_seg), n_warm, n_steps, sync)
-    base_s = timed_steps(base_step, n_warm, n_steps, sync)
-    base_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
-    del loader, it
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
 
     # ---- ours: the trainer's default path (data.cache_device auto: on the GPU when it fits, as train.py does)
     rt = init_runtime(cfg.runtime)
@@ -284,9 +297,14 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
         nonlocal k
         tr.train_step([data.batch(order[k % len(order)])])
         k += 1
-    ours_step_s = timed_steps(lambda: tr.train_step([fixed_batch]), n_warm + (10 if cuda else 0), n_steps, sync)
-    ours_s = timed_steps(our_step, n_warm, n_steps, sync)
-    ours_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+    for _ in range(10 if cuda else 0):                           # compilation, outside the timings
+        our_step()
+    sec = interleaved({"base_step": lambda: base_update(fixed_img, fixed_seg),
+                       "ours_step": lambda: tr.train_step([fixed_batch]), "base": base_step, "ours": our_step},
+                      n_warm, n_steps, sync)
+    base_step_s, ours_step_s, base_s, ours_s = sec["base_step"], sec["ours_step"], sec["base"], sec["ours"]
+    del loader, it
+    peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
 
     # ---- FLOPs, MFU, data path
     x = torch.randn(batch, 2, size, size, device=dev)
@@ -313,11 +331,11 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
         {"suite": "training", "metric": "step-only ratio ours / tutorial", "value": base_step_s / ours_step_s,
          "unit": "x", "note": "same process, data path excluded on both sides"},
         {"suite": "training", "metric": "MONAI tutorial end to end", "value": batch / base_s, "unit": "images/s",
-         "note": f"CacheDataset + DataLoader ({workers} workers)" + (f"; peak {base_mem:.2f} GiB" if base_mem else "")},
+         "note": f"CacheDataset + DataLoader ({workers} workers); median of 3 alternated rounds"},
         {"suite": "training", "metric": "ours end to end", "value": batch / ours_s, "unit": "images/s",
          "note": "slice cache " + ("on the GPU (data.cache_device auto)" if on_gpu
                                    else "in host memory")
-                 + (f"; peak {ours_mem:.2f} GiB" if ours_mem else "")},
+                 + (f"; peak {peak_mem:.2f} GiB (both models resident)" if peak_mem else "")},
         {"suite": "training", "metric": "end-to-end ratio ours / tutorial", "value": base_s / ours_s, "unit": "x",
          "note": "same process"},
         {"suite": "training", "metric": "model FLOP/s (ours)", "value": flops / ours_step_s / 1e12, "unit": "TFLOP/s",
@@ -584,8 +602,98 @@ def _tiny_yaml() -> dict:
     return load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
 
 
+def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
+    """What only a GPU shows (bench/gpu_check.sh runs it with the other suites; on a CPU it runs at its sizes
+    and says so): bravo training images/s for ddpm and rflow with compile off and on, with the first compiled
+    step's time; DDIM-50 images/s of our sampler against diffusers' DDIMScheduler driving the same network;
+    and the batch-invariance difference of generate.py's sampling on this device."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from Generation.TrainGen.core.generate import Job, draw
+    from Generation.TrainGen.core.generation.models import BatchInvariant, Model
+    from Generation.TrainGen.core.network import build_unet
+    from Generation.TrainGen.core.runtime import init_runtime
+    from Generation.TrainGen.core.trainer import DiffusionTrainer, build_parts
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    n_subjects, shape, size, batch = PRESETS[preset]
+    unet = MODEL_PRESETS[preset][0]
+    root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
+    rows, note = [], f"{unet} UNet, {size}px bravo, batch {batch}, on {device}"
+    for strategy in ("ddpm", "rflow"):
+        for compiled in (False, True):
+            if compiled and not cuda:
+                continue                  # inductor on a CPU takes minutes per graph: a GPU figure only
+            cfg = build_config({"data": {"image_size": size, "data_dir": str(root), "cache_dir": str(work / "cache")},
+                                "model": {"preset": unet}, "mode": {"name": "bravo"}, "strategy": {"name": strategy},
+                                "optim": {"batch_size": batch}, "runtime": {"device": dev.type, "compile": compiled}})
+            rt = init_runtime(cfg.runtime)
+            from Generation.TrainGen.core.datasource import data_source
+            data = data_source(cfg).split(cfg.data, "train").to(dev)
+            tr = DiffusionTrainer(cfg, rt, data)
+            order = data.batch_indices(batch, 0, 0)
+            t0 = time.perf_counter()
+            tr.train_step([data.batch(order[0])])
+            sync()
+            first = time.perf_counter() - t0
+            k = [1]
+
+            def step():
+                tr.train_step([data.batch(order[k[0] % len(order)])])
+                k[0] += 1
+            sec = timed_steps(step, 5 if cuda else 1, 30 if cuda else 3, sync)
+            label = f"train {strategy}, compile {'on' if compiled else 'off'}"
+            rows += [{"suite": "gpu", "metric": label, "value": batch / sec, "unit": "images/s", "note": note},
+                     {"suite": "gpu", "metric": f"{label}: first step", "value": first, "unit": "s",
+                      "note": "includes compilation" if compiled else "eager"}]
+    # sampling: ours against diffusers' scheduler on the same network and noise
+    cfg = build_config({"model": {"preset": unet}, "data": {"image_size": size}, "strategy": {"name": "ddpm"},
+                        "mode": {"name": "bravo"}})
+    strat, mode = build_parts(cfg, None, None)
+    net = build_unet(cfg.model, mode.in_channels, mode.out_channels).to(dev).eval()
+    n = MODEL_PRESETS[preset][1]
+    mask = (torch.rand(n, 1, size, size, device=dev) > 0.9).float() * 2 - 1
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
+    model = Model(BatchInvariant(copy.deepcopy(net)), strat, mode, cfg, {}, Path("-"), "", "ddim", 50)
+    job = Job(mode="bravo", output_dir=work, num_images=n, batch_size=n, device=dev, autocast=autocast)
+    draw(job, replace(model, steps=2), list(range(2)), {"concat": mask[:2]})
+    sync()
+    t0 = time.perf_counter()
+    draw(job, model, list(range(n)), {"concat": mask})
+    sync()
+    ours = n / (time.perf_counter() - t0)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True)
+    ref.set_timesteps(50)
+    x = torch.randn(n, 1, size, size, device=dev)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad(), (autocast() if autocast else torch.autocast(dev.type, enabled=False)):
+        for t in ref.timesteps:
+            eps = net(torch.cat([x, mask], 1), t.to(dev).float().expand(n)).float()
+            x = ref.step(eps, t, x).prev_sample
+    sync()
+    theirs = n / (time.perf_counter() - t0)
+    rows += [{"suite": "gpu", "metric": "sampling ddim-50 (ours, generate.py path)", "value": ours,
+              "unit": "images/s", "note": f"batch {n}; per-sample generators, batch-invariant UNet"},
+             {"suite": "gpu", "metric": "sampling ddim-50 (diffusers DDIMScheduler)", "value": theirs,
+              "unit": "images/s", "note": "the same network and batch, one generator"},
+             {"suite": "gpu", "metric": "sampling ours / diffusers", "value": ours / theirs, "unit": "x", "note": ""}]
+    # batch invariance: the same seeds alone and in a batch
+    seeds = list(range(4))
+    together = draw(job, replace(model, steps=5), seeds, {"concat": mask[:4]})
+    alone = torch.cat([draw(job, replace(model, steps=5), [s], {"concat": mask[s:s + 1]}) for s in seeds])
+    rows.append({"suite": "gpu", "metric": "batch invariance: max |batch of 4 - one by one|",
+                 "value": float((together.float() - alone.float()).abs().max()), "unit": "abs",
+                 "note": "0 on CPU (tested); on CUDA cuDNN/cuBLAS pick kernels by shape: same seeds give the same "
+                         "noise, values agree to rounding unless torch.use_deterministic_algorithms"})
+    return rows
+
+
 SUITES = {"data": bench_data, "training": bench_training, "sampling": bench_sampling, "metrics": bench_metrics,
-          "minsnr": bench_minsnr, "nfe": bench_nfe, "volumes": bench_volumes}
+          "minsnr": bench_minsnr, "nfe": bench_nfe, "volumes": bench_volumes, "gpu": bench_gpu}
 DEFAULT_SUITES = ("data", "training", "sampling", "metrics", "volumes")
 
 

@@ -191,6 +191,16 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     assert "step-only ratio ours / tutorial" in res.stdout
 
 
+def test_gpu_suite_runs_at_ci_size_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_check.sh's own suite, on a CPU at the smallest size (compile rows are GPU-only)."""
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    from bench.benchmark import bench_gpu
+    rows = {r["metric"]: r["value"] for r in bench_gpu("cpu", "ci", tmp_path)}
+    assert rows["train ddpm, compile off"] > 0 and rows["train rflow, compile off: first step"] > 0
+    assert rows["sampling ours / diffusers"] > 0
+    assert rows["batch invariance: max |batch of 4 - one by one|"] == 0     # bit for bit on a CPU
+
+
 def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):
     """The Min-SNR side-by-side suite at a toy size: both settings trained, sampled and scored."""
     monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
