@@ -59,15 +59,17 @@ def find_batch_size(cfg, rt, parts) -> int:
     mode, strategy, net = parts.mode, parts.strategy, parts.net
     shape = sample_shape(cfg, mode)
     saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    from Generation.TrainGen.core.trainer import uses_channels_last
     fmt = torch.channels_last if len(shape) == 2 else torch.channels_last_3d
-    net = net.to(memory_format=fmt) if cfg.runtime.channels_last else net
+    last = uses_channels_last(cfg, rt.device)
+    net = net.to(memory_format=fmt) if last else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=True)
 
     rates: dict[int, float] = {}
 
     def step(n: int) -> None:
         x = torch.randn(n, mode.in_channels, *shape, device=rt.device)
-        x = x.contiguous(memory_format=fmt) if cfg.runtime.channels_last else x
+        x = x.contiguous(memory_format=fmt) if last else x
         t = strategy.net_time(strategy.sample_times(n, None, rt.device))
         labels = torch.zeros(n, dtype=torch.long, device=rt.device) if mode.class_embeds else None
         with rt.autocast():

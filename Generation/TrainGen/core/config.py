@@ -145,7 +145,7 @@ class RuntimeConfig:
     compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (see README)
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: dynamo + AOT autograd without
                                          # code generation: the CPU check for graph breaks and recompiles
-    channels_last: bool = True           # CUDA only
+    channels_last: bool = True           # CUDA with torch.compile only (eager GroupNorm is slow in NHWC)
     multi_gpu: bool = False              # DDP (torchrun / srun)
     val_interval: int = 30               # epochs between validation + sample grids (the original default)
     num_val_samples: int = 16            # images in the sample grid

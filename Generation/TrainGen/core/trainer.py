@@ -59,6 +59,12 @@ def compile_enabled(cfg, device) -> bool:
     return cfg.runtime.compile if cfg.runtime.compile is not None else device.type == "cuda"
 
 
+def uses_channels_last(cfg, device) -> bool:
+    """channels_last on CUDA with torch.compile only: compiled kernels fuse the layout, while eager GroupNorm
+    (every UNet block has one) has no fast NHWC kernel and converts back and forth (runtime.channels_last)."""
+    return device.type == "cuda" and cfg.runtime.channels_last and compile_enabled(cfg, device)
+
+
 def build_parts(cfg, num_classes: int | None, image_channels: int | None, device="cpu", data=None,
                 latent_scale: float | None = None):
     """(strategy, mode) objects for a config; unknown names are user errors. With latent.autoencoder the mode
@@ -121,7 +127,7 @@ class DiffusionTrainer:
         # which units trained it, hashed: evaluations refuse test data the generator saw (common/splits.py)
         self.meta["data_units"] = units_record(cfg.data, train_data.sources, val_data.sources if val_data else [])
         dev = rt.device
-        self.channels_last = dev.type == "cuda" and cfg.runtime.channels_last
+        self.channels_last = uses_channels_last(cfg, dev)
         self.memory_format = torch.channels_last if cfg.data.spatial_dims == 2 else torch.channels_last_3d
         if self.channels_last:
             self.net = self.net.to(memory_format=self.memory_format)
