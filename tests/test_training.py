@@ -89,16 +89,18 @@ def final_weights(run_dir):
 @pytest.mark.parametrize("dims", [2, 3])
 def test_resume_is_bit_exact(demo_root, tmp_path, dims):
     data = dims_sections(dims).get("data", {})
-    common = {"optim": {"epochs": 3 if dims == 2 else 4, "batch_size": 16 if dims == 2 else 2},
-              "runtime": {"val_interval": 1}}
-    straight = tiny_cfg(demo_root, tmp_path / "a", optim={**common["optim"], "max_steps": 12}, runtime=common["runtime"],
-                        data=data)
+    common = {"optim": {"epochs": 3 if dims == 2 else 4, "batch_size": 16 if dims == 2 else 2, "max_steps": 12},
+              "runtime": {"val_interval": 1, "log_interval": 6}}
+    straight = tiny_cfg(demo_root, tmp_path / "a", optim=common["optim"], runtime=common["runtime"], data=data)
     train(straight)
-    half = tiny_cfg(demo_root, tmp_path / "b", optim={**common["optim"], "max_steps": 6}, runtime=common["runtime"],
-                    data=data)
+    # the same job preempted at step 6 (the SLURM trap's .preempt, read at the log interval), then resumed
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    (tmp_path / "b" / "run" / ".preempt").touch()
+    half = tiny_cfg(demo_root, tmp_path / "b", optim=common["optim"], runtime=common["runtime"], data=data)
     train(half)
-    rest = tiny_cfg(demo_root, tmp_path / "b", optim={**common["optim"], "max_steps": 12},
-                    runtime={**common["runtime"], "resume": "auto"}, data=data)
+    assert (tmp_path / "b" / "run" / ".requeue").is_file()
+    rest = tiny_cfg(demo_root, tmp_path / "b", optim=common["optim"], runtime={**common["runtime"], "resume": "auto"},
+                    data=data)
     train(rest)
     sa, ma, ea = final_weights(tmp_path / "a" / "run")
     sb, mb, eb = final_weights(tmp_path / "b" / "run")

@@ -156,9 +156,11 @@ class DiffusionTrainer:
                 else "image(s)"
             raise UserError(f"the training split has {len(train_data)} {unit}: too few for batch_size "
                             f"{o.batch_size} x grad_accum {o.grad_accum} x {rt.world} process(es)")
-        total = self.steps_per_epoch * o.epochs  # independent of max_steps, so a resumed run sees the same LR
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, warmup_cosine(o.warmup_epochs * self.steps_per_epoch, total))
+        # the schedule's horizon: the run's last step (max_steps when it bounds the run, so a run bounded by steps
+        # decays to 0 at its end); the warm-up takes at most a fifth of it
+        self.total_steps = min(self.steps_per_epoch * o.epochs, o.max_steps or math.inf)
+        warmup = min(o.warmup_epochs * self.steps_per_epoch, max(1, self.total_steps // 5))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(warmup, self.total_steps))
         self.min_snr = o.min_snr if o.min_snr is not None else self.strategy.min_snr_default
         self.perceptual = None
         if o.perceptual_weight > 0:
@@ -320,12 +322,14 @@ class DiffusionTrainer:
         cfg, o = self.cfg, self.cfg.optim
         max_steps = o.max_steps if o.max_steps is not None else math.inf
         accum = o.grad_accum
+        # one bar for the whole run (its ETA is the run's), labelled with the epoch
+        bar = tqdm(total=self.total_steps, initial=self.step, leave=False, unit="step", disable=not self.rt.is_main)
+        validated = -1
         while self.epoch < o.epochs and self.step < max_steps:
             order = self.train_data.batch_indices(o.batch_size, self.epoch, cfg.runtime.seed, self.rt.rank, self.rt.world)
             order = order.to(self.train_data.device)  # a GPU-resident cache then gathers batches without host work
             n_use = self.steps_per_epoch * accum
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch_pos // accum, leave=False,
-                       desc=f"epoch {self.epoch + 1}/{o.epochs}", disable=not self.rt.is_main)
+            bar.set_description(f"epoch {self.epoch + 1}/{o.epochs}")
             while self.batch_pos < n_use and self.step < max_steps:
                 micro = [self.train_data.batch(order[self.batch_pos + i]) for i in range(accum)]
                 self.train_step(micro)
@@ -337,14 +341,13 @@ class DiffusionTrainer:
                     if self.preempted():
                         bar.close()
                         return self.stop_for_requeue()
-            bar.close()
             self.check_health()
             if self.batch_pos < n_use:
                 break  # max_steps reached mid-epoch: the position is saved below
             self.epoch, self.batch_pos = self.epoch + 1, 0
             is_best = False
             if validate and (self.epoch % cfg.runtime.val_interval == 0 or self.epoch == o.epochs):
-                is_best = self.validate()
+                is_best, validated = self.validate(), self.step
             if self.epoch % cfg.runtime.checkpoint_every == 0 or self.epoch == o.epochs or is_best:
                 self.checkpoint(is_best)
             if self.stop_early():
@@ -352,9 +355,14 @@ class DiffusionTrainer:
                               f"{self.bad_vals} validations")
                 break
             if self.preempted():
+                bar.close()
                 return self.stop_for_requeue()
+        bar.close()
         self.log_scalars()
-        self.checkpoint(False)
+        # every run ends with something to look at: a last validation, its sample grid and best.pt, even when
+        # max_steps ended it before the first validation interval
+        is_best = validate and validated != self.step and self.val_data is not None and self.validate()
+        self.checkpoint(bool(is_best))
         return "done"
 
     def stop_for_requeue(self) -> str:
