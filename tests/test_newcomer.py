@@ -18,3 +18,34 @@ def test_a_ten_step_run_leaves_a_grid_best_pt_and_a_decayed_lr(demo_root, tmp_pa
     assert state["step"] == 10
     lr = state["opt"]["param_groups"][0]["lr"]
     assert lr < 1e-3 * cfg.optim.lr                   # the cosine schedule ran over the 10 steps, not 30 epochs
+
+
+def test_a_chain_from_an_untrained_seg_model_stops_fast_and_says_why(tiny_models, tmp_path):
+    import time
+
+    from tests.conftest import run_script
+    t0 = time.perf_counter()
+    res = run_script("Generation/TrainGen/generate.py", "--seg_model", str(tiny_models["seg"]), "--image_model",
+                     str(tiny_models["bravo"]), "--num_images", "40", "--batch_size", "8", "--num_steps", "3",
+                     "--sampler", "ddim", "--seg_sampler", "ddim", "--seg_num_steps", "3",
+                     "--output_dir", str(tmp_path / "out"), "--device", "cpu")
+    assert time.perf_counter() - t0 < 30
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "the first 24 masks from the seg model were all rejected" in line and "--no_mask_filter" in line
+    res = run_script("Generation/TrainGen/generate.py", "--seg_model", str(tiny_models["seg"]), "--image_model",
+                     str(tiny_models["bravo"]), "--num_images", "4", "--batch_size", "4", "--num_steps", "3",
+                     "--sampler", "ddim", "--seg_sampler", "ddim", "--seg_num_steps", "3", "--no_mask_filter",
+                     "--output_dir", str(tmp_path / "smoke"), "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-1500:]
+
+
+def test_the_mask_filter_has_a_pixel_floor():
+    import numpy as np
+
+    from Generation.TrainGen.core.generation.conditions import MaskFilter
+    one = np.zeros((32, 32))
+    one[3, 3] = 1                                        # 1/1024 of the image passes 0.0005, not 4 pixels
+    assert MaskFilter().reason(one) == "too small"
+    one[3:5, 3:5] = 1
+    assert MaskFilter().reason(one) is None and MaskFilter(enabled=False).reason(np.zeros((8, 8))) is None

@@ -70,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "compile", action="store_true", help="torch.compile the networks")
     add_flag(p, "shard", default=None, metavar="I/N", help="take every N-th index starting at I (SLURM arrays)")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
-    add_flag(p, "min_mask_area", type=float, default=0.0005, help="mask filter: smallest area, fraction of the image")
+    add_flag(p, "min_mask_area", type=float, default=0.0005,
+             help="mask filter: smallest area, fraction of the image (and at least 4 pixels)")
+    add_flag(p, "no_mask_filter", action="store_true",
+             help="accept every generated mask, empty ones included (a smoke test of a young seg model)")
     add_flag(p, "max_mask_area", type=float, default=0.25, help="mask filter: largest area, fraction of the image")
     add_flag(p, "min_components", type=int, default=1, help="mask filter: fewest connected components")
     add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
@@ -171,7 +174,8 @@ def build_job(args, rt):
     job = Job(mode=name, output_dir=Path(args.output_dir), num_images=args.num_images or 0,
               batch_size=args.batch_size, seed=args.seed, image_model=image, seg_model=seg,
               guidance=args.guidance_scale, masks_from=args.masks_from, class_counts=args.class_counts,
-              mask_filter=MaskFilter(args.min_mask_area, args.max_mask_area, args.min_components, args.max_components),
+              mask_filter=MaskFilter(args.min_mask_area, args.max_mask_area, args.min_components, args.max_components,
+                                     not args.no_mask_filter),
               max_attempts=args.max_attempts, output_size=args.output_size, png=args.png,
               progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast,
               anonymize_sources=args.anonymize_sources)

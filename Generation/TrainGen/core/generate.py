@@ -24,7 +24,7 @@ from common.data import MASK_ROLE, fit_square
 from common.errors import UserError
 from common.locks import locked
 from common.splits import anonymous_key
-from Generation.TrainGen.core.generation.conditions import MaskFilter
+from Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
 from Generation.TrainGen.core.generation.copies import CopyCheck
 from Generation.TrainGen.core.generation.models import Model
 from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
@@ -35,6 +35,7 @@ from Generation.TrainGen.core.sampling import sample
 
 
 COPY = "copy of a training image"   # the --reject_copies entry of Job.rejections
+FAIL_FAST = 20                      # masks drawn with none accepted before a chained job stops and says why
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Job:
     device: torch.device = torch.device("cpu")
     autocast: object = None
     rejections: Counter = field(default_factory=Counter)
+    masks_drawn: int = 0                             # generated masks so far, and how many passed the filter
+    masks_accepted: int = 0
     copy_check: CopyCheck | None = None              # --reject_copies
     anonymize_sources: bool = False                  # condition column: hashed subject names, not paths
 
@@ -90,7 +93,8 @@ class Job:
                 "guidance": self.guidance, "seg_sha256": self.chained_seg.sha256 if self.chained_seg else None,
                 "seg_sampler": s.sampler if s else None, "seg_steps": s.steps if s else None,
                 "masks_from": self.masks_from, "class_counts": self.class_counts,
-                "mask_filter": self.mask_filter.__dict__ if s else None, "max_attempts": self.max_attempts,
+                "mask_filter": ({k: v for k, v in self.mask_filter.__dict__.items() if k != "enabled" or not v}
+                                if s else None), "max_attempts": self.max_attempts,
                 "output_size": self.output_size, "png": self.png,
                 **({"reject_copies": self.copy_check.threshold} if self.copy_check else {}),
                 **({"anonymize_sources": True} if self.anonymize_sources else {}),
@@ -192,10 +196,12 @@ def generated_masks(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tenso
         seeds = [sample_seed(job.seed, i, MASK_STREAM, attempts[i]) for i in todo]
         masks = job.seg_model.mode.outputs(draw(job, job.seg_model, seeds, {}))[MASK_ROLE]
         retry = []
+        job.masks_drawn += len(todo)
         for i, m in zip(todo, masks):
             reason = job.mask_filter.reason(m[0].cpu().numpy())
             if reason is None:
                 accepted[i] = m
+                job.masks_accepted += 1
                 continue
             job.rejections[reason] += 1
             why[i][reason] += 1
@@ -205,6 +211,12 @@ def generated_masks(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tenso
                                 f"({', '.join(f'{k} {v}' for k, v in why[i].items())}); loosen --min_mask_area/"
                                 f"--max_mask_area/--min_components/--max_components or raise --max_attempts")
             retry.append(i)
+        if job.masks_accepted == 0 and job.masks_drawn >= FAIL_FAST:
+            counts = {k: v for k, v in job.rejections.items() if k != COPY}
+            raise UserError(f"the first {job.masks_drawn} masks from the seg model were all rejected ("
+                            + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "); "
+                            + "; ".join(f"{k}: {FIX[k]}" for k in counts if k in FIX)
+                            + " (or --no_mask_filter for a smoke test)")
         todo = retry
     return accepted, attempts, why
 

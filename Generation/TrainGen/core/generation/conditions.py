@@ -15,14 +15,22 @@ from common.names import check_name
 from Generation.TrainGen.core.generation.models import Model
 
 
+MIN_MASK_PIXELS = 4       # a tumour smaller than 2x2 pixels is noise at any resolution (0.0005 of 32x32 is 0.5 px)
+FIX = {"empty": "train the seg model longer", "too small": "lower --min_mask_area",
+       "too large": "raise --max_mask_area", "too few components": "lower --min_components",
+       "too many components": "raise --max_components"}
+
+
 @dataclass
 class MaskFilter:
     """Rejects generated masks that are empty or outside component-count and area bounds (area as a fraction
-    of the image or volume; components 8-connected, 26 in 3D)."""
+    of the image or volume, and at least MIN_MASK_PIXELS; components 8-connected, 26 in 3D). enabled=False
+    (--no_mask_filter) accepts every mask, for smoke tests of an untrained model."""
     min_area: float = 0.0005
     max_area: float = 0.25
     min_components: int = 1
     max_components: int = 8
+    enabled: bool = True
 
     def __post_init__(self):
         if not (0 <= self.min_area <= self.max_area <= 1):
@@ -32,11 +40,13 @@ class MaskFilter:
 
     def reason(self, mask: np.ndarray) -> str | None:
         """None when the mask is accepted, else why it is rejected."""
+        if not self.enabled:
+            return None
         mask = np.asarray(mask) > 0.5
         area = float(mask.mean())
         if area == 0:
             return "empty"
-        if area < self.min_area:
+        if area < self.min_area or mask.sum() < MIN_MASK_PIXELS:
             return "too small"
         if area > self.max_area:
             return "too large"
