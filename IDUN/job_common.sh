@@ -19,6 +19,9 @@ JOB_ID="${SLURM_JOB_ID:-local}"
 cd "$REPO"
 
 if [ -n "${DRY_RUN:-}" ]; then
+    for var in MEDGEN_OUTPUT_ROOT MEDGEN_DATA_ROOT; do
+        [ -n "${!var:-}" ] || echo "warning: $var is not set; the command below shows it as \$$var, and a real run would stop (see config/paths.py)" >&2
+    done
     : "${MEDGEN_OUTPUT_ROOT:=\$MEDGEN_OUTPUT_ROOT}" "${MEDGEN_DATA_ROOT:=\$MEDGEN_DATA_ROOT}"
 else
     : "${MEDGEN_OUTPUT_ROOT:?set MEDGEN_OUTPUT_ROOT (output root on the cluster, see config/paths.py)}"

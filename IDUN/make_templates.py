@@ -33,7 +33,7 @@ source "${{MEDGEN_REPO:-${{SLURM_SUBMIT_DIR:-$PWD}}}}/IDUN/job_common.sh"
 """
 
 TRAIN = """RUN_DIR="$MEDGEN_OUTPUT_ROOT/runs/{name}_$JOB_ID"   # the same folder after a requeue (same job id)
-run_training {gpus} "$RUN_DIR" Generation/TrainGen/train.py --config config/bravo_128.yaml --mode {mode} \\
+run_training {gpus} "$RUN_DIR" Generation/TrainGen/train.py --config config/{mode}_128.yaml --mode {mode} \\
     --strategy {strategy} --image_size 128 --compute cluster --run_dir "$RUN_DIR" --resume auto{multi}
 """
 

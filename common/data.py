@@ -111,9 +111,23 @@ LAYOUTS = {
 }
 
 
+def walk_files(root: Path):
+    """Every file below root, symbolic links to folders followed (Path.rglob does not follow them, and a
+    dataset assembled from links must read the same everywhere --check_data accepts it), in sorted order."""
+    import os
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
+
+
+def nifti_files(root: Path) -> list[Path]:
+    return [p for p in walk_files(root) if p.name.endswith(NIFTI_SUFFIXES)]
+
+
 def is_nifti_dataset(root: Path) -> bool:
     """Any NIfTI file below root (else it is read as an image folder)."""
-    return any(p.name.endswith(NIFTI_SUFFIXES) for p in Path(root).rglob("*.nii*"))
+    return any(p.name.endswith(NIFTI_SUFFIXES) for p in walk_files(root))
 
 
 def layout_from_config(data_cfg) -> Layout:

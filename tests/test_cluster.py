@@ -71,7 +71,7 @@ def dry_run(path, **env):
 def test_dry_run_prints_the_exact_training_command(mode, strategy):
     env = {"MEDGEN_OUTPUT_ROOT": "/out", "MEDGEN_DATA_ROOT": "/data", "SLURM_JOB_ID": "77"}
     single = dry_run(SLURM_DIR / f"{strategy}_128_{mode}.slurm", **env)
-    assert single.endswith(f"Generation/TrainGen/train.py --config config/bravo_128.yaml --mode {mode} --strategy "
+    assert single.endswith(f"Generation/TrainGen/train.py --config config/{mode}_128.yaml --mode {mode} --strategy "
                            f"{strategy} --image_size 128 --compute cluster --run_dir /out/runs/{strategy}_128_{mode}_77 "
                            "--resume auto")
     multi = dry_run(SLURM_DIR / f"{strategy}_128_{mode}_multigpu.slurm", **env, SLURM_NNODES="2")
@@ -95,6 +95,18 @@ def test_missing_environment_is_a_clear_error():
     res = subprocess.run(["bash", str(SLURM_DIR / "ddpm_128_seg.slurm")], capture_output=True, text=True, cwd=ROOT,
                          env={**env, "MEDGEN_REPO": str(ROOT)})
     assert res.returncode != 0 and "set MEDGEN_OUTPUT_ROOT" in res.stderr
+    dry = subprocess.run(["bash", str(SLURM_DIR / "ddpm_128_seg.slurm")], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "MEDGEN_REPO": str(ROOT), "DRY_RUN": "1"})
+    assert dry.returncode == 0 and "warning: MEDGEN_OUTPUT_ROOT is not set" in dry.stderr
+    assert "warning: MEDGEN_DATA_ROOT is not set" in dry.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_has_a_preset_of_its_own(mode):
+    from Generation.TrainGen.core.config import build_config, load_yaml
+    cfg = build_config(load_yaml(ROOT / "config" / f"{mode}_128.yaml"))
+    assert cfg.mode.name == mode and cfg.data.image_size == 128
+    assert cfg.data.positive_only == (mode in ("seg", "bravo", "dual"))
 
 
 def wait_for(predicate, timeout=120):

@@ -49,3 +49,25 @@ def test_the_mask_filter_has_a_pixel_floor():
     assert MaskFilter().reason(one) == "too small"
     one[3:5, 3:5] = 1
     assert MaskFilter().reason(one) is None and MaskFilter(enabled=False).reason(np.zeros((8, 8))) is None
+
+
+def test_unconditional_samples_from_a_guidance_model(tiny_models, tmp_path):
+    from tests.conftest import run_script
+    out = tmp_path / "u"
+    res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tiny_models["class"]), "--class_counts",
+                     "none=2", "--num_steps", "2", "--sampler", "ddim", "--output_dir", str(out), "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert len(list((out / "unconditional").glob("*.png"))) == 2
+
+
+def test_symlinked_subject_folders_read_everywhere(demo_root, tmp_path):
+    import os
+
+    from common.data import is_nifti_dataset
+    from eval.obj_eval.core.inputs import load_set
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for subject in sorted((demo_root / "brain" / "val").iterdir()):
+        os.symlink(subject, linked / subject.name)
+    assert is_nifti_dataset(linked)
+    assert len(load_set(linked)) == len(load_set(demo_root / "brain" / "val"))

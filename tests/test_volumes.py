@@ -203,6 +203,7 @@ def test_latent_diffusion_end_to_end(demo_root, tmp_path, dims):
     assert train(cfg) == 0
     state = torch.load(tmp_path / "ld" / "run" / "best.pt", weights_only=False)
     assert state["meta"]["latent_scale"] > 0 and (tmp_path / "ld" / "run" / "samples" / "epoch_0001.png").is_file()
+    assert "latent diffusion: in the latent space of" in (tmp_path / "ld" / "run" / "train.log").read_text()
     # the network works on the 2x smaller latent grid with the autoencoder's 2 channels (+ the mask)
     first = next(v for k, v in state["model"].items() if k.startswith("conv_in") and k.endswith("weight"))
     assert first.shape[1] == 2 + 1

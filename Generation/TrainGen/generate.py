@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "guidance_scale", type=float, default=None, help="class mode: classifier-free guidance scale")
     add_flag(p, "masks_from", default=None, metavar="DIR",
              help="condition on the real masks of this NIfTI dataset (slices with mask voxels) instead of generated ones")
-    add_flag(p, "class_counts", default=None, metavar="NAME=N,...", help="class mode: images per class")
+    add_flag(p, "class_counts", default=None, metavar="NAME=N,...",
+             help="class mode: images per class; none=N draws N unconditional images (the null label)")
     add_flag(p, "balance", default=None, metavar="DATA_DIR",
              help="class mode: generate what each class of this class image folder (its train/ split when it has "
                   "one) or labels CSV lacks to reach the majority count (or --balance_to)")
@@ -188,7 +189,7 @@ def build_job(args, rt):
         plan_classes(job, args, class_paths, image_path, load)
         names = job.class_names()
         if job.class_counts:
-            job.class_plan = parse_class_counts(job.class_counts, names)
+            job.class_plan = parse_class_counts(job.class_counts, names, image.cfg.mode.labels.cfg_dropout > 0)
             if args.num_images and args.num_images != len(job.class_plan):
                 raise UserError(f"--num_images {args.num_images} differs from the {len(job.class_plan)} images "
                                 "--class_counts asks for (leave --num_images out)")
@@ -224,6 +225,10 @@ def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> No
         if model.cfg.data.shape != main.cfg.data.shape:
             raise UserError(f"--class_model {name}={path} makes {shape_text(model.cfg.data.shape)} images, the "
                             f"other model {shape_text(main.cfg.data.shape)}")
+        if model.meta.get("image_channels") != main.meta.get("image_channels"):
+            raise UserError(f"--class_model {name}={path} makes {model.meta.get('image_channels')}-channel images, "
+                            f"the other model {main.meta.get('image_channels')}-channel ones: a set mixing grey and "
+                            "colour images hands a classifier the class for free")
         job.class_models[name] = model
     drawable = set(class_paths) | (set(model_classes(main)) if args.image_model else set())
     if args.balance:

@@ -35,6 +35,7 @@ from Generation.TrainGen.core.sampling import sample
 
 
 COPY = "copy of a training image"   # the --reject_copies entry of Job.rejections
+UNCONDITIONAL = "unconditional"     # the folder of --class_counts none=N samples (the null label, no guidance)
 FAIL_FAST = 20                      # masks drawn with none accepted before a chained job stops and says why
 
 
@@ -114,9 +115,17 @@ class Job:
     def class_names(self) -> list[str]:
         return self.class_list or model_classes(self.image_model)
 
+    def plan_name(self, index: int) -> str:
+        """The class sample `index` is drawn as: a class name, or UNCONDITIONAL (--class_counts none=N)."""
+        names = self.class_names()
+        k = self.class_plan[index]
+        return names[k] if k < len(names) else UNCONDITIONAL
+
     def model_for(self, class_name: str) -> tuple[Model, int]:
         """The model that draws a class (its own --class_model, else the image model) and the class's label
-        id in that model."""
+        id in that model (the null label, num_classes, for unconditional samples)."""
+        if class_name == UNCONDITIONAL:
+            return self.image_model, len(model_classes(self.image_model))
         model = self.class_models.get(class_name, self.image_model)
         return model, model_classes(model).index(class_name)
 
@@ -124,7 +133,7 @@ class Job:
         """[(relative file, the role it holds)] of sample `index`, as the mode declares its output layout."""
         sid = sample_id(index)
         if self.main_mode.writes == "class_folders":
-            return [(f"{self.class_names()[self.class_plan[index]]}/{sid}.png", self.main_mode.generated_roles[0])]
+            return [(f"{self.plan_name(index)}/{sid}.png", self.main_mode.generated_roles[0])]
         out = [(f"{sid}/{r}.nii.gz", r) for r in self.roles()]
         return out + ([(f"{sid}/{r}.png", r) for r in self.roles()] if self.png else [])
 
@@ -227,11 +236,11 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
     info = {i: {"condition": ""} for i in indices}
     outs, cond = {}, {}
     if mode.needs == "label":   # grouped by the model that draws each class; a sample depends on its seed only
-        names, groups = job.class_names(), {}
+        groups = {}
         for k, i in enumerate(indices):
-            model, label = job.model_for(names[job.class_plan[i]])
+            model, label = job.model_for(job.plan_name(i))
             groups.setdefault(id(model), (model, []))[1].append((k, i, label))
-            info[i]["class"] = names[job.class_plan[i]]
+            info[i]["class"] = job.plan_name(i)
             if model is not job.main_model:
                 info[i].update(checkpoint_sha256=model.sha256, strategy=model.strategy.name, sampler=model.sampler,
                                steps=model.steps, guidance=job.guidance_of(model))

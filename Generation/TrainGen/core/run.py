@@ -13,7 +13,8 @@ from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoint
 from Generation.TrainGen.core.config import save_config
 from common.dataset import print_problems
 from Generation.TrainGen.core.datasource import data_source
-from common.errors import UserError, lookup, shape_text
+from common.errors import UserError, grid_text, lookup, shape_text
+from Generation.TrainGen.core.latent import LatentMode, sample_shape
 from common.fileio import remove_stale_tmp
 from common.locks import acquire, release
 from Generation.TrainGen.core.modes import MODES
@@ -237,7 +238,11 @@ def train(cfg) -> int:
                 save_config(tr.cfg, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in tr.net.parameters())
         tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters, "
-                    f"{tr.steps_per_epoch} steps/epoch")
+                    f"{tr.steps_per_epoch} steps/epoch, {tr.total_steps} steps in all")
+        if isinstance(tr.mode, LatentMode):
+            tr.log_line(f"latent diffusion: in the latent space of {tr.mode.ae.path} ({tr.mode.ae.latent_channels} "
+                        f"channels on a {grid_text(sample_shape(cfg, tr.mode))} grid, scale {tr.mode.scale:.4g}); "
+                        "samples are decoded by it")
         _stop_on_sigusr1(tr)
         tr.fit(validate=True)
         return 0

@@ -23,7 +23,7 @@ from PIL import Image
 from config.paths import PathConfig
 from common import imagefolder
 from common.data import DataConfig
-from common.data import NIFTI_SUFFIXES, is_nifti_dataset
+from common.data import NIFTI_SUFFIXES, is_nifti_dataset, nifti_files, walk_files
 from common.dataset import load_folder
 from common.errors import UserError
 from common.splits import anonymous_key
@@ -66,10 +66,10 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
     NIfTI file, or for an image folder the first image inside a class folder (previews at the top are not data)."""
     root = existing_folder(root, what)
     if is_nifti_dataset(root):
-        sizes = [max(nib.load(str(p)).shape[:2]) for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
+        sizes = [max(nib.load(str(p)).shape[:2]) for p in nifti_files(root)]
     else:
         files = imagefolder.images_in(root) if is_flat_image_folder(root) else \
-            [p for p in sorted(root.rglob("*")) if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
+            [p for p in walk_files(root) if p.parent != root and p.suffix.lower() in imagefolder.IMAGE_SUFFIXES]
         sizes = [max(Image.open(p).size) for p in files]
     if not sizes:
         raise UserError(f"{root}: no NIfTI or image files found")
@@ -82,7 +82,7 @@ def native_size(root: Path, what: str = "--synthetic-dir") -> int:
 def native_volume_shape(root: Path, what: str = "--synthetic-dir") -> list[int]:
     """[H, W, D] of a NIfTI dataset's first volume in the loaders' slice order (data.volume_shape's order)."""
     root = existing_folder(root, what)
-    files = [p for p in sorted(root.rglob("*.nii*")) if p.name.endswith(NIFTI_SUFFIXES)]
+    files = nifti_files(root)
     if not files:
         raise UserError(f"{what} {root}: volumes are evaluated from NIfTI files and this folder holds none")
     x, y, *z = nib.load(str(files[0])).shape

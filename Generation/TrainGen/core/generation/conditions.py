@@ -58,14 +58,22 @@ class MaskFilter:
         return None
 
 
-def parse_class_counts(text: str, class_names: list[str]) -> list[int]:
-    """'melanoma=5900,nevus=100' -> the class id of every index, classes in the order given."""
+def parse_class_counts(text: str, class_names: list[str], unconditional_ok: bool = True) -> list[int]:
+    """'melanoma=5900,nevus=100' -> the class id of every index, classes in the order given; 'none=N' asks for N
+    unconditional samples (the null label, id len(class_names)), which needs a model trained with label
+    dropout."""
     plan = []
     for item in text.split(","):
         name, sep, count = item.strip().partition("=")
         if not sep or not count.strip().isdigit():
             raise UserError(f"--class_counts: expected name=count, got {item.strip()!r}")
         check_name(name, "--class_counts")
+        if name == "none" and "none" not in class_names:
+            if not unconditional_ok:
+                raise UserError("--class_counts none: the model was trained without label dropout "
+                                "(mode.labels.cfg_dropout 0), so it has no unconditional prediction")
+            plan += [len(class_names)] * int(count)
+            continue
         if name not in class_names:
             raise UserError(f"--class_counts: unknown class {name!r} (the model knows: {', '.join(class_names)})")
         plan += [class_names.index(name)] * int(count)
