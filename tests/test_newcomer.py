@@ -71,3 +71,11 @@ def test_symlinked_subject_folders_read_everywhere(demo_root, tmp_path):
         os.symlink(subject, linked / subject.name)
     assert is_nifti_dataset(linked)
     assert len(load_set(linked)) == len(load_set(demo_root / "brain" / "val"))
+
+
+def test_generation_says_when_it_samples_unlike_the_validation_grids(tiny_models, tmp_path):
+    from tests.conftest import run_script
+    res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tiny_models["class"]), "--num_images",
+                     "1", "--num_steps", "2", "--sampler", "ddim", "--output_dir", str(tmp_path / "o"), "--device", "cpu")
+    assert res.returncode == 0 and "its validation grids were drawn with ddpm-" in res.stdout
+    assert "this run samples with ddim-2" in res.stdout

@@ -146,6 +146,10 @@ def build_job(args, rt):
             raise UserError(f"--seg_model {seg.path} was trained for mode {seg.meta['mode']!r}, not seg "
                             "(a model of unconditional masks)")
     main = image or seg
+    for m in (image, seg):
+        note = sampler_note(m)
+        if note:
+            print(f"note: {note}")
     if args.mode and args.mode != main.meta["mode"]:
         raise UserError(f"--mode {args.mode} needs --image_model RUN (--seg_model {main.path} makes "
                         f"{main.meta['mode']!r} masks)")
@@ -208,6 +212,20 @@ def build_job(args, rt):
               f"of {job.copy_check.n_heldout} validation images' distances to {job.copy_check.n_train} training "
               "images; moves of up to 2 px and mirroring count as copies)")
     return job
+
+
+def sampler_note(model) -> str | None:
+    """A line when this generation samples differently from the run's validation grids (which use the run's
+    configured sampler and steps): a young model can look sharp in its grid and noisy under a fast sampler."""
+    if model is None:
+        return None
+    grid = model.strategy.check_sampler(model.cfg.strategy.sampler)
+    grid_steps = model.cfg.strategy.sample_steps or model.strategy.default_steps[grid]
+    if (grid, grid_steps) == (model.sampler, model.steps):
+        return None
+    return (f"{model.path}: its validation grids were drawn with {grid}-{grid_steps}, this run samples with "
+            f"{model.sampler}-{model.steps}; a briefly trained model can look much worse with fewer steps "
+            f"(--sampler {grid} --num_steps {grid_steps} reproduces the grids)")
 
 
 def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> None:
