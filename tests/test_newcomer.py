@@ -79,3 +79,25 @@ def test_generation_says_when_it_samples_unlike_the_validation_grids(tiny_models
                      "1", "--num_steps", "2", "--sampler", "ddim", "--output_dir", str(tmp_path / "o"), "--device", "cpu")
     assert res.returncode == 0 and "its validation grids were drawn with ddpm-" in res.stdout
     assert "this run samples with ddim-2" in res.stdout
+
+
+def test_fine_tuning_a_class_run_onto_a_subset_and_a_new_class(tiny_models, demo_root, tmp_path):
+    import shutil
+
+    from tests.conftest import run_script
+    data = tmp_path / "lesions"
+    shutil.copytree(demo_root / "lesions" / "nevus", data / "nevus")
+    shutil.copytree(demo_root / "lesions" / "melanoma", data / "other")          # a class the source never saw
+    run = tmp_path / "ft"
+    res = run_script("Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode", "class", "--data_dir",
+                     str(data), "--init_from", str(tiny_models["class"]), "--max_steps", "1", "--run_dir", str(run),
+                     env={"MEDGEN_CACHE": str(tmp_path / "c")})
+    assert res.returncode == 0, res.stderr[-1500:]
+    log = (run / "train.log").read_text()
+    assert "class embedding mapped by name: kept nevus; new other, starting from the unconditional embedding" in log
+    assert "dropped melanoma, vascular" in log
+    bad = tmp_path / "bad"                             # a seg run's weights do not fit a class network
+    res = run_script("Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode", "class", "--data_dir",
+                     str(data), "--init_from", str(tiny_models["seg"]), "--max_steps", "1", "--run_dir", str(bad),
+                     env={"MEDGEN_CACHE": str(tmp_path / "c")})
+    assert res.returncode == 2 and "incompatible architecture" in res.stderr and not bad.exists()

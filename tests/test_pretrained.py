@@ -38,7 +38,7 @@ def our_net(root, mode_name, num_classes=None, image_channels=None):
     net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds)
     folder = pretrained.read_folder(root)
     net.unet.load_state_dict(pretrained.adapt_state(pretrained.read_weights(folder), net.unet.state_dict(),
-                                                    mode.out_channels))
+                                                    mode.out_channels)[0])
     return net.eval(), cfg
 
 

@@ -193,10 +193,18 @@ def apply_to_config(cfg, folder: DiffusersFolder) -> tuple[object, list[str]]:
 
 
 def adapt_state(pretrained: dict[str, torch.Tensor], target: dict[str, torch.Tensor], image_channels: int,
-                flag: str = "--init_from") -> dict[str, torch.Tensor]:
+                flag: str = "--init_from") -> tuple[dict[str, torch.Tensor], list[str]]:
     """The pretrained state dict shaped like `target` (our UNet2DModel's): conv_in / conv_out adapted to the
     image and condition channels, a class embedding the pretrained model lacks zero-initialised."""
-    out = dict(pretrained)
+    out, notes = dict(pretrained), []
+    have, want = pretrained["conv_in.weight"].shape[1], target["conv_in.weight"].shape[1]
+    if have != image_channels:
+        notes.append(f"conv_in: the {have} pretrained input channel(s) summed into {image_channels} image channel(s)")
+    if want > image_channels:
+        notes.append(f"conv_in: {want - image_channels} condition channel(s) added, zero-initialised")
+    if pretrained["conv_out.weight"].shape[0] != target["conv_out.weight"].shape[0]:
+        notes.append(f"conv_out: {pretrained['conv_out.weight'].shape[0]} output channel(s) averaged into "
+                     f"{target['conv_out.weight'].shape[0]}")
     out["conv_in.weight"] = torch.zeros_like(target["conv_in.weight"])   # condition channels stay at zero
     out["conv_in.weight"][:, :image_channels] = _map_channels(pretrained["conv_in.weight"], 1, image_channels, "sum",
                                                               flag)
@@ -205,6 +213,7 @@ def adapt_state(pretrained: dict[str, torch.Tensor], target: dict[str, torch.Ten
     for k, v in target.items():
         if k not in out and k.startswith("class_embedding."):
             out[k] = torch.zeros_like(v)
+            notes.append(f"{k}: new, zero-initialised (the pretrained model has no class labels)")
     missing = sorted(set(target) - set(out))
     unexpected = sorted(set(out) - set(target))
     if missing or unexpected:
@@ -214,7 +223,7 @@ def adapt_state(pretrained: dict[str, torch.Tensor], target: dict[str, torch.Ten
     if bad:
         raise UserError(f"{flag}: weight {bad[0]} has shape {tuple(out[bad[0]].shape)}, the model needs "
                         f"{tuple(target[bad[0]].shape)}")
-    return out
+    return out, notes
 
 
 def _map_channels(w: torch.Tensor, dim: int, n: int, how: str, flag: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from Generation.TrainGen.core.modes import MODES
 from Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from Generation.TrainGen.core.strategies import STRATEGIES
 from Generation.TrainGen.core.runtime import init_runtime, shutdown
-from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts
+from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts, load_init_weights
 
 
 class RunLogger:
@@ -223,12 +223,17 @@ def train(cfg) -> int:
             cfg = auto_batch_size(cfg, rt, parts)
         run_dir = resolve_run_dir(cfg, rt)
         resume = resume_path(cfg, run_dir)
+        init_notes = []
+        if resume is None and cfg.runtime.init_from:   # weights accepted before the run folder is made
+            init_notes = load_init_weights(parts.net, parts.mode, cfg.runtime.init_from, parts.meta)
         logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
         tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger, parts)
         if resume is not None:
             tr.resume(resume)
-        elif cfg.runtime.init_from:
-            tr.init_weights(cfg.runtime.init_from)
+        elif init_notes:
+            tr.sync_ema()
+            for note in init_notes:
+                tr.log_line(note)
         if cfg.optim.find_lr and resume is None:
             lr = tr.find_lr()
             if not cfg.optim.find_lr_then_train:

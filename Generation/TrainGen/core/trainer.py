@@ -117,6 +117,50 @@ def build_run_parts(cfg, train_data, device) -> RunParts:
     return RunParts(strategy, mode, net, meta)
 
 
+def load_init_weights(net, mode, path, meta: dict) -> list[str]:
+    """--init_from: weights (EMA when present) of another run, or a diffusers UNet2DModel folder (channels
+    adapted, core/pretrained.py), loaded into net; returns one log line per adaptation. A class run's label
+    embedding is mapped by class name onto this run's classes (a subset, or new classes, which start from the
+    source's unconditional embedding); any other difference in architecture is refused."""
+    from Generation.TrainGen.core import pretrained
+    notes = []
+    try:
+        if pretrained.is_diffusers_folder(path):
+            folder = pretrained.read_folder(path)
+            state, notes = pretrained.adapt_state(pretrained.read_weights(folder), net.unet.state_dict(),
+                                                  mode.out_channels)
+            net.unet.load_state_dict(state)
+        else:
+            ckpt = load_checkpoint(path)
+            state = model_weights(ckpt)
+            notes = map_class_embedding(state, net.state_dict(), ckpt.get("meta", {}).get("class_names") or [],
+                                        meta.get("class_names") or [])
+            net.load_state_dict(state)
+    except RuntimeError as err:
+        first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
+        raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None
+    return notes + [f"initialised weights from {path}"]
+
+
+def map_class_embedding(state: dict, target: dict, source_classes: list[str], classes: list[str]) -> list[str]:
+    """Rewrite state's label-embedding rows (in place) for this run's classes, by name: a class the source knew
+    keeps its row, a new class starts from the source's null (unconditional) row, the null row stays last."""
+    keys = [k for k in target if k.endswith("class_embedding.weight") and k in state]
+    if not keys or not source_classes or source_classes == classes:
+        return []
+    for k in keys:
+        src = state[k]
+        null = src[len(source_classes)]
+        state[k] = torch.stack([src[source_classes.index(c)] if c in source_classes else null for c in classes]
+                               + [null])
+    kept = [c for c in classes if c in source_classes]
+    new = [c for c in classes if c not in source_classes]
+    dropped = [c for c in source_classes if c not in classes]
+    return [f"class embedding mapped by name: kept {', '.join(kept) or 'none'}"
+            + (f"; new {', '.join(new)}, starting from the unconditional embedding" if new else "")
+            + (f"; dropped {', '.join(dropped)}" if dropped else "")]
+
+
 class DiffusionTrainer:
     def __init__(self, cfg, rt, train_data, val_data=None, run_dir: Path | None = None, logger=None,
                  parts: RunParts | None = None):
@@ -467,20 +511,13 @@ class DiffusionTrainer:
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def init_weights(self, path) -> None:
-        """--init_from: weights (EMA when present) of another run, or a diffusers UNet2DModel folder (channels
-        adapted, core/pretrained.py); a different architecture is refused."""
-        from Generation.TrainGen.core import pretrained
-        try:
-            if pretrained.is_diffusers_folder(path):
-                folder = pretrained.read_folder(path)
-                state = pretrained.adapt_state(pretrained.read_weights(folder), self.net.unet.state_dict(),
-                                               self.mode.out_channels)
-                self.net.unet.load_state_dict(state)
-            else:
-                self.net.load_state_dict(model_weights(load_checkpoint(path)))
-        except RuntimeError as err:
-            first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
-            raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None
+        """--init_from into this trainer's network (train.py loads them before the run folder exists, with
+        load_init_weights, and logs the notes once the run's log is open)."""
+        for note in load_init_weights(self.net, self.mode, path, self.meta):
+            self.log_line(note)
+        self.sync_ema()
+
+    def sync_ema(self) -> None:
+        """The EMA copy equal to the network (after weights were loaded into it)."""
         if self.ema is not None:
             self.ema.ema_model.load_state_dict(self.net.state_dict())
-        self.log_line(f"initialised weights from {path}")
