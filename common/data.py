@@ -351,6 +351,22 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
 
+def unfit_square(x: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tensor:
+    """The inverse of fit_square with crop = the shorter side (how image folders are read): (C, s, s) at the
+    model's size back to the input's (C, H, W), resized to the crop and placed where it was cut; the rest of
+    the image (outside the centred square) is zero."""
+    h, w = shape
+    crop = min(h, w)
+    top, left = (h - crop) // 2, (w - crop) // 2
+    if x.shape[-1] != crop:
+        x = (F.interpolate(x[None], size=(crop, crop), mode="nearest-exact") if mode == "nearest" else
+             F.interpolate(x[None], size=(crop, crop), mode="bilinear", align_corners=False,
+                           antialias=x.shape[-1] > crop))[0]
+    out = x.new_zeros((x.shape[0], h, w))
+    out[:, top:top + crop, left:left + crop] = x
+    return out
+
+
 def fit_volume(x: torch.Tensor, shape: tuple[int, int, int], crop: int | None, mode: str) -> torch.Tensor:
     """(N, C, D, H, W): centre crop in-plane to `crop`, zero-pad in-plane to a square, then per axis zero-pad up to
     `shape` (D, H, W) and downsample what is larger (area for images, nearest for masks)."""

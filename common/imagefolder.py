@@ -261,4 +261,5 @@ def load_pairs(items: list[tuple[Path, Path | None]], size: int) -> tuple[dict, 
     masks = [image_tensor(m, False, size, mask=True) for _, m, _ in decoded] if has_masks else None
     return {"images": torch.stack(images) if images else torch.zeros(0, 3 if rgb else 1, size, size),
             "masks": (torch.stack(masks).to(torch.uint8) if masks else None),
-            "files": [str(p) for _, _, p in decoded]}, problems
+            "files": [str(p) for _, _, p in decoded],
+            "sizes": [(img.height, img.width) for img, _, _ in decoded]}, problems

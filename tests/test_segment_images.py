@@ -78,10 +78,16 @@ def test_images_without_masks_and_bad_input(png_model, tmp_path):
     flat.mkdir()
     for i in range(2):
         Image.fromarray(np.full((20, 20), 60 + i, np.uint8)).save(flat / f"x{i}.png")
+    Image.fromarray(np.full((48, 40), 90, np.uint8)).save(flat / "wide.png")   # not the model's size, not square
     out = tmp_path / "o"
     assert generate_main(["--image_model", str(png_model), "--images_from", str(flat), "--num_steps", "3",
                           "--output_dir", str(out), "--device", "cpu"]) == 0
     assert "dice_mean" not in json.loads((out / "segmentation.json").read_text())
+    for name, size in (("x0", (20, 20)), ("wide", (40, 48))):       # PIL sizes are (W, H)
+        for folder in ("masks", "mean", "uncertainty"):
+            assert Image.open(out / folder / f"{name}.png").size == size   # at the input's geometry
+    outside = np.asarray(Image.open(out / "mean" / "wide.png"))
+    assert not outside[:4].any() and not outside[-4:].any()           # outside the centred square: nothing
     rgb = disk_pairs(tmp_path / "rgb", 2, rgb=True)
     with pytest.raises(UserError, match="3-channel images; the model was trained on 1-channel"):
         generate_main(["--image_model", str(png_model), "--images_from", str(rgb), "--output_dir",

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common import data as nifti
 from common import imagefolder
+from common.data import unfit_square
 from common.errors import UserError
 from common.fileio import atomic_write, atomic_write_text
 from common.locks import locked
@@ -48,6 +49,7 @@ class ImageSet:
     masks: torch.Tensor | None      # (N, 1, H, W) {0, 1} ground truth, when the folder has it
     sources: list[str]             # '<subject>#slice<k>' or the image file
     nifti: bool
+    sizes: list[tuple[int, int]] | None = None   # image files: each one's (H, W), where its masks are written
 
 
 def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
@@ -80,7 +82,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         raise UserError(f"{len(problems)} problem(s) in {root} (use --skip_bad to leave those images out):\n  "
                         + "\n  ".join(map(str, problems)))
     masks = tensors["masks"].float() if tensors["masks"] is not None else None
-    return ImageSet(tensors["images"].float(), masks, tensors["files"], False)
+    return ImageSet(tensors["images"].float(), masks, tensors["files"], False, tensors["sizes"])
 
 
 def _files(images: ImageSet, index: int) -> dict[str, str]:
@@ -128,9 +130,12 @@ def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size:
             mask = (mean[k] > 0.5).float()
             files = _files(images, i)
             spacing = model.meta.get("spacing")
-            _write(out, files["seg"], mask.numpy(), True, spacing)
-            _write(out, files["seg_mean"], mean[k].numpy(), False, spacing)
-            _write(out, files["seg_std"], (2 * std[k]).clamp(0, 1).numpy(), False, spacing)  # std <= 0.5: to [0, 1]
+            back = (lambda x, how: x) if images.sizes is None else \
+                (lambda x, how, i=i: unfit_square(x, images.sizes[i], how))   # PNGs at the input's own size
+            _write(out, files["seg"], back(mask, "nearest").numpy(), True, spacing)
+            _write(out, files["seg_mean"], back(mean[k], "bilinear").numpy(), False, spacing)
+            _write(out, files["seg_std"], back((2 * std[k]).clamp(0, 1), "bilinear").numpy(), False,
+                   spacing)  # std <= 0.5: to [0, 1]
             row = {"index": i, "source": images.sources[i], "seed": seed, "ensemble": ensemble,
                    "sampler": model.sampler, "steps": model.steps, "checkpoint_sha256": model.sha256,
                    "mask_area": float(mask.mean()), "dice": "", "iou": "", "files": ";".join(files.values())}
