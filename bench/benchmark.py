@@ -303,7 +303,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
                        "ours_step": lambda: tr.train_step([fixed_batch]), "base": base_step, "ours": our_step},
                       n_warm, n_steps, sync)
     base_step_s, ours_step_s, base_s, ours_s = sec["base_step"], sec["ours_step"], sec["base"], sec["ours"]
-    del loader, it
+    it = None                                        # the loader's workers stop with the iterator
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
 
     # ---- FLOPs, MFU, data path

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import stats
 
 from common.errors import UserError
-from common.neighbours import CopyIndex, order_threshold
+from common.neighbours import order_threshold
 from common.splits import digest
 from eval.obj_eval.core import metrics as M
 from eval.obj_eval.utility import audit, data, report, scores, study

@@ -98,7 +98,7 @@ def find_batch_size(cfg, rt, parts) -> int:
     largest = with_margin(largest_fitting(fits, start=max(8, cfg.optim.batch_size)))
     found = min(largest, plateau_batch({n: r for n, r in rates.items() if n <= largest} or {largest: 1.0}))
     net.load_state_dict(saved)
-    del opt, saved
+    opt.state.clear()                                 # the probe's AdamW moments
     torch.cuda.empty_cache()
     value = torch.tensor([found], device=rt.device)
     if rt.distributed:

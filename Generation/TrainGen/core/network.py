@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from common.errors import UserError
+
 # name -> channels, attention_levels, num_res_blocks, norm_num_groups, num_head_channels
 PRESETS = {
     "tiny": ((16, 32, 32), (False, False, True), 1, 8, 16),          # 0.28M params: tests, demo, CPU
@@ -21,7 +23,6 @@ PRESETS = {
 def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None,
                flash_attention: bool = True, spatial_dims: int = 2):
     """The preset's UNet; flash_attention=False (attention matrix materialised) only for the benchmark baseline."""
-    from common.errors import UserError
     channels, attention, res_blocks, groups, heads = PRESETS[model_cfg.preset]
     channels = tuple(model_cfg.channels or channels)
     if model_cfg.attention_levels is not None:

@@ -23,7 +23,7 @@ from PIL import Image
 from config.paths import PathConfig
 from common import imagefolder
 from common.data import DataConfig
-from common.data import NIFTI_SUFFIXES, is_nifti_dataset, nifti_files, walk_files
+from common.data import is_nifti_dataset, nifti_files, walk_files
 from common.dataset import load_folder
 from common.errors import UserError
 from common.splits import anonymous_key
