@@ -164,7 +164,8 @@ def test_run_evaluation_end_to_end(paired_set, demo_root, weights, tmp_path):
     names = {r["metric"]: r for r in result["metrics"]}
     assert set(names) == {"fid_inception", "fid_radimagenet", "kid_inception", "kid_radimagenet", "mae", "psnr",
                           "ms_ssim_quality", "lpips_quality", "ms_ssim_diversity", "lpips_diversity"}
-    assert names["kid_inception"]["se"] > 0 and names["kid_inception"]["n"] == names["fid_inception"]["n"]
+    kid = names["kid_inception"]       # random Inception weights map these images to nearly one point: KID ~ 0
+    assert kid["se"] is not None and kid["se"] >= 0 and kid["n"] == names["fid_inception"]["n"], kid
     for r in names.values():
         assert r.get("available", True), r
         assert r["n"] and r["method"] and r["value"] is not None and np.isfinite(r["value"])
