@@ -154,9 +154,10 @@ def running_training(demo_root, tmp_path):
                             env={**os.environ, "MEDGEN_CACHE": str(tmp_path / "c"), "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 90
-        while not (run_dir / ".lock").is_file() and proc.poll() is None and time.time() < deadline:
+        started = lambda: (run_dir / ".lock").is_file() and (run_dir / "train.log").is_file()  # noqa: E731
+        while not started() and proc.poll() is None and time.time() < deadline:   # lock, config, then the log
             time.sleep(0.2)
-        assert (run_dir / ".lock").is_file(), proc.stderr.read() if proc.poll() is not None else "no lock in 90 s"
+        assert started(), proc.stderr.read() if proc.poll() is not None else "no lock and log in 90 s"
         yield run_dir, proc
     finally:
         try:
