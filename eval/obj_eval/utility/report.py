@@ -34,7 +34,7 @@ def _what(row: dict) -> str:
             f"training on {row['synthetic']} alone")
 
 
-def comparison(row: dict, label: str, primary: str, unit: str) -> str:
+def comparison(row: dict, label: str, primary: str) -> str:
     """One recipe's verdict in words: not assessable (with the counts), a difference distinguishable from
     zero, or one that is not, with the difference this study could have detected."""
     vs, where = row["vs_real"], _pct(row["real_fraction"])
@@ -57,7 +57,7 @@ def verdict(study: dict) -> str:
     """The plain-language paragraph at the top of the report."""
     primary, label = study["primary"], LABELS.get(study["primary"], study["primary"])
     unit = study["unit"]
-    lines = [comparison(row, label, primary, unit) for row in study["rows"] if row.get("vs_real")]
+    lines = [comparison(row, label, primary) for row in study["rows"] if row.get("vs_real")]
     n_seeds = len(study["rows"][0]["seeds"]) if study["rows"] else 0
     text = ("; ".join(lines) + ". ") if lines else "Only the real recipe was trained. "
     text = text[0].upper() + text[1:]
