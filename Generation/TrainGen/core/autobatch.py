@@ -2,7 +2,8 @@
 (bf16 autocast, channels_last, the same UNet, AdamW state included): the largest that fits, less 10% for
 fragmentation and the validation pass, and no larger than where throughput stops growing (plateau_batch).
 The learning rate is not changed: optim.lr was chosen for optim.batch_size, and for Adam-family optimizers
-the usual rule when the batch grows by a factor k is lr x sqrt(k) (train.py prints the factor). Probes run eager: torch.compile would recompile for every probed size,
+the usual rule when the batch grows by a factor k is lr x sqrt(k) (train.py prints the factor).
+Probes run eager: torch.compile would recompile for every probed size,
 and a compiled step needs less memory than an eager one, so the eager limit is the safe side."""
 from __future__ import annotations
 

@@ -20,6 +20,10 @@ from common.errors import UserError, require as _check
 from common.fileio import atomic_write_text
 
 
+MAX_TIMESTEPS = 100_000      # published schedules use 1000; far more is a typo that would allocate first
+MAX_CHANNELS = 8192          # per UNet level; the widest published diffusion UNets use 1280-2048
+
+
 @dataclass
 class ModelConfig:
     preset: Literal["tiny", "small", "base128", "base256"] = "base128"  # see core/network.py
@@ -37,10 +41,6 @@ class ModelConfig:
                f"model.channels must be positive and at most {MAX_CHANNELS} per level, got {self.channels}")
         _check(self.num_res_blocks is None or 1 <= self.num_res_blocks <= 64,
                f"model.num_res_blocks must be in [1, 64], got {self.num_res_blocks}")
-
-
-MAX_TIMESTEPS = 100_000
-MAX_CHANNELS = 8192
 
 
 @dataclass

@@ -41,28 +41,34 @@ def _registries() -> dict[str, tuple[dict, type]]:
     return {"MODES": (MODES, Mode), "STRATEGIES": (STRATEGIES, Strategy)}
 
 
-def check_registrations(raw: str, module, before: dict[str, dict]) -> None:
-    """What a plugin registered: classes of the right kind, and no replaced entry (a built-in mode or another
-    plugin's) unless the plugin names it in OVERRIDES = {"bravo", ...}."""
+def registration_problem(module, before: dict[str, dict]) -> str | None:
+    """What is wrong with what a plugin registered, or None: every entry a class of the right kind, and no
+    replaced entry (a built-in mode or another plugin's) unless the plugin names it in OVERRIDES = {"bravo"}."""
     allowed = set(getattr(module, "OVERRIDES", ()) or ())
     for reg_name, (registry, base) in _registries().items():
+        old = before[reg_name]
         for key, value in registry.items():
-            if key in before[reg_name] and before[reg_name][key] is value:
+            if old.get(key) is value:
                 continue
             if not (isinstance(value, type) and issubclass(value, base)):
-                registry.clear()
-                registry.update(before[reg_name])
-                raise UserError(f"--plugin {raw}: {reg_name}[{key!r}] = {value!r} is not a {base.__name__} subclass")
-            if key in before[reg_name] and key not in allowed:
-                registry.clear()
-                registry.update(before[reg_name])
-                raise UserError(f"--plugin {raw}: {reg_name}[{key!r}] is already registered "
-                                f"({before[reg_name][key].__module__}.{before[reg_name][key].__name__}); choose "
-                                f"another name, or set OVERRIDES = {{{key!r}}} in the plugin to replace it on purpose")
-        for key in before[reg_name]:
-            if key not in registry:
-                registry.update(before[reg_name])
-                raise UserError(f"--plugin {raw}: removed {reg_name}[{key!r}]")
+                return f"{reg_name}[{key!r}] = {value!r} is not a {base.__name__} subclass"
+            if key in old and key not in allowed:
+                return (f"{reg_name}[{key!r}] is already registered ({old[key].__module__}.{old[key].__name__}); "
+                        f"choose another name, or set OVERRIDES = {{{key!r}}} in the plugin to replace it on purpose")
+        removed = [key for key in old if key not in registry]
+        if removed:
+            return f"removed {reg_name}[{removed[0]!r}]"
+    return None
+
+
+def check_registrations(raw: str, module, before: dict[str, dict]) -> None:
+    """Refuse a plugin's registrations (registration_problem), putting the registries back as they were."""
+    problem = registration_problem(module, before)
+    if problem:
+        for reg_name, (registry, _) in _registries().items():
+            registry.clear()
+            registry.update(before[reg_name])
+        raise UserError(f"--plugin {raw}: {problem}")
 
 
 def load_plugins(paths: list[str]) -> None:

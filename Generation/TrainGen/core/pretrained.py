@@ -23,6 +23,7 @@ import torch
 
 from common.errors import UserError
 from common.fileio import safe_load
+from Generation.TrainGen.core.config import MAX_CHANNELS
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MONAI_LINEAR = (1e-4, 2e-2)          # MONAI DDPMScheduler's linear_beta range, which the ddpm strategy uses
@@ -75,7 +76,6 @@ def read_folder(path, flag: str = "--init_from") -> DiffusersFolder:
     return DiffusersFolder(root, unet_dir, weights, config, scheduler)
 
 
-MAX_CHANNELS = 8192           # the widest published diffusion UNets use 1280-2048 channels per level
 MAX_PARAMETERS = 4e9          # convolution weights a config may imply before nothing is allocated
 
 

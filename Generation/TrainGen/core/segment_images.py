@@ -93,6 +93,11 @@ def _files(images: ImageSet, index: int) -> dict[str, str]:
     return {"seg": f"masks/{stem}.png", "seg_mean": f"mean/{stem}.png", "seg_std": f"uncertainty/{stem}.png"}
 
 
+def at_input(images: ImageSet, index: int, x: torch.Tensor, how: str) -> torch.Tensor:
+    """An output at the model's size, back at its image file's own size (NIfTI slices stay on the model grid)."""
+    return x if images.sizes is None else unfit_square(x, images.sizes[index], how)
+
+
 def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool, spacing=None) -> None:
     from Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
     data = nifti_bytes(array[0], is_mask, spacing) if rel.endswith(".nii.gz") else png_bytes(array)
@@ -130,11 +135,9 @@ def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size:
             mask = (mean[k] > 0.5).float()
             files = _files(images, i)
             spacing = model.meta.get("spacing")
-            back = (lambda x, how: x) if images.sizes is None else \
-                (lambda x, how, i=i: unfit_square(x, images.sizes[i], how))   # PNGs at the input's own size
-            _write(out, files["seg"], back(mask, "nearest").numpy(), True, spacing)
-            _write(out, files["seg_mean"], back(mean[k], "bilinear").numpy(), False, spacing)
-            _write(out, files["seg_std"], back((2 * std[k]).clamp(0, 1), "bilinear").numpy(), False,
+            _write(out, files["seg"], at_input(images, i, mask, "nearest").numpy(), True, spacing)
+            _write(out, files["seg_mean"], at_input(images, i, mean[k], "bilinear").numpy(), False, spacing)
+            _write(out, files["seg_std"], at_input(images, i, (2 * std[k]).clamp(0, 1), "bilinear").numpy(), False,
                    spacing)  # std <= 0.5: to [0, 1]
             row = {"index": i, "source": images.sources[i], "seed": seed, "ensemble": ensemble,
                    "sampler": model.sampler, "steps": model.steps, "checkpoint_sha256": model.sha256,

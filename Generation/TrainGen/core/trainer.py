@@ -510,13 +510,6 @@ class DiffusionTrainer:
             self.mode.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
-    def init_weights(self, path) -> None:
-        """--init_from into this trainer's network (train.py loads them before the run folder exists, with
-        load_init_weights, and logs the notes once the run's log is open)."""
-        for note in load_init_weights(self.net, self.mode, path, self.meta):
-            self.log_line(note)
-        self.sync_ema()
-
     def sync_ema(self) -> None:
         """The EMA copy equal to the network (after weights were loaded into it)."""
         if self.ema is not None:

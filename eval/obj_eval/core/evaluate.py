@@ -148,19 +148,12 @@ def fid_records(o: Options, synth: EvalSet, real: EvalSet, device) -> list[dict]
             kids = [r["kid"] for r in planes]
             if all(k["value"] is not None for k in kids):
                 se = float(np.mean([k["se"] for k in kids])) if all(k["se"] is not None for k in kids) else None
-                out.append(kid_record(f"kid_{kind}_2.5d", {"value": float(np.mean([k["value"] for k in kids])),
+                out.append(M.kid_record(f"kid_{kind}_2.5d", {"value": float(np.mean([k["value"] for k in kids])),
                                                           "se": se, "n": planes[0]["n"]},
                                       {"feature_network": kind, "what": what.format("KIDs"),
                                        "se": "mean of the planes' standard errors (the planes share volumes: "
                                              "the bound for fully dependent planes)"}))
     return out
-
-
-def kid_record(name: str, kid: dict, method: dict) -> dict:
-    se = kid.get("se")
-    ci = [kid["value"] - 1.96 * se, kid["value"] + 1.96 * se] if se is not None else None
-    return {"metric": name, "value": kid["value"], "se": se, "ci95": ci, "n": kid["n"],
-            "method": {**method, "ci": "value +- 1.96 standard errors" if ci else "none"}}
 
 
 def with_kid(rec: dict) -> list[dict]:
@@ -169,7 +162,7 @@ def with_kid(rec: dict) -> list[dict]:
     if not kid or kid.get("value") is None:
         return [rec]
     name = "kid" + rec["metric"][3:]
-    return [rec, kid_record(name, {**kid, "n": rec["n"]}, {"feature_network": rec["method"]["feature_network"],
+    return [rec, M.kid_record(name, {**kid, "n": rec["n"]}, {"feature_network": rec["method"]["feature_network"],
                                                            "estimator": kid.get("method")})]
 
 

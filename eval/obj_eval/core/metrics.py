@@ -95,14 +95,19 @@ def frechet_from_samples(real: np.ndarray, synthetic: np.ndarray) -> float:
     return float(diff @ diff + np.square(a1).sum() / n1 + np.square(a2).sum() / n2 - 2 * tr_sqrt)
 
 
-def cluster_resample(rng, groups: np.ndarray | None, n: int) -> np.ndarray:
-    """Row indices of one bootstrap resample: n rows with replacement, or, with groups (the unit of each row:
-    its volume), whole units with replacement, all rows of each drawn unit together."""
-    if groups is None:
+def unit_members(groups) -> list[np.ndarray]:
+    """The row indices of each unit (a volume's slices, a subject's images), units in sorted order."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+
+
+def cluster_resample(rng, members: list[np.ndarray] | None, n: int) -> np.ndarray:
+    """Row indices of one bootstrap resample: n rows with replacement, or, with members (unit_members: the
+    rows of each unit), whole units with replacement, all rows of each drawn unit together."""
+    if members is None:
         return rng.integers(0, n, n)
-    names, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == u) for u in range(len(names))]
-    return np.concatenate([members[u] for u in rng.integers(0, len(names), len(names))])
+    return np.concatenate([members[u] for u in rng.integers(0, len(members), len(members))])
 
 
 def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0,
@@ -110,7 +115,7 @@ def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50,
     """FID with a bootstrap interval; sets smaller than the feature dimension take the exact sample form
     (frechet_from_samples), which is many times faster there. `groups`: the unit of each synthetic row (the
     volume of a slice); units are resampled whole, since the slices of one volume are not independent."""
-    groups = None if groups is None else np.asarray(groups)
+    members = None if groups is None else unit_members(groups)
     if max(len(real), len(synthetic)) < real.shape[1]:
         distance = lambda syn: frechet_from_samples(real, syn)  # noqa: E731
     else:
@@ -119,12 +124,12 @@ def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50,
         distance = lambda syn: frechet_distance(mu_r, s_r, *gaussian_stats(syn), a)  # noqa: E731
     value = distance(synthetic)
     out = {"value": value, "ci95": None, "n": {"real": int(len(real)), "synthetic": int(len(synthetic))}}
-    n_units = len(synthetic) if groups is None else len(np.unique(groups))
+    n_units = len(synthetic) if members is None else len(members)
     if n_boot > 1 and n_units > 1:
         rng = np.random.default_rng(seed)
         boots = []
         for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False, disable=n_boot < 20):
-            boots.append(distance(synthetic[cluster_resample(rng, groups, len(synthetic))]))
+            boots.append(distance(synthetic[cluster_resample(rng, members, len(synthetic))]))
         out["ci95"], out["resampling_bias"] = fid_interval(boots, value)
     return out
 
@@ -189,6 +194,14 @@ def kid_from_features(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, gr
             "method": "unbiased squared MMD, cubic polynomial kernel (x.y/d + 1)^3, whole sets"
                       + (f" (random subsets of {max_n} rows)" if subset else "")
                       + "; standard error: two-sample jackknife" + (" by volume" if groups is not None else "")}
+
+
+def kid_record(name: str, kid: dict, method: dict) -> dict:
+    """A KID record for the reports: kid_from_features' value and standard error, CI = value +- 1.96 SE."""
+    se = kid.get("se")
+    ci = [kid["value"] - 1.96 * se, kid["value"] + 1.96 * se] if se is not None else None
+    return {"metric": name, "value": kid["value"], "se": se, "ci95": ci, "n": kid["n"],
+            "method": {**method, "ci": "value +- 1.96 standard errors" if ci else "none"}}
 
 
 def small_n_warning(n_real: int, n_synthetic: int, dim: int, volumes: int | None = None,

@@ -102,9 +102,8 @@ def _nth(k: int) -> str:
 def one_per_unit(units: list[str], seed: int) -> np.ndarray:
     """One item of each unit (subject), drawn with a seed: the slices of one subject are not independent, and
     the held-out threshold is an order statistic of independent draws only when each subject gives one."""
-    names, unit_of = np.unique(np.asarray(units), return_inverse=True)
     rng = np.random.default_rng(seed)
-    return np.sort([rng.choice(np.flatnonzero(unit_of == u)) for u in range(len(names))])
+    return np.sort([rng.choice(rows) for rows in M.unit_members(units)])
 
 
 def _nn_section(d_s, j_s, d_h, what: str) -> dict:
@@ -199,11 +198,8 @@ def domain(feature_net, synthetic, real_heldout, device="cpu", n_boot: int = 50,
         rec["warning"] = warning
     out = [rec]
     if kid["value"] is not None:
-        se = kid["se"]
-        out.append({"metric": "kid_domain", "value": kid["value"], "se": se, "n": n,
-                    "ci95": [kid["value"] - 1.96 * se, kid["value"] + 1.96 * se] if se is not None else None,
-                    "method": {"feature_network": "downstream (real data)", "space": space,
-                               "estimator": kid["method"], "ci": "value +- 1.96 standard errors"}})
+        out.append(M.kid_record("kid_domain", {**kid, "n": n}, {"feature_network": "downstream (real data)",
+                                                                "space": space, "estimator": kid["method"]}))
     if min(len(f_real), len(f_syn)) <= k:
         out.append({"metric": "prdc_domain", "available": False,
                     "reason": f"precision/recall need more than k={k} images in each set"})
