@@ -75,6 +75,28 @@ def test_classification_scores_match_scikit_learn():
     assert scores.class_metric("auc_macro_ovr", yb, pb) == pytest.approx(roc_auc_score(yb, pb[:, 1]))
 
 
+@pytest.mark.parametrize("k,n", [(2, 6), (3, 10), (5, 4), (5, 30)])
+def test_bootstrap_resamples_score_as_scikit_learn_does(k, n):
+    """The vectorised scores of the bootstrap equal one scikit-learn call per resample, including resamples
+    with classes missing from the truth or the predictions (n=4 items of 5 classes)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score
+    import warnings
+    rng = np.random.default_rng(k * 100 + n)
+    y, p = rng.integers(0, k, n), rng.random((n, k))
+    idx = rng.integers(0, n, (200, n))
+    pred = p.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = {"accuracy": [accuracy_score(y[i], pred[i]) for i in idx],
+               "balanced_accuracy": [balanced_accuracy_score(y[i], pred[i]) for i in idx],
+               "kappa_quadratic": [cohen_kappa_score(y[i], pred[i], weights="quadratic", labels=np.arange(k))
+                                   for i in idx]}
+    for name, want in ref.items():
+        want = np.nan_to_num(np.asarray(want, float), nan=0.0) if name == "kappa_quadratic" else np.asarray(want)
+        np.testing.assert_allclose(scores.metric_on({"labels": y.tolist(), "probs": p.tolist()}, name, idx), want,
+                                   atol=1e-12)
+
+
 def test_segmentation_scores_by_hand(real):
     test = real["test"]
     probs = test.targets.roll(2, dims=-1) * 0.9          # a shifted, slightly unsure prediction
@@ -188,7 +210,7 @@ def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys)
     out = tmp_path / "study"
     argv = ["--real_dir", str(brain), "--synthetic_dir", str(synth), "--output", str(out), "--seeds", "2",
             "--real_fraction", "0.5,1", "--recipes", "real,real+synthetic", "--positive_only", "--compute", "local",
-            *FAST, "--max_steps", "40"]                                     # the machinery, not the models
+            *FAST, "--max_steps", "12"]                                     # the machinery, not the models
     assert utility_main(argv) == 0
     assert "reference model (real train, seed 0): from the cache" in capsys.readouterr().out   # the study's real model
     summary = json.loads((out / "utility.json").read_text())
