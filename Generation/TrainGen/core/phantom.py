@@ -66,28 +66,27 @@ def make_subject(seed: int, index: int, shape=(64, 64, 48)) -> dict[str, np.ndar
     radii = np.array([0.78, 0.92, 0.95]) * rng.uniform(0.93, 1.05, 3)
     r = np.sqrt(sum((w / a) ** 2 for w, a in zip(warped, radii)))
     folds = 0.04 * np.sin(18 * np.arctan2(warped[1], warped[0]) + 9 * warped[2])
-    labels = np.full(shape, "", dtype=object)
-    labels[r <= 1.0] = "scalp"
-    labels[r <= 0.93] = "skull"
-    labels[r <= 0.87] = "csf"
-    labels[r <= 0.83] = "gm"
-    labels[r <= 0.70 + folds] = "wm"
+    code = {name: k + 1 for k, name in enumerate(TISSUE)}          # 0: outside the head
+    labels = np.zeros(shape, np.uint8)
+    labels[r <= 1.0] = code["scalp"]
+    labels[r <= 0.93] = code["skull"]
+    labels[r <= 0.87] = code["csf"]
+    labels[r <= 0.83] = code["gm"]
+    labels[r <= 0.70 + folds] = code["wm"]
     ventricles = sum(((w - o) / a) ** 2 for w, o, a in zip(warped, (0.12, 0.05, 0.1), (0.08, 0.25, 0.15))) < 1
     ventricles |= sum(((w - o) / a) ** 2 for w, o, a in zip(warped, (-0.12, 0.05, 0.1), (0.08, 0.25, 0.15))) < 1
-    labels[ventricles & (r <= 0.7)] = "csf"
-    brain = np.isin(labels, ["gm", "wm"]) & (r <= 0.78)
+    labels[ventricles & (r <= 0.7)] = code["csf"]
+    brain = np.isin(labels, [code["gm"], code["wm"]]) & (r <= 0.78)
     n_tumours = int(rng.choice(4, p=[0.1, 0.45, 0.3, 0.15]))  # 0-3 tumours; a few healthy subjects
     mask, necrosis, rim, edema = _tumours(rng, grid, brain, n_tumours)
-    labels[edema] = "edema"
-    labels[necrosis] = "necrosis"
-    labels[rim] = "rim"
+    labels[edema] = code["edema"]
+    labels[necrosis] = code["necrosis"]
+    labels[rim] = code["rim"]
 
     bias = 1 + 0.08 * _smooth_field(rng, grid, 2, 1.5)
     out = {}
     for k, name in enumerate(SEQUENCES):
-        vol = np.zeros(shape, np.float32)
-        for tissue, values in TISSUE.items():
-            vol[labels == tissue] = values[k]
+        vol = np.array([0.0] + [values[k] for values in TISSUE.values()], np.float32)[labels]
         vol = gaussian_filter(vol, 0.6) * bias
         noise = rng.normal(0, 0.02, (2,) + shape)
         out[name] = np.clip(np.sqrt((vol + noise[0]) ** 2 + noise[1] ** 2), 0, 1).astype(np.float32)
