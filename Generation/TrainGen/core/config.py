@@ -121,12 +121,14 @@ class OptimConfig:
     max_steps: int | None = None         # stop after this many optimizer steps (None: run all epochs)
     find_lr: bool = False                # run the LR range test first
     find_lr_then_train: bool = True      # after the LR test, train with the suggested LR (false: stop)
+    find_lr_steps: int = 100             # steps of the LR sweep (1e-6 to 1, exponential); it stops early on divergence
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
                "optim.epochs, optim.batch_size and optim.grad_accum must be positive")
         _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr (--lr) must be a positive finite number, got {self.lr}")
         _check(self.max_steps is None or self.max_steps >= 1, "optim.max_steps (--max_steps) must be at least 1")
+        _check(self.find_lr_steps >= 2, "optim.find_lr_steps must be at least 2")
 
 
 @dataclass
@@ -142,7 +144,7 @@ class RuntimeConfig:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (no fp16: NaNs)
-    compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (see README)
+    compile: bool | None = None          # torch.compile the UNet; None: on for CUDA, off on CPU (docs/gpu.md)
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"  # aot_eager: dynamo + AOT autograd without
                                          # code generation: the CPU check for graph breaks and recompiles
     channels_last: bool = True           # CUDA with torch.compile only (eager GroupNorm is slow in NHWC)

@@ -439,7 +439,7 @@ class DiffusionTrainer:
     def find_lr(self) -> float:
         """The LR range test (core/lr_finder.py) on this run's network; weights and optimizer are restored."""
         from Generation.TrainGen.core.lr_finder import find_lr
-        lr = find_lr(self, self.run_dir)
+        lr = find_lr(self, self.run_dir, steps=self.cfg.optim.find_lr_steps)
         self.log_line(f"LR range test: suggested lr {lr:.3g} (curve in {self.run_dir / 'lr_finder.png'})")
         return lr
 
