@@ -79,6 +79,13 @@ def test_generation_says_when_it_samples_unlike_the_validation_grids(tiny_models
                      "1", "--num_steps", "2", "--sampler", "ddim", "--output_dir", str(tmp_path / "o"), "--device", "cpu")
     assert res.returncode == 0 and "its validation grids were drawn with ddpm-" in res.stdout
     assert "this run samples with ddim-2" in res.stdout
+    # without --sampler / --num_steps it samples as the grids did: the run's sampler and strategy.sample_steps
+    res = run_script("Generation/TrainGen/generate.py", "--image_model", str(tiny_models["class"]), "--num_images",
+                     "1", "--output_dir", str(tmp_path / "d"), "--device", "cpu")
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "d" / "manifest.csv")))
+    assert res.returncode == 0 and "validation grids were drawn" not in res.stdout
+    assert (rows[0]["sampler"], rows[0]["steps"]) == ("ddpm", "5")        # the test runs set sample_steps 5
 
 
 def test_fine_tuning_a_class_run_onto_a_subset_and_a_new_class(tiny_models, demo_root, tmp_path):

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "num_images", type=int, default=None, help="samples to make (default: one per real mask with "
                                                            "--masks_from; the sum of --class_counts)")
     add_flag(p, "num_steps", type=int, default=None,
-             help="sampling steps (default: 1000 ddpm, 50 ddim, 20 dpmpp_2m, 30 euler, 15 heun)")
+             help="sampling steps (default: the run's strategy.sample_steps, as its validation grids; unset there: "
+                  "1000 ddpm, 50 ddim, 20 dpmpp_2m, 30 euler, 15 heun)")
     add_flag(p, "sampler", default=None, help="ddpm, ddim or dpmpp_2m (DDPM models), euler or heun (RFlow models); "
                                                "the image model's, or the seg model's in seg mode")
     add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
@@ -220,7 +221,8 @@ def sampler_note(model) -> str | None:
     if model is None:
         return None
     grid = model.strategy.check_sampler(model.cfg.strategy.sampler)
-    grid_steps = model.cfg.strategy.sample_steps or model.strategy.default_steps[grid]
+    from Generation.TrainGen.core.generation.models import run_steps
+    grid_steps = run_steps(model.cfg, model.strategy, grid)
     if (grid, grid_steps) == (model.sampler, model.steps):
         return None
     return (f"{model.path}: its validation grids were drawn with {grid}-{grid_steps}, this run samples with "

@@ -121,4 +121,12 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
         chosen = strat.check_sampler(sampler or cfg.strategy.sampler)
     except UserError as err:
         raise UserError(f"--sampler for {flag}: {err}") from None
-    return Model(net, strat, mode, cfg, meta, file, sha256_of(file), chosen, num_steps or strat.default_steps[chosen])
+    return Model(net, strat, mode, cfg, meta, file, sha256_of(file), chosen, num_steps or run_steps(cfg, strat, chosen))
+
+
+def run_steps(cfg, strat, sampler: str) -> int:
+    """Steps when --num_steps is not given: the run's own strategy.sample_steps when sampling with the run's own
+    sampler (what its validation grids used), else the sampler's default."""
+    if cfg.strategy.sample_steps and sampler == strat.check_sampler(cfg.strategy.sampler):
+        return cfg.strategy.sample_steps
+    return strat.default_steps[sampler]
