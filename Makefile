@@ -36,8 +36,9 @@ demo: $(STAMP)
 	    --real_fraction 0.1,1 --recipes real,real+synthetic --seeds 3 --preset tiny --max_steps 200 --output runs/demo/utility
 	@echo "demo done: runs/demo/{seg,bravo}/samples/, runs/demo/synthetic/preview_8x8.png, runs/demo/eval/report.md, runs/demo/utility/utility.md"
 
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) bench/benchmark.py --device cpu --preset tiny

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs pytest-xdist workers, one per core: one torch thread each (tiny tensors gain little from
+    # a second intra-op thread, a second process doubles the throughput), and the scripts the tests start
+    # inherit it, so that their floating-point results equal the in-process ones bit for bit
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
 
 from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 

@@ -190,7 +190,7 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     metrics = {(r["suite"], r["metric"]) for r in rows}
     for needed in [("training", "step-only ratio ours / tutorial"), ("training", "end-to-end ratio ours / tutorial"),
                    ("training", "MONAI tutorial step (same batch on device)"), ("training", "data path / step rate"),
-                   ("sampling", "rflow euler-30"), ("sampling", "ddpm ddim-50"), ("sampling", "ddpm ddpm-100"),
+                   ("sampling", "rflow euler-10"), ("sampling", "ddpm ddim-10"), ("sampling", "ddpm ddpm-20"),
                    ("sampling", "writing / sampling only"),
                    ("metrics", "FID features, Inception-v3"), ("data", "batches from cache"),
                    ("volumes", "pixel 32x32x16"), ("volumes", "latent (4x AE) 32x32x16")]:
@@ -217,7 +217,7 @@ def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):
     """The Min-SNR side-by-side suite at a toy size: both settings trained, sampled and scored."""
     monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
     from bench.benchmark import bench_minsnr
-    rows = bench_minsnr("cpu", "tiny", tmp_path, seeds=(0,), epochs=2)
+    rows = bench_minsnr("cpu", "ci", tmp_path, seeds=(0,), epochs=2)
     assert [r["metric"].split(" ")[0] for r in rows] == ["mae", "psnr", "ms_ssim_quality", "ms_ssim_diversity",
                                                           "intensity_w1"]
     for r in rows:

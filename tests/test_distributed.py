@@ -6,7 +6,7 @@ import sys
 import time
 
 from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
-from tests.conftest import ROOT, run_script, torchrun
+from tests.conftest import ROOT, background, run_script, torchrun
 
 
 def test_gloo_ddp_replicas_stay_equal(demo_root, tmp_path):
@@ -31,17 +31,17 @@ def test_sigkill_then_resume_auto_finishes(demo_root, tmp_path):
     args = ["--config", "config/tiny.yaml", "--data_dir", str(demo_root / "brain"), "--run_dir", str(tmp_path / "run"),
             "--epochs", "40", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "runtime.val_interval=100",
             "--resume", "auto"]
-    proc = subprocess.Popen([sys.executable, "Generation/TrainGen/train.py", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list_checkpoints(tmp_path / "run")) < 2:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint(tmp_path / "run")["step"]
-    assert 0 < killed_at
-    res = run_script("Generation/TrainGen/train.py", *args, "--epochs", "8")
+    with background([sys.executable, "Generation/TrainGen/train.py", *args], cwd=ROOT,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list_checkpoints(tmp_path / "run")) < 2:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = load_checkpoint(tmp_path / "run")
+    assert 0 < killed_at["step"] and killed_at["epoch"] < 5
+    res = run_script("Generation/TrainGen/train.py", *args, "--epochs", "5")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
     final = load_checkpoint(tmp_path / "run")
-    assert final["epoch"] == 8 and final["step"] > killed_at
+    assert final["epoch"] == 5 and final["step"] > killed_at["step"]

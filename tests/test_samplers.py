@@ -134,7 +134,7 @@ def test_nfe_benchmark_suite_runs_on_cpu(tmp_path):
     quality figure, and the plot is written."""
     from bench.benchmark import bench_nfe, plot_nfe
     grid = {"ddpm": (("ddim", 4), ("dpmpp_2m", 4)), "rflow": (("euler", 4), ("heun", 2))}
-    rows = bench_nfe("cpu", "tiny", tmp_path, epochs=1, n_samples=8, grid=grid)
+    rows = bench_nfe("cpu", "ci", tmp_path, epochs=1, n_samples=8, grid=grid)
     assert [r["metric"] for r in rows] == ["ddpm ddim-4", "ddpm dpmpp_2m-4", "rflow euler-4", "rflow heun-2"]
     assert [r["nfe"] for r in rows] == [4, 4, 4, 3]
     assert all(r["value"] >= 0 and r["seconds"] > 0 and r["w1"] >= 0 for r in rows)

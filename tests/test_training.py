@@ -66,7 +66,7 @@ def test_every_strategy_and_mode_trains_and_samples(demo_root, tmp_path, mode, s
 
 
 def test_tiny_model_overfits_one_batch(demo_root, tmp_path):
-    cfg = tiny_cfg(demo_root, tmp_path, "bravo", "rflow", optim={"lr": 3e-3, "min_snr": False})
+    cfg = tiny_cfg(demo_root, tmp_path, "bravo", "rflow", optim={"lr": 1e-2, "min_snr": False})
     tr = make_trainer(cfg)
     batch = tr.train_data.batch(torch.arange(8))
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,9 @@ def test_tiny_model_overfits_one_batch(demo_root, tmp_path):
         tr.opt.step()
         tr.opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+        if losses[-1] < losses[0] / 10:     # reached (about step 75): the remaining steps would only spend time
+            break
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
 
 
 def final_weights(run_dir):
@@ -186,7 +188,7 @@ def test_user_defined_strategy_and_mode_train(demo_root, tmp_path, monkeypatch):
 
 
 def test_find_lr_writes_curve_and_suggestion(demo_root, tmp_path):
-    cfg = tiny_cfg(demo_root, tmp_path, optim={"find_lr": True, "find_lr_then_train": False})
+    cfg = tiny_cfg(demo_root, tmp_path, optim={"find_lr": True, "find_lr_then_train": False, "find_lr_steps": 30})
     assert train(cfg) == 0
     import json
     result = json.loads((tmp_path / "run" / "lr_finder.json").read_text())
