@@ -20,8 +20,22 @@ def test_every_flag_in_the_readme_exists():
         res = run_script(script, "--help")
         assert res.returncode == 0, f"{script} --help: {res.stderr[-500:]}"
         known |= set(FLAG.findall(res.stdout))
-    shown = set(FLAG.findall((ROOT / "README.md").read_text()))
-    assert shown - known == set()
+    for page in DOCS:
+        shown = set(FLAG.findall(page.read_text()))
+        assert shown - known == set(), page.name
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_readme_links_every_docs_page_and_every_link_resolves():
+    readme = (ROOT / "README.md").read_text()
+    for page in DOCS[1:]:
+        assert f"(docs/{page.name})" in readme, page.name
+    link = re.compile(r"\]\(([\w./-]+\.md)(?:#[^)]*)?\)")          # markdown links to pages
+    for page in DOCS:
+        for target in link.findall(page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
 
 
 def test_readme_two_commands_are_make_targets():

@@ -147,8 +147,8 @@ def test_readme_user_mode_trains_generates_and_evaluates(demo_root, tmp_path):
     training, generation with a manifest, and evaluation, without any other file touched."""
     import re
     from tests.conftest import ROOT
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Adding a strategy or a mode"):]
+    readme = (ROOT / "docs" / "training.md").read_text()
+    section = readme[readme.index("## Adding a strategy or a mode"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     plugin = tmp_path / "my_modes.py"
     plugin.write_text(code)

@@ -1,0 +1,135 @@
+"""The README's recipes run as written, at a smaller size: every block marked `<!-- recipe: NAME -->` is
+read from the README, its commands run in order on the test session's demo data, and each recipe's outputs
+are checked. What the test changes, and only that: the demo data's location (the session's smaller phantoms
+instead of `.cache/demo`), the output root (`runs/recipes` -> a temporary folder), and the sizes in SMALLER
+(fewer steps and images). `python Generation/TrainGen/demo.py` is the one command not run: the session's
+demo fixture has written the same layout already."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+
+import nibabel as nib
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, run_script
+
+RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```bash\n(.*?)```", re.S)
+SMALLER = [
+    (r"--epochs \d+", "--max_steps 2"),
+    (r"--max_steps 200", "--max_steps 3"),
+    (r"--num_images \d+", "--num_images 4"),
+    (r"--image_size 64", "--image_size 32"),
+    (r"melanoma=32,nevus=32,none=8", "melanoma=2,nevus=2,none=2"),
+    (r"--balance_to 40", "--balance_to 31"),             # the demo folder holds 30 per class: one more each
+    (r"--real_fraction 0.1,1", "--real_fraction 1"),
+]
+# every training validates and samples with 4 steps, and its models generate with them (the run's default)
+TRAIN_EXTRA = ["--set", "strategy.sample_steps=4", "--set", "runtime.num_val_samples=4"]
+
+
+def readme_recipes() -> dict[str, list[str]]:
+    """{name: commands}: continuation lines joined, comments and blank lines dropped."""
+    text = (ROOT / "README.md").read_text()
+    out = {}
+    for name, block in RECIPE.findall(text):
+        joined = block.replace("\\\n", " ")
+        out[name] = [" ".join(line.split()) for line in joined.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")]
+    return out
+
+
+def test_the_readme_has_a_recipe_per_job():
+    assert list(readme_recipes()) == ["data", "class", "finetune", "chain", "segment", "utility", "volumes", "latent"]
+
+
+@pytest.fixture(scope="module")
+def ran(demo_root, tmp_path_factory):
+    """Every recipe's commands, in the README's order: {name: [(command, returncode, stderr tail)]}."""
+    runs = tmp_path_factory.mktemp("recipes")
+    env = {"MEDGEN_CACHE": str(runs / "cache")}
+    results = {}
+    for name, commands in readme_recipes().items():
+        results[name] = []
+        for cmd in commands:
+            if cmd == "python Generation/TrainGen/demo.py":
+                continue
+            for pattern, small in SMALLER:
+                cmd = re.sub(pattern, small, cmd)
+            cmd = cmd.replace(".cache/demo", str(demo_root)).replace("runs/recipes", str(runs))
+            words = shlex.split(cmd)
+            if words[0] == "python":
+                script, args = words[1], words[2:]
+                if script.endswith("train.py") and "--check_data" not in args:
+                    args += TRAIN_EXTRA
+                if script.endswith("generate.py") and "--seg_model" in args:
+                    args.append("--no_mask_filter")     # two training steps: the seg model draws noise
+                res = run_script(script, *args, env=env, timeout=240)
+            else:
+                res = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
+            results[name].append((cmd, res.returncode, res.stderr[-1500:]))
+            if res.returncode != 0:
+                break
+    return results, runs
+
+
+@pytest.mark.parametrize("name", ["data", "class", "finetune", "chain", "segment", "utility", "volumes", "latent"])
+def test_recipe_runs_as_written(ran, name):
+    results, runs = ran
+    for cmd, code, err in results[name]:
+        assert code == 0, f"{cmd}\n{err}"
+    check = CHECKS.get(name)
+    if check:
+        check(runs)
+
+
+def _pngs(folder):
+    return sorted(folder.glob("*.png"))
+
+
+def _class(runs):
+    synth = runs / "lesions_synth"
+    assert len(_pngs(synth / "melanoma")) == 2 and len(_pngs(synth / "nevus")) == 2
+    assert len(_pngs(synth / "unconditional")) == 2
+    assert (runs / "lesions_eval" / "report.md").is_file()
+
+
+def _finetune(runs):
+    out = runs / "lesions_balanced"
+    for c in ("melanoma", "nevus", "vascular"):
+        images = _pngs(out / c)
+        assert len(images) == 1 and Image.open(images[0]).size == (128, 128)
+    log = (runs / "melanoma_ft" / "train.log").read_text()
+    assert "class embedding mapped by name" in log
+
+
+def _chain(runs):
+    assert len(list((runs / "chain").glob("sample_*/bravo.nii.gz"))) == 4
+    metrics = json.loads((runs / "paired_eval" / "metrics.json").read_text())
+    assert any(m["metric"] == "mae" and m["value"] is not None for m in metrics["metrics"])
+
+
+def _segment(runs):
+    assert "Dice" in (runs / "segmented" / "segmentation.md").read_text()
+
+
+def _utility(runs):
+    assert "real+synthetic" in (runs / "utility" / "utility.md").read_text().replace("real+chain", "real+synthetic")
+
+
+def _volumes(runs):
+    vols = sorted((runs / "volumes").glob("sample_*/bravo.nii.gz"))
+    assert len(vols) == 4 and nib.load(vols[0]).shape == (16, 16, 8)
+    assert (runs / "volumes_eval" / "metrics.json").is_file()
+
+
+def _latent(runs):
+    assert "latent" in (runs / "latent" / "train.log").read_text().splitlines()[0].lower()
+    assert list((runs / "latent_synth").glob("sample_*/bravo.nii.gz"))
+
+
+CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "segment": _segment, "utility": _utility,
+          "volumes": _volumes, "latent": _latent}
