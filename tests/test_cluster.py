@@ -217,7 +217,7 @@ def test_minsnr_suite_compares_both_settings(tmp_path, monkeypatch):
     """The Min-SNR side-by-side suite at a toy size: both settings trained, sampled and scored."""
     monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
     from bench.benchmark import bench_minsnr
-    rows = bench_minsnr("cpu", "ci", tmp_path, seeds=(0,), epochs=2)
+    rows = bench_minsnr("cpu", "ci", tmp_path, seeds=(0,))          # the ci preset's own 2 epochs
     assert [r["metric"].split(" ")[0] for r in rows] == ["mae", "psnr", "ms_ssim_quality", "ms_ssim_diversity",
                                                           "intensity_w1"]
     for r in rows:
