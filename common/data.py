@@ -220,8 +220,8 @@ def read_volume(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, Probl
         return None, None, Problem(path, f"wrong dimensionality: {data.ndim}D array of shape {data.shape}, "
                                          "expected a 3D volume or a 2D slice")
     transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+    affine = affine @ ornt.inv_ornt_aff(transform, data.shape)     # the shape before reorientation (as nibabel)
     data = ornt.apply_orientation(data, transform)
-    affine = affine @ ornt.inv_ornt_aff(transform, data.shape)
     return np.ascontiguousarray(data), affine, None
 
 
@@ -351,20 +351,37 @@ def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
 
 
-def unfit_square(x: torch.Tensor, shape: tuple[int, int], mode: str) -> torch.Tensor:
-    """The inverse of fit_square with crop = the shorter side (how image folders are read): (C, s, s) at the
-    model's size back to the input's (C, H, W), resized to the crop and placed where it was cut; the rest of
-    the image (outside the centred square) is zero."""
+def unfit_square(x: torch.Tensor, shape: tuple[int, int], mode: str, crop: int | None) -> torch.Tensor:
+    """The inverse of fit_square(., size, crop, mode): (C, s, s) at the model's size back to an input slice of
+    shape (H, W): resized to the padded square, its padding removed, and placed where the crop was cut; zero
+    outside the crop. Image folders are read with crop = the shorter side; NIfTI slices with data.crop_size."""
     h, w = shape
-    crop = min(h, w)
-    top, left = (h - crop) // 2, (w - crop) // 2
-    if x.shape[-1] != crop:
-        x = (F.interpolate(x[None], size=(crop, crop), mode="nearest-exact") if mode == "nearest" else
-             F.interpolate(x[None], size=(crop, crop), mode="bilinear", align_corners=False,
-                           antialias=x.shape[-1] > crop))[0]
+    ch, cw = (h, w) if crop is None else (min(h, crop), min(w, crop))
+    side = max(ch, cw)
+    if x.shape[-1] != side:
+        x = (F.interpolate(x[None], size=(side, side), mode="nearest-exact") if mode == "nearest" else
+             F.interpolate(x[None], size=(side, side), mode="bilinear", align_corners=False,
+                           antialias=x.shape[-1] > side))[0]
+    pt, pl = (side - ch) // 2, (side - cw) // 2               # pad_square's offsets
+    top, left = (h - ch) // 2, (w - cw) // 2                  # fit_square's crop offsets
     out = x.new_zeros((x.shape[0], h, w))
-    out[:, top:top + crop, left:left + crop] = x
+    out[:, top:top + ch, left:left + cw] = x[:, pt:pt + ch, pl:pl + cw]
     return out
+
+
+def ras_shape(shape: tuple[int, int, int], affine: np.ndarray) -> tuple[int, int, int]:
+    """The shape that read_volume's RAS reorientation gives an array of `shape` with `affine`."""
+    out = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))):
+        out[int(target)] = shape[axis]
+    return tuple(out)
+
+
+def oriented_like(ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A RAS array (as read_volume returns it) back in the axis order and directions of the file whose affine is
+    `affine`, so that it is written with that file's own affine."""
+    back = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(affine))
+    return np.ascontiguousarray(ornt.apply_orientation(ras, back))
 
 
 def fit_volume(x: torch.Tensor, shape: tuple[int, int, int], crop: int | None, mode: str) -> torch.Tensor:

@@ -158,3 +158,35 @@ def test_missing_folder_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no subject folders found"):
         load_split(cfg.data, tmp_path / "empty", "train", ["seg"], None)
+
+
+@pytest.mark.parametrize("crop", [None, 24, 64])
+def test_unfit_square_undoes_fit_square(crop):
+    """At the size where no resize happens, unfit_square(fit_square(m)) is m inside the crop and 0 outside."""
+    from common.data import fit_square, unfit_square
+    m = (torch.rand(1, 1, 40, 28, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    ch, cw = (40, 28) if crop is None else (min(40, crop), min(28, crop))
+    fitted = fit_square(m, max(ch, cw), crop, "nearest")
+    back = unfit_square(fitted[0], (40, 28), "nearest", crop)
+    top, left = (40 - ch) // 2, (28 - cw) // 2
+    want = torch.zeros_like(m[0])
+    want[:, top:top + ch, left:left + cw] = m[0, :, top:top + ch, left:left + cw]
+    assert torch.equal(back, want)
+    resized = unfit_square(fit_square(m, 16, crop, "nearest")[0], (40, 28), "nearest", crop)
+    assert resized.shape == (1, 40, 28) and set(resized.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_read_volume_gives_nibabels_canonical_affine(tmp_path):
+    """Axes permuted and flipped on a non-cubic grid: the RAS array and affine equal nibabel's own."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt
+    from common.data import oriented_like, ras_shape, read_volume
+    data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    ras = nib.Nifti1Image(data, np.diag([1.0, 2.0, 3.0, 1.0]) + np.array([[0, 0, 0, -4.0]] * 3 + [[0, 0, 0, 0]]))
+    turned = ras.as_reoriented(axcodes2ornt("PIL"))
+    nib.save(turned, tmp_path / "t.nii.gz")
+    vol, affine, problem = read_volume(tmp_path / "t.nii.gz")
+    canonical = nib.as_closest_canonical(turned)
+    assert problem is None and np.array_equal(vol, canonical.get_fdata()) and np.allclose(affine, canonical.affine)
+    assert ras_shape(turned.shape, turned.affine) == vol.shape
+    assert np.array_equal(oriented_like(vol, turned.affine), np.asanyarray(turned.dataobj))

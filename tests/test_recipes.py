@@ -117,6 +117,7 @@ def _chain(runs):
 
 def _segment(runs):
     assert "Dice" in (runs / "segmented" / "segmentation.md").read_text()
+    assert len(list((runs / "segmented" / "volumes").glob("*/seg.nii.gz"))) == 2     # the two test subjects
 
 
 def _utility(runs):

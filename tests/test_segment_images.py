@@ -106,6 +106,30 @@ def test_nifti_images_with_masks(demo_root, tmp_path, tiny_models):
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert rows and all(r["source"].split("#")[1].startswith("slice") and r["dice"] != "" for r in rows)
     assert (out / "sample_000000" / "seg.nii.gz").is_file() and (out / "sample_000000" / "seg_std.nii.gz").is_file()
+    # masks back on the input's own grid: a subject stored in another axis order (PIL), read, segmented, and
+    # written as volumes with its file's shape and affine; re-read like any input, they give the model-grid slices
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt
+    import torch
+    from common.data import fit_square, read_volume, to_slices
+    subject = sorted((demo_root / "brain" / "val").iterdir())[0]
+    turned = tmp_path / "turned" / subject.name
+    turned.mkdir(parents=True)
+    for f in subject.glob("*.nii.gz"):
+        nib.save(nib.as_closest_canonical(nib.load(f)).as_reoriented(axcodes2ornt("PIL")), turned / f.name)
+    out = tmp_path / "nii_turned"
+    assert generate_main(["--image_model", str(tmp_path / "run"), "--images_from", str(turned.parent),
+                          "--num_steps", "2", "--sampler", "ddim", "--output_dir", str(out), "--device", "cpu"]) == 0
+    source = nib.load(turned / "bravo.nii.gz")
+    for role in ("seg", "seg_mean", "seg_std"):
+        vol = nib.load(out / "volumes" / subject.name / f"{role}.nii.gz")
+        assert vol.shape == source.shape and np.allclose(vol.affine, source.affine)
+    back = to_slices(read_volume(out / "volumes" / subject.name / "seg.nii.gz")[0])
+    for r in csv.DictReader(open(out / "manifest.csv")):
+        k = int(r["source"].rsplit("#slice", 1)[1])
+        model_grid = to_slices(read_volume(out / r["files"].split(";")[0])[0])
+        again = fit_square(torch.from_numpy(back[k][None, None]).float(), 32, None, "nearest")[0].numpy()
+        assert np.array_equal(again, model_grid)
     with pytest.raises(UserError, match="does not segment images"):
         generate_main(["--image_model", str(tiny_models["bravo"]), "--images_from", str(demo_root / "brain"),
                        "--output_dir", str(tmp_path / "x"), "--device", "cpu"])

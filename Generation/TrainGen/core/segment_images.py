@@ -6,10 +6,13 @@ mean itself (a soft mask) and the standard deviation over the members (an uncert
 ground-truth masks, Dice and IoU per image go into the manifest and the overall figures into
 segmentation.json and segmentation.md. Inputs: a NIfTI dataset (slices of mode.segment.image_key, with seg files
 when present, preprocessed as the model's training data), DIR/images/ (+ DIR/masks/) PNG folders, or a flat
-folder of images. Every image's files are written atomically, then its row: a re-run continues.
+folder of images. Every image's files are written atomically, then its row: a re-run continues. Outputs are
+put back on the inputs' own geometry: PNG masks at each image's size, NIfTI masks as one volume per subject on
+its scan's grid and affine (write_volumes), beside the per-slice files on the model's grid.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +53,8 @@ class ImageSet:
     sources: list[str]             # '<subject>#slice<k>' or the image file
     nifti: bool
     sizes: list[tuple[int, int]] | None = None   # image files: each one's (H, W), where its masks are written
+    volumes: dict[str, tuple[Path, str]] | None = None   # NIfTI: subject -> (its image file, its name under DIR)
+    crop: int | None = None                      # NIfTI: the model's data.crop_size (undone on the way back)
 
 
 def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
@@ -69,7 +74,10 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         key = model.cfg.mode.segment.image_key
         cache = PathConfig.from_compute(compute).slice_cache if cfg.cache else None
         data = load_folder(cfg, root, [key, "seg"] if with_masks else [key], cache)
-        return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True)
+        volumes = {str(s.resolve()): (nifti.subject_files(s, layout, [key])[0][key], s.relative_to(root).as_posix())
+                   for s in subjects}
+        return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True,
+                        volumes=volumes, crop=cfg.crop_size)
     if (root / "images").is_dir():
         items, problems = imagefolder.pairs_in(root, need_masks=False)
     else:
@@ -94,8 +102,9 @@ def _files(images: ImageSet, index: int) -> dict[str, str]:
 
 
 def at_input(images: ImageSet, index: int, x: torch.Tensor, how: str) -> torch.Tensor:
-    """An output at the model's size, back at its image file's own size (NIfTI slices stay on the model grid)."""
-    return x if images.sizes is None else unfit_square(x, images.sizes[index], how)
+    """An output at the model's size, back at its image file's own size (NIfTI slices stay on the model grid;
+    write_volumes puts them back on each subject's grid)."""
+    return x if images.sizes is None else unfit_square(x, images.sizes[index], how, min(images.sizes[index]))
 
 
 def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool, spacing=None) -> None:
@@ -145,7 +154,42 @@ def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size:
             if images.masks is not None:
                 row["dice"], row["iou"] = dice_iou(mask, images.masks[i])
             atomic_write_text(out / ROWS_DIR / f"{sample_id(i)}.json", json.dumps(row))
+    if images.volumes is not None:
+        write_volumes(out, images)
     return write_summary(out, images.masks is not None, len(todo))
+
+
+VOLUMES_DIR = "volumes"
+
+
+def write_volumes(out: Path, images: ImageSet) -> None:
+    """NIfTI inputs: every subject's outputs as volumes on the grid of its image file (shape, axis order and
+    affine: they overlay the input scan in any viewer), VOLUMES_DIR/<subject>/{seg,seg_mean,seg_std}.nii.gz,
+    assembled from the slices written (each one's crop, padding and resize undone; a slice that was not
+    segmented, an all-zero image, stays 0)."""
+    import nibabel as nib
+    by_subject: dict[str, list[tuple[int, int]]] = {}
+    for i, src in enumerate(images.sources):
+        subject, k = src.rsplit("#slice", 1)
+        by_subject.setdefault(subject, []).append((int(k), i))
+    for subject, members in by_subject.items():
+        image_file, name = images.volumes[subject]
+        source = nib.load(str(image_file))
+        x, y, z = nifti.ras_shape((source.shape + (1,))[:3], source.affine)
+        for role, is_mask in (("seg", True), ("seg_mean", False), ("seg_std", False)):
+            slices = np.zeros((z, y, x), np.float32)                     # to_slices' (Z, H, W) of the subject
+            for k, i in members:
+                vol, _, problem = nifti.read_volume(out / _files(images, i)[role])
+                if problem:
+                    raise UserError(f"{problem} (remove {out / ROWS_DIR / (sample_id(i) + '.json')} and re-run to "
+                                    "segment that image again)")
+                slices[k] = unfit_square(torch.from_numpy(nifti.to_slices(vol)).float(), (y, x),
+                                         "nearest" if is_mask else "bilinear", images.crop)[0].numpy()
+            data = nifti.oriented_like(nifti.from_slices(slices), source.affine)
+            img = nib.Nifti1Image(data.astype(np.uint8) if is_mask else data, source.affine)
+            img.header.set_xyzt_units(*source.header.get_xyzt_units())
+            payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+            atomic_write(inside(out, f"{VOLUMES_DIR}/{name}/{role}.nii.gz"), lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def write_summary(out: Path, with_truth: bool, made: int) -> dict:
