@@ -52,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from Generation.TrainGen.core.config import build_config  # noqa: E402
-from common.dataset import load_split  # noqa: E402
-from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
+from medgen.Generation.TrainGen.core.config import build_config  # noqa: E402
+from medgen.common.dataset import load_split  # noqa: E402
+from medgen.Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 PRESETS = {  # subjects, volume shape, image size, batch size
     "ci": (6, (32, 32, 16), 32, 4),          # the test suite's run: every row, at the smallest sizes
@@ -97,10 +97,10 @@ def bench_data(device: str, preset: str, work: Path) -> list[dict]:
 
 
 def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
-    from Generation.TrainGen.core.generate import Job, draw
-    from Generation.TrainGen.core.generation.models import BatchInvariant, Model
-    from Generation.TrainGen.core.network import build_unet
-    from Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.generate import Job, draw
+    from medgen.Generation.TrainGen.core.generation.models import BatchInvariant, Model
+    from medgen.Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.trainer import build_parts
     unet, batch = MODEL_PRESETS[preset]
     size = PRESETS[preset][2]
     dev = torch.device(device)
@@ -132,7 +132,7 @@ def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
 def bench_writing(model, mask, batch: int, dev, autocast, work: Path, n_batches: int = 3) -> list[dict]:
     """generate.py's loop with its output written (NIfTI image + mask and the commit row per sample, encoded
     and written on the writer threads while the next batch samples) against the same loop sampling only."""
-    from Generation.TrainGen.core.generate import Job, generate_batch, run_job
+    from medgen.Generation.TrainGen.core.generate import Job, generate_batch, run_job
     n = n_batches * batch
     sources = [f"bench_subject_{i}#slice0" for i in range(n)]
 
@@ -232,11 +232,11 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDPMScheduler
 
-    from Generation.TrainGen.core.datasource import data_source
-    from Generation.TrainGen.core.network import build_unet
-    from Generation.TrainGen.core.run import cache_on_device
-    from Generation.TrainGen.core.runtime import init_runtime
-    from Generation.TrainGen.core.trainer import DiffusionTrainer
+    from medgen.Generation.TrainGen.core.datasource import data_source
+    from medgen.Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.run import cache_on_device
+    from medgen.Generation.TrainGen.core.runtime import init_runtime
+    from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
     n_subjects, shape, size, batch = PRESETS[preset]
     unet = MODEL_PRESETS[preset][0]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
@@ -351,9 +351,9 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
 
 
 def bench_metrics(device: str, preset: str, work: Path) -> list[dict]:
-    from eval.obj_eval.core import metrics as M
-    from eval.obj_eval.core.networks import LPIPS, InceptionFID, RadImageNetFID
-    from common.features import ResNet50Features
+    from medgen.eval.obj_eval.core import metrics as M
+    from medgen.eval.obj_eval.core.networks import LPIPS, InceptionFID, RadImageNetFID
+    from medgen.common.features import ResNet50Features
     size = PRESETS[preset][2]
     n = 16 if device == "cpu" else 512
     dev = torch.device(device)
@@ -391,9 +391,9 @@ def intensity_w1(synthetic: torch.Tensor, real: torch.Tensor) -> float:
 
 
 def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: int | None = None) -> list[dict]:
-    from eval.obj_eval.core.evaluate import Options, evaluate
-    from Generation.TrainGen.core.run import train
-    from Generation.TrainGen.generate import main as generate
+    from medgen.eval.obj_eval.core.evaluate import Options, evaluate
+    from medgen.Generation.TrainGen.core.run import train
+    from medgen.Generation.TrainGen.generate import main as generate
     n_subjects, shape, size, batch = PRESETS[preset]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
     epochs = epochs or MINSNR_EPOCHS[preset]
@@ -442,10 +442,10 @@ def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n
     step counts on the same real validation masks and seeds. Quality, computable offline: the Fréchet distance
     in the feature space of a downstream segmenter trained on the real training slices (the utility harness),
     and the Wasserstein-1 distance between brain-intensity histograms, both against the real validation slices."""
-    from eval.obj_eval.utility import audit, data, models
-    from Generation.TrainGen.core.run import train
-    from Generation.TrainGen.core.samplers import nfe
-    from Generation.TrainGen.generate import main as generate
+    from medgen.eval.obj_eval.utility import audit, data, models
+    from medgen.Generation.TrainGen.core.run import train
+    from medgen.Generation.TrainGen.core.samplers import nfe
+    from medgen.Generation.TrainGen.generate import main as generate
     n_subjects, shape, size, batch = PRESETS[preset]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
     epochs = epochs or MINSNR_EPOCHS[preset]
@@ -526,8 +526,8 @@ def saved_activation_bytes(fn) -> int:
 def volume_step(device, volume_shape: list[int], latent: bool, checkpointing: bool, batch: int, unet: str):
     """One bravo training step on volumes as the trainer takes it (rflow; pixel space, or on a 4x autoencoder's
     latents encoded on the fly): (step function, its network)."""
-    from Generation.TrainGen.core.latent import build_autoencoder
-    from Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.latent import build_autoencoder
+    from medgen.Generation.TrainGen.core.network import build_unet
     cfg = build_config({"data": {"spatial_dims": 3, "volume_shape": volume_shape},
                         "model": {"preset": unet, "gradient_checkpointing": checkpointing}})
     dev = torch.device(device)
@@ -599,7 +599,7 @@ def bench_volumes(device: str, preset: str, work: Path) -> list[dict]:
 
 
 def _tiny_yaml() -> dict:
-    from Generation.TrainGen.core.config import load_yaml
+    from medgen.Generation.TrainGen.core.config import load_yaml
     return load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
 
 
@@ -612,11 +612,11 @@ def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
 
     from diffusers import DDIMScheduler
 
-    from Generation.TrainGen.core.generate import Job, draw
-    from Generation.TrainGen.core.generation.models import BatchInvariant, Model
-    from Generation.TrainGen.core.network import build_unet
-    from Generation.TrainGen.core.runtime import init_runtime
-    from Generation.TrainGen.core.trainer import DiffusionTrainer, build_parts
+    from medgen.Generation.TrainGen.core.generate import Job, draw
+    from medgen.Generation.TrainGen.core.generation.models import BatchInvariant, Model
+    from medgen.Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.runtime import init_runtime
+    from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer, build_parts
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
@@ -632,7 +632,7 @@ def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
                                 "model": {"preset": unet}, "mode": {"name": "bravo"}, "strategy": {"name": strategy},
                                 "optim": {"batch_size": batch}, "runtime": {"device": dev.type, "compile": compiled}})
             rt = init_runtime(cfg.runtime)
-            from Generation.TrainGen.core.datasource import data_source
+            from medgen.Generation.TrainGen.core.datasource import data_source
             data = data_source(cfg).split(cfg.data, "train").to(dev)
             tr = DiffusionTrainer(cfg, rt, data)
             order = data.batch_indices(batch, 0, 0)

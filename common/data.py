@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as ornt
 
-from common.errors import UserError, require as _check
+from medgen.common.errors import UserError, require as _check
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_ROLE = "seg"   # the data role of a segmentation mask (label checks, nearest resizing, thresholded outputs)

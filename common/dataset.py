@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import data as nifti
-from common import imagefolder
-from common.errors import UserError
-from common.fileio import atomic_write
+from medgen.common import data as nifti
+from medgen.common import imagefolder
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write
 
 CACHE_VERSION = 1
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.fileio import safe_load
-from common.errors import UserError
+from medgen.common.fileio import safe_load
+from medgen.common.errors import UserError
 
 RADIMAGENET_FILE = "radimagenet_resnet50.pt"
 RADIMAGENET_SOURCE = ("github.com/Warvito/radimagenet-models (its RadImageNet-ResNet50_notop.pth: the PyTorch port "

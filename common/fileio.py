@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.data import pad_square
-from common.fileio import atomic_write
+from medgen.common.data import pad_square
+from medgen.common.fileio import atomic_write
 
 OUTLINE_RGB = (1.0, 0.15, 0.1)
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.data import Problem, fit_square
-from common.errors import UserError
-from common.names import check_name
+from medgen.common.data import Problem, fit_square
+from medgen.common.errors import UserError
+from medgen.common.names import check_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 
 def _owner() -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 
 def name_problem(name) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 
 def unit_name(source: str) -> str:

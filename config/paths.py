@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_CHOICES = ("local", "cluster", "auto")
@@ -60,6 +60,6 @@ class PathConfig:
         """The dataset used when no --data_dir is given; locally the demo data, built on first use."""
         if self.compute == "cluster":
             return self.data_root
-        from Generation.TrainGen.core.phantom import ensure_demo_data
+        from medgen.Generation.TrainGen.core.phantom import ensure_demo_data
         ensure_demo_data(self.demo_root)
         return self.demo_root / ("lesions" if image_folder else "brain")

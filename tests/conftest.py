@@ -15,7 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
     torch.set_num_threads(1)
 
-from Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
+from medgen.Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +73,9 @@ def _run_in_process(script: str, args: list, env: dict, timeout: int | None = No
     import traceback
     import warnings
 
-    from Generation.TrainGen.core import plugins
-    from Generation.TrainGen.core.modes import MODES
-    from Generation.TrainGen.core.strategies import STRATEGIES
+    from medgen.Generation.TrainGen.core import plugins
+    from medgen.Generation.TrainGen.core.modes import MODES
+    from medgen.Generation.TrainGen.core.strategies import STRATEGIES
     out, err = io.StringIO(), io.StringIO()
     saved = (sys.argv, list(sys.path), dict(os.environ), os.getcwd(), dict(MODES), dict(STRATEGIES),
              dict(plugins._loaded))
@@ -154,7 +154,7 @@ def torchrun(*args, env: dict | None = None, timeout: int = 240):
 def tiny_models(demo_root, tmp_path_factory) -> dict:
     """Run folders of tiny models trained for a few steps: seg and bravo (DDPM), bravo (RFlow), class (DDPM).
     Only the machinery is under test here, not sample quality."""
-    from Generation.TrainGen.core.run import train
+    from medgen.Generation.TrainGen.core.run import train
     from tests.test_training import tiny_cfg
     root = tmp_path_factory.mktemp("models")
     runs = {}

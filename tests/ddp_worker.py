@@ -8,10 +8,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from Generation.TrainGen.core.config import build_config, load_yaml  # noqa: E402
-from Generation.TrainGen.core.datasource import data_source  # noqa: E402
-from Generation.TrainGen.core.runtime import init_runtime, shutdown  # noqa: E402
-from Generation.TrainGen.core.trainer import DiffusionTrainer  # noqa: E402
+from medgen.Generation.TrainGen.core.config import build_config, load_yaml  # noqa: E402
+from medgen.Generation.TrainGen.core.datasource import data_source  # noqa: E402
+from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown  # noqa: E402
+from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer  # noqa: E402
 
 demo, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = build_config(load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml"),

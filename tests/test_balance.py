@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from common import imagefolder
-from common.errors import UserError
-from eval.obj_eval.utility import data as utility_data
+from medgen.common import imagefolder
+from medgen.common.errors import UserError
+from medgen.eval.obj_eval.utility import data as utility_data
 from tests.conftest import run_script
 
 GEN = "Generation/TrainGen/generate.py"
@@ -84,7 +84,7 @@ def test_balance_bad_input(demo_root, tiny_models, tmp_path):
               "no model draws class 'melanoma'"),
              (["--image_model", model, "--balance", str(real), "--balance_to", "1"], "nothing to generate"),
              (["--image_model", str(tiny_models["bravo"]), "--balance", str(real)], "applies to --mode class only")]
-    from Generation.TrainGen.generate import main as generate
+    from medgen.Generation.TrainGen.generate import main as generate
     for extra, message in cases:
         with pytest.raises(UserError, match=message):
             generate([*extra, "--output_dir", str(tmp_path / "o"), "--device", "cpu"])

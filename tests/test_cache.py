@@ -3,8 +3,8 @@ import time
 
 import torch
 
-from Generation.TrainGen.core.config import build_config
-from common.dataset import load_split
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.common.dataset import load_split
 from tests.helpers_nifti import mask_volume, pattern_volume, save
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from Generation.TrainGen.core.autobatch import largest_fitting, with_margin
+from medgen.Generation.TrainGen.core.autobatch import largest_fitting, with_margin
 from tests.conftest import background, ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "IDUN"))
@@ -103,7 +103,7 @@ def test_missing_environment_is_a_clear_error():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_has_a_preset_of_its_own(mode):
-    from Generation.TrainGen.core.config import build_config, load_yaml
+    from medgen.Generation.TrainGen.core.config import build_config, load_yaml
     cfg = build_config(load_yaml(ROOT / "config" / f"{mode}_128.yaml"))
     assert cfg.mode.name == mode and cfg.data.image_size == 128
     assert cfg.data.positive_only == (mode in ("seg", "bravo", "dual"))

@@ -3,10 +3,10 @@ import argparse
 import pytest
 import yaml
 
-from Generation.TrainGen.core.cli import TRAIN_FLAGS, add_config_flags, config_from_args
-from Generation.TrainGen.core.config import Config, build_config, load_yaml, save_config
-from common.errors import UserError
-from config.paths import REPO_ROOT, PathConfig
+from medgen.Generation.TrainGen.core.cli import TRAIN_FLAGS, add_config_flags, config_from_args
+from medgen.Generation.TrainGen.core.config import Config, build_config, load_yaml, save_config
+from medgen.common.errors import UserError
+from medgen.config.paths import REPO_ROOT, PathConfig
 
 
 def parse(*argv):
@@ -113,9 +113,9 @@ def test_checkpoints_with_the_old_keys_resume_and_load_silently(demo_root, tmp_p
     equal once read with today's keys) and loads for generation, with no notes about keys the user cannot
     change."""
     import torch
-    from Generation.TrainGen.core.checkpoint import list_checkpoints
-    from Generation.TrainGen.core.generation.models import load_model
-    from Generation.TrainGen.core.run import train
+    from medgen.Generation.TrainGen.core.checkpoint import list_checkpoints
+    from medgen.Generation.TrainGen.core.generation.models import load_model
+    from medgen.Generation.TrainGen.core.run import train
     from tests.test_training import tiny_cfg
     cfg = tiny_cfg(demo_root, tmp_path, "bravo", "ddpm", optim={"max_steps": 2, "epochs": 1},
                    runtime={"val_interval": 100})

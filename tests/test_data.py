@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common import data as nifti
-from Generation.TrainGen.core.config import build_config
-from common.dataset import load_split
-from common.errors import UserError
+from medgen.common import data as nifti
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.common.dataset import load_split
+from medgen.common.errors import UserError
 from tests.helpers_nifti import mask_volume, pattern_volume, save
 
 # role -> pattern written; read back, channel c of the output must show this pattern
@@ -163,7 +163,7 @@ def test_missing_folder_and_empty_folder(tmp_path):
 @pytest.mark.parametrize("crop", [None, 24, 64])
 def test_unfit_square_undoes_fit_square(crop):
     """At the size where no resize happens, unfit_square(fit_square(m)) is m inside the crop and 0 outside."""
-    from common.data import fit_square, unfit_square
+    from medgen.common.data import fit_square, unfit_square
     m = (torch.rand(1, 1, 40, 28, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     ch, cw = (40, 28) if crop is None else (min(40, crop), min(28, crop))
     fitted = fit_square(m, max(ch, cw), crop, "nearest")
@@ -180,7 +180,7 @@ def test_read_volume_gives_nibabels_canonical_affine(tmp_path):
     """Axes permuted and flipped on a non-cubic grid: the RAS array and affine equal nibabel's own."""
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt
-    from common.data import oriented_like, ras_shape, read_volume
+    from medgen.common.data import oriented_like, ras_shape, read_volume
     data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
     ras = nib.Nifti1Image(data, np.diag([1.0, 2.0, 3.0, 1.0]) + np.array([[0, 0, 0, -4.0]] * 3 + [[0, 0, 0, 0]]))
     turned = ras.as_reoriented(axcodes2ornt("PIL"))

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
+from medgen.Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
 from tests.conftest import ROOT, background, run_script, torchrun
 
 

@@ -9,12 +9,12 @@ import torch
 from monai.metrics.regression import compute_ms_ssim
 from skimage.metrics import peak_signal_noise_ratio
 
-from eval.obj_eval.core import metrics as M
-from eval.obj_eval.core.networks import (WEIGHT_FILES, InceptionFID, LPIPS, load_fid_network, load_lpips,
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.core.networks import (WEIGHT_FILES, InceptionFID, LPIPS, load_fid_network, load_lpips,
                                          lpips_heads_file, resolve_weights)
-from common.errors import UserError
-from common.features import ResNet50Features, sha256_of
-from Generation.TrainGen.generate import main as generate_main
+from medgen.common.errors import UserError
+from medgen.common.features import ResNet50Features, sha256_of
+from medgen.Generation.TrainGen.generate import main as generate_main
 from tests.conftest import run_script
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import torch
 
-from eval.obj_eval.core import metrics as M
-from eval.obj_eval.core.evaluate import Options, evaluate, write_outputs
-from eval.obj_eval.core.inputs import load_set
-from eval.obj_eval.core.report import markdown
-from common.data import GENERATED_MARKER
-from Generation.TrainGen.core.generation.writers import ROWS_DIR, nifti_bytes, sample_id, write_manifest
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.core.evaluate import Options, evaluate, write_outputs
+from medgen.eval.obj_eval.core.inputs import load_set
+from medgen.eval.obj_eval.core.report import markdown
+from medgen.common.data import GENERATED_MARKER
+from medgen.Generation.TrainGen.core.generation.writers import ROWS_DIR, nifti_bytes, sample_id, write_manifest
 from tests.helpers_nifti import mask_volume, save
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.metrics.regression import compute_ms_ssim
 
-from eval.obj_eval.core import evaluate as E
-from eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.core import evaluate as E
+from medgen.eval.obj_eval.core import metrics as M
 from tests.conftest import run_script
 from tests.test_eval import paired_set, weights  # noqa: F401  (fixtures)
 

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from common.errors import UserError
-from common.neighbours import order_threshold
-from common.splits import digest
-from eval.obj_eval.core import metrics as M
-from eval.obj_eval.utility import audit, data, report, scores, study
-from eval.obj_eval.utility.cli import choose_primary
-from eval.obj_eval.utility.cli import main as utility_main
-from Generation.TrainGen.core.phantom import make_subject, write_subject
+from medgen.common.errors import UserError
+from medgen.common.neighbours import order_threshold
+from medgen.common.splits import digest
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.utility import audit, data, report, scores, study
+from medgen.eval.obj_eval.utility.cli import choose_primary
+from medgen.eval.obj_eval.utility.cli import main as utility_main
+from medgen.Generation.TrainGen.core.phantom import make_subject, write_subject
 from tests.test_utility import FAST, _lesions
 
 SHAPE = (64, 64, 48)
@@ -223,9 +223,9 @@ def flat_brain(tmp_path_factory):
 
 def generator_folder(tmp_path, root, split_seed=0, val_fraction=0.2):
     """A synthetic folder whose generation.json records the generator's split of the flat dataset."""
-    from common import data as nifti
-    from common.splits import units_record
-    from common.data import DataConfig
+    from medgen.common import data as nifti
+    from medgen.common.splits import units_record
+    from medgen.common.data import DataConfig
     cfg = DataConfig(data_dir=str(root), split_seed=split_seed, val_fraction=val_fraction)
     splits = nifti.find_splits(root, nifti.layout_from_config(cfg), val_fraction, split_seed)
     synth = tmp_path / "synth"
@@ -248,7 +248,7 @@ def test_flat_folder_follows_the_generator_split_and_refuses_its_training_subjec
 
 
 def test_trained_runs_record_their_units_and_generation_copies_them(tiny_models, demo_root, tmp_path):
-    from Generation.TrainGen.generate import main as generate_main
+    from medgen.Generation.TrainGen.generate import main as generate_main
     out = tmp_path / "g"
     assert generate_main(["--image_model", str(tiny_models["bravo_rflow"]), "--masks_from",
                           str(demo_root / "brain" / "val"), "--num_images", "2", "--num_steps", "2",
@@ -269,7 +269,7 @@ def test_trained_runs_record_their_units_and_generation_copies_them(tiny_models,
 
 
 def test_memorization_needs_the_training_data(tmp_path, demo_root):
-    from eval.obj_eval.core.evaluate import Options, downstream_records
+    from medgen.eval.obj_eval.core.evaluate import Options, downstream_records
     o = Options(str(demo_root / "brain" / "val"), str(demo_root / "brain" / "val"), metrics=("memorization",))
     rec = downstream_records(o, {"memorization"}, "cpu")[0]
     assert rec["available"] is False and "needs --real-train-dir" in rec["reason"]
@@ -337,8 +337,8 @@ def test_prdc_matches_the_reference_package_with_duplicates():
 
 # ---------------------------------------------------------------- latent sampling
 def _autoencoder_run(tmp_path):
-    from Generation.TrainGen.core.config import build_config, to_dict
-    from Generation.TrainGen.core.latent import build_autoencoder
+    from medgen.Generation.TrainGen.core.config import build_config, to_dict
+    from medgen.Generation.TrainGen.core.latent import build_autoencoder
     cfg = build_config({"mode": {"name": "bravo"}, "latent": {"channels": [4, 4], "latent_channels": 2}})
     torch.manual_seed(0)
     net = build_autoencoder(cfg.latent, 2, 1)
@@ -350,9 +350,9 @@ def _autoencoder_run(tmp_path):
 
 
 def test_latent_ddpm_samplers_do_not_clip_unit_variance_latents(tmp_path):
-    from Generation.TrainGen.core.config import build_config
-    from Generation.TrainGen.core.samplers import SAMPLERS
-    from Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.config import build_config
+    from medgen.Generation.TrainGen.core.samplers import SAMPLERS
+    from medgen.Generation.TrainGen.core.trainer import build_parts
     from tests.test_strategies import oracle
     cfg = build_config({"mode": {"name": "bravo"}, "strategy": {"name": "ddpm", "num_timesteps": 100},
                         "data": {"image_size": 16}, "latent": {"autoencoder": str(_autoencoder_run(tmp_path)),
@@ -375,8 +375,8 @@ def test_latent_ddpm_samplers_do_not_clip_unit_variance_latents(tmp_path):
 
 
 def test_clip_sample_true_is_refused_in_latent_space(tmp_path):
-    from Generation.TrainGen.core.config import build_config
-    from Generation.TrainGen.core.run import preflight
+    from medgen.Generation.TrainGen.core.config import build_config
+    from medgen.Generation.TrainGen.core.run import preflight
     cfg = build_config({"mode": {"name": "bravo"}, "strategy": {"ddpm": {"clip_sample": True}},
                         "latent": {"autoencoder": str(tmp_path / "ae")}})
     with pytest.raises(UserError, match="clip_sample true with --latent"):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from common.errors import UserError
-from common.features import (ResNet50Features, load_radimagenet, perceptual_distance,
+from medgen.common.errors import UserError
+from medgen.common.features import (ResNet50Features, load_radimagenet, perceptual_distance,
                                                sha256_of)
 from tests.test_training import make_trainer, tiny_cfg
 
@@ -124,6 +124,6 @@ def test_keras_port_layout_loads_and_matches_its_own_forward(tmp_path):
     with torch.no_grad():
         expected = ref(ResNet50Features.preprocess(x)).mean((2, 3))
         assert torch.allclose(net.pooled(x), expected, atol=1e-5)
-    from eval.obj_eval.core.networks import load_fid_network
+    from medgen.eval.obj_eval.core.networks import load_fid_network
     fid_net, digest = load_fid_network("radimagenet", path)
     assert digest == sha256_of(path)

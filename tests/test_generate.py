@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from Generation.TrainGen.core.generation.conditions import MaskFilter
-from Generation.TrainGen.core.generation.writers import read_rows, sample_seed
-from Generation.TrainGen.generate import main as generate_main
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.generation.conditions import MaskFilter
+from medgen.Generation.TrainGen.core.generation.writers import read_rows, sample_seed
+from medgen.Generation.TrainGen.generate import main as generate_main
 from tests.conftest import ROOT, run_script, torchrun
 
 GEN = "Generation/TrainGen/generate.py"
@@ -63,8 +63,8 @@ def test_manifest_lists_every_file_with_provenance(reference, tiny_models):
     listed = {f for r in rows for f in r["files"].split(";")}
     on_disk = {str(p.relative_to(reference)) for p in reference.rglob("sample_*/*") if p.is_file()}
     assert listed == on_disk
-    from Generation.TrainGen.core.checkpoint import best_checkpoint
-    from common.features import sha256_of
+    from medgen.Generation.TrainGen.core.checkpoint import best_checkpoint
+    from medgen.common.features import sha256_of
     r = rows[3]
     assert r["checkpoint_sha256"] == sha256_of(best_checkpoint(tiny_models["bravo"]))
     assert r["seg_checkpoint_sha256"] == sha256_of(best_checkpoint(tiny_models["seg"]))
@@ -168,7 +168,7 @@ def test_class_counts_are_honoured(tiny_models, tmp_path):
     assert [r["class"] for r in rows] == ["melanoma"] * 5 + ["vascular"] * 2
     assert {r["guidance"] for r in rows} == {"2.0"}
     # the folder reads back as a class image dataset
-    from common.imagefolder import find_image_splits
+    from medgen.common.imagefolder import find_image_splits
     splits, classes, problems = find_image_splits(out, None, 0.0, 0)
     assert classes == ["melanoma", "vascular"] and len(splits["train"]) == 7 and not problems
 
@@ -227,9 +227,9 @@ def test_changed_settings_into_the_same_folder_are_refused(tiny_models, referenc
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_network_output_does_not_depend_on_the_batch(preset):
     import torch
-    from Generation.TrainGen.core.config import build_config
-    from Generation.TrainGen.core.generation.models import BatchInvariant
-    from Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.config import build_config
+    from medgen.Generation.TrainGen.core.generation.models import BatchInvariant
+    from medgen.Generation.TrainGen.core.network import build_unet
     torch.manual_seed(0)
     net = build_unet(build_config({"model": {"preset": preset}}).model, 2, 1, num_class_embeds=3)
     for p in net.parameters():

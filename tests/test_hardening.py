@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.fileio import safe_load
-from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
-from common.errors import UserError
-from common.fileio import remove_stale_tmp
-from Generation.TrainGen.core.run import train
-from Generation.TrainGen.generate import main as generate_main
+from medgen.common.fileio import safe_load
+from medgen.Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
+from medgen.common.errors import UserError
+from medgen.common.fileio import remove_stale_tmp
+from medgen.Generation.TrainGen.core.run import train
+from medgen.Generation.TrainGen.generate import main as generate_main
 from tests.conftest import run_script
 from tests.test_training import make_trainer, tiny_cfg
 

@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common import locks
-from common.data import read_volume
-from common.errors import UserError
-from common.imagefolder import read_labels_csv
-from common.names import check_name, inside
-from Generation.TrainGen.core.config import build_config
+from medgen.common import locks
+from medgen.common.data import read_volume
+from medgen.common.errors import UserError
+from medgen.common.imagefolder import read_labels_csv
+from medgen.common.names import check_name, inside
+from medgen.Generation.TrainGen.core.config import build_config
 from tests.conftest import ROOT, run_script
 
 TRAIN, GENERATE = "Generation/TrainGen/train.py", "Generation/TrainGen/generate.py"
@@ -184,7 +184,7 @@ def test_a_second_training_on_a_running_folder_is_refused_then_allowed(running_t
 
 
 def test_output_folder_settings_are_created_once(tmp_path):
-    from Generation.TrainGen.core.generation.writers import open_output_dir
+    from medgen.Generation.TrainGen.core.generation.writers import open_output_dir
     open_output_dir(tmp_path, "generation.json", {"seed": 1})
     with pytest.raises(UserError, match="different settings \\(seed\\)"):
         open_output_dir(tmp_path, "generation.json", {"seed": 2})
@@ -202,8 +202,8 @@ def test_output_folder_settings_are_created_once(tmp_path):
 
 # ---------------------------------------------------------------- latent roles, plugins
 def test_latent_run_refuses_an_autoencoder_of_another_role(tmp_path):
-    from Generation.TrainGen.core.latent import check_fits, load_autoencoder
-    from Generation.TrainGen.core.modes import MODES
+    from medgen.Generation.TrainGen.core.latent import check_fits, load_autoencoder
+    from medgen.Generation.TrainGen.core.modes import MODES
     from tests.test_evidence import _autoencoder_run
     ae = load_autoencoder(_autoencoder_run(tmp_path))
     seg = MODES["seg"](build_config({"mode": {"name": "seg"}}).mode, None, None)
@@ -228,8 +228,8 @@ def test_plugins_that_replace_exit_or_register_junk(tmp_path, body, message):
 
 
 def test_two_plugins_with_one_name_and_an_explicit_override(tmp_path):
-    from Generation.TrainGen.core import plugins
-    from Generation.TrainGen.core.modes import MODES
+    from medgen.Generation.TrainGen.core import plugins
+    from medgen.Generation.TrainGen.core.modes import MODES
     saved, loaded = dict(MODES), dict(plugins._loaded)
     mode = ("from Generation.TrainGen.core.modes import MODES, TrainingMode\nclass T(TrainingMode):\n    pass\n"
             "MODES['t2'] = T\n")
@@ -287,7 +287,7 @@ def test_check_data_refuses_a_complex_volume_and_skip_bad_skips_it(demo_root, tm
     ({"in_channels": 1}, "in_channels 1 contradicts the weights"),
 ])
 def test_broken_diffusers_configs_are_one_line(tmp_path, change, message):
-    from Generation.TrainGen.core import pretrained
+    from medgen.Generation.TrainGen.core import pretrained
     from tests.test_pretrained import save_pipeline
     save_pipeline(tmp_path / "pipe")
     conf_path = tmp_path / "pipe" / "unet" / "config.json"
@@ -297,7 +297,7 @@ def test_broken_diffusers_configs_are_one_line(tmp_path, change, message):
 
 
 def test_a_pickled_bin_and_absurd_sizes_are_refused(tmp_path):
-    from Generation.TrainGen.core import pretrained
+    from medgen.Generation.TrainGen.core import pretrained
     from tests.test_pretrained import save_pipeline
     save_pipeline(tmp_path / "pipe")
     unet = tmp_path / "pipe" / "unet"
@@ -319,7 +319,7 @@ def test_a_pickled_bin_and_absurd_sizes_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- manifest privacy, wording
 def test_anonymized_sources_keep_pairing(tiny_models, demo_root, tmp_path):
-    from eval.obj_eval.core.inputs import load_set, pair
+    from medgen.eval.obj_eval.core.inputs import load_set, pair
     out = tmp_path / "anon"
     val = demo_root / "brain" / "val"
     assert run_script(GENERATE, "--image_model", str(tiny_models["bravo"]), "--masks_from", str(val),
@@ -335,8 +335,8 @@ def test_anonymized_sources_keep_pairing(tiny_models, demo_root, tmp_path):
 
 
 def test_memorization_flag_is_named_in_its_own_errors(tmp_path):
-    from eval.obj_eval.utility.data import dataset_root
+    from medgen.eval.obj_eval.utility.data import dataset_root
     with pytest.raises(UserError, match="^--real-train-dir .*folder does not exist"):
         dataset_root(tmp_path / "missing", "--real-train-dir")
-    from common.errors import grid_text
+    from medgen.common.errors import grid_text
     assert grid_text((48, 64, 80)) == "64x80x48"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from config.paths import REPO_ROOT, PathConfig
+from medgen.config.paths import REPO_ROOT, PathConfig
 from tests.conftest import run_script
 from tests.helpers_nifti import mask_volume, pattern_volume, save
 

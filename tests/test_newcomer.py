@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from Generation.TrainGen.core.run import train
+from medgen.Generation.TrainGen.core.run import train
 from tests.test_training import tiny_cfg
 
 
@@ -43,7 +43,7 @@ def test_a_chain_from_an_untrained_seg_model_stops_fast_and_says_why(tiny_models
 def test_the_mask_filter_has_a_pixel_floor():
     import numpy as np
 
-    from Generation.TrainGen.core.generation.conditions import MaskFilter
+    from medgen.Generation.TrainGen.core.generation.conditions import MaskFilter
     one = np.zeros((32, 32))
     one[3, 3] = 1                                        # 1/1024 of the image passes 0.0005, not 4 pixels
     assert MaskFilter().reason(one) == "too small"
@@ -63,8 +63,8 @@ def test_unconditional_samples_from_a_guidance_model(tiny_models, tmp_path):
 def test_symlinked_subject_folders_read_everywhere(demo_root, tmp_path):
     import os
 
-    from common.data import is_nifti_dataset
-    from eval.obj_eval.core.inputs import load_set
+    from medgen.common.data import is_nifti_dataset
+    from medgen.eval.obj_eval.core.inputs import load_set
     linked = tmp_path / "linked"
     linked.mkdir()
     for subject in sorted((demo_root / "brain" / "val").iterdir()):

@@ -1,7 +1,7 @@
 import numpy as np
 
-from common import data as nifti
-from Generation.TrainGen.core.phantom import LESION_CLASSES, make_lesion_image, make_subject
+from medgen.common import data as nifti
+from medgen.Generation.TrainGen.core.phantom import LESION_CLASSES, make_lesion_image, make_subject
 
 
 def test_deterministic_by_seed():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from common.errors import UserError
-from Generation.TrainGen.core import pretrained
-from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.modes import MODES
-from Generation.TrainGen.core.network import build_unet
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core import pretrained
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.Generation.TrainGen.core.modes import MODES
+from medgen.Generation.TrainGen.core.network import build_unet
 from tests.conftest import run_script
 
 

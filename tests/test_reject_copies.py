@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.neighbours import CopyIndex
-from common.errors import UserError
-from Generation.TrainGen.core.generate import COPY, Job, draw_checked
-from Generation.TrainGen.core.generation.copies import CopyCheck
-from Generation.TrainGen.core.generation.models import load_model
-from Generation.TrainGen.generate import main as generate_main
+from medgen.common.neighbours import CopyIndex
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.generate import COPY, Job, draw_checked
+from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
+from medgen.Generation.TrainGen.core.generation.models import load_model
+from medgen.Generation.TrainGen.generate import main as generate_main
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_copy_distance_against_a_direct_computation():
 
 
 def test_threshold_is_the_heldout_order_statistic(rflow_model):
-    from Generation.TrainGen.core.datasource import data_source
+    from medgen.Generation.TrainGen.core.datasource import data_source
     check = CopyCheck.for_model(rflow_model)
     src = data_source(rflow_model.cfg)
     train, val = src.split(rflow_model.cfg.data, "train"), src.split(rflow_model.cfg.data, "val")
@@ -68,8 +68,8 @@ def test_rejected_samples_are_redrawn_from_their_next_seed(rflow_model, tmp_path
     assert all(f["copy_rejections"] == 2 for f in fields.values())                            # max_attempts
     assert job.rejections[COPY] == 6 and not torch.equal(redrawn, plain)
     job2 = Job(mode="bravo", output_dir=tmp_path, num_images=3, batch_size=3, image_model=rflow_model, seed=0)
-    from Generation.TrainGen.core.generate import draw
-    from Generation.TrainGen.core.generation.writers import IMAGE_STREAM, sample_seed
+    from medgen.Generation.TrainGen.core.generate import draw
+    from medgen.Generation.TrainGen.core.generation.writers import IMAGE_STREAM, sample_seed
     direct = draw(job2, rflow_model, [sample_seed(0, i, IMAGE_STREAM, 2) for i in range(3)], cond)
     assert torch.equal(redrawn, direct)                      # the kept sample is its attempt-2 seed's, as recorded
     assert fields[1]["sample_seed"] == sample_seed(0, 1, IMAGE_STREAM, 2)

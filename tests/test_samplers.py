@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.samplers import SAMPLERS, nfe
-from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.strategies.rflow import resolution_shift
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.Generation.TrainGen.core.samplers import SAMPLERS, nfe
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.strategies.rflow import resolution_shift
 
 T = 1000
 
@@ -115,7 +115,7 @@ def test_training_and_sampling_use_the_same_shift(shape, expected):
 
 def test_sampling_loop_uses_the_new_samplers_end_to_end():
     """sample() hands Heun the network through its state and counts 2n - 1 evaluations."""
-    from Generation.TrainGen.core.sampling import sample
+    from medgen.Generation.TrainGen.core.sampling import sample
 
     class Mode:
         calls = 0

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from Generation.TrainGen.core.config import build_config
-from common.errors import UserError
-from Generation.TrainGen.core.generation.models import resolve_glob
-from common.imagefolder import read_labels_csv
-from Generation.TrainGen.core.modes import MODES, Mode, TrainingMode
-from Generation.TrainGen.core.strategies import DiffusionStrategy, Strategy
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.generation.models import resolve_glob
+from medgen.common.imagefolder import read_labels_csv
+from medgen.Generation.TrainGen.core.modes import MODES, Mode, TrainingMode
+from medgen.Generation.TrainGen.core.strategies import DiffusionStrategy, Strategy
 from tests.conftest import run_script
 
 TRAIN = "Generation/TrainGen/train.py"
@@ -30,7 +30,7 @@ def test_model_glob_resolves_to_exactly_one(tmp_path):
 
 
 def test_generate_takes_a_glob_for_a_run(tiny_models, demo_root, tmp_path):
-    from Generation.TrainGen.generate import main as generate_main
+    from medgen.Generation.TrainGen.generate import main as generate_main
     pattern = str(tiny_models["bravo_rflow"]).replace("bravo_rflow", "bravo_rfl*")
     assert generate_main(["--image_model", pattern, "--num_images", "2", "--num_steps", "2", "--masks_from",
                           str(demo_root / "brain" / "val"), "--output_dir", str(tmp_path / "o"), "--device",
@@ -41,8 +41,8 @@ def test_generate_takes_a_glob_for_a_run(tiny_models, demo_root, tmp_path):
 def test_run_name_template_and_documented_defaults(tmp_path, monkeypatch):
     cfg = build_config()
     assert cfg.mode.name == "seg" and cfg.runtime.val_interval == 30
-    from Generation.TrainGen.core.run import resolve_run_dir
-    from Generation.TrainGen.core.runtime import init_runtime
+    from medgen.Generation.TrainGen.core.run import resolve_run_dir
+    from medgen.Generation.TrainGen.core.runtime import init_runtime
     cfg = build_config({"paths": {"run_name": "Diffusion_{mode}_{image_size}_{timestamp}"}})
     run = resolve_run_dir(cfg, init_runtime(cfg.runtime))
     assert run.name.startswith("Diffusion_seg_128_")
@@ -122,7 +122,7 @@ def test_isic_csv_trains_through_check_data(tmp_path):
 
 
 def test_ms_ssim_diversity_needs_no_real_dir(tiny_models, tmp_path):
-    from Generation.TrainGen.generate import main as generate_main
+    from medgen.Generation.TrainGen.generate import main as generate_main
     out = tmp_path / "lesions"
     assert generate_main(["--image_model", str(tiny_models["class"]), "--num_images", "4", "--num_steps", "2",
                           "--sampler", "ddim", "--output_dir", str(out), "--device", "cpu"]) == 0

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import UserError
-from Generation.TrainGen.core.run import train
-from Generation.TrainGen.core.segment_images import dice_iou
-from Generation.TrainGen.generate import main as generate_main
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.run import train
+from medgen.Generation.TrainGen.core.segment_images import dice_iou
+from medgen.Generation.TrainGen.generate import main as generate_main
 from tests.test_training import tiny_cfg
 
 
@@ -111,7 +111,7 @@ def test_nifti_images_with_masks(demo_root, tmp_path, tiny_models):
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt
     import torch
-    from common.data import fit_square, read_volume, to_slices
+    from medgen.common.data import fit_square, read_volume, to_slices
     subject = sorted((demo_root / "brain" / "val").iterdir())[0]
     turned = tmp_path / "turned" / subject.name
     turned.mkdir(parents=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.samplers import SAMPLERS
-from Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.Generation.TrainGen.core.samplers import SAMPLERS
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
 
 
 class CrossDeviceCopies(TorchDispatchMode):
@@ -98,10 +98,10 @@ def test_compiled_training_has_no_graph_break_and_no_recompile(demo_root, tmp_pa
 
 @pytest.mark.parametrize("strategy,shape", [("rflow", (8, 8)), ("ddpm", (4, 8, 8))])
 def test_compiled_sampling_is_one_graph_for_every_step(strategy, shape):
-    from Generation.TrainGen.core.generation.models import BatchInvariant
-    from Generation.TrainGen.core.network import build_unet
-    from Generation.TrainGen.core.sampling import sample
-    from Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.generation.models import BatchInvariant
+    from medgen.Generation.TrainGen.core.network import build_unet
+    from medgen.Generation.TrainGen.core.sampling import sample
+    from medgen.Generation.TrainGen.core.trainer import build_parts
     _fresh_dynamo()
     cfg = build_config({"model": {"preset": "tiny"}, "strategy": {"name": strategy},
                         "mode": {"name": "bravo"}, "data": {"image_size": 8, "spatial_dims": len(shape),
@@ -119,7 +119,7 @@ def test_compiled_sampling_is_one_graph_for_every_step(strategy, shape):
 
 # ---------------------------------------------------------------- writing, auto batch, metrics, harness
 def test_a_failed_write_surfaces_in_the_main_loop(tmp_path, monkeypatch):
-    from Generation.TrainGen.core import generate as G
+    from medgen.Generation.TrainGen.core import generate as G
     calls = []
 
     def failing(job, i, arrays, row):
@@ -134,13 +134,13 @@ def test_a_failed_write_surfaces_in_the_main_loop(tmp_path, monkeypatch):
 
 
 def test_auto_batch_stops_where_throughput_stops_growing():
-    from Generation.TrainGen.core.autobatch import plateau_batch
+    from medgen.Generation.TrainGen.core.autobatch import plateau_batch
     assert plateau_batch({8: 100.0, 16: 180.0, 32: 300.0, 64: 310.0, 128: 312.0}) == 32
     assert plateau_batch({8: 100.0, 16: 200.0}) == 16
 
 
 def test_ms_ssim_in_float32_matches_float64():
-    from eval.obj_eval.core import metrics as M
+    from medgen.eval.obj_eval.core import metrics as M
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 64, 64, generator=g)
     y = (x + 0.1 * torch.randn(4, 1, 64, 64, generator=g)).clamp(0, 1)

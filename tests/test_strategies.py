@@ -3,11 +3,11 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from Generation.TrainGen.core.config import build_config
-from Generation.TrainGen.core.losses import min_snr_weight
-from Generation.TrainGen.core.samplers import SAMPLERS
-from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.strategies.base import expand
+from medgen.Generation.TrainGen.core.config import build_config
+from medgen.Generation.TrainGen.core.losses import min_snr_weight
+from medgen.Generation.TrainGen.core.samplers import SAMPLERS
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.strategies.base import expand
 
 VARIANTS = [("ddpm", {"ddpm": {"prediction": "epsilon"}}),
             ("ddpm", {"ddpm": {"prediction": "v", "schedule": "cosine"}}),

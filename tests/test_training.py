@@ -3,19 +3,19 @@ import math
 import pytest
 import torch
 
-from Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
-from Generation.TrainGen.core.config import build_config, load_yaml
-from common.dataset import SliceData
-from Generation.TrainGen.core.datasource import data_source
-from common.errors import UserError
-from Generation.TrainGen.core.modes import MODES
-from Generation.TrainGen.core.modes.base import Mode
-from Generation.TrainGen.core.run import train
-from Generation.TrainGen.core.runtime import init_runtime
-from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
-from Generation.TrainGen.core.trainer import DiffusionTrainer
-from config.paths import REPO_ROOT
+from medgen.Generation.TrainGen.core.checkpoint import list_checkpoints, load_checkpoint
+from medgen.Generation.TrainGen.core.config import build_config, load_yaml
+from medgen.common.dataset import SliceData
+from medgen.Generation.TrainGen.core.datasource import data_source
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.modes import MODES
+from medgen.Generation.TrainGen.core.modes.base import Mode
+from medgen.Generation.TrainGen.core.run import train
+from medgen.Generation.TrainGen.core.runtime import init_runtime
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
+from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
+from medgen.config.paths import REPO_ROOT
 
 TINY = load_yaml(REPO_ROOT / "config" / "tiny.yaml")
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from common.errors import UserError
-from Generation.TrainGen.core.phantom import make_lesion_image, make_subject, write_subject
-from eval.obj_eval.utility import audit, data, models, scores, study
-from eval.obj_eval.utility.cli import main as utility_main
+from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.phantom import make_lesion_image, make_subject, write_subject
+from medgen.eval.obj_eval.utility import audit, data, models, scores, study
+from medgen.eval.obj_eval.utility.cli import main as utility_main
 from tests.conftest import run_script
 
 SHAPE = (64, 64, 48)   # read at 32 px, as the demo
@@ -320,7 +320,7 @@ def test_bad_input_is_one_clear_line(brain, real, tmp_path):
 
 def test_run_evaluation_downstream_metrics(brain, real, tmp_path):
     """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections, one row per number."""
-    from eval.obj_eval.run_evaluation import main as evaluation_main
+    from medgen.eval.obj_eval.run_evaluation import main as evaluation_main
     synth = write_pairs(tmp_path / "synth", real["test"].images, real["test"].targets.roll((12, 12), dims=(-2, -1)))
     out = tmp_path / "eval"
     assert evaluation_main(["--synthetic_dir", str(synth), "--real_dir", str(brain / "test"), "--real_train_dir",

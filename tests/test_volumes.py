@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from monai.metrics import SSIMMetric
 from PIL import Image
 
-from common import data as nifti
-from common.dataset import load_split
-from common.errors import UserError
-from common.features import ResNet50Features
-from common.grid import mid_planes
-from config.paths import REPO_ROOT
-from eval.obj_eval.core import metrics as M
-from Generation.TrainGen.core.config import build_config, load_yaml
-from Generation.TrainGen.core.run import train
+from medgen.common import data as nifti
+from medgen.common.dataset import load_split
+from medgen.common.errors import UserError
+from medgen.common.features import ResNet50Features
+from medgen.common.grid import mid_planes
+from medgen.config.paths import REPO_ROOT
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.Generation.TrainGen.core.config import build_config, load_yaml
+from medgen.Generation.TrainGen.core.run import train
 from tests.conftest import run_script
 from tests.helpers_nifti import save
 from tests.test_training import tiny_cfg
@@ -360,7 +360,7 @@ def test_segment_volumes_and_class_latents_reach_generation(demo_root, tmp_path)
 def test_volume_autoencoder_perceptual_term_is_2_5d(demo_root, tmp_path):
     """With RadImageNet weights (made here), a volume autoencoder's perceptual term is the mean of three
     per-axis distances on a fifth of the slices: zero for a perfect reconstruction, positive otherwise."""
-    from Generation.TrainGen.core.autoencoder import perceptual_term, slice_sample
+    from medgen.Generation.TrainGen.core.autoencoder import perceptual_term, slice_sample
     torch.manual_seed(0)
     net = ResNet50Features().eval()
     x = torch.rand(2, 1, 10, 16, 20) * 2 - 1

@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from config.paths import PathConfig  # noqa: E402
-from common.cli import HelpFormatter  # noqa: E402
-from common.errors import UserError, run_main  # noqa: E402
-from Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
-from Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_demo_data  # noqa: E402
+from medgen.config.paths import PathConfig  # noqa: E402
+from medgen.common.cli import HelpFormatter  # noqa: E402
+from medgen.common.errors import UserError, run_main  # noqa: E402
+from medgen.Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
+from medgen.Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_demo_data  # noqa: E402
 
 
 def main() -> int:

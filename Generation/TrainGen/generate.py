@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.cli import HelpFormatter, add_flag  # noqa: E402
-from Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
-from common.errors import UserError, run_main, shape_text  # noqa: E402
+from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
+from medgen.Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
+from medgen.common.errors import UserError, run_main, shape_text  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,10 +104,10 @@ def check_counts(args, flags) -> None:
 
 
 def build_job(args, rt):
-    from Generation.TrainGen.core.generate import Job, split_work
-    from Generation.TrainGen.core.generation.conditions import (MaskFilter, load_real_conditions, parse_class_counts,
+    from medgen.Generation.TrainGen.core.generate import Job, split_work
+    from medgen.Generation.TrainGen.core.generation.conditions import (MaskFilter, load_real_conditions, parse_class_counts,
                                                                  parse_class_models)
-    from Generation.TrainGen.core.generation.models import load_model
+    from medgen.Generation.TrainGen.core.generation.models import load_model
     check_counts(args, ("batch_size", "num_images", "num_steps", "seg_num_steps", "max_attempts"))
     if args.output_size is not None and args.output_size < 8:
         raise UserError("--output_size must be at least 8")
@@ -207,7 +207,7 @@ def build_job(args, rt):
         if mode.makes_masks:
             raise UserError("--reject_copies applies to image modes (the generated images are compared with the "
                             "training images); seg mode makes masks")
-        from Generation.TrainGen.core.generation.copies import CopyCheck
+        from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
         job.copy_check = CopyCheck.for_model(job.main_model)
         print(f"reject copies: copy distance threshold {job.copy_check.threshold:.4f} (1st-percentile order statistic "
               f"of {job.copy_check.n_heldout} validation images' distances to {job.copy_check.n_train} training "
@@ -221,7 +221,7 @@ def sampler_note(model) -> str | None:
     if model is None:
         return None
     grid = model.strategy.check_sampler(model.cfg.strategy.sampler)
-    from Generation.TrainGen.core.generation.models import run_steps
+    from medgen.Generation.TrainGen.core.generation.models import run_steps
     grid_steps = run_steps(model.cfg, model.strategy, grid)
     if (grid, grid_steps) == (model.sampler, model.steps):
         return None
@@ -232,8 +232,8 @@ def sampler_note(model) -> str | None:
 
 def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> None:
     """--balance and --class_model: the classes to draw, how many of each, and the model of each class."""
-    from Generation.TrainGen.core.generate import model_classes
-    from Generation.TrainGen.core.generation.conditions import balance_counts
+    from medgen.Generation.TrainGen.core.generate import model_classes
+    from medgen.Generation.TrainGen.core.generation.conditions import balance_counts
     main = job.image_model
     for name, path in class_paths.items():
         model = main if path == image_path else load(path, "--class_model", args.sampler, args.num_steps)
@@ -272,8 +272,8 @@ def plan_classes(job, args, class_paths: dict[str, str], image_path, load) -> No
 
 def segment_images(args, rt) -> int:
     """--images_from: masks (+ mean and uncertainty) for new images with a segment-mode model."""
-    from Generation.TrainGen.core.generation.models import load_model
-    from Generation.TrainGen.core.segment_images import read_images, segment
+    from medgen.Generation.TrainGen.core.generation.models import load_model
+    from medgen.Generation.TrainGen.core.segment_images import read_images, segment
     if not args.image_model or args.seg_model:
         raise UserError("--images_from needs --image_model RUN (a segment-mode model) and no --seg_model")
     check_counts(args, ("num_steps", "ensemble", "batch_size"))
@@ -297,9 +297,9 @@ def segment_images(args, rt) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     load_plugins(args.plugin)
-    from Generation.TrainGen.core.config import RuntimeConfig
-    from Generation.TrainGen.core.generate import run_job, throughput_line
-    from Generation.TrainGen.core.runtime import init_runtime, shutdown
+    from medgen.Generation.TrainGen.core.config import RuntimeConfig
+    from medgen.Generation.TrainGen.core.generate import run_job, throughput_line
+    from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rt = init_runtime(RuntimeConfig(seed=args.seed, device=args.device, multi_gpu=distributed))
     try:

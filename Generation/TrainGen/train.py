@@ -11,11 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.cli import HelpFormatter, add_flag  # noqa: E402
-from Generation.TrainGen.core.cli import add_config_flags, config_from_args  # noqa: E402
-from Generation.TrainGen.core.datasource import check_data  # noqa: E402
-from common.errors import run_main  # noqa: E402
-from Generation.TrainGen.core.plugins import load_plugins, plugin_paths  # noqa: E402
+from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
+from medgen.Generation.TrainGen.core.cli import add_config_flags, config_from_args  # noqa: E402
+from medgen.Generation.TrainGen.core.datasource import check_data  # noqa: E402
+from medgen.common.errors import run_main  # noqa: E402
+from medgen.Generation.TrainGen.core.plugins import load_plugins, plugin_paths  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     cfg = config_from_args(args)
     if args.check_data:
         return check_data(cfg, every_modality=args.mode is None)
-    from Generation.TrainGen.core.run import train
+    from medgen.Generation.TrainGen.core.run import train
     return train(cfg)
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.cli import HelpFormatter  # noqa: E402
-from eval.obj_eval.core.cli import add_flag  # noqa: E402
-from common.errors import UserError, run_main  # noqa: E402
-from common.fileio import atomic_write_text  # noqa: E402
+from medgen.common.cli import HelpFormatter  # noqa: E402
+from medgen.eval.obj_eval.core.cli import add_flag  # noqa: E402
+from medgen.common.errors import UserError, run_main  # noqa: E402
+from medgen.common.fileio import atomic_write_text  # noqa: E402
 
 
 def load(path: str) -> tuple[Path, dict]:
@@ -32,7 +32,7 @@ def load(path: str) -> tuple[Path, dict]:
 def main(argv=None) -> int:
     from tabulate import tabulate
 
-    from eval.obj_eval.core.report import markdown, plot_metrics
+    from medgen.eval.obj_eval.core.report import markdown, plot_metrics
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_flag(p, "results", nargs="+", required=True, help="metrics.json files or their folders")
     add_flag(p, "output", default=None, help="Markdown file (default: report.md beside the first results)")

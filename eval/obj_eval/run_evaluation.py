@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.cli import HelpFormatter  # noqa: E402
-from eval.obj_eval.core.cli import add_fid_flags, add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
-from common.errors import run_main  # noqa: E402
-from eval.obj_eval.utility.cli import add_downstream_flags, downstream_options  # noqa: E402
+from medgen.common.cli import HelpFormatter  # noqa: E402
+from medgen.eval.obj_eval.core.cli import add_fid_flags, add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
+from medgen.common.errors import run_main  # noqa: E402
+from medgen.eval.obj_eval.utility.cli import add_downstream_flags, downstream_options  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.errors import run_main  # noqa: E402
-from eval.obj_eval.utility.cli import main  # noqa: E402
+from medgen.common.errors import run_main  # noqa: E402
+from medgen.eval.obj_eval.utility.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(lambda: main(doc=__doc__))

@@ -16,11 +16,11 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from tqdm import tqdm
 
-from Generation.TrainGen.core.checkpoint import save_checkpoint
-from Generation.TrainGen.core.config import stored_config, to_dict
-from Generation.TrainGen.core.latent import build_autoencoder, downsample_factor, latent_shape
-from Generation.TrainGen.core.modes import MODES
-from common.errors import UserError, lookup, grid_text
+from medgen.Generation.TrainGen.core.checkpoint import save_checkpoint
+from medgen.Generation.TrainGen.core.config import stored_config, to_dict
+from medgen.Generation.TrainGen.core.latent import build_autoencoder, downsample_factor, latent_shape
+from medgen.Generation.TrainGen.core.modes import MODES
+from medgen.common.errors import UserError, lookup, grid_text
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def slice_sample(x: torch.Tensor, y: torch.Tensor, ratio: float = FAKE_3D_RATIO)
 def perceptual_term(net, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """RadImageNet perceptual distance of images in [-1, 1]; volumes: the mean over the three axes of the
     distance on a sample of their slices (2.5D)."""
-    from common.features import perceptual_distance
+    from medgen.common.features import perceptual_distance
     if x.dim() == 4:
         return perceptual_distance(net, (recon + 1) / 2, (x + 1) / 2).mean()
     return torch.stack([perceptual_distance(net, (a + 1) / 2, (b + 1) / 2).mean()
@@ -59,7 +59,7 @@ def perceptual_net(cfg, say):
     """The RadImageNet feature network for the perceptual term, or None (said once) when it cannot be used."""
     if cfg.latent.perceptual_weight <= 0:
         return None
-    from common.features import load_radimagenet
+    from medgen.common.features import load_radimagenet
     try:
         return load_radimagenet(cfg.optim.perceptual_weights, cfg.optim.perceptual_sha256)
     except UserError as err:
@@ -138,7 +138,7 @@ class AutoencoderTrainer:
 
     def resume(self, path) -> None:
         """Continue exactly where a checkpoint of this stage stopped (weights, optimizers, data position, RNG)."""
-        from Generation.TrainGen.core.checkpoint import load_checkpoint
+        from medgen.Generation.TrainGen.core.checkpoint import load_checkpoint
         state = load_checkpoint(path, self.say)
         if state.get("meta", {}).get("stage") != "autoencoder" or "opt" not in state:
             raise UserError(f"--resume {path}: not a checkpoint of an autoencoder stage")
@@ -157,7 +157,7 @@ class AutoencoderTrainer:
 
     def preempted(self) -> bool:
         """A <run>/.preempt request (the SLURM script's SIGUSR1 trap): checkpoint, leave .requeue, stop."""
-        from Generation.TrainGen.core.trainer import PREEMPT_FILE, leave_requeue_mark
+        from medgen.Generation.TrainGen.core.trainer import PREEMPT_FILE, leave_requeue_mark
         if self.run_dir is None or not (self.run_dir / PREEMPT_FILE).exists():
             return False
         self.checkpoint()
@@ -204,7 +204,7 @@ class AutoencoderTrainer:
     def write_grid(self) -> None:
         """Real images beside their reconstructions from the posterior mean (no random draw, so writing it
         changes nothing a resumed run would see); logged to TensorBoard as well."""
-        from common.grid import save_grid
+        from medgen.common.grid import save_grid
         n = min(8, len(self.data))
         x = self.mode.split({k: v.to(self.rt.device) for k, v in self.data.batch(torch.arange(n)).items()})[0]
         self.net.eval()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
-from common.fileio import atomic_write, safe_load
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write, safe_load
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 

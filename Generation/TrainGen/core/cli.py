@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from Generation.TrainGen.core.config import Config, build_config, load_yaml, parse_set
-from common.cli import add_flag
-from common.errors import UserError
+from medgen.Generation.TrainGen.core.config import Config, build_config, load_yaml, parse_set
+from medgen.common.cli import add_flag
+from medgen.common.errors import UserError
 
 # flag -> (config field, type); `None` type means a store_true flag that sets the given value
 TRAIN_FLAGS = {
@@ -34,10 +34,10 @@ def field_help(field: str) -> str:
     tp = typing.get_type_hints(type(defaults))[key]
     choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
     if field == "mode.name":
-        from Generation.TrainGen.core.modes import MODES
+        from medgen.Generation.TrainGen.core.modes import MODES
         choices = tuple(MODES)
     elif field == "strategy.name":
-        from Generation.TrainGen.core.strategies import STRATEGIES
+        from medgen.Generation.TrainGen.core.strategies import STRATEGIES
         choices = tuple(STRATEGIES)
     text = f"-> {field} (default {value})"
     return text[:-1] + f"; one of {', '.join(map(str, choices))})" if choices else text

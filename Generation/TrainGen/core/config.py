@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
-from common.data import DataConfig
-from common.errors import UserError, require as _check
-from common.fileio import atomic_write_text
+from medgen.common.data import DataConfig
+from medgen.common.errors import UserError, require as _check
+from medgen.common.fileio import atomic_write_text
 
 
 MAX_TIMESTEPS = 100_000      # published schedules use 1000; far more is a typo that would allocate first

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import data as nifti
-from common import imagefolder
-from common.dataset import SliceData, csv_columns, load_split, print_problems, scan_split
-from common.errors import lookup
+from medgen.common import data as nifti
+from medgen.common import imagefolder
+from medgen.common.dataset import SliceData, csv_columns, load_split, print_problems, scan_split
+from medgen.common.errors import lookup
 
 
 @dataclass
@@ -27,8 +27,8 @@ class DataSource:
 
 def data_source(cfg) -> DataSource:
     """Where the data of this config live and which modalities its mode reads."""
-    from config.paths import PathConfig
-    from Generation.TrainGen.core.modes import MODES
+    from medgen.config.paths import PathConfig
+    from medgen.Generation.TrainGen.core.modes import MODES
     mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode)
     paths = PathConfig.from_compute(cfg.paths.compute)
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)

@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.data import MASK_ROLE, fit_square
-from common.errors import UserError
-from common.locks import locked
-from common.splits import anonymous_key
-from Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
-from Generation.TrainGen.core.generation.copies import CopyCheck
-from Generation.TrainGen.core.generation.models import Model
-from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
+from medgen.common.data import MASK_ROLE, fit_square
+from medgen.common.errors import UserError
+from medgen.common.locks import locked
+from medgen.common.splits import anonymous_key
+from medgen.Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
+from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
+from medgen.Generation.TrainGen.core.generation.models import Model
+from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
                                                           open_output_dir, sample_id, sample_seed, write_manifest,
                                                           write_previews, write_sample)
-from common.grid import save_grid
-from Generation.TrainGen.core.sampling import sample
+from medgen.common.grid import save_grid
+from medgen.Generation.TrainGen.core.sampling import sample
 
 
 COPY = "copy of a training image"   # the --reject_copies entry of Job.rejections

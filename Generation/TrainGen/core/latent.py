@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
 
-from common.errors import UserError, grid_text
-from common.features import sha256_of
-from common.fileio import safe_load
+from medgen.common.errors import UserError, grid_text
+from medgen.common.features import sha256_of
+from medgen.common.fileio import safe_load
 
 SCALE_SAMPLES = 64   # training samples whose latents set the scale
 
@@ -49,7 +49,7 @@ class Autoencoder:
     """A trained autoencoder run, frozen: what a latent diffusion run needs of it."""
 
     def __init__(self, path, state: dict):
-        from Generation.TrainGen.core.config import stored_config
+        from medgen.Generation.TrainGen.core.config import stored_config
         self.path, self.meta = path, state["meta"]
         self.cfg = stored_config(state["config"])
         self.net = build_autoencoder(self.cfg.latent, self.meta["spatial_dims"], self.meta["channels"])
@@ -77,7 +77,7 @@ class Autoencoder:
 
 def load_autoencoder(path, flag: str = "--latent") -> Autoencoder:
     """An autoencoder run folder (its latest checkpoint) or checkpoint file; anything else is one clear error."""
-    from Generation.TrainGen.core.checkpoint import checkpoint_file
+    from medgen.Generation.TrainGen.core.checkpoint import checkpoint_file
     try:
         file = checkpoint_file(path)
     except UserError as err:

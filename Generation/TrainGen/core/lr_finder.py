@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from common.fileio import atomic_write, atomic_write_text
+from medgen.common.fileio import atomic_write, atomic_write_text
 
 
 def find_lr(tr, out_dir, lr_min=1e-6, lr_max=1.0, steps=100, n_probe=4) -> float:

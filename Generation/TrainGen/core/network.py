@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 # name -> channels, attention_levels, num_res_blocks, norm_num_groups, num_head_channels
 PRESETS = {

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from common.data import MASK_ROLE
+from medgen.common.data import MASK_ROLE
 
 DEMO_VERSION = 2
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")

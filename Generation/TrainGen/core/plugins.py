@@ -1,7 +1,7 @@
 """User plugins: a Python file that registers its own strategies or modes, without editing the package.
 
     # my_modes.py
-    from Generation.TrainGen.core.modes import MODES, TrainingMode
+    from medgen.Generation.TrainGen.core.modes import MODES, TrainingMode
     class T2Mode(TrainingMode): ...
     MODES["t2"] = T2Mode
 
@@ -10,17 +10,53 @@
 The file is run once, before the flags are read (so --mode/--strategy accept its names). It is code the user
 chose to run, given on the command line: a checkpoint never names a plugin to import. Registering a name that
 exists already (a built-in or another plugin's) is an error unless the plugin lists it in OVERRIDES; anything
-registered must be a Mode / Strategy class.
+registered must be a Mode / Strategy class. Plugins written for the seed's module names
+(`from Generation.TrainGen.core.modes import MODES`) keep working: while a plugin loads, those names are the
+same modules as medgen's (not second copies with registries of their own).
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 _loaded: dict[str, object] = {}
+SEED_ROOTS = ("Generation", "common", "config", "eval")   # the seed's top-level names, now medgen.<name>
+
+
+class SeedNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import Generation.X` gives the module object medgen.Generation.X (aliased in sys.modules)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in SEED_ROOTS:
+            return None
+        real = importlib.import_module(f"medgen.{name}")
+        return importlib.util.spec_from_loader(name, self, is_package=hasattr(real, "__path__"))
+
+    def create_module(self, spec):
+        real = sys.modules[f"medgen.{spec.name}"]
+        self.saved = real.__spec__       # the import system points __spec__ at the alias; put it back below
+        return real
+
+    def exec_module(self, module):
+        module.__spec__ = self.saved
+
+
+@contextlib.contextmanager
+def seed_names():
+    """The seed's module names resolve to medgen's modules (first in the finders: a checkout's own folders
+    on sys.path would otherwise load as second copies)."""
+    finder = SeedNames()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def plugin_paths(argv: list[str]) -> list[str]:
@@ -35,9 +71,9 @@ def plugin_paths(argv: list[str]) -> list[str]:
 
 
 def _registries() -> dict[str, tuple[dict, type]]:
-    from Generation.TrainGen.core.modes import MODES, Mode
-    from Generation.TrainGen.core.strategies import STRATEGIES
-    from Generation.TrainGen.core.strategies.base import Strategy
+    from medgen.Generation.TrainGen.core.modes import MODES, Mode
+    from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+    from medgen.Generation.TrainGen.core.strategies.base import Strategy
     return {"MODES": (MODES, Mode), "STRATEGIES": (STRATEGIES, Strategy)}
 
 
@@ -83,7 +119,8 @@ def load_plugins(paths: list[str]) -> None:
         sys.modules[spec.name] = module
         before = {name: dict(reg) for name, (reg, _) in _registries().items()}
         try:
-            spec.loader.exec_module(module)
+            with seed_names():
+                spec.loader.exec_module(module)
         except KeyboardInterrupt:
             raise
         except SystemExit as stop:   # a plugin must not end the run: that would exit 0 with nothing done

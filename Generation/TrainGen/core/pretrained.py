@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
-from common.fileio import safe_load
-from Generation.TrainGen.core.config import MAX_CHANNELS
+from medgen.common.errors import UserError
+from medgen.common.fileio import safe_load
+from medgen.Generation.TrainGen.core.config import MAX_CHANNELS
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MONAI_LINEAR = (1e-4, 2e-2)          # MONAI DDPMScheduler's linear_beta range, which the ddpm strategy uses
@@ -162,7 +162,7 @@ def scheduler_settings(sched: dict, flag: str = "--init_from") -> dict:
 def apply_to_config(cfg, folder: DiffusersFolder) -> tuple[object, list[str]]:
     """(the config with the pretrained architecture and schedule, notes). A schedule setting that differs from
     the scheduler's is an override when it is still the default, an error when it was set to something else."""
-    from Generation.TrainGen.core.config import StrategyConfig
+    from medgen.Generation.TrainGen.core.config import StrategyConfig
     notes = []
     if cfg.strategy.name != "ddpm":
         raise UserError(f"--init_from {folder.root}: diffusers UNet2DModel weights are DDPM weights; train them "

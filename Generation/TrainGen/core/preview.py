@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from common import data as nifti
-from common.grid import save_grid
-from common.imagefolder import find_image_splits, load_images
+from medgen.common import data as nifti
+from medgen.common.grid import save_grid
+from medgen.common.imagefolder import find_image_splits, load_images
 
 PREVIEW_ROLES = ["t1_pre", "t1_gd", "bravo"]
 

@@ -8,20 +8,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config.paths import PathConfig
-from Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints
-from Generation.TrainGen.core.config import save_config
-from common.dataset import print_problems
-from Generation.TrainGen.core.datasource import data_source
-from common.errors import UserError, grid_text, lookup, shape_text
-from Generation.TrainGen.core.latent import LatentMode, sample_shape
-from common.fileio import remove_stale_tmp
-from common.locks import acquire, release
-from Generation.TrainGen.core.modes import MODES
-from Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
-from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.runtime import init_runtime, shutdown
-from Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts, load_init_weights
+from medgen.config.paths import PathConfig
+from medgen.Generation.TrainGen.core.checkpoint import checkpoint_file, list_checkpoints
+from medgen.Generation.TrainGen.core.config import save_config
+from medgen.common.dataset import print_problems
+from medgen.Generation.TrainGen.core.datasource import data_source
+from medgen.common.errors import UserError, grid_text, lookup, shape_text
+from medgen.Generation.TrainGen.core.latent import LatentMode, sample_shape
+from medgen.common.fileio import remove_stale_tmp
+from medgen.common.locks import acquire, release
+from medgen.Generation.TrainGen.core.modes import MODES
+from medgen.Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown
+from medgen.Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts, load_init_weights
 
 
 class RunLogger:
@@ -143,7 +143,7 @@ def cache_on_device(setting: str, device, *sets) -> bool:
 
 
 def auto_batch_size(cfg, rt, parts):
-    from Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
+    from medgen.Generation.TrainGen.core.autobatch import SAFETY, find_batch_size
     bs = find_batch_size(cfg, rt, parts)
     k = bs / cfg.optim.batch_size
     rt.print(f"--batch_size auto: {bs} per GPU (at most {SAFETY:.0%} of the largest that fits, and where throughput "
@@ -189,7 +189,7 @@ def with_pretrained(cfg):
 
 def train_stage1(cfg) -> int:
     """train.py --stage autoencoder: the first stage of latent diffusion (core/autoencoder.py)."""
-    from Generation.TrainGen.core.autoencoder import train_autoencoder
+    from medgen.Generation.TrainGen.core.autoencoder import train_autoencoder
     lookup(MODES, cfg.mode.name, "--mode")
     for flag, given in (("--latent", cfg.latent.autoencoder), ("--init_from", cfg.runtime.init_from),
                         ("--multi_gpu", cfg.runtime.multi_gpu)):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
+from medgen.common.errors import UserError
 
 
 @dataclass

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from Generation.TrainGen.core.strategies.base import randn_like
+from medgen.Generation.TrainGen.core.strategies.base import randn_like
 
 
 def _scalars(strategy, t: float) -> tuple[float, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from Generation.TrainGen.core.samplers import SAMPLERS
+from medgen.Generation.TrainGen.core.samplers import SAMPLERS
 
 
 @torch.no_grad()

@@ -22,16 +22,16 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-from common import data as nifti
-from common import imagefolder
-from common.data import unfit_square
-from common.errors import UserError
-from common.fileio import atomic_write, atomic_write_text
-from common.locks import locked
-from common.names import inside
-from Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
+from medgen.common import data as nifti
+from medgen.common import imagefolder
+from medgen.common.data import unfit_square
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write, atomic_write_text
+from medgen.common.locks import locked
+from medgen.common.names import inside
+from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
                                                           sample_seed, write_manifest)
-from Generation.TrainGen.core.sampling import sample
+from medgen.Generation.TrainGen.core.sampling import sample
 
 SETTINGS = "segmentation_settings.json"
 FIELDS = ("index", "source", "seed", "ensemble", "sampler", "steps", "checkpoint_sha256", "mask_area", "dice", "iou",
@@ -59,8 +59,8 @@ class ImageSet:
 
 def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
     """The images of DIR preprocessed as the model's training data (its size; NIfTI: its layout and crop)."""
-    from config.paths import PathConfig
-    from common.dataset import load_folder
+    from medgen.config.paths import PathConfig
+    from medgen.common.dataset import load_folder
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"--images_from {root}: folder does not exist")
@@ -108,7 +108,7 @@ def at_input(images: ImageSet, index: int, x: torch.Tensor, how: str) -> torch.T
 
 
 def _write(out: Path, rel: str, array: np.ndarray, is_mask: bool, spacing=None) -> None:
-    from Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
+    from medgen.Generation.TrainGen.core.generation.writers import nifti_bytes, png_bytes
     data = nifti_bytes(array[0], is_mask, spacing) if rel.endswith(".nii.gz") else png_bytes(array)
     atomic_write(inside(out, rel), lambda tmp: Path(tmp).write_bytes(data))
 

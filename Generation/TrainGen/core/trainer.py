@@ -17,17 +17,17 @@ from ema_pytorch import EMA
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from Generation.TrainGen.core import latent
-from Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
-from Generation.TrainGen.core.config import stored_config, to_dict
-from common.splits import units_record
-from common.errors import UserError, lookup, grid_text
-from common.features import load_radimagenet, perceptual_distance
-from Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
-from Generation.TrainGen.core.modes import MODES
-from Generation.TrainGen.core.network import build_unet
-from Generation.TrainGen.core.strategies import STRATEGIES
-from Generation.TrainGen.core.validation import validation_scores, write_sample_grid
+from medgen.Generation.TrainGen.core import latent
+from medgen.Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights, save_checkpoint
+from medgen.Generation.TrainGen.core.config import stored_config, to_dict
+from medgen.common.splits import units_record
+from medgen.common.errors import UserError, lookup, grid_text
+from medgen.common.features import load_radimagenet, perceptual_distance
+from medgen.Generation.TrainGen.core.losses import min_snr_weight, per_sample_mse
+from medgen.Generation.TrainGen.core.modes import MODES
+from medgen.Generation.TrainGen.core.network import build_unet
+from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+from medgen.Generation.TrainGen.core.validation import validation_scores, write_sample_grid
 
 N_BINS = 10  # loss is also logged per tenth of the time range
 RESUME_FIXED = ("model", "strategy", "mode", "latent")  # sections a resumed run must share with its checkpoint
@@ -80,7 +80,7 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None, device
 
 def check_grid(cfg, shape: tuple[int, ...]) -> None:
     """Every UNet level halves the grid: each side must divide by 2^(levels - 1), else skip connections misalign."""
-    from Generation.TrainGen.core.network import PRESETS
+    from medgen.Generation.TrainGen.core.network import PRESETS
     levels = len(cfg.model.channels or PRESETS[cfg.model.preset][0])
     factor = 2 ** (levels - 1)
     if cfg.model.backend == "monai" and any(n % factor for n in shape):
@@ -122,7 +122,7 @@ def load_init_weights(net, mode, path, meta: dict) -> list[str]:
     adapted, core/pretrained.py), loaded into net; returns one log line per adaptation. A class run's label
     embedding is mapped by class name onto this run's classes (a subset, or new classes, which start from the
     source's unconditional embedding); any other difference in architecture is refused."""
-    from Generation.TrainGen.core import pretrained
+    from medgen.Generation.TrainGen.core import pretrained
     notes = []
     try:
         if pretrained.is_diffusers_folder(path):
@@ -438,7 +438,7 @@ class DiffusionTrainer:
 
     def find_lr(self) -> float:
         """The LR range test (core/lr_finder.py) on this run's network; weights and optimizer are restored."""
-        from Generation.TrainGen.core.lr_finder import find_lr
+        from medgen.Generation.TrainGen.core.lr_finder import find_lr
         lr = find_lr(self, self.run_dir, steps=self.cfg.optim.find_lr_steps)
         self.log_line(f"LR range test: suggested lr {lr:.3g} (curve in {self.run_dir / 'lr_finder.png'})")
         return lr

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from eval.obj_eval.core.evaluate import Options, parse_metrics
-from common.cli import add_flag as _add
-from common.errors import UserError
+from medgen.eval.obj_eval.core.evaluate import Options, parse_metrics
+from medgen.common.cli import add_flag as _add
+from medgen.common.errors import UserError
 
 
 def add_flag(p, name: str, **kw):
@@ -70,7 +70,7 @@ def parse_volume_shape(text: str | None, spatial_dims: int) -> list[int] | None:
 
 def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:
     """Options from parsed flags; weights_kind names the network a single-metric script's --weights is for."""
-    from eval.obj_eval.core.networks import check_fid_network
+    from medgen.eval.obj_eval.core.networks import check_fid_network
     if args.real_dir is None and "quality" in extra.get("modes", ("quality",)):
         raise UserError("--real-dir is needed for --mode quality (pairs of synthetic and real images)")
     if args.batch_size < 1:
@@ -104,8 +104,8 @@ def run(opts: Options, strict: bool) -> int:
     import json
     from pathlib import Path
 
-    from eval.obj_eval.core.evaluate import evaluate, write_outputs
-    from eval.obj_eval.core.report import markdown
+    from medgen.eval.obj_eval.core.evaluate import evaluate, write_outputs
+    from medgen.eval.obj_eval.core.report import markdown
     out = Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval"
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: exists and is not a folder")

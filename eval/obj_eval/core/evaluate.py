@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import pad_square
-from config.paths import PathConfig
-from eval.obj_eval.core import metrics as M
-from eval.obj_eval.core.inputs import EvalSet, load_set, pair
-from eval.obj_eval.core.networks import load_fid_network, load_lpips
-from common.errors import UserError, shape_text
-from common.fileio import atomic_write, atomic_write_text
+from medgen.common.data import pad_square
+from medgen.config.paths import PathConfig
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.core.inputs import EvalSet, load_set, pair
+from medgen.eval.obj_eval.core.networks import load_fid_network, load_lpips
+from medgen.common.errors import UserError, shape_text
+from medgen.common.fileio import atomic_write, atomic_write_text
 
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
 # need a downstream network trained on real training data (--real-train-dir); asked for by name, not by "all"
@@ -88,10 +88,10 @@ def guarded(name: str, compute) -> dict:
 
 
 def load_sets(o: Options) -> tuple[EvalSet, EvalSet | None]:
-    from eval.obj_eval.core.inputs import existing_folder, native_size
+    from medgen.eval.obj_eval.core.inputs import existing_folder, native_size
     if o.real_dir is not None:
         existing_folder(o.real_dir, "--real-dir")  # before the synthetic set is read
-    from eval.obj_eval.core.inputs import native_volume_shape
+    from medgen.eval.obj_eval.core.inputs import native_volume_shape
     volume = None
     if o.spatial_dims == 3:
         size, volume = None, o.volume_shape or native_volume_shape(o.synthetic_dir)
@@ -323,7 +323,7 @@ def downstream_records(o: Options, wanted: set[str], device, grid: list[int] | N
     """Faithfulness, memorization and the domain feature-space metrics (eval/obj_eval/utility/audit.py), with
     the downstream network trained on the real training data; one unavailable record each when that fails.
     `grid`: the volume grid the image metrics read both sets on (volumes only)."""
-    from eval.obj_eval.utility.cli import audit_records
+    from medgen.eval.obj_eval.utility.cli import audit_records
     names = [m for m in DOWNSTREAM_METRICS if m in wanted]
     missing = []
     if "memorization" in names and not o.real_train_dir:
@@ -417,7 +417,7 @@ def write_metrics_json(result: dict, out_dir: Path) -> Path:
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:
-    from eval.obj_eval.core.report import markdown, plot_metrics, plot_samples
+    from medgen.eval.obj_eval.core.report import markdown, plot_metrics, plot_samples
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = result.pop("_sets", None)
     paths = [write_metrics_json(result, out_dir)]

@@ -20,13 +20,13 @@ import nibabel as nib
 import torch
 from PIL import Image
 
-from config.paths import PathConfig
-from common import imagefolder
-from common.data import DataConfig
-from common.data import is_nifti_dataset, nifti_files, walk_files
-from common.dataset import load_folder
-from common.errors import UserError
-from common.splits import anonymous_key
+from medgen.config.paths import PathConfig
+from medgen.common import imagefolder
+from medgen.common.data import DataConfig
+from medgen.common.data import is_nifti_dataset, nifti_files, walk_files
+from medgen.common.dataset import load_folder
+from medgen.common.errors import UserError
+from medgen.common.splits import anonymous_key
 
 
 @dataclass

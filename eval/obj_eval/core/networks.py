@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.fileio import safe_load
-from common.errors import UserError
-from common import features
+from medgen.common.fileio import safe_load
+from medgen.common.errors import UserError
+from medgen.common import features
 
 WEIGHT_FILES = {
     "inception": "pt_inception-2015-12-05-6726825d.pth",

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from common.fileio import atomic_write
-from common.grid import save_grid
+from medgen.common.fileio import atomic_write
+from medgen.common.grid import save_grid
 
 LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, "psnr": False,
                    "ms_ssim_quality": False, "lpips_quality": True, "faithfulness_dice": False,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from common.cli import HelpFormatter  # noqa: E402
-from eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402
-from common.errors import run_main  # noqa: E402
+from medgen.common.cli import HelpFormatter  # noqa: E402
+from medgen.eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402
+from medgen.common.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from common.neighbours import DETECTS, MISSES, TOLERANCE, CopyIndex, nearest, order_threshold
-from eval.obj_eval.core import metrics as M
-from eval.obj_eval.utility import models
-from eval.obj_eval.utility.scores import dice
+from medgen.common.neighbours import DETECTS, MISSES, TOLERANCE, CopyIndex, nearest, order_threshold
+from medgen.eval.obj_eval.core import metrics as M
+from medgen.eval.obj_eval.utility import models
+from medgen.eval.obj_eval.utility.scores import dice
 
 LOW_DICE = 0.5                      # faithfulness: samples listed by id below this Dice
 SIZE_BINS = ("small", "medium", "large")
@@ -152,7 +152,7 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
            "notes": list(notes or []),
            "sections": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sections.items()}}
     if out_dir is not None:
-        from eval.obj_eval.utility.report import plot_closest_pairs, plot_memorization
+        from medgen.eval.obj_eval.utility.report import plot_closest_pairs, plot_memorization
         rec["plots"] = [str(plot_memorization(sections, Path(out_dir) / "memorization_hist.png")),
                         str(plot_closest_pairs(synthetic, real_train, order, px["_nn"],
                                                Path(out_dir) / "memorization_pairs.png"))]

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from common.cli import add_flag as _add
-from common.errors import UserError
-from common.fileio import atomic_write_text
-from config.paths import PathConfig
-from eval.obj_eval.utility import audit, data, models, report, scores, study
+from medgen.common.cli import add_flag as _add
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write_text
+from medgen.config.paths import PathConfig
+from medgen.eval.obj_eval.utility import audit, data, models, report, scores, study
 
 AUDITS = ("faithfulness", "memorization", "domain")
 
@@ -62,7 +62,7 @@ def resolve_device(name: str) -> str:
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    from common.cli import HelpFormatter
+    from medgen.common.cli import HelpFormatter
     p = argparse.ArgumentParser(description=doc, allow_abbrev=False, formatter_class=HelpFormatter)
     add_flag(p, "real-dir", required=True, metavar="DIR",
              help="real dataset with train/val[/test] splits (a missing test split is carved from val by subject)")
@@ -100,12 +100,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def eval_size(args) -> tuple[dict, object]:
     """({synthetic folder: native size}, the evaluation size: px, or an [H, W, D] grid with --spatial-dims 3)."""
-    from eval.obj_eval.core.cli import parse_volume_shape
+    from medgen.eval.obj_eval.core.cli import parse_volume_shape
     volume = parse_volume_shape(args.volume_shape, args.spatial_dims)
     if args.spatial_dims == 2:
         natives = data.native_sizes(args.synthetic_dir)
         return natives, args.image_size or data.default_size(natives, args.real_dir)
-    from eval.obj_eval.core.inputs import native_volume_shape
+    from medgen.eval.obj_eval.core.inputs import native_volume_shape
     shape = volume or native_volume_shape(
         args.synthetic_dir[0] if args.synthetic_dir else args.real_dir,
         "--synthetic_dir" if args.synthetic_dir else "--real_dir")

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import data as nifti
-from common import imagefolder
-from common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nifti_dataset
-from common.dataset import SliceData, load_split
-from common.errors import UserError
-from config.paths import PathConfig
-from eval.obj_eval.core.inputs import existing_folder, native_size
-from eval.obj_eval.utility.scores import MIN_TEST_UNITS
+from medgen.common import data as nifti
+from medgen.common import imagefolder
+from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nifti_dataset
+from medgen.common.dataset import SliceData, load_split
+from medgen.common.errors import UserError
+from medgen.config.paths import PathConfig
+from medgen.eval.obj_eval.core.inputs import existing_folder, native_size
+from medgen.eval.obj_eval.utility.scores import MIN_TEST_UNITS
 
 TASKS = ("segmentation", "classification")
 
@@ -175,7 +175,7 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     in `generators`, or --split-seed / --val-fraction); a missing test split is carved from val by subject (half
     of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator
     trained on is refused, naming it (generators None: no synthetic data to check against)."""
-    from common.splits import check_no_leak
+    from medgen.common.splits import check_no_leak
     root = existing_folder(root, flag)
     kind = kind_of(root)
     s_seed, s_frac, how = split_settings(generators or {}, split_seed, val_fraction)

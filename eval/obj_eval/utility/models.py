@@ -24,9 +24,9 @@ from monai.networks.nets import BasicUNet, ResNet
 from torch import nn
 from tqdm import tqdm
 
-from common.errors import UserError
-from common.fileio import atomic_write
-from eval.obj_eval.utility.scores import dice
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write
+from medgen.eval.obj_eval.utility.scores import dice
 
 # features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
 PRESETS = {

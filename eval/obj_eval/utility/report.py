@@ -8,9 +8,9 @@ import matplotlib
 import numpy as np
 from tabulate import tabulate
 
-from common.fileio import atomic_write
-from common.grid import save_grid
-from eval.obj_eval.utility.scores import LABELS, MIN_SEEDS, MIN_TEST_UNITS, higher_is_better
+from medgen.common.fileio import atomic_write
+from medgen.common.grid import save_grid
+from medgen.eval.obj_eval.utility.scores import LABELS, MIN_SEEDS, MIN_TEST_UNITS, higher_is_better
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

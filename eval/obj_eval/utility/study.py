@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
-from common.fileio import atomic_write_text
-from eval.obj_eval.utility import models, scores
-from eval.obj_eval.utility.data import TaskSet, concat, warn
+from medgen.common.errors import UserError
+from medgen.common.fileio import atomic_write_text
+from medgen.eval.obj_eval.utility import models, scores
+from medgen.eval.obj_eval.utility.data import TaskSet, concat, warn
 
 RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced")
 

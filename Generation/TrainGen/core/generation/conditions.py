@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.data import MASK_ROLE
-from common.errors import UserError
-from common.names import check_name
-from Generation.TrainGen.core.generation.models import Model
+from medgen.common.data import MASK_ROLE
+from medgen.common.errors import UserError
+from medgen.common.names import check_name
+from medgen.Generation.TrainGen.core.generation.models import Model
 
 
 MIN_MASK_PIXELS = 4       # a tumour smaller than 2x2 pixels is noise at any resolution (0.0005 of 32x32 is 0.5 px)
@@ -86,8 +86,8 @@ def balance_counts(source, balance_to: int | None = None) -> tuple[list[str], di
     """(class names, images per class in the data, images to generate per class) for --balance: a class image
     folder (its train/ split when it has one) or a labels CSV (ISIC, APTOS or filename,label). Each class is
     filled up to the majority count, or to balance_to."""
-    from common import imagefolder
-    from common.data import is_nifti_dataset
+    from medgen.common import imagefolder
+    from medgen.common.data import is_nifti_dataset
     src = Path(source)
     if src.is_file() and src.suffix.lower() == ".csv":
         items, _ = imagefolder.read_labels_csv(src.parent, src)
@@ -131,8 +131,8 @@ def load_real_conditions(directory: str, model: Model, positive_only: bool = Tru
     dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] ordered by
     (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
     positive_only is False."""
-    from config.paths import PathConfig
-    from common.dataset import load_folder
+    from medgen.config.paths import PathConfig
+    from medgen.common.dataset import load_folder
     roles = model.mode.condition_roles
     data_cfg = replace(model.cfg.data, data_dir=str(directory), positive_only=positive_only, format="nifti",
                        skip_bad=skip_bad)

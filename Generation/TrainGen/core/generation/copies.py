@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import UserError
-from common.neighbours import CopyIndex, order_threshold
+from medgen.common.errors import UserError
+from medgen.common.neighbours import CopyIndex, order_threshold
 
 HELDOUT_QUANTILE = 0.01
 
@@ -25,7 +25,7 @@ class CopyCheck:
 
     @classmethod
     def for_model(cls, model) -> "CopyCheck":
-        from Generation.TrainGen.core.datasource import data_source
+        from medgen.Generation.TrainGen.core.datasource import data_source
         src = data_source(model.cfg)
         if not src.root.is_dir():
             raise UserError(f"--reject_copies: the image model's training data {src.root} (data.data_dir of "

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from common.fileio import safe_load
-from Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
-from Generation.TrainGen.core.config import stored_config
-from common.errors import UserError
-from common.names import check_name
-from common.features import sha256_of
-from Generation.TrainGen.core.network import build_unet
-from Generation.TrainGen.core.latent import check_unchanged, sample_shape
-from Generation.TrainGen.core.trainer import build_parts
+from medgen.common.fileio import safe_load
+from medgen.Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
+from medgen.Generation.TrainGen.core.config import stored_config
+from medgen.common.errors import UserError
+from medgen.common.names import check_name
+from medgen.common.features import sha256_of
+from medgen.Generation.TrainGen.core.network import build_unet
+from medgen.Generation.TrainGen.core.latent import check_unchanged, sample_shape
+from medgen.Generation.TrainGen.core.trainer import build_parts
 
 
 class RowwiseLinear(torch.nn.Module):

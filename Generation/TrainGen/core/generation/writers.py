@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
-from common.errors import UserError
-from common.names import inside
-from common.fileio import atomic_write, atomic_write_text, exclusive_write_text, remove_stale_tmp
-from common.grid import mid_planes, save_grid
+from medgen.common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
+from medgen.common.errors import UserError
+from medgen.common.names import inside
+from medgen.common.fileio import atomic_write, atomic_write_text, exclusive_write_text, remove_stale_tmp
+from medgen.common.grid import mid_planes, save_grid
 
 if TYPE_CHECKING:
-    from Generation.TrainGen.core.generate import Job
+    from medgen.Generation.TrainGen.core.generate import Job
 
 ROWS_DIR = ".rows"
 SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]

@@ -1,7 +1,7 @@
 """Modes: WHAT is generated. MODES maps a --mode name to its class; register your own the same way."""
-from Generation.TrainGen.core.modes.base import Mode, TrainingMode
-from Generation.TrainGen.core.modes.masks import SegMode, SegmentMode
-from Generation.TrainGen.core.modes.images import BravoMode, ClassMode, DualMode
+from medgen.Generation.TrainGen.core.modes.base import Mode, TrainingMode
+from medgen.Generation.TrainGen.core.modes.masks import SegMode, SegmentMode
+from medgen.Generation.TrainGen.core.modes.images import BravoMode, ClassMode, DualMode
 
 MODES: dict[str, type[Mode]] = {
     "seg": SegMode,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from common.data import MASK_ROLE
+from medgen.common.data import MASK_ROLE
 
 
 class TrainingMode:

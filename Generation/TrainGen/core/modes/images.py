@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from Generation.TrainGen.core.modes.base import Mode
+from medgen.Generation.TrainGen.core.modes.base import Mode
 
 
 class BravoMode(Mode):

@@ -1,7 +1,7 @@
 """Modes that generate masks: unconditional (`seg`) and given an image (`segment`)."""
 from __future__ import annotations
 
-from Generation.TrainGen.core.modes.base import Mode
+from medgen.Generation.TrainGen.core.modes.base import Mode
 
 
 class SegMode(Mode):

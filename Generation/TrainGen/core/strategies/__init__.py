@@ -1,7 +1,7 @@
 """Strategies: HOW to diffuse. STRATEGIES maps a --strategy name to its class; register your own here."""
-from Generation.TrainGen.core.strategies.base import DiffusionStrategy, Strategy
-from Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
-from Generation.TrainGen.core.strategies.rflow import RFlowStrategy
+from medgen.Generation.TrainGen.core.strategies.base import DiffusionStrategy, Strategy
+from medgen.Generation.TrainGen.core.strategies.ddpm import DDPMStrategy
+from medgen.Generation.TrainGen.core.strategies.rflow import RFlowStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "ddpm": DDPMStrategy,

@@ -82,7 +82,7 @@ class DiffusionStrategy:
     def check_sampler(self, sampler: str | None) -> str:
         sampler = sampler or self.default_sampler
         if sampler not in self.samplers:
-            from common.errors import UserError
+            from medgen.common.errors import UserError
             raise UserError(f"sampler {sampler!r} does not fit strategy {self.name!r} "
                             f"(choose from {', '.join(self.samplers)})")
         return sampler

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from Generation.TrainGen.core.strategies.base import Strategy, expand
+from medgen.Generation.TrainGen.core.strategies.base import Strategy, expand
 
 SCHEDULES = {"linear": "linear_beta", "cosine": "cosine"}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from Generation.TrainGen.core.strategies.base import Strategy, expand
+from medgen.Generation.TrainGen.core.strategies.base import Strategy, expand
 
 
 class RFlowStrategy(Strategy):

@@ -1,0 +1,1 @@
+"""The training and sampling core: config, strategies, modes, trainer, sampling, generation."""
