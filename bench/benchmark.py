@@ -100,7 +100,7 @@ def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
     from medgen.Generation.TrainGen.core.generate import Job, draw
     from medgen.Generation.TrainGen.core.generation.models import BatchInvariant, Model
     from medgen.Generation.TrainGen.core.network import build_unet
-    from medgen.Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.parts import build_parts
     unet, batch = MODEL_PRESETS[preset]
     size = PRESETS[preset][2]
     dev = torch.device(device)
@@ -616,7 +616,8 @@ def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
     from medgen.Generation.TrainGen.core.generation.models import BatchInvariant, Model
     from medgen.Generation.TrainGen.core.network import build_unet
     from medgen.Generation.TrainGen.core.runtime import init_runtime
-    from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer, build_parts
+    from medgen.Generation.TrainGen.core.parts import build_parts
+    from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from medgen.common import overlap
 from medgen.common.errors import UserError
 from medgen.common.neighbours import order_threshold
 from medgen.common.splits import digest
@@ -142,14 +143,14 @@ def test_hd95_in_mm_and_empty_predictions_score_the_diagonal():
     pred = torch.zeros_like(true)
     pred[0, :, 3:6, 4:9, 4:9] = 1                        # moved one slice along D
     spacing = torch.tensor([[2.0, 1.0, 1.0], [2.0, 1.0, 1.0]])   # D, H, W in mm
-    hd, empty = scores.hd95(pred, true, spacing)
+    hd, empty = overlap.hd95(pred, true, spacing)
     assert hd[0] == pytest.approx(2.0)                   # one slice = 2 mm, not 1 voxel
     assert empty.tolist() == [False, True] and hd[1] == pytest.approx(np.sqrt(16 ** 2 + 16 ** 2 + 16 ** 2))
     test = data.TaskSet("t", true, true, ["a", "b"], ["a", "b"], spacing=spacing)
     res = scores.segmentation_scores(pred, test)
     assert set(res["metrics"]) == {"dice_subject", "hd95_volume"} and res["empty_predictions"] == 1
     assert res["metrics"]["hd95_volume"] == pytest.approx((2.0 + np.sqrt(3 * 16 ** 2)) / 2)
-    flat = scores.hd95(pred[:, :, 3], true[:, :, 3], None)[0]          # 2D: px; the second is empty
+    flat = overlap.hd95(pred[:, :, 3], true[:, :, 3], None)[0]          # 2D: px; the second is empty
     assert flat[1] == pytest.approx(np.sqrt(2) * 16)
 
 
@@ -352,7 +353,7 @@ def _autoencoder_run(tmp_path):
 def test_latent_ddpm_samplers_do_not_clip_unit_variance_latents(tmp_path):
     from medgen.Generation.TrainGen.core.config import build_config
     from medgen.Generation.TrainGen.core.samplers import SAMPLERS
-    from medgen.Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.parts import build_parts
     from tests.test_strategies import oracle
     cfg = build_config({"mode": {"name": "bravo"}, "strategy": {"name": "ddpm", "num_timesteps": 100},
                         "data": {"image_size": 16}, "latent": {"autoencoder": str(_autoencoder_run(tmp_path)),

@@ -9,7 +9,7 @@ from PIL import Image
 
 from medgen.common.errors import UserError
 from medgen.Generation.TrainGen.core.run import train
-from medgen.Generation.TrainGen.core.segment_images import dice_iou
+from medgen.common.overlap import dice_iou
 from medgen.Generation.TrainGen.generate import main as generate_main
 from tests.test_training import tiny_cfg
 

@@ -101,7 +101,7 @@ def test_compiled_sampling_is_one_graph_for_every_step(strategy, shape):
     from medgen.Generation.TrainGen.core.generation.models import BatchInvariant
     from medgen.Generation.TrainGen.core.network import build_unet
     from medgen.Generation.TrainGen.core.sampling import sample
-    from medgen.Generation.TrainGen.core.trainer import build_parts
+    from medgen.Generation.TrainGen.core.parts import build_parts
     _fresh_dynamo()
     cfg = build_config({"model": {"preset": "tiny"}, "strategy": {"name": strategy},
                         "mode": {"name": "bravo"}, "data": {"image_size": 8, "spatial_dims": len(shape),

@@ -60,7 +60,7 @@ def find_batch_size(cfg, rt, parts) -> int:
     mode, strategy, net = parts.mode, parts.strategy, parts.net
     shape = sample_shape(cfg, mode)
     saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    from medgen.Generation.TrainGen.core.trainer import uses_channels_last
+    from medgen.Generation.TrainGen.core.parts import uses_channels_last
     fmt = torch.channels_last if len(shape) == 2 else torch.channels_last_3d
     last = uses_channels_last(cfg, rt.device)
     net = net.to(memory_format=fmt) if last else net

@@ -157,7 +157,7 @@ class AutoencoderTrainer:
 
     def preempted(self) -> bool:
         """A <run>/.preempt request (the SLURM script's SIGUSR1 trap): checkpoint, leave .requeue, stop."""
-        from medgen.Generation.TrainGen.core.trainer import PREEMPT_FILE, leave_requeue_mark
+        from medgen.Generation.TrainGen.core.checkpoint import PREEMPT_FILE, leave_requeue_mark
         if self.run_dir is None or not (self.run_dir / PREEMPT_FILE).exists():
             return False
         self.checkpoint()

@@ -10,6 +10,14 @@ from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write, safe_load
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+PREEMPT_FILE = ".preempt"   # touched by the SLURM script's SIGUSR1 trap (or by hand): checkpoint and stop
+REQUEUE_FILE = ".requeue"   # left by a preempted run: the job script requeues itself
+
+
+def leave_requeue_mark(run_dir: Path) -> None:
+    """After the checkpoint a preemption request asked for: the request is answered, the job script requeues."""
+    (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+    (run_dir / REQUEUE_FILE).touch()
 
 
 def save_checkpoint(state: dict, run_dir: Path, step: int, keep_last: int, is_best: bool = False) -> Path:

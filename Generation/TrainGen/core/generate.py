@@ -27,9 +27,10 @@ from medgen.common.splits import anonymous_key
 from medgen.Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
 from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
 from medgen.Generation.TrainGen.core.generation.models import Model
-from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE, is_done,
-                                                          open_output_dir, sample_id, sample_seed, write_manifest,
-                                                          write_previews, write_sample)
+from medgen.Generation.TrainGen.core.generation import writers
+from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, MASK_STREAM, SETTINGS_FILE,
+                                                                open_output_dir, sample_id, sample_seed,
+                                                                write_manifest)
 from medgen.common.grid import save_grid
 from medgen.Generation.TrainGen.core.sampling import sample
 
@@ -277,6 +278,20 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
             for k, i in enumerate(indices)}
 
 
+def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
+    """Write sample `index` and commit its manifest row (the model fields, then the sample's own)."""
+    m, s = job.main_model, job.chained_seg
+    full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
+            "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
+            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
+            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "copy_rejections": "",
+            "copy_distance": "", "checkpoint_sha256": m.sha256,
+            "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
+            "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
+            "files": ";".join(job.files(index)), **row}
+    return writers.write_sample(job.output_dir, index, job.file_roles(index), arrays, full, m.meta.get("spacing"))
+
+
 def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:
     """A grid of the denoising trajectory: one row per sample, noise on the left, the sample on the right."""
     indices = list(range(min(n_samples, job.num_images)))
@@ -340,7 +355,7 @@ def run_job(job: Job, barrier=None) -> dict:
 def _run_locked(job: Job, barrier) -> dict:
     out = job.output_dir
     mine = [i for i in range(job.num_images) if i % job.workers == job.worker]
-    todo = [i for i in mine if not is_done(job, i)]
+    todo = [i for i in mine if not writers.is_done(out, i, job.files(i))]
     t0 = time.perf_counter()
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generating", unit="img",
               disable=job.worker != 0) as bar, SampleWriter(job) as writer:
@@ -356,7 +371,7 @@ def _run_locked(job: Job, barrier) -> dict:
     if job.worker == 0 or barrier is None:
         rows = write_manifest(out)
         summary["committed"] = len(rows)
-        summary["previews"] = [str(p) for p in write_previews(job, rows)]
+        summary["previews"] = [str(p) for p in writers.write_previews(out, rows, job.roles())]
         if job.progression and job.worker == 0:
             summary["progression"] = str(write_progression(job))
     return summary

@@ -234,3 +234,46 @@ def _map_channels(w: torch.Tensor, dim: int, n: int, how: str, flag: str) -> tor
         return w.sum(dim, keepdim=True) if how == "sum" else w.mean(dim, keepdim=True)
     raise UserError(f"{flag}: the pretrained model has {have} image channels; this data has {n} "
                     "(1 and 3 are mapped onto each other, other counts are not)")
+
+
+def load_init_weights(net, mode, path, meta: dict) -> list[str]:
+    """--init_from: weights (EMA when present) of another run, or a diffusers UNet2DModel folder (channels
+    adapted, core/pretrained.py), loaded into net; returns one log line per adaptation. A class run's label
+    embedding is mapped by class name onto this run's classes (a subset, or new classes, which start from the
+    source's unconditional embedding); any other difference in architecture is refused."""
+    from medgen.Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights
+    notes = []
+    try:
+        if is_diffusers_folder(path):
+            folder = read_folder(path)
+            state, notes = adapt_state(read_weights(folder), net.unet.state_dict(), mode.out_channels)
+            net.unet.load_state_dict(state)
+        else:
+            ckpt = load_checkpoint(path)
+            state = model_weights(ckpt)
+            notes = map_class_embedding(state, net.state_dict(), ckpt.get("meta", {}).get("class_names") or [],
+                                        meta.get("class_names") or [])
+            net.load_state_dict(state)
+    except RuntimeError as err:
+        first = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:2]
+        raise UserError(f"--init_from {path}: incompatible architecture ({first[0] if first else err})") from None
+    return notes + [f"initialised weights from {path}"]
+
+
+def map_class_embedding(state: dict, target: dict, source_classes: list[str], classes: list[str]) -> list[str]:
+    """Rewrite state's label-embedding rows (in place) for this run's classes, by name: a class the source knew
+    keeps its row, a new class starts from the source's null (unconditional) row, the null row stays last."""
+    keys = [k for k in target if k.endswith("class_embedding.weight") and k in state]
+    if not keys or not source_classes or source_classes == classes:
+        return []
+    for k in keys:
+        src = state[k]
+        null = src[len(source_classes)]
+        state[k] = torch.stack([src[source_classes.index(c)] if c in source_classes else null for c in classes]
+                               + [null])
+    kept = [c for c in classes if c in source_classes]
+    new = [c for c in classes if c not in source_classes]
+    dropped = [c for c in source_classes if c not in classes]
+    return [f"class embedding mapped by name: kept {', '.join(kept) or 'none'}"
+            + (f"; new {', '.join(new)}, starting from the unconditional embedding" if new else "")
+            + (f"; dropped {', '.join(dropped)}" if dropped else "")]

@@ -21,7 +21,10 @@ from medgen.Generation.TrainGen.core.modes import MODES
 from medgen.Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from medgen.Generation.TrainGen.core.strategies import STRATEGIES
 from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown
-from medgen.Generation.TrainGen.core.trainer import REQUEUE_FILE, DiffusionTrainer, build_run_parts, load_init_weights
+from medgen.Generation.TrainGen.core.checkpoint import REQUEUE_FILE
+from medgen.Generation.TrainGen.core.parts import build_run_parts
+from medgen.Generation.TrainGen.core.pretrained import load_init_weights
+from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
 
 
 class RunLogger:

@@ -29,6 +29,7 @@ from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write, atomic_write_text
 from medgen.common.locks import locked
 from medgen.common.names import inside
+from medgen.common.overlap import dice_iou
 from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
                                                           sample_seed, write_manifest)
 from medgen.Generation.TrainGen.core.sampling import sample
@@ -36,14 +37,6 @@ from medgen.Generation.TrainGen.core.sampling import sample
 SETTINGS = "segmentation_settings.json"
 FIELDS = ("index", "source", "seed", "ensemble", "sampler", "steps", "checkpoint_sha256", "mask_area", "dice", "iou",
           "files")
-
-
-def dice_iou(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
-    """Dice and IoU of two {0, 1} masks (1 and 1 when both are empty)."""
-    inter = float((pred * true).sum())
-    total = float(pred.sum() + true.sum())
-    union = total - inter
-    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from medgen.common.data import MASK_ROLE
 from medgen.common.grid import save_grid
 from medgen.Generation.TrainGen.core.sampling import sample
-from medgen.Generation.TrainGen.core.segment_images import dice_iou
+from medgen.common.overlap import dice_iou
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import argparse
 from medgen.eval.obj_eval.core.evaluate import Options, parse_metrics
 from medgen.common.cli import add_flag as _add
 from medgen.common.errors import UserError
+from medgen.eval.obj_eval.core.inputs import parse_volume_shape
 
 
 def add_flag(p, name: str, **kw):
@@ -51,21 +52,6 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
     for k in kinds:
         add_flag(p, f"{k}-weights", default=None, metavar="PATH", help=f"{k} weights file")
         add_flag(p, f"{k}-sha256", default=None, help=f"pin the {k} file's full SHA-256")
-
-
-def parse_volume_shape(text: str | None, spatial_dims: int) -> list[int] | None:
-    """--volume-shape '64,64,48' -> [64, 64, 48] (H, W, D); None stays None. Only with --spatial-dims 3."""
-    if text is None:
-        return None
-    if spatial_dims != 3:
-        raise UserError("--volume-shape needs --spatial-dims 3")
-    try:
-        shape = [int(v) for v in text.split(",")]
-    except ValueError:
-        shape = []
-    if len(shape) != 3 or min(shape) < 4:
-        raise UserError(f"--volume-shape {text}: expected H,W,D, each at least 4 (e.g. 64,64,48)")
-    return shape
 
 
 def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:

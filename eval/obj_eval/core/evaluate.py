@@ -323,7 +323,7 @@ def downstream_records(o: Options, wanted: set[str], device, grid: list[int] | N
     """Faithfulness, memorization and the domain feature-space metrics (eval/obj_eval/utility/audit.py), with
     the downstream network trained on the real training data; one unavailable record each when that fails.
     `grid`: the volume grid the image metrics read both sets on (volumes only)."""
-    from medgen.eval.obj_eval.utility.cli import audit_records
+    from medgen.eval.obj_eval.utility.sections import audit_records
     names = [m for m in DOWNSTREAM_METRICS if m in wanted]
     missing = []
     if "memorization" in names and not o.real_train_dir:

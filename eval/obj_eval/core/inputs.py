@@ -157,3 +157,18 @@ def pair(synthetic: EvalSet, real: EvalSet) -> tuple[list[int], list[int], str]:
             s_idx.append(i)
             r_idx.append(by_id[k])
     return s_idx, r_idx, ("sample id" if s_idx else "none")
+
+
+def parse_volume_shape(text: str | None, spatial_dims: int) -> list[int] | None:
+    """--volume-shape '64,64,48' -> [64, 64, 48] (H, W, D); None stays None. Only with --spatial-dims 3."""
+    if text is None:
+        return None
+    if spatial_dims != 3:
+        raise UserError("--volume-shape needs --spatial-dims 3")
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 4:
+        raise UserError(f"--volume-shape {text}: expected H,W,D, each at least 4 (e.g. 64,64,48)")
+    return shape

@@ -24,7 +24,7 @@ from scipy import stats
 from medgen.common.neighbours import DETECTS, MISSES, TOLERANCE, CopyIndex, nearest, order_threshold
 from medgen.eval.obj_eval.core import metrics as M
 from medgen.eval.obj_eval.utility import models
-from medgen.eval.obj_eval.utility.scores import dice
+from medgen.common.overlap import dice
 
 LOW_DICE = 0.5                      # faithfulness: samples listed by id below this Dice
 SIZE_BINS = ("small", "medium", "large")

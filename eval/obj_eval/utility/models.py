@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write
-from medgen.eval.obj_eval.utility.scores import dice
+from medgen.common.overlap import dice
 
 # features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
 PRESETS = {

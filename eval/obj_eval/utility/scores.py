@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from medgen.common.overlap import hd95
+
 SEG_METRICS = ("dice_subject", "dice_slice", "hd95_slice")
 SEG_METRICS_3D = ("dice_subject", "hd95_volume")     # volumes: one item per subject, HD95 in mm
 CLASS_METRICS = ("balanced_accuracy", "accuracy", "auc_macro_ovr", "kappa_quadratic")
@@ -46,35 +48,6 @@ def higher_is_better(metric: str) -> bool:
 
 
 # ---------------------------------------------------------------- segmentation
-def dice(pred: torch.Tensor, true: torch.Tensor, dims=None) -> torch.Tensor:
-    """Dice of {0, 1} masks over `dims` (per image or volume by default; all dims for one figure over a set);
-    1 where both are empty."""
-    pred, true = pred.float(), true.float()
-    dims = tuple(range(1, pred.dim())) if dims is None else dims
-    inter = (pred * true).sum(dims)
-    total = pred.sum(dims) + true.sum(dims)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-9), torch.ones_like(total))
-
-
-def hd95(pred: torch.Tensor, true: torch.Tensor, spacing: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-    """(HD95 per item, whether its prediction was empty). Items with an empty truth are NaN (left out, as Dice
-    leaves them out); an empty prediction of a non-empty truth scores the image diagonal (px, or mm with
-    `spacing`, (N, dims) in the tensors' axis order): the largest distance the grid holds, so that a model
-    which finds nothing is not scored on the items it happened to find."""
-    from monai.metrics import compute_hausdorff_distance
-    has_true, has_pred = ((m.flatten(1).sum(1) > 0).numpy() for m in (true, pred))
-    sizes = np.array(true.shape[2:], float)
-    steps = np.ones((len(true), len(sizes))) if spacing is None else np.asarray(spacing, float)
-    out = np.full(len(true), np.nan)
-    both = has_true & has_pred
-    if both.any():
-        out[both] = compute_hausdorff_distance(pred[both], true[both], include_background=True, percentile=95,
-                                               spacing=None if spacing is None else steps[both].tolist())[:, 0].numpy()
-    empty = has_true & ~has_pred
-    out[empty] = np.sqrt(((sizes * steps[empty]) ** 2).sum(1))
-    return out, empty
-
-
 def segmentation_scores(probs: torch.Tensor, test) -> dict:
     from monai.metrics import compute_dice
     pred, true = (probs > 0.5).float(), (test.targets > 0.5).float()

@@ -15,7 +15,7 @@ from medgen.common.names import check_name
 from medgen.common.features import sha256_of
 from medgen.Generation.TrainGen.core.network import build_unet
 from medgen.Generation.TrainGen.core.latent import check_unchanged, sample_shape
-from medgen.Generation.TrainGen.core.trainer import build_parts
+from medgen.Generation.TrainGen.core.parts import build_parts
 
 
 class RowwiseLinear(torch.nn.Module):

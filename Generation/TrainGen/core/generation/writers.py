@@ -8,8 +8,6 @@ import gzip
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import nibabel as nib
 import numpy as np
 import torch
@@ -20,9 +18,6 @@ from medgen.common.errors import UserError
 from medgen.common.names import inside
 from medgen.common.fileio import atomic_write, atomic_write_text, exclusive_write_text, remove_stale_tmp
 from medgen.common.grid import mid_planes, save_grid
-
-if TYPE_CHECKING:
-    from medgen.Generation.TrainGen.core.generate import Job
 
 ROWS_DIR = ".rows"
 SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are already in [0, 1]
@@ -68,32 +63,25 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
-    out = job.output_dir
-    files = job.files(index)
-    for rel, role in job.file_roles(index):
+def write_sample(out: Path, index: int, file_roles: list[tuple[str, str]], arrays: dict[str, torch.Tensor],
+                 row: dict, spacing=None) -> dict:
+    """Write one sample's files ([(relative file, role)], each atomically, nothing outside `out`), then its manifest
+    row as the commit mark; returns the row."""
+    for rel, role in file_roles:
         arr = arrays[role].numpy()
         if rel.endswith(".nii.gz"):
-            data = nifti_bytes(arr[0], role == MASK_ROLE, job.main_model.meta.get("spacing"))
+            data = nifti_bytes(arr[0], role == MASK_ROLE, spacing)
         else:
             data = png_bytes(arr)
         atomic_write(inside(out, rel), lambda tmp, d=data: Path(tmp).write_bytes(d))
-    m, s = job.main_model, job.chained_seg
-    full = {"index": index, "sample_id": sample_id(index), "seed": job.seed,
-            "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
-            "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
-            "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "copy_rejections": "",
-            "copy_distance": "", "checkpoint_sha256": m.sha256,
-            "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
-            "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
-            "files": ";".join(files), **row}
-    atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(full))  # the commit mark
-    return full
+    atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(row))  # the commit mark
+    return row
 
 
-def is_done(job: Job, index: int) -> bool:
-    row = job.output_dir / ROWS_DIR / f"{sample_id(index)}.json"
-    return row.is_file() and all((job.output_dir / f).is_file() for f in job.files(index))
+def is_done(out: Path, index: int, files: list[str]) -> bool:
+    """Whether sample `index` was committed with all its files."""
+    row = out / ROWS_DIR / f"{sample_id(index)}.json"
+    return row.is_file() and all((out / f).is_file() for f in files)
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -154,15 +142,15 @@ def read_sample(out: Path, row: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_previews(job: Job, rows: list[dict]) -> list[Path]:
+def write_previews(out: Path, rows: list[dict], roles: list[str]) -> list[Path]:
     """preview_4x4.png and preview_8x8.png from the first committed samples (mask outlines on images)."""
-    picked = [read_sample(job.output_dir, r) for r in rows[:64]]
+    picked = [read_sample(out, r) for r in rows[:64]]
     if not picked:
         return []
-    show = next((r for r in reversed(job.roles()) if r != MASK_ROLE), MASK_ROLE)
+    show = next((r for r in reversed(roles) if r != MASK_ROLE), MASK_ROLE)
     images = torch.stack([torch.from_numpy(a[show]) for a in picked])
     outline = show != MASK_ROLE and all(MASK_ROLE in a for a in picked)   # masks drawn over the images
     masks = torch.stack([torch.from_numpy(a[MASK_ROLE]) for a in picked]) if outline else None
-    return [save_grid(images[:side * side], job.output_dir / f"preview_{side}x{side}.png", nrow=side,
+    return [save_grid(images[:side * side], out / f"preview_{side}x{side}.png", nrow=side,
                       masks=None if masks is None else masks[:side * side], scale=max(1, 128 // max(images.shape[2:])))
             for side in (4, 8)]
