@@ -12,8 +12,9 @@ No SHA-256 of either file is published: the digest of the file used is recorded 
 meta), and --radimagenet-sha256 / optim.perceptual_sha256 pins it.
 Preprocessing follows RadImageNet: grey -> 3 channels, RGB -> BGR, subtract the mean [0.406, 0.456, 0.485]
 (BGR order of the ImageNet mean), and the spatial mean of the last feature map gives 2048 features.
-Weights are never downloaded: pass a local file (optim.perceptual_weights) or put it at
-$MEDGEN_WEIGHTS/radimagenet_resnet50.pt (default ~/.cache/medgen/weights/); a SHA-256 is checked when given.
+Weights are never downloaded implicitly (`medgen fetch-weights radimagenet` does, on request): pass a local file
+(optim.perceptual_weights) or put it at $MEDGEN_WEIGHTS/radimagenet_resnet50.pt (default ~/.cache/medgen/weights/);
+a SHA-256 is checked when given.
 """
 from __future__ import annotations
 
@@ -109,14 +110,17 @@ def default_weights_dir() -> Path:
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # torch.hub convention: a SHA-256 prefix in the name
 
 
-def resolve_weights(path, default_name: str, what: str, where: str, flag: str, sha256: str | None = None):
-    """(file, its SHA-256) of a pretrained weights file, or a UserError that says where to put it. A full
-    sha256 is checked when given, else the SHA-256 prefix a published name carries."""
+def resolve_weights(path, default_name: str, what: str, where: str, flag: str, sha256: str | None = None,
+                    fetch: str | None = None):
+    """(file, its SHA-256) of a pretrained weights file, or a UserError that says how to get it (`fetch`: the
+    KIND of `medgen fetch-weights KIND`). A full sha256 is checked when given, else the SHA-256 prefix a
+    published name carries."""
     path = Path(path) if path else default_weights_dir() / default_name
     if not path.is_file():
-        raise UserError(f"{what} weights not found at {path}. This machine downloads nothing: fetch "
-                        f"{default_name} from {where} elsewhere and copy it there (the folder is $MEDGEN_WEIGHTS, "
-                        f"default ~/.cache/medgen/weights), or pass {flag}")
+        raise UserError(f"{what} weights not found at {path}. Nothing is downloaded implicitly: run `medgen "
+                        f"fetch-weights {fetch}` on a machine with internet (it checks the file and puts it in "
+                        f"$MEDGEN_WEIGHTS, default ~/.cache/medgen/weights; copy that folder to machines without "
+                        f"internet), or fetch {default_name} from {where} yourself and copy it there, or pass {flag}")
     digest = sha256_of(path)
     if sha256:
         if digest != sha256.lower():
@@ -154,9 +158,8 @@ def radimagenet_from_file(path: Path) -> ResNet50Features:
 
 def load_radimagenet(path: str | Path | None = None, sha256: str | None = None) -> ResNet50Features:
     """The feature network in eval mode with frozen weights, or a UserError saying where the file goes."""
-    file, _ = resolve_weights(path, RADIMAGENET_FILE, "RadImageNet ResNet-50",
-                              RADIMAGENET_SOURCE,
-                              "--set optim.perceptual_weights=PATH", sha256)
+    file, _ = resolve_weights(path, RADIMAGENET_FILE, "RadImageNet ResNet-50", RADIMAGENET_SOURCE,
+                              "--set optim.perceptual_weights=PATH", sha256, "radimagenet")
     return radimagenet_from_file(file)
 
 

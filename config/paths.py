@@ -1,8 +1,8 @@
 """Where data, runs and caches live, for `--compute local` and `--compute cluster`.
 
 local    data root  = the embedded demo dataset, generated on first use into <cache>/demo/brain
-         output root = <repo>/runs
-         cache root  = $MEDGEN_CACHE or <repo>/.cache
+         output root = <repo>/runs (an installed, non-editable medgen: ./runs)
+         cache root  = $MEDGEN_CACHE or <repo>/.cache (installed: ~/.cache/medgen)
 cluster  every root comes from the environment (set them in your ~/.bashrc or the SLURM script):
          MEDGEN_DATA_ROOT    folder holding the datasets (required)
          MEDGEN_OUTPUT_ROOT  folder for run folders and generated datasets (required)
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from medgen.common.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]     # the checkout (or, installed, site-packages/medgen)
+IN_CHECKOUT = (REPO_ROOT / "medgen" / "__init__.py").is_file()
 COMPUTE_CHOICES = ("local", "cluster", "auto")
 CLUSTER_VARS = ("MEDGEN_DATA_ROOT", "MEDGEN_OUTPUT_ROOT")
 
@@ -38,8 +39,10 @@ class PathConfig:
         if compute == "auto":
             compute = "cluster" if all(env.get(k) for k in CLUSTER_VARS) else "local"
         if compute == "local":
-            cache = Path(env.get("MEDGEN_CACHE") or REPO_ROOT / ".cache")   # an empty variable counts as unset
-            return cls(compute, cache / "demo" / "brain", REPO_ROOT / "runs", cache)
+            # an empty variable counts as unset; an installed package never writes into site-packages
+            default = REPO_ROOT / ".cache" if IN_CHECKOUT else Path.home() / ".cache" / "medgen"
+            cache = Path(env.get("MEDGEN_CACHE") or default)
+            return cls(compute, cache / "demo" / "brain", (REPO_ROOT if IN_CHECKOUT else Path.cwd()) / "runs", cache)
         missing = [k for k in CLUSTER_VARS if not env.get(k)]
         if missing:
             raise UserError(f"--compute cluster needs the environment variable(s) {', '.join(missing)} "

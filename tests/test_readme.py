@@ -16,9 +16,11 @@ FLAG = re.compile(r"--[a-z][a-z0-9_-]*")
 
 def test_every_flag_in_the_readme_exists():
     known = set(FOREIGN)
-    for script in SCRIPTS:
-        res = run_script(script, "--help")
-        assert res.returncode == 0, f"{script} --help: {res.stderr[-500:]}"
+    from medgen.cli import COMMANDS
+    calls = [(script,) for script in SCRIPTS] + [("medgen/cli.py", name) for name in COMMANDS]
+    for call in calls:
+        res = run_script(*call, "--help")
+        assert res.returncode == 0, f"{call} --help: {res.stderr[-500:]}"
         known |= set(FLAG.findall(res.stdout))
     for page in DOCS:
         shown = set(FLAG.findall(page.read_text()))

@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 
 import nibabel as nib
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, run_script
 
-RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```bash\n(.*?)```", re.S)
+RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```(bash|python)\n(.*?)```", re.S)
 SMALLER = [
     (r"--epochs \d+", "--max_steps 2"),
     (r"--max_steps 200", "--max_steps 3"),
@@ -26,23 +27,35 @@ SMALLER = [
     (r"melanoma=32,nevus=32,none=8", "melanoma=2,nevus=2,none=2"),
     (r"--balance_to 40", "--balance_to 31"),             # the demo folder holds 30 per class: one more each
     (r"--real_fraction 0.1,1", "--real_fraction 1"),
+    (r"masks=seg, ", "masks=seg, mask_filter=False, "),  # as generate.py's --no_mask_filter below
 ]
 # every training validates and samples with 4 steps, and its models generate with them (the run's default)
 TRAIN_EXTRA = ["--set", "strategy.sample_steps=4", "--set", "runtime.num_val_samples=4"]
 
 
 def readme_recipes() -> dict[str, list[str]]:
-    """{name: commands}: continuation lines joined, comments and blank lines dropped."""
+    """{name: commands}: continuation lines joined, comments and blank lines dropped; a Python block is one
+    command, its whole text."""
     text = (ROOT / "README.md").read_text()
     out = {}
-    for name, block in RECIPE.findall(text):
+    for name, lang, block in RECIPE.findall(text):
+        if lang == "python":
+            out[name] = [block]
+            continue
         joined = block.replace("\\\n", " ")
         out[name] = [" ".join(line.split()) for line in joined.splitlines()
                      if line.strip() and not line.lstrip().startswith("#")]
     return out
 
 
-JOBS = ["data", "class", "finetune", "chain", "segment", "utility", "volumes", "latent"]
+JOBS = ["data", "class", "finetune", "chain", "segment", "utility", "volumes", "latent", "export", "api"]
+
+
+def run_python(code: str, env: dict):
+    """A README Python block, run in a fresh interpreter from the repository root (as a notebook would)."""
+    import os
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **env})
 
 
 def test_the_readme_has_a_recipe_per_job():
@@ -63,7 +76,13 @@ def ran(demo_root, tmp_path_factory):
             for pattern, small in SMALLER:
                 cmd = re.sub(pattern, small, cmd)
             cmd = cmd.replace(".cache/demo", str(demo_root)).replace("runs/recipes", str(runs))
+            if "\n" in cmd:                             # a Python block
+                res = run_python(cmd, env)
+                results[name].append((cmd, res.returncode, res.stderr[-1500:]))
+                continue
             words = shlex.split(cmd)
+            if words[0] == "medgen":                     # the installed command is medgen/cli.py
+                words = ["python", "medgen/cli.py", *words[1:]]
             if words[0] == "python":
                 script, args = words[1], words[2:]
                 if script.endswith("train.py") and "--check_data" not in args:
@@ -135,5 +154,18 @@ def _latent(runs):
     assert list((runs / "latent_synth").glob("sample_*/bravo.nii.gz"))
 
 
+def _export(runs):
+    names = {p.name for p in (runs / "bravo_export").iterdir()}
+    assert {"model.safetensors", "config.json", "scheduler_config.json", "MODEL_CARD.md"} <= names
+    assert "CC-BY-4.0" in (runs / "bravo_export" / "MODEL_CARD.md").read_text()
+    assert len(list((runs / "from_export").glob("sample_*/bravo.nii.gz"))) == len(
+        list((runs / "paired").glob("sample_*/bravo.nii.gz")))                 # one per real test mask, as paired
+
+
+def _api(runs):
+    assert len(list((runs / "api_synth").glob("sample_*/bravo.nii.gz"))) == len(
+        list((runs / "paired").glob("sample_*/bravo.nii.gz")))
+
+
 CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "segment": _segment, "utility": _utility,
-          "volumes": _volumes, "latent": _latent}
+          "volumes": _volumes, "latent": _latent, "export": _export, "api": _api}

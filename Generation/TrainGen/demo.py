@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if not __package__:   # run as a script path: the checkout's root holds the medgen package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medgen.config.paths import PathConfig  # noqa: E402
 from medgen.common.cli import HelpFormatter  # noqa: E402
@@ -17,7 +18,7 @@ from medgen.Generation.TrainGen.core.preview import preview_brain, preview_lesio
 from medgen.Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_demo_data  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="demo root (default: the local cache, as --compute local uses)")
     p.add_argument("--subjects", type=int, default=40, help="brain phantoms in train/ and val/")
@@ -25,7 +26,7 @@ def main() -> int:
                    help="brain phantoms in test/ (12: 10 of them hold a tumour, the utility study's minimum)")
     p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.subjects < 2 or args.test_subjects < 0 or min(args.shape) < 16:
         raise UserError("--subjects must be at least 2, --test_subjects at least 0 and every --shape size at least 16")
     root = args.out or PathConfig.from_compute("local").demo_root

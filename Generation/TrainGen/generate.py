@@ -22,7 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if not __package__:   # run as a script path: the checkout's root holds the medgen package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
 from medgen.Generation.TrainGen.core.plugins import load_plugins  # noqa: E402

@@ -298,10 +298,18 @@ def parse_set(item: str) -> dict:
     return out
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[3] / "config"   # the shipped presets (config/*.yaml)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file of config sections; a bare name (`tiny`, `bravo_128.yaml`) that is no file here is a shipped
+    preset, so an installed medgen finds its presets from any folder."""
     path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and (PRESETS_DIR / f"{path.stem}.yaml").is_file():
+        path = PRESETS_DIR / f"{path.stem}.yaml"
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path} (shipped presets: "
+                        f"{', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.yaml')))})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -344,15 +344,17 @@ class SampleWriter:
             self.pool.shutdown(wait=True)
 
 
-def run_job(job: Job, barrier=None) -> dict:
-    """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed)."""
+def run_job(job: Job, barrier=None, make=None) -> dict:
+    """Generate this worker's missing samples, then merge the manifest (after `barrier` when distributed).
+    make(indices) -> {index: {'arrays', 'row'}} draws a batch (default generate_batch; the Python API passes the
+    samples it drew already)."""
     out = job.output_dir
     open_output_dir(out, SETTINGS_FILE, job.settings(), record=job.provenance())
     with locked(out, f"--output_dir (worker {job.worker} of {job.workers})", f".lock-{job.worker}"):
-        return _run_locked(job, barrier)
+        return _run_locked(job, barrier, make or (lambda chunk: generate_batch(job, chunk)))
 
 
-def _run_locked(job: Job, barrier) -> dict:
+def _run_locked(job: Job, barrier, make) -> dict:
     out = job.output_dir
     mine = [i for i in range(job.num_images) if i % job.workers == job.worker]
     todo = [i for i in mine if not writers.is_done(out, i, job.files(i))]
@@ -361,7 +363,7 @@ def _run_locked(job: Job, barrier) -> dict:
               disable=job.worker != 0) as bar, SampleWriter(job) as writer:
         for start in range(0, len(todo), job.batch_size):
             chunk = todo[start:start + job.batch_size]
-            writer.put(generate_batch(job, chunk))
+            writer.put(make(chunk))
             bar.update(len(chunk))
     elapsed = time.perf_counter() - t0
     if barrier is not None:

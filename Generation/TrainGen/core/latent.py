@@ -14,6 +14,8 @@ the samplers and generate.py are unchanged:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
@@ -48,7 +50,7 @@ def latent_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
 class Autoencoder:
     """A trained autoencoder run, frozen: what a latent diffusion run needs of it."""
 
-    def __init__(self, path, state: dict):
+    def __init__(self, path, state: dict, sha256: str | None = None):
         from medgen.Generation.TrainGen.core.config import stored_config
         self.path, self.meta = path, state["meta"]
         self.cfg = stored_config(state["config"])
@@ -56,7 +58,7 @@ class Autoencoder:
         self.net.load_state_dict(state["autoencoder"])
         self.net.eval().requires_grad_(False)
         self.factor = downsample_factor(self.cfg.latent)
-        self.sha256 = sha256_of(path)
+        self.sha256 = sha256 or sha256_of(path)   # an exported autoencoder keeps its checkpoint's digest
 
     @property
     def latent_channels(self) -> int:
@@ -78,6 +80,11 @@ class Autoencoder:
 def load_autoencoder(path, flag: str = "--latent") -> Autoencoder:
     """An autoencoder run folder (its latest checkpoint) or checkpoint file; anything else is one clear error."""
     from medgen.Generation.TrainGen.core.checkpoint import checkpoint_file
+    from medgen.Generation.TrainGen.core.exported import read_autoencoder_export
+    exported = read_autoencoder_export(Path(path), flag)
+    if exported is not None:
+        file, state, digest = exported
+        return Autoencoder(file, state, digest)
     try:
         file = checkpoint_file(path)
     except UserError as err:

@@ -41,8 +41,10 @@ class DiffusersFolder:
 
 
 def is_diffusers_folder(path) -> bool:
+    """A diffusers model or pipeline folder (a medgen export has a config.json too, and is not one)."""
+    from medgen.Generation.TrainGen.core.exported import is_export
     p = Path(path)
-    return p.is_dir() and ((p / "config.json").is_file() or (p / "unet" / "config.json").is_file())
+    return p.is_dir() and ((p / "config.json").is_file() or (p / "unet" / "config.json").is_file()) and not is_export(p)
 
 
 def _json(path: Path, flag: str) -> dict:
@@ -242,6 +244,7 @@ def load_init_weights(net, mode, path, meta: dict) -> list[str]:
     embedding is mapped by class name onto this run's classes (a subset, or new classes, which start from the
     source's unconditional embedding); any other difference in architecture is refused."""
     from medgen.Generation.TrainGen.core.checkpoint import load_checkpoint, model_weights
+    from medgen.Generation.TrainGen.core.exported import is_export, read_export
     notes = []
     try:
         if is_diffusers_folder(path):
@@ -249,7 +252,7 @@ def load_init_weights(net, mode, path, meta: dict) -> list[str]:
             state, notes = adapt_state(read_weights(folder), net.unet.state_dict(), mode.out_channels)
             net.unet.load_state_dict(state)
         else:
-            ckpt = load_checkpoint(path)
+            ckpt = read_export(Path(path), "--init_from") if is_export(path) else load_checkpoint(path)
             state = model_weights(ckpt)
             notes = map_class_embedding(state, net.state_dict(), ckpt.get("meta", {}).get("class_names") or [],
                                         meta.get("class_names") or [])

@@ -22,6 +22,7 @@ from medgen.Generation.TrainGen.core.pretrained import apply_to_config, is_diffu
 from medgen.Generation.TrainGen.core.strategies import STRATEGIES
 from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown
 from medgen.Generation.TrainGen.core.checkpoint import REQUEUE_FILE
+from medgen.Generation.TrainGen.core.exported import is_export
 from medgen.Generation.TrainGen.core.parts import build_run_parts
 from medgen.Generation.TrainGen.core.pretrained import load_init_weights
 from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
@@ -105,6 +106,8 @@ def preflight(cfg) -> None:
     for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from)):
         if flag == "--init_from" and path and is_diffusers_folder(path):
             read_folder(path)                     # a diffusers model or pipeline folder: checked, read later
+        elif flag == "--init_from" and path and is_export(path):
+            continue                              # an exported folder (medgen export): read with the weights
         elif path and path != "auto":
             try:
                 checkpoint_file(Path(path))
@@ -190,8 +193,8 @@ def with_pretrained(cfg):
     return cfg
 
 
-def train_stage1(cfg) -> int:
-    """train.py --stage autoencoder: the first stage of latent diffusion (core/autoencoder.py)."""
+def train_stage1(cfg) -> Path:
+    """train.py --stage autoencoder: the first stage of latent diffusion (core/autoencoder.py); its run folder."""
     from medgen.Generation.TrainGen.core.autoencoder import train_autoencoder
     lookup(MODES, cfg.mode.name, "--mode")
     for flag, given in (("--latent", cfg.latent.autoencoder), ("--init_from", cfg.runtime.init_from),
@@ -205,7 +208,8 @@ def train_stage1(cfg) -> int:
         run_dir = resolve_run_dir(cfg, rt)
         resume = resume_path(cfg, run_dir)
         logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
-        return train_autoencoder(cfg, rt, train_data, run_dir, logger, resume)
+        train_autoencoder(cfg, rt, train_data, run_dir, logger, resume)
+        return run_dir
     finally:
         if logger is not None:
             logger.close()
@@ -213,6 +217,13 @@ def train_stage1(cfg) -> int:
 
 
 def train(cfg) -> int:
+    """The train.py job (exit code 0: trained, or preempted with a checkpoint to resume from)."""
+    run_training(cfg)
+    return 0
+
+
+def run_training(cfg) -> Path:
+    """Train as the config says (either stage); returns the run folder."""
     if cfg.runtime.stage == "autoencoder":
         return train_stage1(cfg)
     preflight(cfg)
@@ -240,7 +251,7 @@ def train(cfg) -> int:
         if cfg.optim.find_lr and resume is None:
             lr = tr.find_lr()
             if not cfg.optim.find_lr_then_train:
-                return 0
+                return run_dir
             tr.set_lr(lr)
             if rt.is_main:
                 save_config(tr.cfg, run_dir / "config.yaml")
@@ -253,7 +264,7 @@ def train(cfg) -> int:
                         "samples are decoded by it")
         _stop_on_sigusr1(tr)
         tr.fit(validate=True)
-        return 0
+        return run_dir
     finally:
         if logger is not None:
             logger.close()

@@ -100,6 +100,19 @@ def init_runtime(rt_cfg, env=None) -> Runtime:
     return Runtime(rank, local_rank, world, device, torch.bfloat16 if precision == "bf16" else None)
 
 
+def local_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """One process on `device` (auto: CUDA when there is one; bf16 autocast there), leaving the global seeds
+    alone: for the Python API, whose samples draw from their own generators."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA device is visible")
+    bf16 = precision == "bf16" or (precision == "auto" and cuda)
+    return Runtime(device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+                   autocast_dtype=torch.bfloat16 if bf16 else None)
+
+
 def shutdown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.barrier()

@@ -118,23 +118,31 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
         return _segment_todo(model, images, out, ensemble, batch_size, seed, device, autocast)
 
 
+def segment_batch(model, images: torch.Tensor, idx: list[int], ensemble: int, seed: int, device, autocast=None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masks {0, 1}, ensemble mean, ensemble std) on the CPU for images[idx]: member e of image i draws its
+    noise from the seed (seed, i, e), so an image's masks do not depend on the batch it is in."""
+    cond = {"concat": images[idx].to(device) * 2 - 1}
+    members = []
+    for e in range(ensemble):
+        gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, IMAGE_STREAM, e)) for i in idx]
+        noise = torch.stack([torch.randn(1, *model.shape, generator=g, device=device) for g in gens])
+        x = sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, 1.0, gens,
+                   autocast)
+        members.append(((x[:, :1].float() + 1) / 2).clamp(0, 1).cpu())
+    stack = torch.stack(members)
+    mean = stack.mean(0)
+    return (mean > 0.5).float(), mean, stack.std(0, unbiased=False)
+
+
 def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
                   autocast) -> dict:
     todo = [i for i in range(len(images.sources)) if not (out / ROWS_DIR / f"{sample_id(i)}.json").is_file()]
     for start in tqdm(range(0, len(todo), batch_size), desc="segmenting", unit="batch", disable=not todo):
         idx = todo[start:start + batch_size]
-        cond = {"concat": images.images[idx].to(device) * 2 - 1}
-        members = []
-        for e in range(ensemble):
-            gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, IMAGE_STREAM, e)) for i in idx]
-            noise = torch.stack([torch.randn(1, *model.shape, generator=g, device=device) for g in gens])
-            x = sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, 1.0, gens,
-                       autocast)
-            members.append(((x[:, :1].float() + 1) / 2).clamp(0, 1).cpu())
-        stack = torch.stack(members)
-        mean, std = stack.mean(0), stack.std(0, unbiased=False)
+        masks, mean, std = segment_batch(model, images.images, idx, ensemble, seed, device, autocast)
         for k, i in enumerate(idx):
-            mask = (mean[k] > 0.5).float()
+            mask = masks[k]
             files = _files(images, i)
             spacing = model.meta.get("spacing")
             _write(out, files["seg"], at_input(images, i, mask, "nearest").numpy(), True, spacing)

@@ -9,7 +9,8 @@ the parameter names of the published weight files so those files load as they ar
   lpips      AlexNet (default) or VGG-16 trunk from the torchvision weight file, with the lpips package's
              v0.1 linear heads (read from the installed package's files, no lpips import).
 
-Weights are never downloaded. A file comes from --weights PATH or from the weights folder ($MEDGEN_WEIGHTS,
+Weights are never downloaded implicitly (`medgen fetch-weights KIND` downloads and checks them, on request). A file
+comes from --weights PATH or from the weights folder ($MEDGEN_WEIGHTS,
 default ~/.cache/medgen/weights) under its published name. Published names carry the first 8 hex digits of
 the file's SHA-256 (the torch.hub convention), which is checked; --weights-sha256 pins the full digest.
 """
@@ -42,7 +43,8 @@ WHERE = {
 
 def resolve_weights(kind: str, path: str | Path | None = None, sha256: str | None = None) -> tuple[Path, str]:
     """(file, its SHA-256) for a feature network, or a UserError that says where to put the file."""
-    return features.resolve_weights(path, WEIGHT_FILES[kind], kind, WHERE[kind], "--weights PATH", sha256)
+    fetch = {"alex": "lpips-alex", "vgg": "lpips-vgg"}.get(kind, kind)
+    return features.resolve_weights(path, WEIGHT_FILES[kind], kind, WHERE[kind], "--weights PATH", sha256, fetch)
 
 
 # ---------------------------------------------------------------- Inception-v3 (FID)

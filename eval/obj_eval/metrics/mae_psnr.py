@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+if not __package__:   # run as a script path: the checkout's root holds the medgen package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from medgen.common.cli import HelpFormatter  # noqa: E402
 from medgen.eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402

@@ -2,6 +2,21 @@
 (faithfulness, memorization and domain metrics train the same reference model)."""
 from __future__ import annotations
 
+DOC = """Does synthetic data help a downstream model? Train the same MONAI segmenter or classifier on real data, real
+plus synthetic data (at several ratios), synthetic data alone and, for class data, real data balanced with
+synthetic minority images; at several fractions of the real training data and several seeds; score every model
+on the real test split only and compare each recipe with `real`, paired by seed and test subject.
+Beside the study: mask faithfulness, a memorization audit and the Fréchet distance / precision-recall in the
+downstream network's feature space (--audit).
+
+    python eval/obj_eval/run_utility.py --real_dir data/brats --synthetic_dir synth/bravo \\
+        --real_fraction 0.1,0.25,1 --synthetic_ratio 0.5,1,2 --seeds 3 --preset full --output results/utility
+
+Writes <output>/utility.json (every number with N, seeds, CI and the recipe), utility.md (a verdict in words,
+then tables) and PNGs; each trained model's scores go to <output>/results/ as it finishes, so a killed study
+resumes where it stopped.
+"""
+
 import argparse
 import json
 import sys
@@ -124,7 +139,7 @@ def parse_audits(text: str, task: str) -> list[str]:
     return names
 
 
-def main(argv=None, doc: str = "") -> int:
+def main(argv=None, doc: str = DOC) -> int:
     args = parser(doc).parse_args(argv)
     if args.seeds < 2:
         raise UserError("--seeds must be at least 2: the confidence intervals and paired comparisons are over seeds")

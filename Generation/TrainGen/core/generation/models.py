@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from medgen.common.fileio import safe_load
-from medgen.Generation.TrainGen.core.checkpoint import best_checkpoint, model_weights
+from medgen.Generation.TrainGen.core.checkpoint import model_weights
+from medgen.Generation.TrainGen.core.exported import read_model
 from medgen.Generation.TrainGen.core.config import stored_config
 from medgen.common.errors import UserError
 from medgen.common.names import check_name
@@ -90,10 +90,9 @@ class Model:
 
 def load_model(path, flag: str, device, strategy: str | None, sampler: str | None, num_steps: int | None,
                compile_model: bool = False) -> Model:
-    """A run folder (its best.pt, else its latest checkpoint) or a checkpoint file, with EMA weights; a glob
-    (runs/seg_*/best.pt) must match exactly one."""
-    file = best_checkpoint(resolve_glob(path, flag))
-    state = safe_load(file, "checkpoint")
+    """A run folder (its best.pt, else its latest checkpoint), a checkpoint file or an exported folder, with EMA
+    weights; a glob (runs/seg_*/best.pt) must match exactly one."""
+    file, state = read_model(resolve_glob(path, flag), flag)
     if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
         raise UserError(f"{flag} {file}: not a training checkpoint of this framework")
     cfg, meta = stored_config(state["config"]), state["meta"]
