@@ -284,3 +284,17 @@ def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):
     for kind, fetch in (("inception", "inception"), ("alex", "lpips-alex"), ("radimagenet", "radimagenet")):
         with pytest.raises(UserError, match=f"medgen fetch-weights {fetch}"):
             eval_weights(kind)
+
+
+def test_a_latent_export_carries_its_autoencoder(demo_root, tmp_path):
+    data = str(demo_root / "brain")
+    ae = medgen.train(["tiny", {"optim.max_steps": 2}], stage="autoencoder", mode="bravo", data_dir=data,
+                      run_dir=str(tmp_path / "ae"))
+    run = medgen.train(["tiny", {"optim.max_steps": 2, "runtime.val_interval": 100}], mode="bravo",
+                       strategy="rflow", latent=str(ae), data_dir=data, run_dir=str(tmp_path / "latent"))
+    out = medgen.export(run, tmp_path / "export")
+    assert (out / "autoencoder" / "model.safetensors").is_file()
+    masks = demo_root / "brain" / "test"
+    want = medgen.load(run).sample(masks=masks, seed=0).images["bravo"]
+    shutil.rmtree(ae)                                   # the export decodes without the original autoencoder run
+    assert torch.equal(medgen.load(out).sample(masks=masks, seed=0).images["bravo"], want)

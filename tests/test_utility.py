@@ -232,10 +232,13 @@ def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys)
     lost = study.result_path(out, 1.0, study.Recipe("real+synthetic", "synth", 1.0), 1)
     lost.unlink()
     capsys.readouterr()
-    assert utility_main(argv + ["--audit", "none"]) == 0
+    import medgen        # the same study through the Python API (flags by name), which returns utility.json
+    again = medgen.utility(brain, synth, output=out, seeds=2, real_fraction="0.5,1", recipes="real,real+synthetic",
+                           positive_only=True, compute="local", preset="tiny", max_steps=12, val_every=40,
+                           bootstrap=200, device="cpu", audit="none")
     log = capsys.readouterr().out
     assert log.count("done before") == 7 and "[8/8]" in log
-    again = json.loads((out / "utility.json").read_text())
+    assert again == json.loads((out / "utility.json").read_text())
     assert again["rows"][3]["metrics"] == summary["rows"][3]["metrics"]
 
 
