@@ -6,7 +6,8 @@ Conventions (all loaders, the cache and the generator share them):
   * images are normalised per volume: the [p_lo, p_hi] percentiles of the non-zero voxels map to [0, 1],
     values outside are clipped (data.norm_percentiles, default 0.5 and 99.5); a dataset written by
     generate.py (a generation.json at its root) is already in [0, 1] and is read as written;
-  * masks are {0, 1} (data.mask_mode=binary: any label > 0) or integer label ids (mask_mode=classes);
+  * masks are {0, 1} (data.labels binary: the layout's tumour labels, any label > 0 for BraTS) or the label
+    ids of the vocabulary data.labels names (brats2021, brats2023, custom; common/labels.py);
   * slices are centre-cropped (data.crop_size), zero-padded to a square and resized to data.image_size,
     bilinear with antialiasing for images, nearest for masks;
   * slices whose image channels are all zero (outside the head) are dropped; with data.positive_only
@@ -46,7 +47,12 @@ class DataConfig:
                                          # segment, images/ + masks/ PNG folders when present; NIfTI otherwise
     layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
     modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
-    mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1}, BraTS labels)
+    mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1,2,4}, BraTS labels)
+    labels: str = "binary"               # label vocabulary (common/labels.py): binary (one tumour mask), brats2021
+                                         # (1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 SNFH, 3 ET) or custom
+    custom_labels: dict[str, int] | None = None  # labels=custom: name -> id, e.g. {necrosis: 1, edema: 2}
+    regions: dict[str, list[str]] | None = None  # labels=custom: evaluation regions as unions of label names
+                                         # (None: each label, and all of them)
     image_size: int = 128                # square output size after crop/pad + resize (2D)
     spatial_dims: Literal[2, 3] = 2      # 2: axial slices; 3: whole volumes of data.volume_shape
     volume_shape: list[int] = field(default_factory=lambda: [64, 64, 48])  # spatial_dims 3: H, W (in-plane) and
@@ -55,7 +61,8 @@ class DataConfig:
     crop_size: int | None = None         # centre crop in-plane before resizing (e.g. 192 for 240x240 BraTS)
     positive_only: bool = False          # keep only slices containing any mask voxel
     norm_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # per-volume robust range -> [0,1]
-    mask_mode: Literal["binary", "classes"] = "binary"  # binary: mask>0; classes: keep label ids
+    mask_mode: Literal["binary", "classes"] = "binary"  # loader only: binary masks, or raw label ids (data.labels
+                                         # other than binary keeps ids by itself)
     val_fraction: float = 0.2            # flat folder of subjects: share held out for validation
     split_seed: int = 0                  # seed of that split (independent of the training seed)
     labels_csv: str | None = None        # image folders: a labels CSV instead of class folders: filename,label;
@@ -83,6 +90,8 @@ class DataConfig:
         _check(voxels <= MAX_VOXELS, f"data.volume_shape {self.volume_shape} holds {voxels:,} voxels "
                f"({voxels * 4 / 2 ** 30:.1f} GiB per float32 channel and sample); at most {MAX_VOXELS:,} "
                "(512x512x512) are allowed")
+        from medgen.common.labels import vocabulary
+        vocabulary(self)      # an unknown preset, custom labels sharing an id or regions naming no label: said now
         _check(self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE}, got "
                f"{self.image_size} ({self.image_size ** 2 * 4 / 2 ** 30:.1f} GiB per float32 channel and sample)")
 
@@ -99,10 +108,13 @@ class DataConfig:
 class Layout:
     patterns: dict[str, str]          # role -> file name glob without suffix
     mask_labels: tuple[int, ...]      # values a mask may hold
+    tumour: tuple[int, ...] | None = None   # the labels a binary mask keeps (None: every label > 0)
 
 
 LAYOUTS = {
-    "original": Layout({"seg": "seg", "bravo": "bravo", "t1_pre": "t1_pre", "t1_gd": "t1_gd"}, (0, 1)),
+    # the original research data's binary masks; label maps in BraTS 2021 ids (the demo phantoms) read as binary
+    # keep the tumour itself, necrosis (1) and enhancing tumour (4), and leave out the edema (2) around it
+    "original": Layout({"seg": "seg", "bravo": "bravo", "t1_pre": "t1_pre", "t1_gd": "t1_gd"}, (0, 1, 2, 4), (1, 4)),
     # BraTS: bravo is mapped onto FLAIR, the sequence on which edema shows, as in the original data.
     "brats2021": Layout({"seg": "*_seg", "t1_pre": "*_t1", "t1_gd": "*_t1ce", "t2": "*_t2", "bravo": "*_flair"},
                         (0, 1, 2, 4)),
@@ -131,13 +143,19 @@ def is_nifti_dataset(root: Path) -> bool:
 
 
 def layout_from_config(data_cfg) -> Layout:
+    """The layout's file patterns, and the mask values allowed: the vocabulary's (0 and its label ids) for label
+    maps, else data.mask_labels or the layout's own."""
+    from medgen.common.labels import vocabulary
     if data_cfg.layout == "custom":
         base = Layout(dict(data_cfg.modalities), (0, 1))
     else:
         base = LAYOUTS[data_cfg.layout]
-        base = Layout({**base.patterns, **data_cfg.modalities}, base.mask_labels)
+        base = Layout({**base.patterns, **data_cfg.modalities}, base.mask_labels, base.tumour)
+    vocab = vocabulary(data_cfg)
+    if not vocab.binary:
+        return Layout(base.patterns, (0, *vocab.ids), None)
     if data_cfg.mask_labels is not None:
-        base = Layout(base.patterns, tuple(data_cfg.mask_labels))
+        base = Layout(base.patterns, tuple(data_cfg.mask_labels), base.tumour)
     return base
 
 
@@ -268,9 +286,11 @@ def check_volumes(files: dict[str, Path], vols: dict[str, np.ndarray], affines: 
         if role == MASK_ROLE:
             values = np.unique(vol)
             if not np.all(np.isin(values, layout.mask_labels)):
-                shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")
-                problems.append(Problem(path, f"mask values {{{shown}}} are not in the expected labels "
-                                              f"{set(layout.mask_labels)} (set data.mask_labels if intended)"))
+                bad = values[~np.isin(values, layout.mask_labels)]
+                shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+                problems.append(Problem(path, f"mask values {{{shown}}} are not labels of this dataset's vocabulary "
+                                              f"{{{', '.join(map(str, layout.mask_labels))}}} (data.labels names "
+                                              "it; data.mask_labels for binary masks)"))
             elif not values.any():
                 problems.append(Problem(path, "empty mask (no tumour voxels)", fatal=False))
         elif not np.any(vol):
@@ -419,11 +439,12 @@ class Preprocess:
     image_size: int
     crop_size: int | None = None
     percentiles: tuple[float, float] | None = (0.5, 99.5)  # None: already in [0, 1] (generated data)
-    mask_mode: str = "binary"
+    mask_mode: str = "binary"               # binary: the tumour labels as {0, 1}; classes: the label ids as they are
     positive_only: bool = False
     image_roles: list[str] = field(default_factory=list)
     with_mask: bool = True
     volume_shape: tuple[int, int, int] | None = None    # (D, H, W): whole volumes instead of slices
+    tumour: tuple[int, ...] | None = None   # binary: the labels that make the mask (None: every label > 0)
 
     def __call__(self, vols: dict[str, np.ndarray], spacing=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
         """Volumes of one subject -> {'images': (S, C, H, W) float32, 'masks': (S, 1, H, W) uint8, 'index': (S,)};
@@ -433,7 +454,10 @@ class Preprocess:
         mask = None
         if self.with_mask:
             seg = to_slices(vols["seg"])
-            mask = (seg > 0) if self.mask_mode == "binary" else np.rint(seg)
+            if self.mask_mode != "binary":
+                mask = np.rint(seg)
+            else:
+                mask = seg > 0 if self.tumour is None else np.isin(seg, self.tumour)
             mask = mask.astype(np.uint8)[:, None]
         if self.volume_shape is not None:
             return self.volume(imgs, mask, spacing)

@@ -196,9 +196,11 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
         splits = nifti.find_splits(root, layout, data_cfg.val_fraction, data_cfg.split_seed)
         image_roles = [r for r in roles if r != "seg"]
         percentiles = None if nifti.is_generated(root) else tuple(data_cfg.norm_percentiles)
+        label_maps = data_cfg.mask_mode == "classes" or data_cfg.labels != "binary"    # keep the label ids
         pre = nifti.Preprocess(data_cfg.image_size, data_cfg.crop_size, percentiles,
-                               data_cfg.mask_mode, data_cfg.positive_only, image_roles, "seg" in roles,
-                               data_cfg.shape if data_cfg.spatial_dims == 3 else None)
+                               "classes" if label_maps else "binary", data_cfg.positive_only, image_roles,
+                               "seg" in roles, data_cfg.shape if data_cfg.spatial_dims == 3 else None,
+                               layout.tumour)
         subjects = splits.get(split, [])
         found = [nifti.subject_files(s, layout, roles) for s in subjects]
         files = [f for fs, _ in found for f in fs.values()]

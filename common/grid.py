@@ -20,14 +20,39 @@ def outline(mask: torch.Tensor) -> torch.Tensor:
     return (m - eroded).clamp(0, 1)
 
 
+# label maps (common/labels.py) are shown in colour: BraTS's necrosis red, edema yellow, enhancing tumour blue
+LABEL_RGB = {1: (1.0, 0.15, 0.1), 2: (1.0, 0.85, 0.1), 3: (0.2, 0.5, 1.0), 4: (0.2, 0.5, 1.0)}
+OTHER_RGB = ((0.1, 0.9, 0.4), (0.9, 0.3, 0.9), (0.1, 0.9, 0.9))
+
+
+def label_colour(label: int) -> torch.Tensor:
+    return torch.tensor(LABEL_RGB.get(label, OTHER_RGB[label % len(OTHER_RGB)])).view(1, 3, 1, 1)
+
+
+def is_label_map(x: torch.Tensor) -> bool:
+    """Label ids beyond {0, 1} (an image is in [0, 1])."""
+    return x.shape[1] == 1 and bool((x > 1).any()) and bool((x == x.round()).all())
+
+
 def to_rgb(images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, C, H, W) in [0,1] with C in {1, 3} -> (N, 3, H, W); mask outlines painted on top when given."""
-    images = images.detach().float().cpu().clamp(0, 1)
+    """(N, C, H, W) in [0,1] with C in {1, 3} -> (N, 3, H, W); mask outlines painted on top when given (each
+    label's in its colour for label maps); a label map itself is painted in its labels' colours."""
+    images = images.detach().float().cpu()
+    if is_label_map(images):
+        rgb = torch.zeros(len(images), 3, *images.shape[2:])
+        for label in images.unique().int().tolist():
+            if label:
+                rgb = torch.where(images == label, label_colour(label), rgb)
+        return rgb
+    images = images.clamp(0, 1)
     rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
     if masks is not None:
-        edge = outline(masks.detach().float().cpu())
-        colour = torch.tensor(OUTLINE_RGB).view(1, 3, 1, 1)
-        rgb = rgb * (1 - edge) + colour * edge
+        masks = masks.detach().float().cpu()
+        labels = [lab for lab in masks.unique().int().tolist() if lab] if is_label_map(masks) else [None]
+        for label in labels:
+            edge = outline(masks if label is None else (masks == label).float())
+            colour = torch.tensor(OUTLINE_RGB).view(1, 3, 1, 1) if label is None else label_colour(label)
+            rgb = rgb * (1 - edge) + colour * edge
     return rgb
 
 

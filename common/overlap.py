@@ -41,3 +41,11 @@ def hd95(pred: torch.Tensor, true: torch.Tensor, spacing: torch.Tensor | None) -
     empty = has_true & ~has_pred
     out[empty] = np.sqrt(((sizes * steps[empty]) ** 2).sum(1))
     return out, empty
+
+
+def region_dice(pred: torch.Tensor, true: torch.Tensor, vocab) -> dict[str, float]:
+    """{region: Dice over all the items together} of two label maps (common/labels.py regions; a binary
+    vocabulary's one region is the mask itself). 1 for a region absent from both."""
+    from medgen.common.labels import region_masks
+    p, t = region_masks(pred, vocab), region_masks(true, vocab)
+    return {name: dice_iou(p[name].float(), t[name].float())[0] for name in p}

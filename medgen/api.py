@@ -186,11 +186,24 @@ class Pipeline:
         if tuple(cond.shape[1:]) != (len(roles), *self.shape):
             raise UserError(f"masks= has shape {tuple(cond.shape)}; this model takes (N, {len(roles)}, "
                             f"{', '.join(map(str, self.shape))}) ({', '.join(roles)})")
-        if not torch.isfinite(cond).all() or cond.min() < 0 or cond.max() > 1:
-            raise UserError("masks= must hold finite values in [0, 1] (masks {0, 1})")
+        vocab = self.model.mode.vocab
+        images = [k for k, r in enumerate(roles) if r != MASK_ROLE]
+        if not torch.isfinite(cond).all() or (images and (cond[:, images].min() < 0 or cond[:, images].max() > 1)):
+            raise UserError("masks= must hold finite values, images in [0, 1]")
         if MASK_ROLE in roles:
             k = roles.index(MASK_ROLE)
-            cond[:, k] = (cond[:, k] > 0.5).float()
+            if vocab.binary:
+                if cond[:, k].min() < 0 or cond[:, k].max() > 1:
+                    raise UserError("masks= must hold values in [0, 1] (binary masks {0, 1})")
+                cond[:, k] = (cond[:, k] > 0.5).float()
+            else:
+                from medgen.common.labels import unknown_values
+                bad = unknown_values(cond[:, k].numpy(), vocab)
+                if bad:
+                    raise UserError(f"masks= holds {bad[:5]}, not labels of {vocab.describe()}")
+                if len(vocab.ids) > 1 and int(cond[:, k].max()) <= 1:
+                    raise UserError(f"masks= holds only 0 and 1 (binary masks); the model was trained on label "
+                                    f"maps of {vocab.describe()}")
         job.real_conditions, job.real_sources = cond, [f"array#{i}" for i in range(len(cond))]
         job.num_images = n or len(cond)
 

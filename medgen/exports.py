@@ -167,6 +167,19 @@ def _metric_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def mask_text(masks: dict | None) -> str:
+    if not masks:
+        return "none"
+    vocab = masks["vocabulary"]
+    if vocab["name"] == "binary":
+        source = masks["binary_from"]
+        source = source if isinstance(source, str) else "labels " + ", ".join(map(str, source))
+        return f"binary (files hold {', '.join(map(str, masks['file_values']))}; the mask is {source})"
+    labels = ", ".join(f"{i} {n}" for i, n in zip(vocab["ids"], vocab["names"]))
+    regions = ", ".join(f"{r} = {'+'.join(map(str, ids))}" for r, ids in vocab["regions"].items())
+    return f"label maps, vocabulary {vocab['name']}: {labels}; regions {regions}"
+
+
 def model_card(info: dict, figures: dict, weights_sha256: str) -> str:
     meta, contract, cfg = info["meta"], info["data_contract"], info["config"]
     units = meta.get("data_units") or {}
@@ -190,9 +203,7 @@ def model_card(info: dict, figures: dict, weights_sha256: str) -> str:
              f"- {counts} {unit} (names are not recorded: the run keeps SHA-256 digests of them, config.json "
              "`meta.data_units`, so an evaluation can refuse test data the model saw)",
              f"- preprocessing: {contract['normalisation']}",
-             "- mask labels: " + (f"{contract['mask_labels']['mode']}, values "
-                                  f"{', '.join(map(str, contract['mask_labels']['values']))}"
-                                  if contract["mask_labels"] else "none (no masks)"), "",
+             "- masks: " + mask_text(contract["mask_labels"]), "",
              "## Intended use and limits", "",
              "- Research: synthetic images to augment training sets of downstream models, and studies of generative "
              "models. Not for diagnosis, and not a substitute for real patients' images in clinical validation.",

@@ -32,7 +32,8 @@ BAD = {
     "nan": (nan_volume, "bravo.nii.gz: 1 NaN/inf voxels"),
     "missing_modality": (lambda d: (d / "bravo.nii.gz").unlink(), "missing modality 'bravo'"),
     "affine": (lambda d: save(d / "seg.nii.gz", mask_volume(), np.diag([2.0, 2, 2, 1])), "affine differs"),
-    "non_binary": (lambda d: save(d / "seg.nii.gz", mask_volume(labels=(1, 2))), "mask values {0, 1, 2}"),
+    # the original layout holds binary masks or BraTS 2021 label maps (0, 1, 2, 4): a 3 is neither
+    "non_binary": (lambda d: save(d / "seg.nii.gz", mask_volume(labels=(1, 3))), "mask values {3} are not labels"),
     "all_zero": (lambda d: save(d / "bravo.nii.gz", np.zeros((24, 24, 8), np.float32)), "all-zero image"),
     "four_d": (lambda d: save(d / "bravo.nii.gz", np.ones((24, 24, 8, 2), np.float32)), "wrong dimensionality: 4D"),
     "not_gzip": (lambda d: (d / "bravo.nii.gz").write_bytes(b"not a nifti at all"), "unreadable or truncated"),

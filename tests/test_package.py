@@ -151,7 +151,8 @@ def test_export_loads_back_everywhere_with_identical_samples(tiny_models, demo_r
                                                      "scheduler_config.json"]
     info = json.loads((out / "config.json").read_text())
     assert info["data_contract"]["generated"] == ["bravo"] and info["data_contract"]["conditioning"] == ["seg"]
-    assert info["data_contract"]["mask_labels"]["values"] == [0, 1] and info["license"] == "CC-BY-4.0"
+    masks = info["data_contract"]["mask_labels"]
+    assert masks["vocabulary"]["name"] == "binary" and masks["binary_from"] == [1, 4] and info["license"] == "CC-BY-4.0"
     card = (out / "MODEL_CARD.md").read_text()
     assert "6 train, 2 val subjects" in card and "CC-BY-4.0" in card and sha256_of(out / "model.safetensors") in card
     assert not any(name in card for name in os.listdir(demo_root / "brain" / "train"))   # no subject names

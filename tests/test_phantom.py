@@ -15,7 +15,7 @@ def test_tumours_appear_where_the_mask_says():
     found = 0
     for i in range(6):
         v = make_subject(0, i)
-        mask = v["seg"].astype(bool)
+        mask = np.isin(v["seg"], (1, 4))                    # the tumour: necrotic core and enhancing rim
         if not mask.any():
             continue
         found += 1
@@ -28,6 +28,10 @@ def test_tumours_appear_where_the_mask_says():
         from scipy.ndimage import binary_dilation
         shell = binary_dilation(mask, iterations=2) & ~mask
         assert v["bravo"][shell].mean() > 0.7 > v["t1_pre"][shell].mean()
+        # the label map says which is which: the rim (ET, 4) enhances, the edema (ED, 2) is bright on bravo
+        et, ed = v["seg"] == 4, v["seg"] == 2
+        assert (v["t1_gd"] - v["t1_pre"])[et].mean() > 0.3 > (v["t1_gd"] - v["t1_pre"])[ed].mean()
+        assert v["bravo"][ed].mean() > v["bravo"][~(mask | ed)].mean() + 0.2
     assert found >= 3
 
 

@@ -48,7 +48,7 @@ def readme_recipes() -> dict[str, list[str]]:
     return out
 
 
-JOBS = ["data", "class", "finetune", "chain", "segment", "utility", "volumes", "latent", "export", "api"]
+JOBS = ["data", "class", "finetune", "chain", "labels", "segment", "utility", "volumes", "latent", "export", "api"]
 
 
 def run_python(code: str, env: dict):
@@ -134,6 +134,14 @@ def _chain(runs):
     assert any(m["metric"] == "mae" and m["value"] is not None for m in metrics["metrics"])
 
 
+def _labels(runs):
+    import numpy as np
+    for sample in sorted((runs / "labels_chain").glob("sample_*"))[:4]:
+        assert set(np.unique(nib.load(str(sample / "seg.nii.gz")).get_fdata())) <= {0, 1, 2, 4}
+    metrics = {m["metric"] for m in json.loads((runs / "labels_eval" / "metrics.json").read_text())["metrics"]}
+    assert {"enhancement_ET", "intensity_t1_gd_ED"} <= metrics
+
+
 def _segment(runs):
     assert "Dice" in (runs / "segmented" / "segmentation.md").read_text()
     assert len(list((runs / "segmented" / "volumes").glob("*/seg.nii.gz"))) == 2     # the two test subjects
@@ -167,5 +175,6 @@ def _api(runs):
         list((runs / "paired").glob("sample_*/bravo.nii.gz")))
 
 
-CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "segment": _segment, "utility": _utility,
+CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "labels": _labels, "segment": _segment,
+          "utility": _utility,
           "volumes": _volumes, "latent": _latent, "export": _export, "api": _api}

@@ -170,6 +170,9 @@ def build_job(args, rt):
                         f"conditioned on {mode.needs or 'nothing'}")
     if args.guidance_scale is not None and mode.needs != "label":
         raise UserError("--guidance_scale applies to --mode class only (modes conditioned on a class label)")
+    if seg is not None and image is not None and seg.mode.vocab != image.mode.vocab:
+        raise UserError(f"--seg_model {seg.path} makes masks of the vocabulary {seg.mode.vocab.describe()}; "
+                        f"--image_model {image.path} is conditioned on {image.mode.vocab.describe()} (data.labels)")
     if seg is not None and image is not None and seg.cfg.data.shape != image.cfg.data.shape:
         raise UserError(f"--seg_model makes {shape_text(seg.cfg.data.shape)} masks but --image_model expects "
                         f"{shape_text(image.cfg.data.shape)}")

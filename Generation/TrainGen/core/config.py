@@ -118,6 +118,10 @@ class OptimConfig:
     perceptual_weight: float = 0.0       # RadImageNet ResNet-50 feature loss on the predicted x0 (0: off)
     perceptual_weights: str | None = None  # local weights file (default $MEDGEN_WEIGHTS/radimagenet_resnet50.pt)
     perceptual_sha256: str | None = None   # expected SHA-256 of that file (checked when given)
+    region_contrast_weight: float = 0.0  # mask-conditioned modes: region-specific contrastive loss (MAISI-v2): one
+                                         # label region per sample relabelled as background must change the
+                                         # prediction inside it and nowhere else (0: off; costs a second forward)
+    region_contrast_margin: float = 0.5  # the mean |prediction difference| asked for inside the region
     max_steps: int | None = None         # stop after this many optimizer steps (None: run all epochs)
     find_lr: bool = False                # run the LR range test first
     find_lr_then_train: bool = True      # after the LR test, train with the suggested LR (false: stop)
@@ -129,6 +133,8 @@ class OptimConfig:
         _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr (--lr) must be a positive finite number, got {self.lr}")
         _check(self.max_steps is None or self.max_steps >= 1, "optim.max_steps (--max_steps) must be at least 1")
         _check(self.find_lr_steps >= 2, "optim.find_lr_steps must be at least 2")
+        _check(self.region_contrast_weight >= 0 and self.region_contrast_margin > 0,
+               "optim.region_contrast_weight must be >= 0 and optim.region_contrast_margin > 0")
 
 
 @dataclass

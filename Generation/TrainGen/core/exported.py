@@ -111,11 +111,19 @@ def data_contract(cfg, mode, meta: dict) -> dict:
                           "non-zero voxels to [0, 1], clipped; RAS, axial slices with anterior at the top; "
                           + (f"centre crop {d.crop_size} px, " if d.crop_size else "")
                           + "zero-padded to a square, resized (images bilinear, masks nearest)"),
-        "mask_labels": None if images and pixel.needs != "image" else
-        {"mode": d.mask_mode, "values": list(layout.mask_labels)},
+        "mask_labels": None if images and pixel.needs != "image" else mask_contract(mode.vocab, layout),
         "layout": None if images else {"preset": d.layout, "files": dict(layout.patterns)},
         "spacing_mm": meta.get("spacing")}
     if hasattr(mode, "ae"):
         contract["latent"] = {"channels": mode.ae.latent_channels, "downsampling": mode.ae.factor,
                               "scale": meta.get("latent_scale")}
     return contract
+
+
+def mask_contract(vocab, layout) -> dict:
+    """What the masks' values are on disk and to the model: the vocabulary (binary, or a label map's ids and
+    names with its regions), the values a file may hold, and for binary models which of them make the mask."""
+    out = {"vocabulary": vocab.record(), "file_values": list(layout.mask_labels)}
+    if vocab.binary:
+        out["binary_from"] = list(layout.tumour) if layout.tumour else "every label > 0"
+    return out

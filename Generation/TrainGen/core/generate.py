@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from medgen.common.data import MASK_ROLE, fit_square
 from medgen.common.errors import UserError
+from medgen.common.labels import nesting_violations
 from medgen.common.locks import locked
 from medgen.common.splits import anonymous_key
 from medgen.Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
@@ -107,8 +108,11 @@ class Job:
         """What generation.json records beside the settings: the hashed training units of each model, so that an
         evaluation can refuse test data a generator saw (common/splits.py)."""
         models = {"image": self.image_model, "seg": self.seg_model}
-        return {"training_data": {k: m.meta["data_units"] for k, m in models.items()
-                                  if m is not None and m.meta.get("data_units")}}
+        record = {"training_data": {k: m.meta["data_units"] for k, m in models.items()
+                                    if m is not None and m.meta.get("data_units")}}
+        if self.main_mode.needs != "label":          # what the masks' values mean (common/labels.py)
+            record["labels"] = self.main_mode.vocab.record()
+        return record
 
     def roles(self) -> list[str]:
         return self.main_mode.written_roles()
@@ -208,7 +212,7 @@ def generated_masks(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tenso
         retry = []
         job.masks_drawn += len(todo)
         for i, m in zip(todo, masks):
-            reason = job.mask_filter.reason(m[0].cpu().numpy())
+            reason = job.mask_filter.reason(m[0].cpu().numpy(), job.seg_model.mode.vocab)
             if reason is None:
                 accepted[i] = m
                 job.masks_accepted += 1
@@ -225,7 +229,8 @@ def generated_masks(job: Job, indices: list[int]) -> tuple[dict[int, torch.Tenso
             counts = {k: v for k, v in job.rejections.items() if k != COPY}
             raise UserError(f"the first {job.masks_drawn} masks from the seg model were all rejected ("
                             + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "); "
-                            + "; ".join(f"{k}: {FIX[k]}" for k in counts if k in FIX)
+                            + "; ".join(f"{k}: {FIX[k.split(' of ')[0]]}" for k in counts
+                                        if k.split(" of ")[0] in FIX)
                             + " (or --no_mask_filter for a smoke test)")
         todo = retry
     return accepted, attempts, why
@@ -265,17 +270,29 @@ def generate_batch(job: Job, indices: list[int], trajectory: list | None = None)
                                      else f"generated:seg_seed={sample_seed(job.seed, i, MASK_STREAM, attempts[i])}")}
         roles = [MASK_ROLE] if mode.makes_masks else mode.condition_roles
         outs = {r: conds[:, k:k + 1] for k, r in enumerate(roles)}
-        cond = {"concat": conds * 2 - 1}
+        cond = {} if mode.makes_masks else mode.condition(conds)
     if not mode.makes_masks and mode.needs != "label":
         x, fields = draw_checked(job, job.main_model, indices, cond, trajectory)
         for i in indices:
             info[i].update(fields[i])
         outs.update(mode.outputs(x))
     if job.output_size and job.output_size != next(iter(outs.values())).shape[-1]:
-        outs = {r: fit_square(v.float(), job.output_size, None, "nearest" if r == MASK_ROLE else "bilinear").clamp(0, 1)
-                for r, v in outs.items()}
+        outs = {r: fit_square(v.float(), job.output_size, None, "nearest") if r == MASK_ROLE else
+                fit_square(v.float(), job.output_size, None, "bilinear").clamp(0, 1) for r, v in outs.items()}
+    vocab = (job.seg_model or job.main_model).mode.vocab
+    if MASK_ROLE in outs and not vocab.binary:        # label maps: what each holds, and how they nest
+        for k, i in enumerate(indices):
+            info[i].update(label_fields(outs[MASK_ROLE][k, 0].cpu().numpy(), vocab))
     return {i: {"arrays": {r: v[k].float().cpu() for r, v in outs.items()}, "row": info[i]}
             for k, i in enumerate(indices)}
+
+
+def label_fields(labels: np.ndarray, vocab) -> dict:
+    """Manifest fields of a label map: voxels per label, and the nesting check's violations per pair."""
+    counts = {n: int((labels == i).sum()) for i, n in zip(vocab.ids, vocab.names)}
+    nesting = nesting_violations(labels, vocab)
+    return {"label_voxels": ";".join(f"{n}:{c}" for n, c in counts.items()),
+            "nesting_violations": ";".join(f"{k}:{v}" for k, v in nesting.items())}
 
 
 def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dict) -> dict:
@@ -285,11 +302,13 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
             "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
             "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
             "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "copy_rejections": "",
-            "copy_distance": "", "checkpoint_sha256": m.sha256,
+            "copy_distance": "", "label_voxels": "", "nesting_violations": "", "checkpoint_sha256": m.sha256,
             "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
             "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
             "files": ";".join(job.files(index)), **row}
-    return writers.write_sample(job.output_dir, index, job.file_roles(index), arrays, full, m.meta.get("spacing"))
+    vocab = (s or m).mode.vocab if MASK_ROLE in arrays else m.mode.vocab
+    return writers.write_sample(job.output_dir, index, job.file_roles(index), arrays, full, m.meta.get("spacing"),
+                                not vocab.binary)
 
 
 def write_progression(job: Job, n_samples: int = 4, n_frames: int = 8) -> Path:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from medgen.common.data import MASK_ROLE
 from medgen.common.errors import UserError, grid_text, lookup
+from medgen.common.labels import vocabulary
 from medgen.Generation.TrainGen.core import latent
 from medgen.Generation.TrainGen.core.modes import MODES
 from medgen.Generation.TrainGen.core.network import PRESETS, build_unet
@@ -47,6 +49,7 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None, device
     works in that autoencoder's latent space (core/latent.py; its scale measured on `data` unless given)."""
     strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
     mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
+    mode.vocab = vocabulary(cfg.data)       # how masks are coded: one channel, or one per label
     mode = latent.wrap(mode, cfg, device, data, latent_scale)
     if isinstance(mode, latent.LatentMode):
         strategy.clip_sample = False      # unit-variance latents are not bounded to [-1, 1] (run.preflight)
@@ -76,13 +79,20 @@ class RunParts:
 def build_run_parts(cfg, train_data, device) -> RunParts:
     channels = train_data.images.shape[1] if train_data.images is not None else None
     meta = {"num_classes": len(train_data.class_names) or None, "image_channels": channels,
-            "class_names": list(train_data.class_names)}
+            "class_names": list(train_data.class_names), "labels": vocabulary(cfg.data).record()}
+    if cfg.data.mask_mode == "classes" and cfg.data.labels == "binary" and train_data.masks is not None:
+        raise UserError("data.mask_mode=classes keeps the masks' label ids, which a binary model would read as "
+                        "one tumour: set data.labels (brats2021, brats2023 or custom) to train on label maps")
     if train_data.spacing is not None:   # the voxel grid generated volumes are written on
         meta["spacing"] = train_data.spacing.float().median(0).values.tolist()
     if cfg.optim.perceptual_weight > 0 and (cfg.data.spatial_dims != 2 or cfg.latent.autoencoder):
         raise UserError("optim.perceptual_weight (a 2D RadImageNet loss on the predicted image) needs 2D "
                         "pixel-space training; set it to 0 for volumes or latent runs")
     strategy, mode = build_parts(cfg, meta["num_classes"], channels, device, train_data)
+    if cfg.optim.region_contrast_weight > 0 and (MASK_ROLE not in mode.condition_roles or isinstance(
+            mode, latent.LatentMode)):
+        raise UserError(f"optim.region_contrast_weight: mode {mode.name} is not conditioned on a mask in pixel space "
+                        "(the region contrast relabels a region of the conditioning mask)")
     if isinstance(mode, latent.LatentMode):
         meta.update(latent_scale=mode.scale, autoencoder_sha256=mode.ae.sha256)
     strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation

@@ -4,7 +4,9 @@ Brain phantoms (original layout, RAS, int16 images, uint8 masks):
   scalp fat, dark skull, CSF rim and ventricles, folded grey matter over white matter, all warped by a
   random smooth deformation; 0-3 tumours per subject with a necrotic core and an enhancing rim (bright on
   T1-gd, invisible on T1-pre), surrounded by edema that is bright on the FLAIR-like `bravo` sequence.
-  seg.nii.gz is the tumour (core + rim); edema is not part of it.
+  seg.nii.gz is a BraTS 2021 label map: 1 the necrotic core (NCR), 2 the edema (ED), 4 the enhancing rim (ET).
+  Read as binary (data.labels binary, the original layout), the mask is the tumour itself, core + rim: the
+  masks every demo figure was made with; data.labels brats2021 reads the three labels.
 Everything is a pure function of (seed, subject index), so the dataset is identical on every machine.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from scipy.ndimage import gaussian_filter
 
 from medgen.common.data import MASK_ROLE
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3          # 3: seg.nii.gz holds the BraTS 2021 labels (binary reading unchanged)
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")
 # tissue -> (T1-pre, T1-gd, bravo) intensity in [0, 1]
 TISSUE = {
@@ -57,8 +59,12 @@ def _tumours(rng, grid, brain, n):
     return mask, necrosis & mask, rim, edema & ~mask
 
 
+BRATS_LABELS = {"necrosis": 1, "edema": 2, "rim": 4}   # the BraTS 2021 ids of NCR, ED and ET
+
+
 def make_subject(seed: int, index: int, shape=(64, 64, 48)) -> dict[str, np.ndarray]:
-    """One phantom: {'t1_pre','t1_gd','bravo': float32 [0,1] volumes, 'seg': uint8 mask}, RAS voxel order."""
+    """One phantom: {'t1_pre','t1_gd','bravo': float32 [0,1] volumes, 'seg': uint8 label map (BRATS_LABELS)},
+    RAS voxel order."""
     rng = np.random.default_rng([seed, index])
     axes = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
     grid = np.meshgrid(*axes, indexing="ij")
@@ -90,7 +96,10 @@ def make_subject(seed: int, index: int, shape=(64, 64, 48)) -> dict[str, np.ndar
         vol = gaussian_filter(vol, 0.6) * bias
         noise = rng.normal(0, 0.02, (2,) + shape)
         out[name] = np.clip(np.sqrt((vol + noise[0]) ** 2 + noise[1] ** 2), 0, 1).astype(np.float32)
-    out["seg"] = mask.astype(np.uint8)
+    seg = np.zeros(shape, np.uint8)
+    for name, region in (("edema", edema), ("necrosis", necrosis), ("rim", rim)):
+        seg[region] = BRATS_LABELS[name]
+    out["seg"] = seg
     return out
 
 

@@ -23,7 +23,7 @@ def preview_brain(root: Path, out: Path, n_subjects: int = 8, layout: str = "ori
         if not vols:
             continue
         side = max(vols["seg"].shape[:2])
-        sl = nifti.Preprocess(side, image_roles=roles)(vols)
+        sl = nifti.Preprocess(side, image_roles=roles, tumour=lay.tumour)(vols)
         area = sl["masks"].flatten(1).sum(1)
         k = int(area.argmax()) if area.max() > 0 else len(area) // 2
         for c in range(len(roles)):

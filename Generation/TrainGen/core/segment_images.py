@@ -26,17 +26,18 @@ from medgen.common import data as nifti
 from medgen.common import imagefolder
 from medgen.common.data import unfit_square
 from medgen.common.errors import UserError
+from medgen.common.labels import decode
 from medgen.common.fileio import atomic_write, atomic_write_text
 from medgen.common.locks import locked
 from medgen.common.names import inside
-from medgen.common.overlap import dice_iou
+from medgen.common.overlap import dice_iou, region_dice
 from medgen.Generation.TrainGen.core.generation.writers import (IMAGE_STREAM, ROWS_DIR, open_output_dir, sample_id,
                                                           sample_seed, write_manifest)
 from medgen.Generation.TrainGen.core.sampling import sample
 
 SETTINGS = "segmentation_settings.json"
 FIELDS = ("index", "source", "seed", "ensemble", "sampler", "steps", "checkpoint_sha256", "mask_area", "dice", "iou",
-          "files")
+          "dice_regions", "files")
 
 
 @dataclass
@@ -120,19 +121,22 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
 
 def segment_batch(model, images: torch.Tensor, idx: list[int], ensemble: int, seed: int, device, autocast=None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(masks {0, 1}, ensemble mean, ensemble std) on the CPU for images[idx]: member e of image i draws its
-    noise from the seed (seed, i, e), so an image's masks do not depend on the batch it is in."""
+    """(masks, ensemble mean, ensemble std) on the CPU for images[idx]: member e of image i draws its noise from
+    the seed (seed, i, e), so an image's masks do not depend on the batch it is in. A member's channels are
+    averaged over the ensemble and the average decoded (a binary mask, or a label map with the model's
+    vocabulary); mean and std are those of the lesion (any label) channel, the largest label channel."""
     cond = {"concat": images[idx].to(device) * 2 - 1}
     members = []
     for e in range(ensemble):
         gens = [torch.Generator(device).manual_seed(sample_seed(seed, i, IMAGE_STREAM, e)) for i in idx]
-        noise = torch.stack([torch.randn(1, *model.shape, generator=g, device=device) for g in gens])
+        noise = torch.stack([torch.randn(model.mode.out_channels, *model.shape, generator=g, device=device)
+                             for g in gens])
         x = sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps, 1.0, gens,
                    autocast)
-        members.append(((x[:, :1].float() + 1) / 2).clamp(0, 1).cpu())
-    stack = torch.stack(members)
-    mean = stack.mean(0)
-    return (mean > 0.5).float(), mean, stack.std(0, unbiased=False)
+        members.append(((x.float() + 1) / 2).clamp(0, 1).cpu())
+    stack = torch.stack(members)                                 # (E, B, K, ...) in [0, 1]
+    lesion = stack.amax(2, keepdim=True)
+    return decode(stack.mean(0) * 2 - 1, model.mode.vocab), lesion.mean(0), lesion.std(0, unbiased=False)
 
 
 def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, seed: int, device,
@@ -151,9 +155,13 @@ def _segment_todo(model, images: ImageSet, out: Path, ensemble: int, batch_size:
                    spacing)  # std <= 0.5: to [0, 1]
             row = {"index": i, "source": images.sources[i], "seed": seed, "ensemble": ensemble,
                    "sampler": model.sampler, "steps": model.steps, "checkpoint_sha256": model.sha256,
-                   "mask_area": float(mask.mean()), "dice": "", "iou": "", "files": ";".join(files.values())}
+                   "mask_area": float((mask > 0).float().mean()), "dice": "", "iou": "", "dice_regions": "",
+                   "files": ";".join(files.values())}
             if images.masks is not None:
-                row["dice"], row["iou"] = dice_iou(mask, images.masks[i])
+                row["dice"], row["iou"] = dice_iou((mask > 0).float(), (images.masks[i] > 0).float())
+                if not model.mode.vocab.binary:
+                    regions = region_dice(mask, images.masks[i], model.mode.vocab)
+                    row["dice_regions"] = ";".join(f"{k}:{v:.5f}" for k, v in regions.items())
             atomic_write_text(out / ROWS_DIR / f"{sample_id(i)}.json", json.dumps(row))
     if images.volumes is not None:
         write_volumes(out, images)
@@ -203,11 +211,19 @@ def write_summary(out: Path, with_truth: bool, made: int) -> dict:
                         "iou_std": float(iou.std()),
                         "worst": [{"source": r["source"], "dice": r["dice"]}
                                   for r in sorted(rows, key=lambda r: r["dice"])[:10]]})
+        regions = [dict((k, float(v)) for k, v in (x.split(":") for x in r["dice_regions"].split(";")))
+                   for r in rows if r.get("dice_regions")]
+        if regions:       # label maps: Dice per region (the lesion row above is every label together)
+            summary["regions"] = {k: {"mean": float(np.mean([g[k] for g in regions])),
+                                      "std": float(np.std([g[k] for g in regions]))} for k in regions[0]}
     atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=2))
     lines = [f"# Segmentation of {len(rows)} images", ""]
     if "dice_mean" in summary:
+        per_region = [[f"Dice {k}", f"{v['mean']:.4f}", f"{v['std']:.4f}", len(rows)]
+                      for k, v in summary.get("regions", {}).items()]
         lines += [tabulate([["Dice", f"{summary['dice_mean']:.4f}", f"{summary['dice_std']:.4f}", len(rows)],
-                            ["IoU", f"{summary['iou_mean']:.4f}", f"{summary['iou_std']:.4f}", len(rows)]],
+                            ["IoU", f"{summary['iou_mean']:.4f}", f"{summary['iou_std']:.4f}", len(rows)],
+                            *per_region],
                            headers=["metric", "mean over images", "std", "N"], tablefmt="github"), "",
                   "Lowest Dice: " + ", ".join(f"{w['source']} ({w['dice']:.3f})" for w in summary["worst"])]
     else:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from medgen.common.errors import UserError
 from medgen.common.features import load_radimagenet
+from medgen.common.labels import BINARY, from_record
 from medgen.common.splits import units_record
 from medgen.Generation.TrainGen.core import latent
 from medgen.Generation.TrainGen.core.checkpoint import (PREEMPT_FILE, leave_requeue_mark, load_checkpoint,
@@ -28,6 +29,8 @@ from medgen.Generation.TrainGen.core.train_stats import StepStats
 from medgen.Generation.TrainGen.core.validation import validation_scores, write_sample_grid
 
 RESUME_FIXED = ("model", "strategy", "mode", "latent")  # sections a resumed run must share with its checkpoint
+
+
 def all_finite(tensors) -> bool:
     """Whether every value of every tensor is finite, read back from the device once (not once per tensor)."""
     flags = [torch.isfinite(t).all() for t in tensors]
@@ -79,7 +82,8 @@ class DiffusionTrainer:
         self.objective = DiffusionLoss(
             self.strategy, self.mode, rt.autocast, o.min_snr if o.min_snr is not None else self.strategy.min_snr_default,
             o.min_snr_gamma, load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev)
-            if o.perceptual_weight > 0 else None, o.perceptual_weight)
+            if o.perceptual_weight > 0 else None, o.perceptual_weight, o.region_contrast_weight,
+            o.region_contrast_margin)
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.best, self.bad_vals = None, 0
@@ -327,6 +331,10 @@ class DiffusionTrainer:
             if saved.get(section) != to_dict(self.cfg)[section]:
                 raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
                                 f"resume with the same --{section if section != 'model' else 'config'}")
+        if state["meta"].get("labels", BINARY.record()) != self.meta["labels"]:
+            raise UserError(f"--resume {path}: the checkpoint was trained with the label vocabulary "
+                            f"{from_record(state['meta'].get('labels')).describe()}, this run has "
+                            f"{from_record(self.meta['labels']).describe()} (data.labels)")
         self.load_state(state)
         if isinstance(self.mode, latent.LatentMode):   # the run's scale, as measured when it started
             latent.check_unchanged(self.mode, state["meta"], f"--resume {path}")

@@ -10,7 +10,7 @@ import torch
 from medgen.common.data import MASK_ROLE
 from medgen.common.grid import save_grid
 from medgen.Generation.TrainGen.core.sampling import sample
-from medgen.common.overlap import dice_iou
+from medgen.common.overlap import dice_iou, region_dice
 
 
 @torch.no_grad()
@@ -40,7 +40,11 @@ def validation_scores(tr) -> tuple[dict, dict, dict]:
                            cfg.mode.labels.guidance_scale, gen, rt.autocast))
     outputs = tr.mode.outputs(torch.stack(outs).mean(0))
     if metric == "dice":
-        scalars["val/dice"], scalars["val/iou"] = dice_iou(outputs[MASK_ROLE], batch["masks"])
+        scalars["val/dice"], scalars["val/iou"] = dice_iou((outputs[MASK_ROLE] > 0).float(), (batch["masks"] > 0).float())
+        if not tr.mode.vocab.binary:        # label maps: Dice per region, and their mean is the score
+            per_region = region_dice(outputs[MASK_ROLE], batch["masks"], tr.mode.vocab)
+            scalars.update({f"val/dice_{name}": v for name, v in per_region.items()})
+            scalars["val/dice"] = sum(per_region.values()) / len(per_region)
     tr.net.train()
     return scalars, outputs, batch
 

@@ -21,6 +21,9 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
     add_flag(p, "image-type", default="bravo", help="modality compared (bravo, t1_pre, t1_gd, seg, ...)")
     add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
+    add_flag(p, "labels", default=None, choices=("binary", "brats2021", "brats2023"),
+             help="the masks' label vocabulary (label maps: per-region faithfulness and intensities); default: the "
+                  "synthetic folder's generation.json, else binary")
     add_flag(p, "positive-only", action="store_true", help="only slices with mask voxels")
     add_flag(p, "spatial-dims", type=int, default=2, choices=(2, 3),
              help="3: compare whole volumes (2.5D FID per plane and mean, 3D MS-SSIM, MAE/PSNR per volume)")
@@ -80,7 +83,7 @@ def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Opt
                    layout=args.layout, feature_networks=nets, weights=weights, weights_sha256=shas,
                    bootstrap=getattr(args, "bootstrap", 50), batch_size=args.batch_size, device=args.device,
                    seed=args.seed, floor=not args.no_floor and args.real_dir is not None, output=args.output,
-                   skip_bad=args.skip_bad, compute=args.compute, spatial_dims=args.spatial_dims,
+                   skip_bad=args.skip_bad, compute=args.compute, spatial_dims=args.spatial_dims, labels=args.labels,
                    volume_shape=volume, **extra)
 
 

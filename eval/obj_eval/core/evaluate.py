@@ -24,6 +24,8 @@ from medgen.common.fileio import atomic_write, atomic_write_text
 ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
 # need a downstream network trained on real training data (--real-train-dir); asked for by name, not by "all"
 DOWNSTREAM_METRICS = ("faithfulness", "memorization", "domain")
+# label maps: intensity per label region, real against synthetic (core/regions.py); part of "all" for label maps
+REGION_METRICS = ("region_intensity",)
 RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"
 DIVERSITY_CI = "bootstrap over samples (pairs formed among the drawn samples), not over pairs, which share samples"
 
@@ -59,20 +61,31 @@ class Options:
     downstream: dict = field(default_factory=dict)   # downstream metrics: TrainSettings fields (preset, ...)
     spatial_dims: int = 2                 # 3: whole volumes (2.5D FID, 3D MS-SSIM, MAE/PSNR per volume)
     volume_shape: list[int] | None = None  # volumes: the [H, W, D] grid (None: the synthetic set's own)
+    labels: str | None = None             # masks' label vocabulary (None: the synthetic set's generation.json, else
+                                          # binary); label maps: per-region scores and intensities
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
     names = [m.strip().replace("-", "_") for m in text.split(",") if m.strip()]
     names = tuple(dict.fromkeys(n for m in names for n in (ALL_METRICS if m == "all" else (m,))))
-    unknown = [m for m in names if m not in ALL_METRICS + DOWNSTREAM_METRICS]
+    unknown = [m for m in names if m not in ALL_METRICS + DOWNSTREAM_METRICS + REGION_METRICS]
     if unknown or not names:
         raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} (choose all or a comma list "
-                        f"of {', '.join(ALL_METRICS + DOWNSTREAM_METRICS)}; all = {', '.join(ALL_METRICS)})")
+                        f"of {', '.join(ALL_METRICS + DOWNSTREAM_METRICS + REGION_METRICS)}; all = "
+                        f"{', '.join(ALL_METRICS)}, and region_intensity for label maps)")
+    if "all" in [m.strip() for m in text.split(",")]:
+        names += ("all",)                  # evaluate() adds region_intensity when the masks are label maps
     return names
 
 
 def unavailable(metric: str, reason: str, **extra) -> dict:
     return {"metric": metric, "available": False, "reason": reason, **extra}
+
+
+def guarded_list(name: str, compute) -> list[dict]:
+    """guarded() for a family that returns several records."""
+    rec = guarded(name, compute)
+    return rec if isinstance(rec, list) else [rec]
 
 
 def guarded(name: str, compute) -> dict:
@@ -338,7 +351,7 @@ def downstream_records(o: Options, wanted: set[str], device, grid: list[int] | N
     try:
         recs = audit_records(names, o.real_train_dir or o.real_dir, o.synthetic_dir, o.image_type, grid or o.image_size,
                              o.positive_only, o.layout, o.downstream, o.seed, str(device), out, o.compute,
-                             o.split_seed, o.val_fraction, flag)
+                             o.split_seed, o.val_fraction, flag, o.labels)
     except UserError as err:
         return missing + [unavailable(n, str(err)) for n in names]
     flat = list(missing)
@@ -368,7 +381,13 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
     print(f"synthetic: {len(synth)} images from {synth.root}; "
           + (f"real: {len(real)} images from {real.root}; " if real is not None else "no real set; ")
           + f"{shape_text(synth.images.shape[2:])}, on {device}")
-    wanted = set(o.metrics)
+    wanted = set(o.metrics) - {"all"}
+    vocab = None
+    if "region_intensity" in wanted or "all" in o.metrics:
+        from medgen.eval.obj_eval.utility.data import mask_vocabulary
+        vocab = mask_vocabulary([o.synthetic_dir], o.labels)
+        if not vocab.binary and real is not None:
+            wanted.add("region_intensity")
     lpips_net = None
     if "lpips" in wanted:
         try:
@@ -390,6 +409,10 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
         families.append(lambda: diversity_records(o, synth, real, device, wanted, lpips_net))
     if wanted & set(DOWNSTREAM_METRICS):
         families.append(lambda: downstream_records(o, wanted, device, grid))
+    if "region_intensity" in wanted:
+        from medgen.eval.obj_eval.core.regions import region_intensity_records
+        families.append(lambda: guarded_list("region_intensity", lambda: region_intensity_records(
+            o.synthetic_dir, o.real_dir, vocab, int(synth.images.shape[-1]), o.layout, o.compute, o.seed)))
     for family in families:
         result["metrics"] += family()
         if out_dir is not None:

@@ -42,7 +42,7 @@ def rows(result: dict) -> list[list[str]]:
             out.append([r["metric"], "unavailable", "", "", "", r["reason"][:120]])
             continue
         ci = r.get("ci95")
-        floor = r.get("floor", {}).get("value")
+        floor = (r.get("floor") or r.get("real") or {}).get("value")    # real vs real, or the real images' value
         out.append([r["metric"], _fmt(r["value"]), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "", _fmt(floor),
                     _n(r), _method(r) + (f"; {r['warning']}" if "warning" in r else "")])
     return out
@@ -61,10 +61,11 @@ def markdown(result: dict) -> str:
             f"real: `{result['real_dir']}` ({result['n_real']} {unit})  \n"
             f"{size_text(result)}, modality {result['image_type']}, positive-only {result['positive_only']}, "
             f"seed {result['seed']}\n\n")
-    table = tabulate(rows(result), headers=["metric", "value", "95% CI", "real vs real", "N", "method"],
+    table = tabulate(rows(result), headers=["metric", "value", "95% CI", "real", "N", "method"],
                      tablefmt="github")
-    return head + table + "\n\nThe real-vs-real column is the floor to read each value against (FID between two " \
-                          "halves of the real set; diversity among real slices).\n" + "".join(notes(result))
+    return head + table + "\n\nThe real column is what to read each value against: the real-vs-real floor (FID " \
+                          "between two halves of the real set; diversity among real slices), or for region " \
+                          "intensities the real images' own value.\n" + "".join(notes(result))
 
 
 def notes(result: dict) -> list[str]:

@@ -36,15 +36,43 @@ def _mean_ci(values: np.ndarray, seed: int) -> dict:
 
 
 def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int = 0) -> dict:
-    """Dice between the segmenter's prediction on each synthetic image and its conditioning mask."""
-    pred_s = (models.predict(segmenter, synthetic.images, "segmentation", device) > 0.5).float()
-    pred_r = (models.predict(segmenter, real_test.images, "segmentation", device) > 0.5).float()
-    pixels = synthetic.images[0, 0].numel()
-    area = lambda ts: (ts.targets > 0.5).flatten(1).sum(1).numpy() / pixels  # noqa: E731
-    a_s, a_r, a_train = area(synthetic), area(real_test), area(real_train)
+    """Dice between the segmenter's prediction on each synthetic image and its conditioning mask. Label maps: per
+    region (WT, TC, ET for BraTS), each with its own size bins; the record's headline is the first region (the
+    whole lesion, as a binary mask would be) and `regions` holds them all."""
+    from medgen.common.labels import region_masks
+    vocab = synthetic.vocab
+    pred_s = models.labels_of(models.predict(segmenter, synthetic.images, "segmentation", device), vocab)
+    pred_r = models.labels_of(models.predict(segmenter, real_test.images, "segmentation", device), vocab)
+    if vocab.binary:
+        masks = {"tumour": (pred_s, synthetic.targets, pred_r, real_test.targets, real_train.targets)}
+    else:
+        cut = lambda x: region_masks(x, vocab)  # noqa: E731
+        ps, ts, pr, tr, tt = (cut(x) for x in (pred_s, synthetic.targets, pred_r, real_test.targets,
+                                               real_train.targets))
+        masks = {r: (ps[r].float(), ts[r].float(), pr[r].float(), tr[r].float(), tt[r].float()) for r in ps}
+    regions = {r: _faithful(*m, synthetic.ids, seed) for r, m in masks.items()}
+    head = next(iter(regions.values()))
+    out = {"metric": "faithfulness_dice", **head,
+           "method": {"segmenter": "downstream segmenter trained on the real training split (the utility harness)",
+                      "dice": "per synthetic image with a non-empty conditioning mask; prediction thresholded at 0.5"
+                      if vocab.binary else "per synthetic image and region with a non-empty conditioning region; "
+                      "prediction: the most probable label", "bins": "lesion area as a fraction of the image; "
+                      "edges at the terciles of the real training masks' areas (per region for label maps)",
+                      "ci": "bootstrap over images (1000 resamples)"}}
+    if not vocab.binary:
+        out["regions"] = regions
+        out["vocabulary"] = vocab.record()
+    return out
+
+
+def _faithful(pred_s, true_s, pred_r, true_r, true_train, ids: list[str], seed: int) -> dict:
+    """Faithfulness of one binary mask kind: value, CI, ceiling on real test images, size bins, the lowest."""
+    pixels = true_s[0, 0].numel()
+    area = lambda t: (t > 0.5).flatten(1).sum(1).numpy() / pixels  # noqa: E731
+    a_s, a_r, a_train = area(true_s), area(true_r), area(true_train)
     pos_train = a_train[a_train > 0]
     edges = np.quantile(pos_train, [1 / 3, 2 / 3]) if len(pos_train) else np.array([0.0, 0.0])
-    d_s, d_r = dice(pred_s, synthetic.targets).numpy(), dice(pred_r, real_test.targets).numpy()
+    d_s, d_r = dice(pred_s, true_s).numpy(), dice(pred_r, true_r).numpy()
     bins = []
     for b, name in enumerate(SIZE_BINS):
         lo = edges[b - 1] if b else 0.0
@@ -54,20 +82,16 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
                      "synthetic": _mean_ci(d_s[in_s], seed), "real_test": _mean_ci(d_r[in_r], seed)})
     pos_s = a_s > 0
     order = np.argsort(d_s[pos_s], kind="stable")
-    ids = np.asarray(synthetic.ids)[pos_s]
-    low = [{"id": str(ids[i]), "dice": round(float(d_s[pos_s][i]), 4), "area_fraction": round(float(a_s[pos_s][i]), 4)}
-           for i in order if d_s[pos_s][i] < LOW_DICE]
+    names = np.asarray(ids)[pos_s]
+    low = [{"id": str(names[i]), "dice": round(float(d_s[pos_s][i]), 4),
+            "area_fraction": round(float(a_s[pos_s][i]), 4)} for i in order if d_s[pos_s][i] < LOW_DICE]
     empty = ~pos_s
     overall = _mean_ci(d_s[pos_s], seed)
-    return {"metric": "faithfulness_dice", "value": overall["mean"], "n": overall["n"], "ci95": overall["ci95"],
+    return {"value": overall["mean"], "n": overall["n"], "ci95": overall["ci95"],
             "ceiling": _mean_ci(d_r[a_r > 0], seed), "bins": bins, "low_dice_threshold": LOW_DICE,
             "low": low[:200], "n_low": len(low),
             "empty_masks": {"n": int(empty.sum()),
-                            "predicted_foreground": int((pred_s[torch.from_numpy(empty)].flatten(1).sum(1) > 0).sum())},
-            "method": {"segmenter": "downstream segmenter trained on the real training split (the utility harness)",
-                       "dice": "per synthetic image with a non-empty conditioning mask; prediction thresholded at 0.5",
-                       "bins": "tumour area as a fraction of the image; edges at the terciles of the real training "
-                               "masks' areas", "ci": "bootstrap over images (1000 resamples)"}}
+                            "predicted_foreground": int((pred_s[torch.from_numpy(empty)].flatten(1).sum(1) > 0).sum())}}
 
 
 # ---------------------------------------------------------------- memorization

@@ -106,6 +106,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
              help="3: whole NIfTI volumes and a 3D BasicUNet (the grid: --volume-shape, default the synthetic set's)")
     add_flag(p, "volume-shape", default=None, metavar="H,W,D", help="--spatial-dims 3: the evaluation grid")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
+    add_flag(p, "labels", default=None, choices=("binary", "brats2021", "brats2023"),
+             help="the masks' label vocabulary: label maps are scored per region (WT, TC, ET); default: the one the "
+                  "synthetic folders' generation.json records, else binary")
     add_flag(p, "bootstrap", type=int, default=1000, help="resamples of the paired comparison")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
     add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"), help="where caches live")
@@ -156,11 +159,13 @@ def main(argv=None, doc: str = DOC) -> int:
     natives, size = eval_size(args)
     check_split_flags(args)
     generators = data.generator_records(args.synthetic_dir) if args.synthetic_dir else None
+    vocab = data.mask_vocabulary(args.synthetic_dir, args.labels)
     real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute,
-                                 generators, args.split_seed, args.val_fraction)
+                                 generators, args.split_seed, args.val_fraction, vocab=vocab)
     task = "classification" if real["train"].classes else "segmentation"
     ordinal = task == "classification" and (args.ordinal or scores.ordinal_classes(real["train"].classes))
-    primary = choose_primary(args.primary, task, args.spatial_dims, ordinal, real["train"].classes)
+    primary = choose_primary(args.primary, task, args.spatial_dims, ordinal, real["train"].classes,
+                             () if vocab.binary else tuple(r for r, _ in vocab.regions))
     names = [Path(d).name for d in args.synthetic_dir]
     if len(set(names)) != len(names):
         raise UserError("--synthetic_dir: two folders share a name; the recipes are named after the folders")
@@ -204,12 +209,14 @@ def check_split_flags(args) -> None:
         raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
 
 
-def choose_primary(name: str, task: str, spatial_dims: int, ordinal: bool, classes: list[str]) -> str:
+def choose_primary(name: str, task: str, spatial_dims: int, ordinal: bool, classes: list[str],
+                   regions: tuple[str, ...] = ()) -> str:
     """The verdict's score. Quadratic kappa weighs a disagreement by the distance between class numbers, which
     only means something for ordered grades (diabetic retinopathy 0-4): the default for those, refused for
     unordered classes, where balanced accuracy is the headline and kappa a secondary column."""
     if task == "segmentation":
-        allowed = scores.SEG_METRICS_3D if spatial_dims == 3 else scores.SEG_METRICS
+        base = scores.SEG_METRICS_3D if spatial_dims == 3 else scores.SEG_METRICS
+        allowed = tuple(base) + tuple(f"{m}_{r}" for r in regions for m in base)   # label maps: per region too
     else:
         allowed = scores.CLASS_METRICS
     if name == "auto":

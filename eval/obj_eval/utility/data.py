@@ -3,7 +3,8 @@ the statistics resample (the subject folder of a NIfTI slice, the file of a 2D i
 
 Every set is read by the training loaders (common.dataset), so a synthetic folder written by generate.py, a
 NIfTI dataset, images/ + masks/ PNG folders and class image folders all work, preprocessed exactly as for
-training. Masks are binary (whole tumour: any label > 0).
+training. Masks are binary (the layout's tumour labels), or label maps with a vocabulary (labels=brats2021, ...:
+common/labels.py), scored per region.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from medgen.common import imagefolder
 from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nifti_dataset
 from medgen.common.dataset import SliceData, load_split
 from medgen.common.errors import UserError
+from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
 from medgen.config.paths import PathConfig
 from medgen.eval.obj_eval.core.inputs import existing_folder, native_size
 from medgen.eval.obj_eval.utility.scores import MIN_TEST_UNITS
@@ -30,11 +32,12 @@ TASKS = ("segmentation", "classification")
 class TaskSet:
     name: str                      # what it is, for messages and the report ("real test", "synthetic S")
     images: torch.Tensor           # (N, C, H, W) float32 in [0, 1]; volumes (N, C, D, H, W)
-    targets: torch.Tensor          # segmentation: (N, 1, H, W) float {0, 1}; classification: (N,) int64
+    targets: torch.Tensor          # segmentation: (N, 1, H, W) float {0, 1} or label ids; classification: (N,) int64
     units: list[str]               # the resampling unit of each item: subject folder or image file
     ids: list[str]                 # '<subject>#slice<k>' or the image path relative to the dataset
     classes: list[str] = field(default_factory=list)
     spacing: torch.Tensor | None = None   # volumes: (N, 3) grid spacing in mm, (D, H, W) order (HD95 in mm)
+    vocab: Vocabulary = BINARY            # segmentation: what the mask values mean
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,7 +46,7 @@ class TaskSet:
         index = [int(i) for i in index]
         return TaskSet(self.name, self.images[index], self.targets[index], [self.units[i] for i in index],
                        [self.ids[i] for i in index], self.classes,
-                       None if self.spacing is None else self.spacing[index])
+                       None if self.spacing is None else self.spacing[index], self.vocab)
 
     def unit_index(self) -> tuple[list[str], np.ndarray]:
         """(unit names in first-seen order, the unit number of each item)."""
@@ -59,7 +62,8 @@ def concat(name: str, parts: list[TaskSet]) -> TaskSet:
     parts = [p for p in parts if len(p)]
     spacing = torch.cat([p.spacing for p in parts]) if all(p.spacing is not None for p in parts) else None
     return TaskSet(name, torch.cat([p.images for p in parts]), torch.cat([p.targets for p in parts]),
-                   [u for p in parts for u in p.units], [i for p in parts for i in p.ids], parts[0].classes, spacing)
+                   [u for p in parts for u in p.units], [i for p in parts for i in p.ids], parts[0].classes, spacing,
+                   parts[0].vocab)
 
 
 def kind_of(root: Path) -> str:
@@ -73,12 +77,12 @@ def task_of(root: Path) -> str:
 
 
 def _config(root: Path, size, positive_only: bool, layout: str, val_fraction: float, seed: int,
-            skip_bad: bool = False) -> DataConfig:
+            skip_bad: bool = False, vocab: Vocabulary = BINARY) -> DataConfig:
     """`size`: the evaluation size in px, or a volume grid [H, W, D] (whole volumes, data.spatial_dims 3)."""
     volume = list(size) if isinstance(size, (list, tuple)) else None
     return DataConfig(data_dir=str(root), image_size=128 if volume else size, positive_only=positive_only,
                       layout=layout, val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad,
-                      spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48])
+                      spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48], **config_fields(vocab))
 
 
 def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
@@ -91,20 +95,20 @@ def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
     return [s for s, items in splits.items() if items]
 
 
-def _to_taskset(name: str, data: SliceData, kind: str, root: Path) -> TaskSet:
+def _to_taskset(name: str, data: SliceData, kind: str, root: Path, vocab: Vocabulary = BINARY) -> TaskSet:
     images = data.images.float()
     if kind == "images":
         targets = data.labels.long()
     else:
         if data.masks is None:
             raise UserError(f"{root}: no masks to train a segmenter on (segmentation needs seg files or masks/)")
-        targets = (data.masks > 0).float()
+        targets = (data.masks > 0).float() if vocab.binary else data.masks.float()
     if kind == "nifti":
         ids = [f"{Path(s).name}#slice{k}" if k >= 0 else Path(s).name for s, k in zip(data.sources, data.slice_index)]
     else:
         ids = [str(Path(s).resolve().relative_to(root.resolve())) for s in data.sources]
     spacing = data.spacing.float() if data.spacing is not None else None
-    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names), spacing)
+    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names), spacing, vocab)
 
 
 def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
@@ -113,7 +117,7 @@ def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], 
     skipped = [p for p in data.problems if p.startswith("skipped")]
     if skipped:   # a synthetic set: a blank sample is a generation failure, counted and named, not a stop
         warn(f"{name}: {len(skipped)} sample(s) left out, e.g. {skipped[0]}")
-    return _to_taskset(name, data, kind, root)
+    return _to_taskset(name, data, kind, root, vocabulary(cfg) if kind == "nifti" else BINARY)
 
 
 def carve(ts: TaskSet, fraction: float, seed: int, names: tuple[str, str]) -> tuple[TaskSet, TaskSet]:
@@ -170,7 +174,7 @@ def split_settings(records: dict[str, dict], split_seed: int | None, val_fractio
 def load_real(root, size: int, image_roles: list[str], positive_only: bool = False, layout: str = "original",
               seed: int = 0, compute: str = "auto", generators: dict[str, dict] | None = None,
               split_seed: int | None = None, val_fraction: float | None = None,
-              flag: str = "--real_dir") -> tuple[dict[str, TaskSet], list[str]]:
+              flag: str = "--real_dir", vocab: Vocabulary = BINARY) -> tuple[dict[str, TaskSet], list[str]]:
     """({'train', 'val', 'test'}: TaskSet, notes). A flat folder is split as the generator split it (its record
     in `generators`, or --split-seed / --val-fraction); a missing test split is carved from val by subject (half
     of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator
@@ -179,7 +183,7 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     root = existing_folder(root, flag)
     kind = kind_of(root)
     s_seed, s_frac, how = split_settings(generators or {}, split_seed, val_fraction)
-    cfg = _config(root, size, positive_only, layout, s_frac, s_seed)
+    cfg = _config(root, size, positive_only, layout, s_frac, s_seed, vocab=vocab if kind == "nifti" else BINARY)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     names = _split_names(cfg, root, kind)
     if "train" not in names:
@@ -232,7 +236,7 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     if isinstance(size, int) and native < size:
         raise UserError(f"--synthetic_dir {root}: images are {native} px, smaller than the evaluation size {size} "
                         f"px (--image_size {native}, or generate at {size} px)")
-    cfg = _config(root, size, False, "original", 0.0, 0, skip_bad=True)
+    cfg = _config(root, size, False, "original", 0.0, 0, skip_bad=True, vocab=real.vocab if kind == "nifti" else BINARY)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     parts = [_load(root, s, kind, cfg, roles, compute, f"synthetic {root.name}") for s in _split_names(cfg, root, kind)]
     if not parts:
@@ -249,6 +253,38 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
         remap = torch.tensor([real.classes.index(c) for c in ts.classes], dtype=torch.long)
         ts.targets, ts.classes = remap[ts.targets], list(real.classes)
     return ts
+
+
+def mask_vocabulary(synthetic_dirs: list, given: str | None) -> Vocabulary:
+    """The label vocabulary to read masks with: --labels when given, else the one the synthetic folders'
+    generator recorded in generation.json (binary without a record); folders of different vocabularies, or a
+    --labels that contradicts their record, are refused."""
+    from medgen.common.labels import PRESETS, from_record
+    import json
+    recorded = {}
+    for d in synthetic_dirs:
+        path = Path(d) / GENERATED_MARKER
+        try:
+            rec = json.loads(path.read_text()).get("labels") if path.is_file() else None
+        except (OSError, ValueError):
+            rec = None
+        if rec:
+            recorded[str(d)] = from_record(rec)
+    names = {v.name for v in recorded.values()}
+    if len(set(recorded.values())) > 1:
+        raise UserError("--synthetic_dir: the folders hold masks of different label vocabularies (" +
+                        ", ".join(f"{d}: {v.describe()}" for d, v in recorded.items()) + ")")
+    if given and names and given not in names:
+        d, v = next(iter(recorded.items()))
+        raise UserError(f"--labels {given}: {d} holds masks of the vocabulary {v.describe()} (its generation.json); "
+                        f"pass --labels {v.name}")
+    if given == "custom":
+        raise UserError("--labels custom: a custom vocabulary is read from the synthetic folders' generation.json")
+    if given:
+        if given not in PRESETS:
+            raise UserError(f"--labels {given!r} is unknown (choose from {', '.join(PRESETS)})")
+        return PRESETS[given]
+    return next(iter(recorded.values())) if recorded else BINARY
 
 
 def native_sizes(synthetic_dirs: list[str]) -> dict[str, int]:

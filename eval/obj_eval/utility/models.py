@@ -1,7 +1,8 @@
 """The downstream networks (MONAI) and their one training loop.
 
-Segmentation: MONAI BasicUNet, Dice + cross-entropy on one sigmoid channel. Classification: MONAI ResNet
-(basic blocks) with a linear head. Both expose `features(x)`: globally pooled deep encoder maps, the
+Segmentation: MONAI BasicUNet, Dice + cross-entropy on one sigmoid channel for a binary mask, or on K + 1 softmax
+channels (background and each label) for label maps. Classification: MONAI ResNet (basic blocks) with a linear
+head. Both expose `features(x)`: globally pooled deep encoder maps, the
 domain feature space of the Fréchet distance, precision/recall and the memorization audit.
 
 Training is seeded and deterministic on CPU: the same data, settings and seed give the same weights. It runs a
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write
-from medgen.common.overlap import dice
+from medgen.common.labels import BINARY
+from medgen.common.overlap import dice, region_dice
 
 # features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
 PRESETS = {
@@ -67,10 +69,14 @@ class TrainSettings:
 
 
 class Segmenter(nn.Module):
-    def __init__(self, in_channels: int, features, spatial_dims: int = 2):
+    """BasicUNet with one sigmoid output (binary masks), or K + 1 softmax outputs: background, then the
+    vocabulary's labels in order (label maps)."""
+
+    def __init__(self, in_channels: int, features, spatial_dims: int = 2, vocab=BINARY):
         super().__init__()
-        self.net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1,
-                             features=tuple(features))
+        self.vocab = vocab
+        self.net = BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels,
+                             out_channels=1 if vocab.binary else vocab.channels + 1, features=tuple(features))
 
     def forward(self, x):
         return self.net(x)
@@ -98,10 +104,11 @@ class Classifier(nn.Module):
         return self.backbone(x)
 
 
-def build(settings: TrainSettings, in_channels: int, num_classes: int, spatial_dims: int = 2) -> nn.Module:
+def build(settings: TrainSettings, in_channels: int, num_classes: int, spatial_dims: int = 2,
+          vocab=BINARY) -> nn.Module:
     p = PRESETS[settings.preset]
     if settings.task == "segmentation":
-        return Segmenter(in_channels, p["unet"], spatial_dims)
+        return Segmenter(in_channels, p["unet"], spatial_dims, vocab)
     return Classifier(in_channels, num_classes, p["layers"], p["planes"])
 
 
@@ -117,15 +124,33 @@ def _autocast(device: torch.device, bf16: bool):
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, task: str, device, batch_size: int = 128,
             bf16: bool = True) -> torch.Tensor:
-    """Segmentation: foreground probabilities (N, 1, H, W); classification: class probabilities (N, K)."""
+    """Segmentation: foreground probabilities (N, 1, H, W), or for label maps the probabilities of background and
+    each label (N, K + 1, H, W); classification: class probabilities (N, K)."""
     model.eval()
     device = torch.device(device)
+    binary = task != "segmentation" or getattr(model, "vocab", BINARY).binary
     out = []
     for i in range(0, len(images), batch_size):
         with _autocast(device, bf16):
             logits = model(images[i:i + batch_size].to(device)).float()
-        out.append((torch.sigmoid(logits) if task == "segmentation" else logits.softmax(1)).cpu())
+        out.append((torch.sigmoid(logits) if task == "segmentation" and binary else logits.softmax(1)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def labels_of(probs: torch.Tensor, vocab) -> torch.Tensor:
+    """A segmenter's prediction as a mask: {0, 1} at 0.5 (binary), or the label ids of the most probable class."""
+    if vocab.binary:
+        return (probs > 0.5).float()
+    ids = torch.tensor((0, *vocab.ids), dtype=torch.float32)
+    return ids[probs.argmax(1, keepdim=True)]
+
+
+def class_index(labels: torch.Tensor, vocab) -> torch.Tensor:
+    """Label ids -> class indices 0..K (0 background), the softmax channels' order."""
+    out = torch.zeros_like(labels)
+    for k, i in enumerate(vocab.ids, start=1):
+        out = torch.where(labels == i, torch.full_like(labels, k), out)
+    return out
 
 
 @torch.no_grad()
@@ -138,6 +163,9 @@ def features(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1
 def validation_score(model, task: str, val, device, bf16: bool) -> float:
     """Higher is better: Dice over the whole validation set (segmentation), balanced accuracy (classification)."""
     probs = predict(model, val.images, task, device, bf16=bf16)
+    if task == "segmentation" and not val.vocab.binary:       # label maps: the mean Dice over the regions
+        per_region = region_dice(labels_of(probs, val.vocab), val.targets, val.vocab)
+        return float(np.mean(list(per_region.values())))
     if task == "segmentation":
         return float(dice(probs > 0.5, val.targets > 0.5, dims=tuple(range(probs.dim()))))
     from sklearn.metrics import balanced_accuracy_score
@@ -155,10 +183,18 @@ def train(settings: TrainSettings, train_set, val_set, seed: int, desc: str = "t
         raise UserError(f"{desc}: no training images")
     device = torch.device(s.device)
     torch.manual_seed(seed)
-    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2).to(device)
+    vocab = getattr(train_set, "vocab", BINARY)
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2,
+                  vocab).to(device)
     step_fn = torch.compile(model) if s.compile and device.type == "cuda" else model
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=1e-4)
-    loss_fn = DiceCELoss(sigmoid=True, batch=True) if s.task == "segmentation" else nn.CrossEntropyLoss()
+    if s.task != "segmentation":
+        loss_fn = nn.CrossEntropyLoss()
+    elif vocab.binary:
+        loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    else:                 # label maps: softmax over background and the labels, targets as class indices
+        dice_ce = DiceCELoss(softmax=True, to_onehot_y=True, batch=True)
+        loss_fn = lambda logits, y: dice_ce(logits, class_index(y, vocab))  # noqa: E731
     per_epoch = max(1, -(-len(train_set) // s.batch_size))
     steps = int(round(s.epochs * per_epoch)) if s.epochs else s.max_steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=max(steps, 2), pct_start=0.1)
@@ -219,9 +255,10 @@ def cached_reference(settings: TrainSettings, train_set, val_set, seed: int, cac
     segmenter of the faithfulness check and the feature network of the domain metrics."""
     s = settings.resolved()
     key = content_key(train_set.images, train_set.targets, val_set.images, val_set.targets, s.key(), seed,
-                      train_set.classes)
+                      train_set.classes, getattr(train_set, "vocab", BINARY).record())
     path = Path(cache_dir) / f"{s.task}-{s.preset}-{key}.pt"
-    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2)
+    model = build(s, train_set.images.shape[1], max(1, len(train_set.classes)), train_set.images.dim() - 2,
+                  getattr(train_set, "vocab", BINARY))
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

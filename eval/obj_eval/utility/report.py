@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from medgen.common.fileio import atomic_write
 from medgen.common.grid import save_grid
-from medgen.eval.obj_eval.utility.scores import LABELS, MIN_SEEDS, MIN_TEST_UNITS, higher_is_better
+from medgen.eval.obj_eval.utility.scores import MIN_SEEDS, MIN_TEST_UNITS, higher_is_better, metric_label
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,7 +55,7 @@ def comparison(row: dict, label: str, primary: str) -> str:
 
 def verdict(study: dict) -> str:
     """The plain-language paragraph at the top of the report."""
-    primary, label = study["primary"], LABELS.get(study["primary"], study["primary"])
+    primary, label = study["primary"], metric_label(study["primary"])
     unit = study["unit"]
     lines = [comparison(row, label, primary) for row in study["rows"] if row.get("vs_real")]
     n_seeds = len(study["rows"][0]["seeds"]) if study["rows"] else 0
@@ -70,7 +70,11 @@ def verdict(study: dict) -> str:
         if rec.get("metric") == "faithfulness_dice" and rec.get("value") is not None:
             text += (f" Faithfulness: the real-data segmenter finds the conditioning mask in the synthetic images "
                      f"with Dice {rec['value']:.3f} {_ci(rec['ci95'])}, against {_f(rec['ceiling']['mean'])} on real "
-                     f"test images ({rec['n_low']} of {rec['n']} below {rec['low_dice_threshold']}).")
+                     f"test images ({rec['n_low']} of {rec['n']} below {rec['low_dice_threshold']})")
+            if rec.get("regions"):
+                text += "; per region " + ", ".join(f"{r} {_f(v['value'])} (real {_f(v['ceiling']['mean'])})"
+                                                    for r, v in rec["regions"].items())
+            text += "."
         if rec.get("metric") == "memorization":
             text += " " + memorization_sentence(rec)
     return text
@@ -95,8 +99,8 @@ def markdown(study: dict) -> str:
     out += [f"Real data: {study['real_dir']}; synthetic: {', '.join(study['synthetic_dirs']) or '(none)'}; "
             f"{size_label(study['image_size'])}; downstream model: {study['model']}; training: {study['training']}.", ""]
     out += [f"- {n}" for n in study.get("notes", [])] + ([""] if study.get("notes") else [])
-    head = ["real fraction", "recipe", "N train (synthetic)", "steps"] + [LABELS.get(m, m) for m in metric_names] + \
-           [f"{LABELS.get(primary, primary)} vs real [95% CI over seeds]", "p", "test-set CI (models fixed)"]
+    head = ["real fraction", "recipe", "N train (synthetic)", "steps"] + [metric_label(m) for m in metric_names] + \
+           [f"{metric_label(primary)} vs real [95% CI over seeds]", "p", "test-set CI (models fixed)"]
     body = []
     for r in study["rows"]:
         cells = [f"{r['real_fraction']:g}", r["recipe"], f"{int(np.mean(r['n_train']))} ({int(np.mean(r['n_synthetic']))})",
@@ -178,9 +182,20 @@ def _audit_section(rec: dict) -> list[str]:
         rows.append(["all", "", rec["n"], f"{_f(rec['value'])} {_ci(rec['ci95'])}", rec["ceiling"]["n"],
                      f"{_f(rec['ceiling']['mean'])} {_ci(rec['ceiling']['ci95'])}"])
         low = ", ".join(f"{x['id']} ({x['dice']:.2f})" for x in rec["low"][:30])
+        regions = []
+        for region, r in (rec.get("regions") or {}).items():     # label maps: each region with its size bins
+            rows_r = [[b["bin"], f"{b['area_fraction'][0]:.3f}-{b['area_fraction'][1]:.3f}", b["synthetic"]["n"],
+                       f"{_f(b['synthetic']['mean'])} {_ci(b['synthetic']['ci95'])}", b["real_test"]["n"],
+                       f"{_f(b['real_test']['mean'])} {_ci(b['real_test']['ci95'])}"] for b in r["bins"]]
+            rows_r.append(["all", "", r["n"], f"{_f(r['value'])} {_ci(r['ci95'])}", r["ceiling"]["n"],
+                           f"{_f(r['ceiling']['mean'])} {_ci(r['ceiling']['ci95'])}"])
+            regions += [f"### Region {region}", "", tabulate(rows_r, ["size", "area fraction", "N synthetic",
+                                                                      "Dice synthetic", "N real test",
+                                                                      "Dice real test (ceiling)"],
+                                                            tablefmt="github"), ""]
         return ["## Mask faithfulness", "", rec["method"]["segmenter"] + "; " + rec["method"]["dice"] + ".", "",
                 tabulate(rows, ["tumour size", "area fraction", "N synthetic", "Dice synthetic",
-                                "N real test", "Dice real test (ceiling)"], tablefmt="github"), "",
+                                "N real test", "Dice real test (ceiling)"], tablefmt="github"), "", *regions,
                 f"{rec['n_low']} synthetic images below Dice {rec['low_dice_threshold']}" + (f": {low}" if low else "."),
                 f"Synthetic images with an empty conditioning mask: {rec['empty_masks']['n']} "
                 f"({rec['empty_masks']['predicted_foreground']} with predicted foreground).", ""]
@@ -242,7 +257,7 @@ def plot_fractions(study: dict, path: Path) -> Path:
             ax.fill_between(x, lo, hi, alpha=0.15)
         ax.set_xscale("log" if len(set(r["real_fraction"] for r in study["rows"])) > 2 else "linear")
         ax.set_xlabel("fraction of the real training data")
-        ax.set_title(LABELS.get(m, m))
+        ax.set_title(metric_label(m))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)

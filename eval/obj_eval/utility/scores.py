@@ -43,40 +43,82 @@ def ordinal_classes(names: list[str]) -> bool:
     return len(grades) > 1 and grades == sorted(grades)
 
 
+def base_metric(metric: str) -> str:
+    """'dice_subject_WT' -> 'dice_subject' (a score of one region of a label map)."""
+    for base in LABELS:
+        if metric.startswith(base + "_"):
+            return base
+    return metric
+
+
+def metric_label(metric: str) -> str:
+    base = base_metric(metric)
+    return LABELS.get(base, base) + (f" {metric[len(base) + 1:]}" if base != metric else "")
+
+
 def higher_is_better(metric: str) -> bool:
-    return HIGHER_IS_BETTER.get(metric, True)
+    return HIGHER_IS_BETTER.get(base_metric(metric), True)
 
 
 # ---------------------------------------------------------------- segmentation
-def segmentation_scores(probs: torch.Tensor, test) -> dict:
+def _mask_scores(pred: torch.Tensor, true: torch.Tensor, unit_of: np.ndarray, n: int, spacing, names) -> dict:
+    """Per-unit sums and counts of each score of one binary mask pair, the excluded items, the empty
+    predictions and the per-item Dice."""
     from monai.metrics import compute_dice
-    pred, true = (probs > 0.5).float(), (test.targets > 0.5).float()
-    volumes = pred.dim() == 5
-    units, unit_of = test.unit_index()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # MONAI warns about every empty mask it skips
         dice = compute_dice(pred, true, include_background=True, ignore_empty=True)[:, 0].numpy()
-        hd, empty_pred = hd95(pred, true, getattr(test, "spacing", None) if volumes else None)
+        hd, empty_pred = hd95(pred, true, spacing)
     inter = (pred * true).flatten(1).sum(1).numpy()
     total = (pred.flatten(1).sum(1) + true.flatten(1).sum(1)).numpy()
-    n = len(units)
     subj_inter, subj_total = np.bincount(unit_of, inter, n), np.bincount(unit_of, total, n)
     subj_true = np.bincount(unit_of, true.flatten(1).sum(1).numpy(), n)
     subj_ok = subj_true > 0                    # subjects without tumour have no Dice (as MONAI's ignore_empty)
     subj_dice = np.where(subj_ok, 2 * subj_inter / np.maximum(subj_total, 1e-9), 0.0)
     per_unit = {"dice_subject": (subj_dice, subj_ok.astype(float))}
-    names = SEG_METRICS_3D if volumes else SEG_METRICS
     for name, vals in (("dice_slice", dice), (names[-1], hd)):
         if name in names:
             ok = np.isfinite(vals)
-            per_unit[name] = (np.bincount(unit_of, np.where(ok, vals, 0.0), n), np.bincount(unit_of, ok.astype(float), n))
-    per_unit = {k: {"sum": s.tolist(), "count": c.tolist()} for k, (s, c) in per_unit.items()}
-    out = {"units": units, "per_unit": per_unit, "n_items": len(pred),
-           "excluded": {"dice_slice": int((~np.isfinite(dice)).sum()), names[-1]: int((~np.isfinite(hd)).sum()),
-                        "dice_subject": int((~subj_ok).sum())},
-           "empty_predictions": int(empty_pred.sum())}
-    out["metrics"] = {m: metric_on(out, m, np.arange(n)) for m in names}
-    out["per_slice_dice"] = np.nan_to_num(dice, nan=-1.0).round(5).tolist()   # -1: empty truth (faithfulness)
+            per_unit[name] = (np.bincount(unit_of, np.where(ok, vals, 0.0), n),
+                              np.bincount(unit_of, ok.astype(float), n))
+    excluded = {"dice_slice": int((~np.isfinite(dice)).sum()), names[-1]: int((~np.isfinite(hd)).sum()),
+                "dice_subject": int((~subj_ok).sum())}
+    return {"per_unit": per_unit, "excluded": excluded, "empty": int(empty_pred.sum()), "dice": dice}
+
+
+def segmentation_scores(probs: torch.Tensor, test) -> dict:
+    """Every segmentation score per test unit. Binary masks: the prediction at 0.5. Label maps (test.vocab): the
+    most probable class, each score per region (dice_subject_WT, ...), and the unsuffixed score pooled over the
+    regions (a unit's sum and count add up its regions: the mean over subjects and regions for dice_subject)."""
+    from medgen.common.labels import region_masks
+    from medgen.eval.obj_eval.utility.models import labels_of
+    vocab = getattr(test, "vocab", None)
+    volumes = probs.dim() == 5
+    units, unit_of = test.unit_index()
+    n = len(units)
+    names = SEG_METRICS_3D if volumes else SEG_METRICS
+    spacing = getattr(test, "spacing", None) if volumes else None
+    if vocab is None or vocab.binary:
+        parts = {"": _mask_scores((probs > 0.5).float(), (test.targets > 0.5).float(), unit_of, n, spacing, names)}
+    else:
+        pred_r, true_r = region_masks(labels_of(probs, vocab), vocab), region_masks(test.targets, vocab)
+        parts = {f"_{r}": _mask_scores(pred_r[r].float(), true_r[r].float(), unit_of, n, spacing, names)
+                 for r in pred_r}
+    per_unit, excluded = {}, {}
+    for suffix, part in parts.items():
+        for name, (sums, counts) in part["per_unit"].items():
+            per_unit[name + suffix] = (sums, counts)
+            pooled = per_unit.get(name, (0.0, 0.0)) if suffix else (0.0, 0.0)
+            per_unit[name] = (pooled[0] + sums, pooled[1] + counts)
+        excluded.update({k + suffix: v for k, v in part["excluded"].items()})
+    metrics = list(names) + [m + suffix for suffix in parts if suffix for m in names]
+    out = {"units": units, "n_items": len(probs),
+           "per_unit": {k: {"sum": np.asarray(a).tolist(), "count": np.asarray(c).tolist()}
+                        for k, (a, c) in per_unit.items()},
+           "excluded": excluded, "empty_predictions": sum(p["empty"] for p in parts.values())}
+    out["metrics"] = {m: metric_on(out, m, np.arange(n)) for m in metrics}
+    first = next(iter(parts.values()))                   # the whole lesion: binary's mask, or WT (the first region)
+    out["per_slice_dice"] = np.nan_to_num(first["dice"], nan=-1.0).round(5).tolist()   # -1: empty truth
     return out
 
 

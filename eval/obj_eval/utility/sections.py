@@ -41,7 +41,7 @@ def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: i
 def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, size: int | None, positive_only: bool,
                   layout: str, downstream: dict, seed: int, device: str, out: Path, compute: str,
                   split_seed: int | None = None, val_fraction: float | None = None,
-                  flag: str = "--real-train-dir") -> list[dict]:
+                  flag: str = "--real-train-dir", labels: str | None = None) -> list[dict]:
     """run_evaluation.py --metrics faithfulness,memorization,domain: the same sections as the utility report,
     with the real training data at `real_dir` (a dataset root or its train split)."""
     roles = [r.strip() for r in image_type.split(",") if r.strip()]
@@ -52,7 +52,8 @@ def audit_records(names: list[str], real_dir, synthetic_dir, image_type: str, si
         natives = data.native_sizes([synthetic_dir])
         size = size or data.default_size(natives, root)
     real, notes = data.load_real(root, size, roles, positive_only, layout, seed, compute,
-                                 data.generator_records([synthetic_dir]), split_seed, val_fraction, flag)
+                                 data.generator_records([synthetic_dir]), split_seed, val_fraction, flag,
+                                 vocab=data.mask_vocabulary([synthetic_dir], labels))
     task = "classification" if real["train"].classes else "segmentation"
     syn = {Path(synthetic_dir).name: data.load_synthetic(synthetic_dir, size, roles, real["train"], compute,
                                                          natives[synthetic_dir])}

@@ -38,11 +38,14 @@ class MaskFilter:
         if not (1 <= self.min_components <= self.max_components):
             raise UserError("--min_components and --max_components must satisfy 1 <= min <= max")
 
-    def reason(self, mask: np.ndarray) -> str | None:
-        """None when the mask is accepted, else why it is rejected."""
+    def reason(self, mask: np.ndarray, vocab=None) -> str | None:
+        """None when the mask is accepted, else why it is rejected. A label map (vocab not binary): the area
+        bounds and the fewest components apply to the whole lesion (any label; a tumour may lack necrosis), the
+        most components to each label too, and the reason names the label ('too many components of ED')."""
         if not self.enabled:
             return None
-        mask = np.asarray(mask) > 0.5
+        labels = np.asarray(mask)
+        mask = labels > 0.5
         area = float(mask.mean())
         if area == 0:
             return "empty"
@@ -50,11 +53,16 @@ class MaskFilter:
             return "too small"
         if area > self.max_area:
             return "too large"
-        n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))[1]
+        structure = np.ones((3,) * mask.ndim)
+        n = ndimage.label(mask, structure=structure)[1]
         if n < self.min_components:
             return "too few components"
         if n > self.max_components:
             return "too many components"
+        if vocab is not None and not vocab.binary:
+            for label, name in zip(vocab.ids, vocab.names):
+                if ndimage.label(labels == label, structure=structure)[1] > self.max_components:
+                    return f"too many components of {name}"
         return None
 
 
@@ -128,9 +136,9 @@ def parse_class_models(items: list[str]) -> dict[str, str]:
 def load_real_conditions(directory: str, model: Model, positive_only: bool = True, skip_bad: bool = False,
                          compute: str = "auto") -> tuple[torch.Tensor, list[str]]:
     """The model's condition roles (masks, or any modality a mode conditions on) from every split of a NIfTI
-    dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] ordered by
-    (subject, slice). Slices without mask voxels are left out when a mask is among the roles, unless
-    positive_only is False."""
+    dataset, preprocessed as its training data (size, crop, layout), as (N, C, H, W) in [0, 1] (label maps: their
+    ids) ordered by (subject, slice). Slices without mask voxels are left out when a mask is among the roles,
+    unless positive_only is False."""
     from medgen.config.paths import PathConfig
     from medgen.common.dataset import load_folder
     roles = model.mode.condition_roles
@@ -140,9 +148,14 @@ def load_real_conditions(directory: str, model: Model, positive_only: bool = Tru
     data = load_folder(data_cfg, Path(directory), roles, cache)
     if len(data) == 0:
         raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
+    vocab = model.mode.vocab
+    if MASK_ROLE in roles and not vocab.binary and len(vocab.ids) > 1 and int(data.masks.max()) <= 1:
+        raise UserError(f"--masks_from {directory}: every mask holds only 0 and 1, binary masks; the model was "
+                        f"trained on label maps of {vocab.describe()} (data.labels): give label maps, or a binary "
+                        "model")
     image_roles = [r for r in roles if r != MASK_ROLE]
-    channels = [data.masks.float() if r == MASK_ROLE else data.images[:, image_roles.index(r)][:, None].float()
-                for r in roles]
+    channels = [data.masks.float() if r == MASK_ROLE else
+                data.images[:, image_roles.index(r)][:, None].float().clamp(0, 1) for r in roles]
     keys = data.slice_keys()
     order = sorted(range(len(keys)), key=lambda i: (data.sources[i], data.slice_index[i]))
-    return torch.cat(channels, 1)[order].clamp(0, 1), [keys[i] for i in order]
+    return torch.cat(channels, 1)[order], [keys[i] for i in order]

@@ -24,7 +24,8 @@ SETTINGS_FILE = GENERATED_MARKER  # also tells the loaders that the images are a
 MASK_STREAM, IMAGE_STREAM = 0, 1
 MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
                    "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
-                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files", "copy_rejections", "copy_distance")
+                   "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files", "copy_rejections", "copy_distance",
+                   "label_voxels", "nesting_violations")
 
 
 def sample_id(index: int) -> str:
@@ -52,11 +53,12 @@ def nifti_bytes(image: np.ndarray, is_mask: bool, spacing=None) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG; a (C, D, H, W) volume as its three mid-planes side by side."""
+def png_bytes(image: np.ndarray, label_map: bool = False) -> bytes:
+    """(C, H, W) in [0, 1] -> 8-bit grey or RGB PNG; a (C, D, H, W) volume as its three mid-planes side by side.
+    A label map is written as its label ids (0, 1, 2, 4: as label PNGs are stored), not scaled."""
     if image.ndim == 4:
         image = torch.cat(list(mid_planes(torch.from_numpy(image)[None])), -1).numpy()
-    arr = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    arr = np.rint(image).astype(np.uint8) if label_map else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     pil = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr[:3].transpose(1, 2, 0))
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
@@ -64,15 +66,15 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def write_sample(out: Path, index: int, file_roles: list[tuple[str, str]], arrays: dict[str, torch.Tensor],
-                 row: dict, spacing=None) -> dict:
+                 row: dict, spacing=None, label_maps: bool = False) -> dict:
     """Write one sample's files ([(relative file, role)], each atomically, nothing outside `out`), then its manifest
-    row as the commit mark; returns the row."""
+    row as the commit mark; returns the row. label_maps: masks are label maps (their PNGs hold the ids)."""
     for rel, role in file_roles:
         arr = arrays[role].numpy()
         if rel.endswith(".nii.gz"):
             data = nifti_bytes(arr[0], role == MASK_ROLE, spacing)
         else:
-            data = png_bytes(arr)
+            data = png_bytes(arr, label_maps and role == MASK_ROLE)
         atomic_write(inside(out, rel), lambda tmp, d=data: Path(tmp).write_bytes(d))
     atomic_write_text(out / ROWS_DIR / f"{sample_id(index)}.json", json.dumps(row))  # the commit mark
     return row

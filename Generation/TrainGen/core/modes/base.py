@@ -1,9 +1,10 @@
 """A mode says what is generated and what conditions it.
 
-Data arrive in [0, 1] (masks {0, 1}); the diffusion space is [-1, 1]. A mode splits a batch into the
+Data arrive in [0, 1] (masks {0, 1}, or label ids); the diffusion space is [-1, 1]. A mode splits a batch into the
 clean target x0 and the conditioning, builds the network input from the noisy sample and the conditioning
 (channel concatenation for images and masks, class labels for the class embedding), and turns a generated
-tensor back into named outputs.
+tensor back into named outputs. A mask is coded with the run's label vocabulary (`vocab`, common/labels.py):
+one channel for a binary mask, one channel per label for label maps, whether it is generated or conditions.
 
 A mode also declares, as data, what generation and validation need to know, so that neither compares a
 mode's name: what it needs at sampling time (`needs`), how its samples are written (`writes`), and how a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from medgen.common.data import MASK_ROLE
+from medgen.common.labels import BINARY, decode, encode
 
 
 class TrainingMode:
@@ -26,6 +28,7 @@ class TrainingMode:
     writes = "subjects"               # samples as <sample>/<role>.nii.gz; "class_folders": <class>/<sample>.png
     validation = ("loss", "lower")    # validation score and which direction is better; ("dice", "higher"):
                                       # Dice of the mode.segment.ensemble-averaged sample against the real mask
+    vocab = BINARY                    # the label vocabulary of masks (set from data.labels by build_parts)
 
     @property
     def needs(self) -> str | None:
@@ -55,21 +58,26 @@ class TrainingMode:
     def roles(self) -> list[str]:
         return list(dict.fromkeys(self.generated_roles + self.condition_roles))
 
+    def role_channels(self, role: str) -> int:
+        """Channels a role takes in the network: one per label for a mask, one for an image sequence."""
+        return self.vocab.channels if role == MASK_ROLE else 1
+
     @property
     def out_channels(self) -> int:
-        return len(self.generated_roles)
+        return sum(self.role_channels(r) for r in self.generated_roles)
 
     @property
     def in_channels(self) -> int:
-        return self.out_channels + len(self.condition_roles)
+        return self.out_channels + sum(self.role_channels(r) for r in self.condition_roles)
 
     @property
     def class_embeds(self) -> int | None:
         return None
 
     def _role(self, batch: dict, role: str) -> torch.Tensor:
+        """A role's channels in [0, 1]: a mask coded with the vocabulary, an image sequence as it is."""
         if role == MASK_ROLE:
-            return batch["masks"]
+            return encode(batch["masks"], self.vocab)
         return batch["images"][:, self.image_roles.index(role)].unsqueeze(1)
 
     @property
@@ -84,17 +92,26 @@ class TrainingMode:
             cond["concat"] = torch.cat([self._role(batch, r) for r in self.condition_roles], 1) * 2 - 1
         return x0, cond
 
+    def condition(self, values: torch.Tensor) -> dict:
+        """The conditioning of generation from the condition roles' values, (B, one channel per role, ...) in
+        [0, 1] with masks as label ids (real data, or a seg model's outputs): coded as split() codes them."""
+        parts = [encode(values[:, k:k + 1], self.vocab) if r == MASK_ROLE else values[:, k:k + 1]
+                 for k, r in enumerate(self.condition_roles)]
+        return {"concat": torch.cat(parts, 1) * 2 - 1}
+
     def forward(self, model, x_t: torch.Tensor, t: torch.Tensor, cond: dict, guidance: float = 1.0):
         """The network's prediction for x_t at time t (guidance is used by class mode only)."""
         net_in = torch.cat([x_t, cond["concat"]], 1) if "concat" in cond else x_t
         return model(net_in, t)
 
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Generated tensor in [-1, 1] -> {role: tensor in [0, 1]} (masks thresholded to {0, 1})."""
-        out = {}
-        for i, role in enumerate(self.generated_roles):
-            v = ((x[:, i:i + 1] + 1) / 2).clamp(0, 1)
-            out[role] = (v > 0.5).float() if role == MASK_ROLE else v
+        """Generated tensor in [-1, 1] -> {role: tensor}: images in [0, 1], masks decoded to {0, 1} or label ids."""
+        out, k = {}, 0
+        for role in self.generated_roles:
+            n = self.role_channels(role)
+            part = x[:, k:k + n]
+            out[role] = decode(part, self.vocab) if role == MASK_ROLE else ((part + 1) / 2).clamp(0, 1)
+            k += n
         return out
 
 

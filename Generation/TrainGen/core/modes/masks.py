@@ -5,7 +5,7 @@ from medgen.Generation.TrainGen.core.modes.base import Mode
 
 
 class SegMode(Mode):
-    """Unconditional tumour masks, [B, 1, H, W]."""
+    """Unconditional tumour masks [B, 1, H, W], or label maps (one channel per label, common/labels.py)."""
     name = "seg"
     generated_roles = ["seg"]
 
@@ -27,4 +27,4 @@ class SegmentMode(Mode):
         return self.out_channels + (self.image_channels or 1)
 
     def split(self, batch: dict, train: bool = False, generator=None):
-        return batch["masks"] * 2 - 1, {"concat": batch["images"] * 2 - 1}
+        return self._role(batch, "seg") * 2 - 1, {"concat": batch["images"] * 2 - 1}
