@@ -33,6 +33,11 @@ Suites
   regions  per-region faithfulness (WT, TC, ET) and the ET / ED enhancement of dual models conditioned on binary
          masks, on BraTS label maps, and on label maps with the region-specific contrastive loss, side by side on
          the phantoms (bench_regions). Ask for it with --suite regions.
+  control  mask control for a frozen generator: a ControlNet over a frozen unconditional bravo model against a
+         concatenation-conditioned model trained for the same steps (faithfulness, MAE, PSNR, intensity W1), and
+         the frozen model itself. Ask for it with --suite control.
+  inpaint  lesions inserted into real scans by a trained inpaint model and by RePaint with a bravo model: identity
+         outside the region, the seam, FLAIR contrast inside the lesion, faithfulness. Ask for it with --suite inpaint.
   volumes  bravo training on whole volumes (rflow step, random data: the cost does not depend on it): volumes/s
          and memory for pixel space, pixel space with gradient checkpointing, and latent space (AutoencoderKL,
          4x smaller per axis, encoded on the fly; the latent grid must still divide by 4 for the UNet). Memory is the CUDA peak on a GPU and, on CPU, the bytes
@@ -503,6 +508,136 @@ def bench_regions(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
     return rows
 
 
+EDIT_STEPS = {"ci": 2, "tiny": 400, "research": 20000}     # optimizer steps per model of the control/inpaint suites
+
+
+def _train_tiny(work: Path, name: str, preset: str, device: str, steps: int, seed: int, root: Path, sections: dict,
+                **flags) -> Path:
+    import medgen
+    n_subjects, shape, size, batch = PRESETS[preset]
+    sections = {"data": {"cache_dir": str(work / "cache"), "image_size": size, **sections.get("data", {})},
+                "optim": {"max_steps": steps, "epochs": 10 ** 6, "batch_size": batch, **sections.get("optim", {})},
+                "model": {"preset": MODEL_PRESETS[preset][0]}, "strategy": {"sample_steps": 30},
+                "runtime": {"seed": seed, "device": device, "val_interval": 10 ** 6, "checkpoint_every": 10 ** 6}}
+    return medgen.train([_tiny_yaml(), sections], strategy="rflow", data_dir=str(root), run_dir=str(work / name),
+                        **flags)
+
+
+def _reference(root: Path, size: int, device: str, work: Path):
+    """The real splits (bravo, binary tumour masks) and the downstream segmenter trained on the real training
+    slices, as the utility harness makes them."""
+    from medgen.eval.obj_eval.utility import data, models
+    real, _ = data.load_real(root, size, ["bravo"], positive_only=True, compute="local")
+    heldout = data.concat("real held-out", [real["val"], real["test"]])
+    ref, _ = models.cached_reference(models.TrainSettings("segmentation", "tiny", device=device), real["train"],
+                                     real["val"], 0, work / "downstream")
+    return real, heldout, ref
+
+
+def bench_control(device: str, preset: str, work: Path, seeds=(0, 1), steps: int | None = None) -> list[dict]:
+    """Mask control for a frozen generator: an unconditional bravo model (`image`) trained first and frozen; a
+    ControlNet trained over it; a concatenation-conditioned bravo model trained from scratch for the same steps on
+    the same data. Each draws one sample per real held-out slice, conditioned on that slice's tumour mask (the
+    frozen model ignores it); scored by faithfulness (the real-data segmenter's Dice against the mask), MAE and
+    PSNR against the real slice, and the brain-intensity Wasserstein-1 distance. Ask for it with --suite control."""
+    import numpy as np
+
+    import medgen
+    from medgen.eval.obj_eval.core import metrics as M
+    from medgen.eval.obj_eval.utility import audit, data
+    n_subjects, shape, size, batch = PRESETS[preset]
+    root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
+    real, heldout, ref = _reference(root, size, device, work)
+    steps = steps or EDIT_STEPS[preset]
+    results: dict[str, list[dict]] = {"frozen unconditional": [], "ControlNet over it": [],
+                                      "concatenation (from scratch)": []}
+    for seed in seeds:
+        base = _train_tiny(work, f"image_{seed}", preset, device, steps, seed, root, {}, mode="image")
+        runs = {"frozen unconditional": base,
+                "ControlNet over it": _train_tiny(work, f"control_{seed}", preset, device, steps, seed, root, {},
+                                                  control_from=str(base), positive_only=True),
+                "concatenation (from scratch)": _train_tiny(work, f"concat_{seed}", preset, device, steps, seed, root,
+                                                            {}, mode="bravo", positive_only=True)}
+        for name, run in runs.items():
+            pipe = medgen.load(run, device=device)
+            kwargs = {"masks": heldout.targets} if pipe.needs == "mask" else {"n": len(heldout)}
+            images = pipe.sample(seed=seed, batch_size=64, **kwargs).images["bravo"]
+            synth = data.TaskSet(name, images, heldout.targets, heldout.units, heldout.ids)
+            rec = audit.faithfulness(ref, synth, real["test"], real["train"], device, seed)
+            results[name].append({"faithfulness Dice": rec["value"], "ceiling": rec["ceiling"]["mean"],
+                                  "MAE": float(M.mae(images, heldout.images).mean()),
+                                  "PSNR": float(M.psnr(images, heldout.images).mean()),
+                                  "intensity W1": intensity_w1(images, heldout.images)})
+    rows = []
+    for name, res in results.items():
+        for key in ("faithfulness Dice", "MAE", "PSNR", "intensity W1"):
+            vals = [r[key] for r in res]
+            rows.append({"suite": "control", "metric": f"{name}: {key}", "value": float(np.mean(vals)),
+                         "unit": "mean over seeds", "note": f"per seed {', '.join(f'{v:.3f}' for v in vals)}; "
+                         + (f"real {res[0]['ceiling']:.3f}; " if key == "faithfulness Dice" else "")
+                         + f"{len(heldout)} held-out slices, {steps} steps each, {size} px"})
+    return rows
+
+
+def bench_inpaint(device: str, preset: str, work: Path, seeds=(0, 1), steps: int | None = None,
+                  n_samples: int = 64) -> list[dict]:
+    """Lesions inserted into the real held-out scans (generate.py --inpaint_into, lesions from the real training
+    label maps) by a trained `inpaint` model (known pixels put back at the end, after every step, or every step with
+    5 RePaint jumps) and by RePaint (5 jumps) with a mask-conditioned bravo model trained for the same steps on the
+    same data; scored by identity outside the region (max |difference|, 0 when kept), the
+    seam (gradient magnitude on the region's border, edited over source), FLAIR contrast inside the inserted edema
+    and enhancing tumour (over normal tissue; real lesions beside), and faithfulness (the real-data segmenter's
+    Dice against the written mask: the scan's own tumour and the inserted lesion). Ask for it with --suite inpaint."""
+    import numpy as np
+
+    from medgen.eval.obj_eval.core.evaluate import Options, evaluate
+    from medgen.eval.obj_eval.utility import audit, data
+    from medgen.Generation.TrainGen.generate import main as generate
+    n_subjects, shape, size, batch = PRESETS[preset]
+    root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
+    real, _, ref = _reference(root, size, device, work)
+    steps = steps or EDIT_STEPS[preset]
+    labels = {"data": {"labels": "brats2021"}}
+    variants = {"inpaint model, known pixels at the end": ("inpaint", ["--inpaint_replace", "end"]),
+                "inpaint model, known pixels every step": ("inpaint", ["--inpaint_replace", "every"]),
+                "inpaint model, every step, 5 jumps": ("inpaint", ["--repaint_jumps", "5"]),
+                "RePaint with a bravo model, 5 jumps": ("bravo", ["--repaint_jumps", "5"])}
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for seed in seeds:
+        runs = {"inpaint": _train_tiny(work, f"inpaint_{seed}", preset, device, steps, seed, root, labels,
+                                       mode="inpaint"),
+                "bravo": _train_tiny(work, f"bravo_{seed}", preset, device, steps, seed, root, labels, mode="bravo",
+                                     positive_only=True)}
+        for k, (name, (model, flags)) in enumerate(variants.items()):
+            out = work / f"inserted_{k}_{seed}"
+            generate(["--image_model", str(runs[model]), "--inpaint_into", str(root / "test"), "--masks_from",
+                      str(root / "train"), "--num_images", str(n_samples), "--seed", str(seed), "--output_dir", str(out),
+                      "--device", device, "--max_attempts", "200", "--max_lesion_area", "0.03", *flags])
+            ev = {r["metric"]: r for r in evaluate(Options(str(out), str(root / "test"), metrics=("inpainting",),
+                                                           device=device, floor=False))["metrics"]}
+            synth = data.load_synthetic(out, size, ["bravo"], real["train"], "local")
+            faith = audit.faithfulness(ref, synth, real["test"], real["train"], device, seed)
+            results[name].append({"outside max |diff|": ev["inpaint_outside_max_abs_diff"]["value"],
+                                  "seam (edited / source)": ev["inpaint_seam"]["value"],
+                                  "FLAIR in ED / normal": ev["inpaint_contrast_2"]["value"],
+                                  "FLAIR in ET / normal": ev["inpaint_contrast_4"]["value"],
+                                  "faithfulness Dice": faith["value"],
+                                  "real": {"FLAIR in ED / normal": ev["inpaint_contrast_2"]["real"]["value"],
+                                           "FLAIR in ET / normal": ev["inpaint_contrast_4"]["real"]["value"],
+                                           "faithfulness Dice": faith["ceiling"]["mean"]}})
+    rows = []
+    for name, res in results.items():
+        for key in ("outside max |diff|", "seam (edited / source)", "FLAIR in ED / normal", "FLAIR in ET / normal",
+                    "faithfulness Dice"):
+            vals = [np.nan if r[key] is None else r[key] for r in res]
+            ref_value = res[0]["real"].get(key)
+            rows.append({"suite": "inpaint", "metric": f"{name}: {key}", "value": float(np.nanmean(vals)),
+                         "unit": "mean over seeds", "note": f"per seed {', '.join(f'{v:.3f}' for v in vals)}; "
+                         + (f"{'before' if 'FLAIR' in key else 'real'} {ref_value:.3f}; " if ref_value is not None else "")
+                         + f"{n_samples} insertions into the test scans, {steps} steps each, {size} px"})
+    return rows
+
+
 NFE_GRID = {"ddpm": (("ddpm", 1000), ("ddim", 10), ("ddim", 50), ("dpmpp_2m", 5), ("dpmpp_2m", 10), ("dpmpp_2m", 20)),
             "rflow": (("euler", 5), ("euler", 10), ("euler", 30), ("heun", 3), ("heun", 5), ("heun", 10))}
 
@@ -767,7 +902,7 @@ def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
 
 SUITES = {"data": bench_data, "training": bench_training, "sampling": bench_sampling, "metrics": bench_metrics,
           "minsnr": bench_minsnr, "nfe": bench_nfe, "volumes": bench_volumes, "gpu": bench_gpu,
-          "regions": bench_regions}
+          "regions": bench_regions, "control": bench_control, "inpaint": bench_inpaint}
 DEFAULT_SUITES = ("data", "training", "sampling", "metrics", "volumes")
 
 

@@ -28,8 +28,7 @@ from medgen.Generation.TrainGen.core.checkpoint import model_weights
 from medgen.Generation.TrainGen.core.config import stored_config, to_dict
 from medgen.Generation.TrainGen.core.exported import (AUTOENCODER_DIR, AUTOENCODER_FORMAT, CONFIG_FILE, FORMAT,
                                                       FORMAT_VERSION, WEIGHTS_FILE, data_contract, read_model)
-from medgen.Generation.TrainGen.core.parts import build_parts
-from medgen.Generation.TrainGen.core.network import build_unet
+from medgen.Generation.TrainGen.core.parts import build_network, build_parts
 
 
 def scheduler_config(strategy) -> dict:
@@ -88,14 +87,15 @@ def export(run, out, license: str | None = None, evaluation: str | None = None, 
     if not isinstance(state, dict) or not {"config", "meta", "model"} <= set(state):
         raise UserError(f"RUN {source}: not a training checkpoint of this framework")
     cfg, meta = stored_config(state["config"]), dict(state["meta"])
+    if meta.get("control"):               # the export carries the frozen weights: it checks no frozen run
+        meta["control"] = {**meta["control"], "embedded": True}
     figures = read_figures(evaluation, utility)
     weights = model_weights(state)
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         raise UserError(f"RUN {source}: the weights hold NaN/inf values (a diverged run)")
     strategy, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"],
                                  latent_scale=meta.get("latent_scale"))
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
-                     spatial_dims=cfg.data.spatial_dims)
+    net = build_network(cfg, mode)
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:

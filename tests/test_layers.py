@@ -18,7 +18,7 @@ LAYERS = {
     CORE: 1,                                          # config, strategies, modes, network, samplers, checkpoints
     f"{CORE}.trainer": 2, f"{CORE}.validation": 2, f"{CORE}.lr_finder": 2, f"{CORE}.autobatch": 2,
     f"{CORE}.autoencoder": 2, f"{CORE}.run": 2, f"{CORE}.generation": 2,
-    f"{CORE}.generate": 3, f"{CORE}.segment_images": 3, "medgen.eval": 3,
+    f"{CORE}.generate": 3, f"{CORE}.segment_images": 3, f"{CORE}.inserting": 3, "medgen.eval": 3,
     "medgen.Generation.TrainGen.train": 4, "medgen.Generation.TrainGen.generate": 4,
     "medgen.Generation.TrainGen.demo": 4, "medgen.eval.obj_eval.run_evaluation": 4,
     "medgen.eval.obj_eval.run_utility": 4, "medgen.eval.obj_eval.generate_report": 4,

@@ -27,6 +27,7 @@ SMALLER = [
     (r"melanoma=32,nevus=32,none=8", "melanoma=2,nevus=2,none=2"),
     (r"--balance_to 40", "--balance_to 31"),             # the demo folder holds 30 per class: one more each
     (r"--real_fraction 0.1,1", "--real_fraction 1"),
+    (r"--max_lesion_area 0.06", "--max_lesion_area 0.06 --max_attempts 100"),
     (r"masks=seg, ", "masks=seg, mask_filter=False, "),  # as generate.py's --no_mask_filter below
 ]
 # every training validates and samples with 4 steps, and its models generate with them (the run's default)
@@ -48,7 +49,8 @@ def readme_recipes() -> dict[str, list[str]]:
     return out
 
 
-JOBS = ["data", "class", "finetune", "chain", "labels", "segment", "utility", "volumes", "latent", "export", "api"]
+JOBS = ["data", "class", "finetune", "chain", "labels", "inpaint", "control", "segment", "utility", "volumes", "latent",
+        "export", "api"]
 
 
 def run_python(code: str, env: dict):
@@ -142,6 +144,18 @@ def _labels(runs):
     assert {"enhancement_ET", "intensity_t1_gd_ED"} <= metrics
 
 
+def _inpaint(runs):
+    metrics = {m["metric"]: m for m in json.loads((runs / "inserted_eval" / "metrics.json").read_text())["metrics"]}
+    assert metrics["inpaint_outside_max_abs_diff"]["value"] == 0.0
+    assert "real+inserted x1" in (runs / "inserted_utility" / "utility.md").read_text()
+
+
+def _control(runs):
+    assert "a ControlNet beside the frozen run" in (runs / "control" / "train.log").read_text()
+    assert len(list((runs / "controlled").glob("sample_*/bravo.nii.gz"))) == len(
+        list((runs / "paired").glob("sample_*/bravo.nii.gz")))
+
+
 def _segment(runs):
     assert "Dice" in (runs / "segmented" / "segmentation.md").read_text()
     assert len(list((runs / "segmented" / "volumes").glob("*/seg.nii.gz"))) == 2     # the two test subjects
@@ -175,6 +189,7 @@ def _api(runs):
         list((runs / "paired").glob("sample_*/bravo.nii.gz")))
 
 
-CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "labels": _labels, "segment": _segment,
+CHECKS = {"class": _class, "finetune": _finetune, "chain": _chain, "labels": _labels, "inpaint": _inpaint,
+          "control": _control, "segment": _segment,
           "utility": _utility,
           "volumes": _volumes, "latent": _latent, "export": _export, "api": _api}

@@ -16,6 +16,7 @@ TRAIN_FLAGS = {
     "data_dir": ("data.data_dir", str), "run_dir": ("paths.run_dir", str), "seed": ("runtime.seed", int),
     "max_steps": ("optim.max_steps", int), "resume": ("runtime.resume", str), "run_name": ("paths.run_name", str),
     "init_from": ("runtime.init_from", str), "lr": ("optim.lr", float),
+    "control_from": ("runtime.control_from", str),
     "spatial_dims": ("data.spatial_dims", int), "stage": ("runtime.stage", str), "latent": ("latent.autoencoder", str),
 }
 SWITCHES = {

@@ -95,11 +95,27 @@ class SegmentOptions:                    # mode.segment: the mask-given-image mo
 
 
 @dataclass
+class InpaintOptions:                    # mode.inpaint: the lesion-inpainting mode (inpaint)
+    margin: int = 2                      # px (voxels) the region to regenerate extends beyond the lesion: its seam
+    random_regions: float = 0.5          # training: share of samples whose region is a random lesion-shaped blob
+                                         # (else the real tumour, dilated), so the model fills healthy tissue too
+    replace: Literal["every", "end"] = "every"  # sampling: the known pixels replace the sample's at every step
+                                         # (RePaint), or only in the final composition
+    jumps: int = 1                       # RePaint resampling: each step is redone this many times (1: none)
+
+    def __post_init__(self):
+        _check(self.margin >= 0 and 0 <= self.random_regions <= 1 and self.jumps >= 1,
+               "mode.inpaint: margin >= 0, random_regions in [0, 1] and jumps >= 1")
+
+
+@dataclass
 class ModeConfig:
     name: str = "seg"                    # key of MODES (seg, bravo, dual, class, segment, or a registered one);
                                          # seg, as the original research code's default
+    sequence: str = "bravo"              # the MRI sequence the single-sequence modes image and inpaint generate
     labels: LabelOptions = field(default_factory=LabelOptions)
     segment: SegmentOptions = field(default_factory=SegmentOptions)
+    inpaint: InpaintOptions = field(default_factory=InpaintOptions)
 
 
 @dataclass
@@ -162,6 +178,8 @@ class RuntimeConfig:
     checkpoint_every: int = 1            # epochs between checkpoints (each is atomic; a kill loses < 1 epoch)
     resume: str | None = None            # auto | PATH
     init_from: str | None = None         # weights of another run to fine-tune from
+    control_from: str | None = None      # a frozen image run to train a ControlNet for (mask control, core/control.py)
+    control_scale: float = 1.0           # the ControlNet's residuals are multiplied by this (sampling may change it)
     max_nonfinite: int = 5               # stop after this many consecutive non-finite steps
     early_stop_patience: int | None = None  # segment mode: validations without Dice improvement
     stage: Literal["diffusion", "autoencoder"] = "diffusion"  # autoencoder: train latent diffusion's first stage

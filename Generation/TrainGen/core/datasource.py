@@ -30,6 +30,9 @@ def data_source(cfg) -> DataSource:
     from medgen.config.paths import PathConfig
     from medgen.Generation.TrainGen.core.modes import MODES
     mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode)
+    if cfg.runtime.control_from:             # a ControlNet run reads the masks its control takes
+        from medgen.Generation.TrainGen.core.control import ControlledMode
+        mode = ControlledMode(mode)
     paths = PathConfig.from_compute(cfg.paths.compute)
     image_folder = cfg.data.format == "images" or (cfg.data.format == "auto" and mode.image_folder)
     root = Path(cfg.data.data_dir) if cfg.data.data_dir else paths.default_data_dir(image_folder)

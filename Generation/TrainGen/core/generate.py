@@ -72,6 +72,10 @@ class Job:
     masks_accepted: int = 0
     copy_check: CopyCheck | None = None              # --reject_copies
     anonymize_sources: bool = False                  # condition column: hashed subject names, not paths
+    extra_roles: list[str] = field(default_factory=list)   # files beside the mode's roles (--inpaint_into: seg,
+    inpaint: dict | None = None                      # region) and the insertion's settings
+    source_units: list[str] | None = None            # --inpaint_into: the edited scans' units, hashed (a study
+                                                     # must not test on scans whose edits it trains on)
 
     @property
     def main_model(self) -> Model:
@@ -102,7 +106,7 @@ class Job:
                 **({"reject_copies": self.copy_check.threshold} if self.copy_check else {}),
                 **({"anonymize_sources": True} if self.anonymize_sources else {}),
                 **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
-                   if self.class_models else {})}
+                   if self.class_models else {}), **({"inpaint": self.inpaint} if self.inpaint else {})}
 
     def provenance(self) -> dict:
         """What generation.json records beside the settings: the hashed training units of each model, so that an
@@ -112,10 +116,12 @@ class Job:
                                     if m is not None and m.meta.get("data_units")}}
         if self.main_mode.needs != "label":          # what the masks' values mean (common/labels.py)
             record["labels"] = self.main_mode.vocab.record()
+        if self.source_units:
+            record["training_data"]["scans"] = {"train": self.source_units}
         return record
 
     def roles(self) -> list[str]:
-        return self.main_mode.written_roles()
+        return list(dict.fromkeys(self.extra_roles + self.main_mode.written_roles()))
 
     def class_names(self) -> list[str]:
         return self.class_list or model_classes(self.image_model)
@@ -156,13 +162,15 @@ def model_classes(model: Model) -> list[str]:
 
 
 # ---------------------------------------------------------------- sampling
-def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list | None = None) -> torch.Tensor:
-    """Samples in [-1, 1], one per seed, each from its own generator."""
+def draw(job: Job, model: Model, seeds: list[int], cond: dict, trajectory: list | None = None, known=None,
+         jumps: int = 1, replace_every: bool = True) -> torch.Tensor:
+    """Samples in [-1, 1], one per seed, each from its own generator (known, jumps, replace_every: inpainting,
+    core/sampling.py)."""
     gens = [torch.Generator(job.device).manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(model.mode.out_channels, *model.shape, generator=g, device=job.device)
                          for g in gens])
     return sample(model.net, model.strategy, model.mode, cond, noise, model.sampler, model.steps,
-                  job.guidance_of(model), gens, job.autocast, trajectory)
+                  job.guidance_of(model), gens, job.autocast, trajectory, known, jumps, replace_every)
 
 
 def draw_checked(job: Job, model: Model, indices: list[int], cond: dict, trajectory: list | None = None
@@ -302,7 +310,8 @@ def write_sample(job: Job, index: int, arrays: dict[str, torch.Tensor], row: dic
             "sample_seed": sample_seed(job.seed, index, MASK_STREAM if job.main_mode.makes_masks else IMAGE_STREAM),
             "strategy": m.strategy.name, "sampler": m.sampler, "steps": m.steps, "guidance": job.guidance_of(m),
             "class": "", "condition": "", "mask_attempts": "", "mask_rejections": "", "copy_rejections": "",
-            "copy_distance": "", "label_voxels": "", "nesting_violations": "", "checkpoint_sha256": m.sha256,
+            "copy_distance": "", "label_voxels": "", "nesting_violations": "", "lesion": "", "placement_shift": "",
+            "checkpoint_sha256": m.sha256,
             "seg_strategy": s.strategy.name if s else "", "seg_sampler": s.sampler if s else "",
             "seg_steps": s.steps if s else "", "seg_checkpoint_sha256": s.sha256 if s else "",
             "files": ";".join(job.files(index)), **row}

@@ -166,9 +166,19 @@ def latent_scale(ae: Autoencoder, mode, data, device) -> float:
     return 1.0 / std
 
 
+def in_latent(mode) -> "LatentMode | None":
+    """The LatentMode a mode is, or wraps (a ControlNet run's mode wraps its frozen run's), else None."""
+    while mode is not None:
+        if isinstance(mode, LatentMode):
+            return mode
+        mode = vars(mode).get("mode")        # wrappers keep the wrapped mode as .mode
+    return None
+
+
 def check_unchanged(mode, meta: dict, what: str) -> None:
     """A latent run decodes with the autoencoder it was trained on: a file that changed since is refused."""
-    if isinstance(mode, LatentMode) and meta.get("autoencoder_sha256") not in (None, mode.ae.sha256):
+    mode = in_latent(mode)
+    if mode is not None and meta.get("autoencoder_sha256") not in (None, mode.ae.sha256):
         raise UserError(f"{what}: its autoencoder {mode.ae.path} changed since the run was trained (SHA-256 "
                         f"{mode.ae.sha256[:12]}, the run recorded {meta['autoencoder_sha256'][:12]}); "
                         "use the original autoencoder checkpoint")
@@ -176,7 +186,8 @@ def check_unchanged(mode, meta: dict, what: str) -> None:
 
 def sample_shape(cfg, mode) -> tuple[int, ...]:
     """The spatial shape the network works on: the data's, or its latent grid."""
-    return latent_shape(cfg.data.shape, mode.ae.factor) if isinstance(mode, LatentMode) else cfg.data.shape
+    found = in_latent(mode)
+    return latent_shape(cfg.data.shape, found.ae.factor) if found is not None else cfg.data.shape
 
 
 def wrap(mode, cfg, device, data=None, scale: float | None = None):

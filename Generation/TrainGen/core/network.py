@@ -20,9 +20,9 @@ PRESETS = {
 }
 
 
-def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None,
-               flash_attention: bool = True, spatial_dims: int = 2):
-    """The preset's UNet; flash_attention=False (attention matrix materialised) only for the benchmark baseline."""
+def unet_shape(model_cfg, spatial_dims: int = 2) -> dict:
+    """The MONAI UNet's shape arguments for a model config: channels, attention levels, residual blocks, groups
+    and head channels (a ControlNet copies them, core/control.py)."""
     channels, attention, res_blocks, groups, heads = PRESETS[model_cfg.preset]
     channels = tuple(model_cfg.channels or channels)
     if model_cfg.attention_levels is not None:
@@ -31,20 +31,28 @@ def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds:
         attention = tuple(i == len(channels) - 1 for i in range(len(channels)))
     if len(attention) != len(channels):
         raise UserError("model.attention_levels needs one entry per model.channels level")
+    return {"channels": channels, "attention_levels": attention,
+            "num_res_blocks": model_cfg.num_res_blocks or res_blocks, "norm_num_groups": min(groups, min(channels)),
+            "num_head_channels": min(heads, min(channels))}
+
+
+def build_unet(model_cfg, in_channels: int, out_channels: int, num_class_embeds: int | None = None,
+               flash_attention: bool = True, spatial_dims: int = 2):
+    """The preset's UNet; flash_attention=False (attention matrix materialised) only for the benchmark baseline."""
+    shape = unet_shape(model_cfg, spatial_dims)
+    channels, attention, res_blocks = shape["channels"], shape["attention_levels"], shape["num_res_blocks"]
+    groups, heads = shape["norm_num_groups"], shape["num_head_channels"]
     if getattr(model_cfg, "backend", "monai") == "diffusers":
         if spatial_dims != 2:
             raise UserError("model.backend diffusers (UNet2DModel) is 2D only; volumes use the MONAI backend")
         config = dict(model_cfg.unet2d) if model_cfg.unet2d else {
-            "block_out_channels": list(channels), "layers_per_block": model_cfg.num_res_blocks or res_blocks,
+            "block_out_channels": list(channels), "layers_per_block": res_blocks,
             "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
             "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-            "norm_num_groups": min(groups, min(channels)), "attention_head_dim": min(heads, min(channels))}
+            "norm_num_groups": groups, "attention_head_dim": heads}
         return DiffusersUNet(config, in_channels, out_channels, num_class_embeds)
-    net = DiffusionModelUNet(
-        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=channels,
-        attention_levels=attention, num_res_blocks=model_cfg.num_res_blocks or res_blocks,
-        norm_num_groups=min(groups, min(channels)), num_head_channels=min(heads, min(channels)),
-        num_class_embeds=num_class_embeds, use_flash_attention=flash_attention)
+    net = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                             num_class_embeds=num_class_embeds, use_flash_attention=flash_attention, **shape)
     if getattr(model_cfg, "gradient_checkpointing", False):
         for block in [*net.down_blocks, net.middle_block, *net.up_blocks]:
             checkpointed(block)

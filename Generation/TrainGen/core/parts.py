@@ -11,6 +11,8 @@ from medgen.common.data import MASK_ROLE
 from medgen.common.errors import UserError, grid_text, lookup
 from medgen.common.labels import vocabulary
 from medgen.Generation.TrainGen.core import latent
+from medgen.Generation.TrainGen.core.control import ControlledMode, ControlledUNet, build_controlnet, copy_matching
+from medgen.Generation.TrainGen.core.exported import read_model
 from medgen.Generation.TrainGen.core.modes import MODES
 from medgen.Generation.TrainGen.core.network import PRESETS, build_unet
 from medgen.Generation.TrainGen.core.strategies import STRATEGIES
@@ -50,11 +52,32 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None, device
     strategy = lookup(STRATEGIES, cfg.strategy.name, "--strategy")(cfg.strategy)
     mode = lookup(MODES, cfg.mode.name, "--mode")(cfg.mode, num_classes, image_channels)
     mode.vocab = vocabulary(cfg.data)       # how masks are coded: one channel, or one per label
+    if mode.needs == "inpaint" and cfg.latent.autoencoder:
+        raise UserError("--mode inpaint works in pixel space (the known pixels are kept exactly); leave --latent out")
     mode = latent.wrap(mode, cfg, device, data, latent_scale)
-    if isinstance(mode, latent.LatentMode):
+    if cfg.runtime.control_from:            # a frozen image run with mask control (core/control.py)
+        if mode.needs is not None:
+            raise UserError(f"--control_from: the frozen run generates mode {cfg.mode.name!r}, conditioned on "
+                            f"{mode.needs}; a ControlNet adds mask control to an unconditional run (--mode image)")
+        mode = ControlledMode(mode)
+    if latent.in_latent(mode) is not None:
         strategy.clip_sample = False      # unit-variance latents are not bounded to [-1, 1] (run.preflight)
     strategy.bind_shape(latent.sample_shape(cfg, mode))
     return strategy, mode
+
+
+def build_network(cfg, mode) -> torch.nn.Module:
+    """The denoising network of a run: the preset's UNet, or for a ControlNet run the frozen UNet with its
+    ControlNet (weights as built: the caller loads them)."""
+    if not isinstance(mode, ControlledMode):
+        return build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
+                          spatial_dims=cfg.data.spatial_dims)
+    sample_channels = mode.mode.in_channels
+    base = build_unet(cfg.model, sample_channels, mode.out_channels, mode.class_embeds,
+                      spatial_dims=cfg.data.spatial_dims)
+    control = build_controlnet(cfg.model, base, sample_channels, mode.vocab.channels, cfg.data.spatial_dims,
+                               mode.class_embeds)
+    return ControlledUNet(base, control, mode.out_channels, cfg.runtime.control_scale)
 
 
 def check_grid(cfg, shape: tuple[int, ...]) -> None:
@@ -88,17 +111,36 @@ def build_run_parts(cfg, train_data, device) -> RunParts:
     if cfg.optim.perceptual_weight > 0 and (cfg.data.spatial_dims != 2 or cfg.latent.autoencoder):
         raise UserError("optim.perceptual_weight (a 2D RadImageNet loss on the predicted image) needs 2D "
                         "pixel-space training; set it to 0 for volumes or latent runs")
-    strategy, mode = build_parts(cfg, meta["num_classes"], channels, device, train_data)
-    if cfg.optim.region_contrast_weight > 0 and (MASK_ROLE not in mode.condition_roles or isinstance(
-            mode, latent.LatentMode)):
+    frozen = read_model(cfg.runtime.control_from, "--control_from") if cfg.runtime.control_from else None
+    strategy, mode = build_parts(cfg, meta["num_classes"], channels, device, train_data,
+                                 latent_scale=frozen[1]["meta"].get("latent_scale") if frozen else None)
+    if cfg.optim.region_contrast_weight > 0 and (MASK_ROLE not in mode.condition_roles or
+                                                 latent.in_latent(mode) is not None):
         raise UserError(f"optim.region_contrast_weight: mode {mode.name} is not conditioned on a mask in pixel space "
                         "(the region contrast relabels a region of the conditioning mask)")
-    if isinstance(mode, latent.LatentMode):
-        meta.update(latent_scale=mode.scale, autoencoder_sha256=mode.ae.sha256)
+    if latent.in_latent(mode) is not None:
+        meta.update(latent_scale=latent.in_latent(mode).scale, autoencoder_sha256=latent.in_latent(mode).ae.sha256)
     strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
     check_grid(cfg, latent.sample_shape(cfg, mode))
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
-                     spatial_dims=cfg.data.spatial_dims).to(device)
+    net = build_network(cfg, mode).to(device)
+    if frozen is not None:
+        meta["control"] = load_frozen(net, frozen)
     return RunParts(strategy, mode, net, meta)
+
+
+def load_frozen(net: ControlledUNet, frozen: tuple) -> dict:
+    """The frozen run's sampling weights into net.base, and the ControlNet's encoder copied from them again
+    (it was built from random base weights); returns what the checkpoint records of the frozen run."""
+    from medgen.common.features import sha256_of
+    from medgen.Generation.TrainGen.core.checkpoint import model_weights
+    file, state = frozen
+    try:
+        net.base.load_state_dict(model_weights(state))
+    except RuntimeError as err:
+        raise UserError(f"--control_from {file}: its weights do not fit this run's network "
+                        f"({str(err).splitlines()[0][:160]})") from None
+    copy_matching(net.control, net.base.state_dict())
+    return {"frozen_run": str(file.resolve()), "frozen_sha256": sha256_of(file), "scale": net.scale,
+            "frozen_classes": state["meta"].get("class_names")}
 
 

@@ -14,7 +14,7 @@ from medgen.Generation.TrainGen.core.config import save_config
 from medgen.common.dataset import print_problems
 from medgen.Generation.TrainGen.core.datasource import data_source
 from medgen.common.errors import UserError, grid_text, lookup, shape_text
-from medgen.Generation.TrainGen.core.latent import LatentMode, sample_shape
+from medgen.Generation.TrainGen.core.latent import in_latent, sample_shape
 from medgen.common.fileio import remove_stale_tmp
 from medgen.common.locks import acquire, release
 from medgen.Generation.TrainGen.core.modes import MODES
@@ -103,10 +103,13 @@ def preflight(cfg) -> None:
         raise UserError("strategy.ddpm.clip_sample true with --latent: latents are scaled to unit variance and a "
                         "third of them lie outside [-1, 1], so clipping the predicted x0 would distort every "
                         "sample; leave it unset (off in latent space)")
-    for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from)):
+    if cfg.runtime.control_from and cfg.runtime.init_from:
+        raise UserError("--control_from and --init_from: a ControlNet starts from its frozen run; give one of them")
+    for flag, path in (("--resume", cfg.runtime.resume), ("--init_from", cfg.runtime.init_from),
+                       ("--control_from", cfg.runtime.control_from)):
         if flag == "--init_from" and path and is_diffusers_folder(path):
             read_folder(path)                     # a diffusers model or pipeline folder: checked, read later
-        elif flag == "--init_from" and path and is_export(path):
+        elif flag in ("--init_from", "--control_from") and path and is_export(path):
             continue                              # an exported folder (medgen export): read with the weights
         elif path and path != "auto":
             try:
@@ -183,6 +186,28 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     return logger
 
 
+def with_control(cfg):
+    """--control_from RUN: a ControlNet run takes the frozen run's network, strategy, mode and latent space, and its
+    grid (size, crop, normalisation); the data and the label vocabulary of the masks are this run's."""
+    if not cfg.runtime.control_from:
+        return cfg
+    from medgen.Generation.TrainGen.core.config import stored_config
+    from medgen.Generation.TrainGen.core.exported import read_model
+    _, state = read_model(cfg.runtime.control_from, "--control_from")
+    if not isinstance(state, dict) or "config" not in state:
+        raise UserError(f"--control_from {cfg.runtime.control_from}: not a training checkpoint of this framework")
+    frozen = stored_config(state["config"])
+    if frozen.runtime.control_from:
+        raise UserError(f"--control_from {cfg.runtime.control_from}: a ControlNet run itself; give the frozen run")
+    if cfg.mode.name != frozen.mode.name:
+        print(f"note: --control_from: the run's mode is the frozen run's, {frozen.mode.name!r}, with mask control")
+    d = frozen.data
+    data = replace(cfg.data, image_size=d.image_size, spatial_dims=d.spatial_dims, volume_shape=d.volume_shape,
+                   crop_size=d.crop_size, norm_percentiles=d.norm_percentiles)
+    return replace(cfg, data=data, model=frozen.model, strategy=frozen.strategy, mode=frozen.mode,
+                   latent=frozen.latent)
+
+
 def with_pretrained(cfg):
     """--init_from a diffusers folder: the run takes its architecture and DDPM schedule (core/pretrained.py)."""
     if not cfg.runtime.init_from or not is_diffusers_folder(cfg.runtime.init_from):
@@ -227,7 +252,7 @@ def run_training(cfg) -> Path:
     if cfg.runtime.stage == "autoencoder":
         return train_stage1(cfg)
     preflight(cfg)
-    cfg = with_pretrained(cfg)
+    cfg = with_control(with_pretrained(cfg))
     rt = init_runtime(cfg.runtime)
     tr = logger = None
     try:
@@ -256,11 +281,15 @@ def run_training(cfg) -> Path:
             if rt.is_main:
                 save_config(tr.cfg, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in tr.net.parameters())
-        tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters, "
-                    f"{tr.steps_per_epoch} steps/epoch, {tr.total_steps} steps in all")
-        if isinstance(tr.mode, LatentMode):
-            tr.log_line(f"latent diffusion: in the latent space of {tr.mode.ae.path} ({tr.mode.ae.latent_channels} "
-                        f"channels on a {grid_text(sample_shape(cfg, tr.mode))} grid, scale {tr.mode.scale:.4g}); "
+        trained = sum(p.numel() for p in tr.net.parameters() if p.requires_grad)
+        tr.log_line(f"{cfg.mode.name} x {cfg.strategy.name}: UNet {n_params / 1e6:.2f}M parameters"
+                    + (f" ({trained / 1e6:.2f}M trained: a ControlNet beside the frozen run "
+                       f"{cfg.runtime.control_from})" if trained < n_params else "")
+                    + f", {tr.steps_per_epoch} steps/epoch, {tr.total_steps} steps in all")
+        inner = in_latent(tr.mode)
+        if inner is not None:
+            tr.log_line(f"latent diffusion: in the latent space of {inner.ae.path} ({inner.ae.latent_channels} "
+                        f"channels on a {grid_text(sample_shape(cfg, tr.mode))} grid, scale {inner.scale:.4g}); "
                         "samples are decoded by it")
         _stop_on_sigusr1(tr)
         tr.fit(validate=True)

@@ -64,8 +64,9 @@ class DiffusionTrainer:
                         update_every=cfg.ema.update_every, include_online_model=False, use_foreach=True)
                     if cfg.ema.enabled else None)
         # fused: one kernel for all parameters, and it can skip a non-finite step on the device (found_inf)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                     fused=True)
+        # a ControlNet run trains the ControlNet alone: the frozen network's parameters do not require grad
+        self.opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay, fused=True)
         o = cfg.optim
         self.batches_per_epoch = len(train_data.batch_indices(o.batch_size, 0, cfg.runtime.seed, rt.rank, rt.world))
         self.steps_per_epoch = self.batches_per_epoch // o.grad_accum
@@ -79,11 +80,11 @@ class DiffusionTrainer:
         self.total_steps = min(self.steps_per_epoch * o.epochs, o.max_steps or math.inf)
         warmup = min(o.warmup_epochs * self.steps_per_epoch, max(1, self.total_steps // 5))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(warmup, self.total_steps))
-        self.objective = DiffusionLoss(
-            self.strategy, self.mode, rt.autocast, o.min_snr if o.min_snr is not None else self.strategy.min_snr_default,
-            o.min_snr_gamma, load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev)
-            if o.perceptual_weight > 0 else None, o.perceptual_weight, o.region_contrast_weight,
-            o.region_contrast_margin)
+        min_snr = o.min_snr if o.min_snr is not None else self.strategy.min_snr_default
+        perceptual = load_radimagenet(o.perceptual_weights, o.perceptual_sha256).to(dev) if o.perceptual_weight > 0 \
+            else None
+        self.objective = DiffusionLoss(self.strategy, self.mode, rt.autocast, min_snr, o.min_snr_gamma, perceptual,
+                                       o.perceptual_weight, o.region_contrast_weight, o.region_contrast_margin)
         self.gen = torch.Generator(dev).manual_seed(cfg.runtime.seed * rt.world + rt.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         self.best, self.bad_vals = None, 0
@@ -331,14 +332,20 @@ class DiffusionTrainer:
             if saved.get(section) != to_dict(self.cfg)[section]:
                 raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
                                 f"resume with the same --{section if section != 'model' else 'config'}")
+        frozen = (state["meta"].get("control") or {}).get("frozen_sha256")
+        if frozen != (self.meta.get("control") or {}).get("frozen_sha256"):
+            raise UserError(f"--resume {path}: the checkpoint's ControlNet was trained for another frozen run "
+                            f"({(state['meta'].get('control') or {}).get('frozen_run', 'none')}) than this run's "
+                            f"--control_from ({(self.meta.get('control') or {}).get('frozen_run', 'none')})")
         if state["meta"].get("labels", BINARY.record()) != self.meta["labels"]:
             raise UserError(f"--resume {path}: the checkpoint was trained with the label vocabulary "
                             f"{from_record(state['meta'].get('labels')).describe()}, this run has "
                             f"{from_record(self.meta['labels']).describe()} (data.labels)")
         self.load_state(state)
-        if isinstance(self.mode, latent.LatentMode):   # the run's scale, as measured when it started
-            latent.check_unchanged(self.mode, state["meta"], f"--resume {path}")
-            self.mode.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
+        inner = latent.in_latent(self.mode)
+        if inner is not None:                          # the run's scale, as measured when it started
+            latent.check_unchanged(inner, state["meta"], f"--resume {path}")
+            inner.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
     def sync_ema(self) -> None:

@@ -40,7 +40,8 @@ def validation_scores(tr) -> tuple[dict, dict, dict]:
                            cfg.mode.labels.guidance_scale, gen, rt.autocast))
     outputs = tr.mode.outputs(torch.stack(outs).mean(0))
     if metric == "dice":
-        scalars["val/dice"], scalars["val/iou"] = dice_iou((outputs[MASK_ROLE] > 0).float(), (batch["masks"] > 0).float())
+        lesion = lambda m: (m > 0).float()  # noqa: E731 - the whole lesion, whatever its labels
+        scalars["val/dice"], scalars["val/iou"] = dice_iou(lesion(outputs[MASK_ROLE]), lesion(batch["masks"]))
         if not tr.mode.vocab.binary:        # label maps: Dice per region, and their mean is the score
             per_region = region_dice(outputs[MASK_ROLE], batch["masks"], tr.mode.vocab)
             scalars.update({f"val/dice_{name}": v for name, v in per_region.items()})

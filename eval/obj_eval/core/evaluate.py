@@ -26,6 +26,8 @@ ALL_METRICS = ("fid", "lpips", "ms_ssim", "mae", "psnr")
 DOWNSTREAM_METRICS = ("faithfulness", "memorization", "domain")
 # label maps: intensity per label region, real against synthetic (core/regions.py); part of "all" for label maps
 REGION_METRICS = ("region_intensity",)
+# edited scans (generate.py --inpaint_into): identity outside the region and the seam; part of "all" for them
+INPAINT_METRICS = ("inpainting",)
 RESIZE = "bilinear with antialiasing (images), from the training loaders' crop/pad/resize"
 DIVERSITY_CI = "bootstrap over samples (pairs formed among the drawn samples), not over pairs, which share samples"
 
@@ -68,11 +70,12 @@ class Options:
 def parse_metrics(text: str) -> tuple[str, ...]:
     names = [m.strip().replace("-", "_") for m in text.split(",") if m.strip()]
     names = tuple(dict.fromkeys(n for m in names for n in (ALL_METRICS if m == "all" else (m,))))
-    unknown = [m for m in names if m not in ALL_METRICS + DOWNSTREAM_METRICS + REGION_METRICS]
+    known = ALL_METRICS + DOWNSTREAM_METRICS + REGION_METRICS + INPAINT_METRICS
+    unknown = [m for m in names if m not in known]
     if unknown or not names:
         raise UserError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} (choose all or a comma list "
-                        f"of {', '.join(ALL_METRICS + DOWNSTREAM_METRICS + REGION_METRICS)}; all = "
-                        f"{', '.join(ALL_METRICS)}, and region_intensity for label maps)")
+                        f"of {', '.join(known)}; all = {', '.join(ALL_METRICS)}, region_intensity for label maps, "
+                        "inpainting for --inpaint_into datasets)")
     if "all" in [m.strip() for m in text.split(",")]:
         names += ("all",)                  # evaluate() adds region_intensity when the masks are label maps
     return names
@@ -388,6 +391,10 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
         vocab = mask_vocabulary([o.synthetic_dir], o.labels)
         if not vocab.binary and real is not None:
             wanted.add("region_intensity")
+    if "all" in o.metrics and real is not None:
+        from medgen.eval.obj_eval.core.inpainting import is_inpainted
+        if is_inpainted(o.synthetic_dir):
+            wanted.add("inpainting")
     lpips_net = None
     if "lpips" in wanted:
         try:
@@ -409,6 +416,9 @@ def evaluate(o: Options, out_dir: Path | None = None) -> dict:
         families.append(lambda: diversity_records(o, synth, real, device, wanted, lpips_net))
     if wanted & set(DOWNSTREAM_METRICS):
         families.append(lambda: downstream_records(o, wanted, device, grid))
+    if "inpainting" in wanted:
+        from medgen.eval.obj_eval.core.inpainting import inpainting_records
+        families.append(lambda: guarded_list("inpainting", lambda: inpainting_records(synth, real, o.seed)))
     if "region_intensity" in wanted:
         from medgen.eval.obj_eval.core.regions import region_intensity_records
         families.append(lambda: guarded_list("region_intensity", lambda: region_intensity_records(

@@ -14,7 +14,7 @@ LOWER_IS_BETTER = {"fid_inception": True, "fid_radimagenet": True, "mae": True, 
                    "ms_ssim_quality": False, "lpips_quality": True, "faithfulness_dice": False,
                    "memorization": True, "fid_domain": True, "precision_domain": False, "recall_domain": False,
                    "density_domain": False, "coverage_domain": False, "kid_inception": True,
-                   "kid_radimagenet": True, "kid_domain": True}
+                   "kid_radimagenet": True, "kid_domain": True, "inpaint_outside_max_abs_diff": True}
 
 
 def _fmt(v, digits=4):

@@ -13,9 +13,8 @@ from medgen.Generation.TrainGen.core.config import stored_config
 from medgen.common.errors import UserError
 from medgen.common.names import check_name
 from medgen.common.features import sha256_of
-from medgen.Generation.TrainGen.core.network import build_unet
 from medgen.Generation.TrainGen.core.latent import check_unchanged, sample_shape
-from medgen.Generation.TrainGen.core.parts import build_parts
+from medgen.Generation.TrainGen.core.parts import build_network, build_parts
 
 
 class RowwiseLinear(torch.nn.Module):
@@ -106,8 +105,8 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     strat, mode = build_parts(cfg, meta["num_classes"], meta["image_channels"], device,
                               latent_scale=meta.get("latent_scale"))
     check_unchanged(mode, meta, f"{flag} {file}")
-    net = build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
-                     spatial_dims=cfg.data.spatial_dims)
+    check_frozen(meta, f"{flag} {file}")
+    net = build_network(cfg, mode)
     weights = model_weights(state)
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         raise UserError(f"{flag} {file}: the weights hold NaN/inf values (a diverged run); sample from an "
@@ -121,6 +120,22 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     except UserError as err:
         raise UserError(f"--sampler for {flag}: {err}") from None
     return Model(net, strat, mode, cfg, meta, file, sha256_of(file), chosen, num_steps or run_steps(cfg, strat, chosen))
+
+
+def check_frozen(meta: dict, what: str) -> None:
+    """A ControlNet run samples with the frozen run it was trained for: that run must still be there, with the
+    weights it had (an exported ControlNet carries them and checks nothing)."""
+    control = meta.get("control")
+    if not control or control.get("embedded"):
+        return
+    path = Path(control["frozen_run"])
+    if not path.is_file():
+        raise UserError(f"{what}: its frozen run {path} is missing (a ControlNet samples with the run it was trained "
+                        "for); restore it, or sample from an export of this run (medgen export)")
+    if sha256_of(path) != control["frozen_sha256"]:
+        raise UserError(f"{what}: its frozen run {path} changed since the ControlNet was trained (SHA-256 "
+                        f"{sha256_of(path)[:12]}, recorded {control['frozen_sha256'][:12]}); retrain the ControlNet "
+                        "for it, or restore the original checkpoint")
 
 
 def run_steps(cfg, strat, sampler: str) -> int:

@@ -25,7 +25,7 @@ MASK_STREAM, IMAGE_STREAM = 0, 1
 MANIFEST_FIELDS = ("index", "sample_id", "seed", "sample_seed", "strategy", "sampler", "steps", "guidance",
                    "class", "condition", "mask_attempts", "mask_rejections", "checkpoint_sha256", "seg_strategy",
                    "seg_sampler", "seg_steps", "seg_checkpoint_sha256", "files", "copy_rejections", "copy_distance",
-                   "label_voxels", "nesting_violations")
+                   "label_voxels", "nesting_violations", "lesion", "placement_shift")
 
 
 def sample_id(index: int) -> str:

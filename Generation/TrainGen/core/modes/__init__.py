@@ -2,6 +2,7 @@
 from medgen.Generation.TrainGen.core.modes.base import Mode, TrainingMode
 from medgen.Generation.TrainGen.core.modes.masks import SegMode, SegmentMode
 from medgen.Generation.TrainGen.core.modes.images import BravoMode, ClassMode, DualMode
+from medgen.Generation.TrainGen.core.modes.inpaint import ImageMode, InpaintMode
 
 MODES: dict[str, type[Mode]] = {
     "seg": SegMode,
@@ -9,6 +10,8 @@ MODES: dict[str, type[Mode]] = {
     "dual": DualMode,
     "class": ClassMode,
     "segment": SegmentMode,
+    "image": ImageMode,
+    "inpaint": InpaintMode,
 }
 
 __all__ = ["MODES", "Mode", "TrainingMode"]
