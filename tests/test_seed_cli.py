@@ -54,7 +54,7 @@ def test_run_name_template_and_documented_defaults(tmp_path, monkeypatch):
 
 def test_help_shows_defaults_and_choices():
     out = " ".join(run_script(TRAIN, "--help").stdout.split())   # argparse wraps lines
-    assert "-> mode.name (default seg; one of seg, bravo, dual, class, segment)" in out
+    assert "-> mode.name (default seg; one of seg, bravo, dual, class, segment, image, inpaint)" in out
     assert "-> optim.lr (default 0.0001)" in out and "-> runtime.val_interval (default 30)" in out
     gen = " ".join(run_script("Generation/TrainGen/generate.py", "--help").stdout.split())
     assert "(default: 64)" in gen and "{auto,cpu,cuda}" in gen
