@@ -268,6 +268,10 @@ def test_classification_study_shuffled_labels_hurt(tmp_path):
     assert rows["real+shuffled x2"]["metrics"]["balanced_accuracy"]["mean"] < real_acc - 0.1
     assert set(rows["real"]["metrics"]) == set(scores.CLASS_METRICS)
     assert rows["real+balanced shuffled"]["n_synthetic"] == [0, 0, 0]  # the real classes are balanced already
+    # nothing added: the real recipe's models and scores, not a second training of the same set
+    balanced = rows["real+balanced shuffled"]
+    assert balanced["metrics"] == rows["real"]["metrics"]
+    assert balanced["vs_real"]["diff"] == 0 and not balanced["vs_real"]["distinguishable"]
     md = (out / "utility.md").read_text()
     assert "Adding 2x shuffled worsened test balanced accuracy" in md and "Recall per class" in md
 

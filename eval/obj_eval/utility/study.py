@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
@@ -146,6 +147,7 @@ def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float
     `real` model at fraction 1 and the first seed is trained through models.cached_reference: it is the reference
     model of the audits (faithfulness, memorization, domain), which then load it instead of training it again."""
     results: dict[tuple[float, str], list[dict]] = {}
+    real_of: dict[tuple[float, int], dict] = {}          # the real recipe's result, by fraction and seed
     total = len(fractions) * len(seeds) * len(recipes)
     done = 0
     for fraction in fractions:
@@ -157,20 +159,34 @@ def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float
                 key = models.content_key(data_key, settings.key(), recipe.name, fraction, seed)
                 res = read_result(path, key)
                 tag = f"[{done}/{total}] real {fraction:g}, {recipe.name}, seed {seed}"
-                if res is None:
-                    train_set, info = compose(recipe, subset, synthetic, seed)
-                    if reference_cache is not None and recipe.kind == "real" and fraction >= 1.0 and seed == seeds[0]:
-                        model, log = models.cached_reference(settings, train_set, real["val"], seed, reference_cache)
-                    else:
-                        model, log = models.train(settings, train_set, real["val"], seed, desc=tag)
-                    probs = models.predict(model, real["test"].images, task, settings.device, bf16=settings.bf16)
-                    res = {"key": key, "recipe": recipe.name, "kind": recipe.kind, "synthetic": recipe.synthetic,
-                           "ratio": recipe.ratio, "real_fraction": fraction, "seed": seed, "train": info,
-                           "training": log, **scores.scores(task, probs, real["test"])}
-                    atomic_write_text(path, json.dumps(res, allow_nan=True))
-                    print(f"{tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items() if np.isfinite(v)))
-                else:
+                if res is not None:
                     print(f"{tag}: done before ({path})")
+                else:
+                    train_set, info = compose(recipe, subset, synthetic, seed)
+                    same = real_of.get((fraction, seed)) if recipe.kind != "real" and not info["n_synthetic"] else None
+                    if same is not None and torch.equal(train_set.images, subset.images) \
+                            and torch.equal(train_set.targets, subset.targets):
+                        # nothing added: the real training set in its order and the same seed train the same model
+                        res = {**same, "key": key, "recipe": recipe.name, "kind": recipe.kind,
+                               "synthetic": recipe.synthetic, "ratio": recipe.ratio, "train": info,
+                               "same_model_as": "real"}
+                        print(f"{tag}: adds no synthetic image; the real recipe's model and scores")
+                    else:
+                        if reference_cache is not None and recipe.kind == "real" and fraction >= 1.0 \
+                                and seed == seeds[0]:
+                            model, log = models.cached_reference(settings, train_set, real["val"], seed,
+                                                                 reference_cache)
+                        else:
+                            model, log = models.train(settings, train_set, real["val"], seed, desc=tag)
+                        probs = models.predict(model, real["test"].images, task, settings.device, bf16=settings.bf16)
+                        res = {"key": key, "recipe": recipe.name, "kind": recipe.kind, "synthetic": recipe.synthetic,
+                               "ratio": recipe.ratio, "real_fraction": fraction, "seed": seed, "train": info,
+                               "training": log, **scores.scores(task, probs, real["test"])}
+                        print(f"{tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items()
+                                                     if np.isfinite(v)))
+                    atomic_write_text(path, json.dumps(res, allow_nan=True))
+                if recipe.kind == "real":
+                    real_of[(fraction, seed)] = res
                 results.setdefault((fraction, recipe.name), []).append(res)
     return results
 
