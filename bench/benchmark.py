@@ -88,7 +88,7 @@ def bench_data(device: str, preset: str, work: Path) -> list[dict]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
+    while time.perf_counter() - t0 < (0.3 if preset == "ci" else 2.0):
         for idx in data.batch_indices(batch, epoch=n_batches, seed=0):
             b = data.batch(idx.to(device))
             n_batches += 1
@@ -117,7 +117,7 @@ def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
     mask = (torch.rand(batch, 1, size, size, device=dev) > 0.9).float()
     rows = []
     # the test suite's run (ci) keeps every row, with fewer steps
-    ancestral, ddim, euler = (20, 10, 10) if preset == "ci" else (1000, 50, 30)
+    ancestral, ddim, euler = (8, 4, 4) if preset == "ci" else (1000, 50, 30)
     for strategy, sampler, steps in (("ddpm", "ddpm", ancestral), ("ddpm", "ddim", ddim), ("rflow", "euler", euler)):
         cfg = build_config({"model": {"preset": unet}, "data": {"image_size": size},
                             "strategy": {"name": strategy}, "mode": {"name": "bravo"}})
@@ -134,10 +134,11 @@ def bench_sampling(device: str, preset: str, work: Path) -> list[dict]:
         rate = batch / (time.perf_counter() - t0)
         rows.append({"suite": "sampling", "metric": f"{strategy} {sampler}-{steps}", "value": rate,
                      "unit": "images/s", "note": f"{unet} UNet, {size}px bravo, batch {batch}, on {device}"})
-    return rows + bench_writing(model, mask, batch, dev, autocast, work)
+    return rows + bench_writing(model, mask, batch, dev, autocast, work, *((1, 1) if preset == "ci" else (3, 3)))
 
 
-def bench_writing(model, mask, batch: int, dev, autocast, work: Path, n_batches: int = 3) -> list[dict]:
+def bench_writing(model, mask, batch: int, dev, autocast, work: Path, n_batches: int = 3, rounds: int = 3
+                  ) -> list[dict]:
     """generate.py's loop with its output written (NIfTI image + mask and the commit row per sample, encoded
     and written on the writer threads while the next batch samples) against the same loop sampling only."""
     from medgen.Generation.TrainGen.core.generate import Job, generate_batch, run_job
@@ -160,12 +161,12 @@ def bench_writing(model, mask, batch: int, dev, autocast, work: Path, n_batches:
         return run_job(job(work / f"written{k}"))["seconds"]   # the loop, writer drained; not the final manifest
     # alternated, median of three each: a 2-core machine drifts by more than the difference being measured
     times = {"alone": [], "written": []}
-    for k in range(3):
+    for k in range(rounds):
         t0 = time.perf_counter()
         sampling_only(k)
         times["alone"].append(time.perf_counter() - t0)
         times["written"].append(with_writing(k))
-    alone, written = (n / sorted(times[k])[1] for k in ("alone", "written"))
+    alone, written = (n / sorted(times[k])[rounds // 2] for k in ("alone", "written"))
     summary = {"committed": len(list((work / "written0" / ".rows").glob("*.json")))}
     note = f"{n} samples, {model.sampler}-{model.steps}, batch {batch}"
     return [{"suite": "sampling", "metric": "generation, sampling only", "value": alone, "unit": "images/s",
@@ -252,6 +253,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     n_warm, n_steps = (15, 50) if cuda else (1, 3) if preset == "ci" else (3, 10)
+    rounds = 1 if preset == "ci" else 3                  # ci: every row once, not a measurement
     cfg = build_config({"data": {"image_size": size, "data_dir": str(root), "cache_dir": str(work / "cache")},
                         "model": {"preset": unet}, "mode": {"name": "bravo"}, "strategy": {"name": "ddpm"},
                         "optim": {"batch_size": batch}, "runtime": {"device": dev.type}})
@@ -310,7 +312,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
         our_step()
     sec = interleaved({"base_step": lambda: base_update(fixed_img, fixed_seg),
                        "ours_step": lambda: tr.train_step([fixed_batch]), "base": base_step, "ours": our_step},
-                      n_warm, n_steps, sync)
+                      n_warm, n_steps, sync, rounds)
     base_step_s, ours_step_s, base_s, ours_s = sec["base_step"], sec["ours_step"], sec["base"], sec["ours"]
     it = None                                        # the loader's workers stop with the iterator
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
@@ -340,7 +342,7 @@ def bench_training(device: str, preset: str, work: Path) -> list[dict]:
         {"suite": "training", "metric": "step-only ratio ours / tutorial", "value": base_step_s / ours_step_s,
          "unit": "x", "note": "same process, data path excluded on both sides"},
         {"suite": "training", "metric": "MONAI tutorial end to end", "value": batch / base_s, "unit": "images/s",
-         "note": f"CacheDataset + DataLoader ({workers} workers); median of 3 alternated rounds"},
+         "note": f"CacheDataset + DataLoader ({workers} workers); median of {rounds} alternated rounds"},
         {"suite": "training", "metric": "ours end to end", "value": batch / ours_s, "unit": "images/s",
          "note": "slice cache " + ("on the GPU (data.cache_device auto)" if on_gpu
                                    else "in host memory")
@@ -363,7 +365,7 @@ def bench_metrics(device: str, preset: str, work: Path) -> list[dict]:
     from medgen.eval.obj_eval.core.networks import LPIPS, InceptionFID, RadImageNetFID
     from medgen.common.features import ResNet50Features
     size = PRESETS[preset][2]
-    n = 16 if device == "cpu" else 512
+    n = 4 if preset == "ci" else 16 if device == "cpu" else 512
     dev = torch.device(device)
     a, b = torch.rand(n, 1, size, size), torch.rand(n, 1, size, size)
     window, weights = M.ms_ssim_settings(size)
@@ -523,14 +525,14 @@ def _train_tiny(work: Path, name: str, preset: str, device: str, steps: int, see
                         **flags)
 
 
-def _reference(root: Path, size: int, device: str, work: Path):
+def _reference(root: Path, size: int, device: str, work: Path, preset: str):
     """The real splits (bravo, binary tumour masks) and the downstream segmenter trained on the real training
-    slices, as the utility harness makes them."""
+    slices, as the utility harness makes them (ci: 20 steps, every row and no quality)."""
     from medgen.eval.obj_eval.utility import data, models
     real, _ = data.load_real(root, size, ["bravo"], positive_only=True, compute="local")
     heldout = data.concat("real held-out", [real["val"], real["test"]])
-    ref, _ = models.cached_reference(models.TrainSettings("segmentation", "tiny", device=device), real["train"],
-                                     real["val"], 0, work / "downstream")
+    settings = models.TrainSettings("segmentation", "tiny", 20 if preset == "ci" else None, device=device)
+    ref, _ = models.cached_reference(settings, real["train"], real["val"], 0, work / "downstream")
     return real, heldout, ref
 
 
@@ -547,7 +549,7 @@ def bench_control(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
     from medgen.eval.obj_eval.utility import audit, data
     n_subjects, shape, size, batch = PRESETS[preset]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
-    real, heldout, ref = _reference(root, size, device, work)
+    real, heldout, ref = _reference(root, size, device, work, preset)
     steps = steps or EDIT_STEPS[preset]
     results: dict[str, list[dict]] = {"frozen unconditional": [], "ControlNet over it": [],
                                       "concatenation (from scratch)": []}
@@ -595,7 +597,7 @@ def bench_inpaint(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
     from medgen.Generation.TrainGen.generate import main as generate
     n_subjects, shape, size, batch = PRESETS[preset]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
-    real, _, ref = _reference(root, size, device, work)
+    real, _, ref = _reference(root, size, device, work, preset)
     steps = steps or EDIT_STEPS[preset]
     labels = {"data": {"labels": "brats2021"}}
     variants = {"inpaint model, known pixels at the end": ("inpaint", ["--inpaint_replace", "end"]),
@@ -648,17 +650,14 @@ def bench_nfe(device: str, preset: str, work: Path, epochs: int | None = None, n
     step counts on the same real validation masks and seeds. Quality, computable offline: the Fréchet distance
     in the feature space of a downstream segmenter trained on the real training slices (the utility harness),
     and the Wasserstein-1 distance between brain-intensity histograms, both against the real validation slices."""
-    from medgen.eval.obj_eval.utility import audit, data, models
+    from medgen.eval.obj_eval.utility import audit, data
     from medgen.Generation.TrainGen.core.run import train
     from medgen.Generation.TrainGen.core.samplers import nfe
     from medgen.Generation.TrainGen.generate import main as generate
     n_subjects, shape, size, batch = PRESETS[preset]
     root = ensure_demo_data(work / "demo", n_subjects, shape) / "brain"
     epochs = epochs or MINSNR_EPOCHS[preset]
-    real, _ = data.load_real(root, size, ["bravo"], positive_only=True, compute="local")
-    heldout = data.concat("real val", [real["val"], real["test"]])
-    ref, _ = models.cached_reference(models.TrainSettings("segmentation", "tiny", device=device), real["train"],
-                                     real["val"], 0, work / "downstream")
+    real, heldout, ref = _reference(root, size, device, work, preset)
     rows = []
     for strategy, samplers in (grid or NFE_GRID).items():
         run = work / f"nfe_{strategy}"
@@ -769,7 +768,7 @@ def bench_volumes(device: str, preset: str, work: Path) -> list[dict]:
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     shape = VOLUME_SHAPES[(preset, dev.type)]
     unet, batch = MODEL_PRESETS[preset][0] if dev.type == "cuda" else "tiny", 2
-    n_warm, n = (1, 3) if dev.type == "cpu" else (3, 10)
+    n_warm, n = (1, 1) if preset == "ci" else (1, 3) if dev.type == "cpu" else (3, 10)
     rows = []
     for name, latent, ckpt in (("pixel", False, False), ("pixel + checkpointing", False, True),
                                ("latent (4x AE)", True, False)):

@@ -129,7 +129,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(demo_root, tmp_path):
            "MEDGEN_DATA_ROOT": str(demo_root), "MEDGEN_CACHE": str(tmp_path / "cache"), "SCONTROL": str(scontrol),
            "SLURM_JOB_ID": "4242",
            "EXTRA_ARGS": f"--config config/tiny.yaml --image_size 32 --data_dir {demo_root / 'brain'} --epochs 400 "
-                         "--set runtime.log_interval=2"}
+                         "--set runtime.log_interval=2 --set strategy.sample_steps=4 --set runtime.num_val_samples=4"}
     job = SLURM_DIR / "ddpm_128_bravo.slurm"
     run_dir = out / "runs" / "ddpm_128_bravo_4242"
     with background(["bash", str(job)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -153,7 +153,8 @@ def test_sigusr1_to_the_trainer_itself(demo_root, tmp_path):
     run_dir = tmp_path / "run"
     with background([sys.executable, "Generation/TrainGen/train.py", "--config", "config/tiny.yaml", "--mode", "seg",
                      "--data_dir", str(demo_root / "brain"), "--epochs", "400", "--run_dir", str(run_dir), "--set",
-                     "runtime.log_interval=2", "--set", f"data.cache_dir={tmp_path / 'c'}"],
+                     "runtime.log_interval=2", "--set", f"data.cache_dir={tmp_path / 'c'}", "--set",
+                     "strategy.sample_steps=4"],
                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         assert wait_for(lambda: (run_dir / "train.log").is_file() and "step 4:" in (run_dir / "train.log").read_text())
         proc.send_signal(signal.SIGUSR1)
@@ -190,7 +191,7 @@ def test_benchmark_runs_on_cpu_and_writes_json(tmp_path):
     metrics = {(r["suite"], r["metric"]) for r in rows}
     for needed in [("training", "step-only ratio ours / tutorial"), ("training", "end-to-end ratio ours / tutorial"),
                    ("training", "MONAI tutorial step (same batch on device)"), ("training", "data path / step rate"),
-                   ("sampling", "rflow euler-10"), ("sampling", "ddpm ddim-10"), ("sampling", "ddpm ddpm-20"),
+                   ("sampling", "rflow euler-4"), ("sampling", "ddpm ddim-4"), ("sampling", "ddpm ddpm-8"),
                    ("sampling", "writing / sampling only"),
                    ("metrics", "FID features, Inception-v3"), ("data", "batches from cache"),
                    ("volumes", "pixel 32x32x16"), ("volumes", "latent (4x AE) 32x32x16")]:

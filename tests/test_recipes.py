@@ -10,7 +10,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 
 import nibabel as nib
 import pytest
@@ -30,7 +29,8 @@ SMALLER = [
     (r"--max_lesion_area 0.06", "--max_lesion_area 0.06 --max_attempts 100"),
     (r"masks=seg, ", "masks=seg, mask_filter=False, "),  # as generate.py's --no_mask_filter below
 ]
-# every training validates and samples with 4 steps, and its models generate with them (the run's default)
+# every training validates and samples with 4 steps, and its models generate with them (the run's default);
+# a recipe that trains for the preset's epochs trains for two steps
 TRAIN_EXTRA = ["--set", "strategy.sample_steps=4", "--set", "runtime.num_val_samples=4"]
 
 
@@ -53,11 +53,12 @@ JOBS = ["data", "class", "finetune", "chain", "labels", "inpaint", "control", "s
         "export", "api"]
 
 
-def run_python(code: str, env: dict):
-    """A README Python block, run in a fresh interpreter from the repository root (as a notebook would)."""
-    import os
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, **env})
+def run_python(code: str, folder, env: dict):
+    """A README Python block, saved as a script and run from the repository root like the other commands (in
+    this process unless the suite runs scripts in subprocesses)."""
+    script = folder / "readme_block.py"
+    script.write_text(code)
+    return run_script(str(script), env=env, timeout=240)
 
 
 def test_the_readme_has_a_recipe_per_job():
@@ -79,7 +80,7 @@ def ran(demo_root, tmp_path_factory):
                 cmd = re.sub(pattern, small, cmd)
             cmd = cmd.replace(".cache/demo", str(demo_root)).replace("runs/recipes", str(runs))
             if "\n" in cmd:                             # a Python block
-                res = run_python(cmd, env)
+                res = run_python(cmd, runs, env)
                 results[name].append((cmd, res.returncode, res.stderr[-1500:]))
                 continue
             words = shlex.split(cmd)
@@ -88,7 +89,7 @@ def ran(demo_root, tmp_path_factory):
             if words[0] == "python":
                 script, args = words[1], words[2:]
                 if script.endswith("train.py") and "--check_data" not in args:
-                    args += TRAIN_EXTRA
+                    args += TRAIN_EXTRA + ([] if "--max_steps" in args else ["--max_steps", "2"])
                 if script.endswith("generate.py") and "--seg_model" in args:
                     args.append("--no_mask_filter")     # two training steps: the seg model draws noise
                 res = run_script(script, *args, env=env, timeout=240)
