@@ -910,7 +910,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny")
     p.add_argument("--suite", choices=list(SUITES), action="append",
-                   help=f"default: {', '.join(DEFAULT_SUITES)} (minsnr and nfe only when asked)")
+                   help=f"default: {', '.join(DEFAULT_SUITES)} (the others only when asked)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--plot", type=Path, default=Path("bench/nfe.png"), help="nfe suite: where its plot goes")
     args = p.parse_args()
