@@ -32,6 +32,12 @@ def anonymous_key(slice_key: str) -> str:
     return f"sha256:{digest(unit_name(path))}{sep}{rest}"
 
 
+def source_unit_digest(key: str) -> str:
+    """The hashed unit of a real slice key as a manifest records it, plain or anonymous (anonymous_key)."""
+    path = key.partition("#")[0]
+    return path[len("sha256:"):] if path.startswith("sha256:") else digest(unit_name(path))
+
+
 def units_record(data_cfg, train_sources: list[str], val_sources: list[str]) -> dict:
     """What a training run records of its data: the split settings and the hashed unit names per split."""
     hashed = lambda sources: sorted({digest(unit_name(s)) for s in sources})  # noqa: E731

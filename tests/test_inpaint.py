@@ -20,6 +20,7 @@ from medgen.Generation.TrainGen.core.strategies import STRATEGIES
 from tests.conftest import run_script
 
 GENERATE = "Generation/TrainGen/generate.py"
+UTILITY = "eval/obj_eval/run_utility.py"
 
 
 # ---------------------------------------------------------------- regions and the known-region constraint
@@ -102,6 +103,33 @@ def test_inserted_lesions_keep_the_scan_and_look_like_lesions(inpaint_run, demo_
     # the painted edema is bright on the FLAIR-like sequence; the tissue that was there before is not
     assert edema["value"] > 1.3 and edema["value"] > edema["real"]["value"] + 0.3, edema
     assert recs["inpaint_seam"]["value"] is not None
+    study = run_script(UTILITY, "--real_dir", str(demo_root / "brain"), "--synthetic_dir", str(out),
+                       "--output", str(tmp_path / "utility"))                # the test scans are not training data
+    assert study.returncode == 2 and "test subjects/images were in the training split of the inserted scans" \
+        in study.stderr, study.stderr
+
+
+def test_the_utility_study_adds_lesions_inserted_into_the_subsets_own_scans(inpaint_run, demo_root, tmp_path):
+    out = tmp_path / "inserted"
+    res = run_script(GENERATE, "--image_model", str(inpaint_run), "--inpaint_into", str(demo_root / "brain" / "train"),
+                     "--masks_from", str(demo_root / "brain" / "train"), "--num_images", "16", "--max_lesion_area",
+                     "0.06", "--max_attempts", "100", "--output_dir", str(out))
+    assert res.returncode == 0, res.stderr
+    sources = {r["condition"].split("#")[0] for r in csv.DictReader(open(out / "manifest.csv"))}
+    train = sorted(str(s) for s in (demo_root / "brain" / "train").iterdir())
+    assert sorted(sources) == train                           # spread over the subjects, not the first scans
+    res = run_script(UTILITY, "--real_dir", str(demo_root / "brain"), "--synthetic_dir", str(out), "--recipes",
+                     "real,real+synthetic", "--real_fraction", "0.5,1", "--seeds", "2", "--preset", "tiny",
+                     "--max_steps", "3", "--audit", "memorization", "--output", str(tmp_path / "utility"))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "utility" / "utility.json").read_text())
+    added = {(r["real_fraction"], r["recipe"]): r["n_synthetic"] for r in summary["rows"]}
+    assert set(added) == {(f, n) for f in (0.5, 1.0) for n in ("real", "real+inpainted inserted x1")}
+    assert added[(1.0, "real+inpainted inserted x1")] == [16, 16]       # every edit is of a training scan
+    assert all(0 < n < 16 for n in added[(0.5, "real+inpainted inserted x1")])   # only the half subset's own
+    assert not summary["audit"] and any("memorization audit" in n and "does not apply" in n
+                                        for n in summary["notes"])
+    assert "lesions inserted into the subset's own scans" in (tmp_path / "utility" / "utility.md").read_text()
 
 
 def test_repaint_inserts_with_any_mask_conditioned_model(tiny_models, demo_root, tmp_path):

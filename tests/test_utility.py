@@ -290,6 +290,32 @@ def test_balanced_recipe_fills_minority_classes():
     assert sub.counts().tolist() == [2, 1, 1]
 
 
+def test_inpainted_recipe_adds_only_lesions_inserted_into_the_subsets_own_scans():
+    """real+inpainted at a real fraction adds the edits of the subset's own scans and nothing else: real+synthetic
+    would add scans of the subjects the fraction left out."""
+    from medgen.common.splits import digest
+    subjects = [f"/data/train/subj{k}" for k in range(6)]
+    real = data.TaskSet("real", torch.zeros(12, 1, 8, 8), torch.zeros(12, 1, 8, 8), subjects * 2,
+                        [f"{s}#slice{k}" for k in (0, 1) for s in subjects])
+    source = [k % 6 for k in range(30)]                       # sample k edits a scan of subject k % 6
+    syn = data.TaskSet("s", torch.arange(30.0).view(30, 1, 1, 1).expand(30, 1, 8, 8).clone(), torch.ones(30, 1, 8, 8),
+                       [f"/out/sample_{k:06d}" for k in range(30)], [f"sample_{k:06d}#slice0" for k in range(30)],
+                       edited_from={f"sample_{k:06d}": digest(f"subj{source[k]}") for k in range(30)})
+    subset = study.real_subset(real, 0.5, seed=3)
+    own = {int(u[-1]) for u in subset.units}
+    assert len(own) == 3
+    mixed, info = study.compose(study.Recipe("real+inpainted", "s", 1.0), subset, {"s": syn}, seed=0)
+    added = [int(v) for v in mixed.images[len(subset):, 0, 0, 0].tolist()]
+    assert info["n_synthetic"] == len(subset) == 6 and len(set(added)) == 6
+    assert {source[k] for k in added} <= own                  # only edits of the subset's own subjects
+    plenty, info = study.compose(study.Recipe("real+inpainted", "s", 4.0), subset, {"s": syn}, seed=0)
+    assert info["n_synthetic"] == 15 == sum(source[k] in own for k in range(30))    # all of them, and a warning
+    recipes = study.build_recipes(["real", "real+synthetic"], ["s", "g"], [1.0], "segmentation", frozenset({"s"}))
+    assert [r.name for r in recipes] == ["real", "real+inpainted s x1", "real+g x1"]
+    with pytest.raises(UserError, match="needs a --synthetic_dir written by generate.py --inpaint_into"):
+        study.build_recipes(["real", "real+inpainted"], ["g"], [1.0], "segmentation")
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_is_one_clear_line(brain, real, tmp_path):
     base = ["--real_dir", str(brain), "--output", str(tmp_path / "o"), "--compute", "local", *FAST]

@@ -147,6 +147,15 @@ class Inserter:
     bank_keys: list[str] | None = None
     jumps: int = 1                             # RePaint jumps (non-inpaint models)
     replace_every: bool = True
+    order: np.ndarray | None = None            # the scans' seeded order (scan_of)
+
+    def scan_of(self, job: Job, i: int) -> int:
+        """The scan sample i edits: the scans in a seeded order (every scan once per len(scans) samples), so that a
+        job of fewer samples than scans spreads over the subjects instead of taking the first ones."""
+        n = len(self.scans.sources)
+        if self.order is None or len(self.order) != n:
+            self.order = np.random.default_rng([job.seed, PLACE_STREAM, n]).permutation(n)
+        return int(self.order[i % n])
 
     def settings(self, directory: str) -> dict:
         return {"inpaint_into": str(Path(directory).resolve()), **self.placement.__dict__, "jumps": self.jumps,
@@ -189,16 +198,16 @@ class Inserter:
                 return moved, region, {"lesion": origin, "placement_shift": ",".join(map(str, shift)),
                                        "mask_attempts": attempt + 1}
             why = "does not fit inside the brain" + ("" if p.overlap else " clear of the scan's own tumour")
-        raise UserError(f"sample {i}: no lesion could be placed in {self.scans.sources[i % len(self.scans.sources)]} "
+        raise UserError(f"sample {i}: no lesion could be placed in {self.scans.sources[self.scan_of(job, i)]} "
                         f"after --max_attempts {p.attempts} ({why}); lower --min_lesion_area/--max_lesion_area, "
                         "raise --max_attempts, or choose scans with more room")
 
     def batch(self, job: Job, indices: list[int]) -> dict[int, dict]:
         """{index: {'arrays', 'row'}} of inserted lesions (core/generate.py's batch format)."""
         model, mode = job.main_model, job.main_mode
-        n = len(self.scans.sources)
-        scans = torch.stack([self.scans.images[i % n] for i in indices]).to(job.device)
-        own = [self.scans.labels[i % n].to(job.device) if self.scans.labels is not None else None for i in indices]
+        which = [self.scan_of(job, i) for i in indices]
+        scans = torch.stack([self.scans.images[s] for s in which]).to(job.device)
+        own = [self.scans.labels[s].to(job.device) if self.scans.labels is not None else None for s in which]
         placed = [self.lesion_for(job, i, scans[k], own[k]) for k, i in enumerate(indices)]
         lesion = torch.stack([p[0] for p in placed]).float()
         region = torch.stack([p[1] for p in placed]).float()
@@ -215,7 +224,7 @@ class Inserter:
         image = compose(mode.outputs(x)[mode.generated_roles[0]], scans, region)
         out = {}
         for k, i in enumerate(indices):
-            row = {"condition": source_name(self.scans.sources[i % n], job.anonymize_sources), **placed[k][2]}
+            row = {"condition": source_name(self.scans.sources[which[k]], job.anonymize_sources), **placed[k][2]}
             out[i] = {"arrays": {mode.generated_roles[0]: image[k].cpu(), MASK_ROLE: combined[k].cpu(),
                                  REGION_ROLE: region[k].cpu()}, "row": row}
         return out

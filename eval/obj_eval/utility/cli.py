@@ -86,8 +86,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "output", default=None, metavar="DIR", help="results (default: <first synthetic dir>/utility)")
     add_flag(p, "recipes", default=None,
              help=f"comma list of {', '.join(study.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
-                  "plus real+balanced for class data)")
-    add_flag(p, "synthetic-ratio", default="1", help="real+synthetic: synthetic images per real image (comma list)")
+                  "plus real+balanced for class data; a set of lesions inserted into real scans takes "
+                  "real+inpainted, its own scans only, for real+synthetic)")
+    add_flag(p, "synthetic-ratio", default="1", help="real+synthetic and real+inpainted: synthetic images per real "
+                                                     "image (comma list)")
     add_flag(p, "real-fraction", default="1", help="fractions of the real training data (comma list)")
     add_flag(p, "seeds", type=int, default=3, help="models per recipe and fraction (at least 2 for a CI)")
     add_flag(p, "seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
@@ -171,7 +173,8 @@ def main(argv=None, doc: str = DOC) -> int:
         raise UserError("--synthetic_dir: two folders share a name; the recipes are named after the folders")
     kinds = (args.recipes.split(",") if args.recipes else
              ["real", "real+synthetic", "synthetic"] + (["real+balanced"] if task == "classification" else []))
-    recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task)
+    recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task,
+                                  frozenset(n for n, d in zip(names, args.synthetic_dir) if data.inserted_into_real(d)))
     synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute, natives[d])
                  for n, d in zip(names, args.synthetic_dir)}
     audits = parse_audits(args.audit, task) if synthetic else []
@@ -180,8 +183,10 @@ def main(argv=None, doc: str = DOC) -> int:
         print(data.describe(ts))
     for n in notes:
         print(f"note: {n}")
+    edited = {n: ts.edited_from for n, ts in synthetic.items() if ts.edited_from}   # real+inpainted draws by them
     data_key = models.content_key(*(t for ts in list(real.values()) + list(synthetic.values())
-                                    for t in (ts.images, ts.targets)), roles, size, scores.SCORES_VERSION)
+                                    for t in (ts.images, ts.targets)), roles, size, scores.SCORES_VERSION,
+                                  *([edited] if edited else []))
     seeds = list(range(args.seed, args.seed + args.seeds))
     results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key,
                               reference_cache(args.compute) if audits else None)

@@ -21,8 +21,9 @@ from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nif
 from medgen.common.dataset import SliceData, load_split
 from medgen.common.errors import UserError
 from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
+from medgen.common.splits import source_unit_digest
 from medgen.config.paths import PathConfig
-from medgen.eval.obj_eval.core.inputs import existing_folder, native_size
+from medgen.eval.obj_eval.core.inputs import existing_folder, manifest_conditions, native_size
 from medgen.eval.obj_eval.utility.scores import MIN_TEST_UNITS
 
 TASKS = ("segmentation", "classification")
@@ -38,6 +39,7 @@ class TaskSet:
     classes: list[str] = field(default_factory=list)
     spacing: torch.Tensor | None = None   # volumes: (N, 3) grid spacing in mm, (D, H, W) order (HD95 in mm)
     vocab: Vocabulary = BINARY            # segmentation: what the mask values mean
+    edited_from: dict[str, str] | None = None   # a --inpaint_into set: {sample folder: hashed unit of its real scan}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -46,7 +48,7 @@ class TaskSet:
         index = [int(i) for i in index]
         return TaskSet(self.name, self.images[index], self.targets[index], [self.units[i] for i in index],
                        [self.ids[i] for i in index], self.classes,
-                       None if self.spacing is None else self.spacing[index], self.vocab)
+                       None if self.spacing is None else self.spacing[index], self.vocab, self.edited_from)
 
     def unit_index(self) -> tuple[list[str], np.ndarray]:
         """(unit names in first-seen order, the unit number of each item)."""
@@ -252,7 +254,30 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
                             f"({', '.join(real.classes)})")
         remap = torch.tensor([real.classes.index(c) for c in ts.classes], dtype=torch.long)
         ts.targets, ts.classes = remap[ts.targets], list(real.classes)
+    ts.edited_from = edited_sources(root)
     return ts
+
+
+def inserted_into_real(root) -> bool:
+    """Whether generate.py --inpaint_into wrote this folder (lesions inserted into real scans)."""
+    import json
+    try:
+        rec = json.loads((Path(root) / GENERATED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and bool(rec.get("inpaint"))
+
+
+def edited_sources(root: Path) -> dict[str, str] | None:
+    """A folder that generate.py --inpaint_into wrote: {sample folder name: the hashed unit (subject or image) of
+    the real scan its lesion was inserted into}, from the manifest; None for any other folder."""
+    if not inserted_into_real(root):
+        return None
+    out = {name: source_unit_digest(cond) for name, cond in manifest_conditions(root).items() if cond}
+    if not out:
+        raise UserError(f"--synthetic_dir {root}: lesions inserted into real scans (generation.json), but its "
+                        "manifest.csv names no source scan")
+    return out
 
 
 def mask_vocabulary(synthetic_dirs: list, given: str | None) -> Vocabulary:
@@ -302,6 +327,8 @@ def default_size(natives: dict[str, int], real_dir: str) -> int:
 def describe(ts: TaskSet) -> str:
     units = len(set(ts.units))
     extra = (", " + ", ".join(f"{c} {n}" for c, n in zip(ts.classes, ts.counts()))) if ts.classes else ""
+    if ts.edited_from:
+        extra += f", lesions inserted into scans of {len(set(ts.edited_from.values()))} real training subjects/images"
     return f"{ts.name}: {len(ts)} images from {units} {'subjects' if units < len(ts) else 'files'}{extra}"
 
 

@@ -30,6 +30,8 @@ def _pct(fraction: float) -> str:
 
 def _what(row: dict) -> str:
     return (f"adding {row['ratio']:g}x {row['synthetic']}" if row["kind"] == "real+synthetic" else
+            f"adding {row['ratio']:g}x {row['synthetic']} (lesions inserted into the subset's own scans)"
+            if row["kind"] == "real+inpainted" else
             f"balancing the classes with {row['synthetic']}" if row["kind"] == "real+balanced" else
             f"training on {row['synthetic']} alone")
 

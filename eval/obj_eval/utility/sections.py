@@ -28,7 +28,11 @@ def run_audits(audits: list[str], real: dict, synthetic: dict, settings, seed: i
             rec = {**audit.faithfulness(ref, syn, real["test"], real["train"], device, seed), **tag}
             rec["plots"] = [str(report.plot_faithfulness(rec, out / f"faithfulness_{name}.png"))]
             recs.append(rec)
-        if "memorization" in audits:
+        if "memorization" in audits and syn.edited_from is not None and notes is not None:
+            notes.append(f"{name}: lesions inserted into real training scans, which outside the inserted regions "
+                         "are those scans by design; the memorization audit (closeness to training images) does "
+                         "not apply to it")
+        elif "memorization" in audits:
             sub = out / f"memorization_{name}"
             sub.mkdir(parents=True, exist_ok=True)
             recs.append({**audit.memorization(syn, real["train"], real["test"], ref, device, sub, seed=seed,

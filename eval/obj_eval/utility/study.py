@@ -4,6 +4,9 @@ scored on the real test split only.
 Recipes (names as they appear in the report):
   real                   the real training subset alone (the baseline every other recipe is compared with);
   real+<S> x<r>          plus r synthetic images of set S per real image (drawn without replacement, seeded);
+  real+inpainted <S> x<r>  (a set written by generate.py --inpaint_into) plus r images per real image whose
+                         lesions were inserted into the real subset's own scans: the lesion-insertion use case,
+                         with no real anatomy from outside the subset (for such a set it replaces real+synthetic);
   <S> only               the synthetic set S alone;
   real+balanced <S>      (classification) plus synthetic images of each minority class of S up to the real
                          subset's majority count: the class-balancing use case.
@@ -23,10 +26,11 @@ import torch
 
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
+from medgen.common.splits import digest, unit_name
 from medgen.eval.obj_eval.utility import models, scores
 from medgen.eval.obj_eval.utility.data import TaskSet, concat, warn
 
-RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced")
+RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced", "real+inpainted")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Recipe:
             return f"{self.synthetic} only"
         if self.kind == "real+balanced":
             return f"real+balanced {self.synthetic}"
+        if self.kind == "real+inpainted":
+            return f"real+inpainted {self.synthetic} x{self.ratio:g}"
         return f"real+{self.synthetic} x{self.ratio:g}"
 
     @property
@@ -61,7 +67,11 @@ def parse_list(text: str, flag: str, kind=float, low: float = 0.0, high: float |
     return sorted(set(values))
 
 
-def build_recipes(kinds: list[str], synthetic: list[str], ratios: list[float], task: str) -> list[Recipe]:
+def build_recipes(kinds: list[str], synthetic: list[str], ratios: list[float], task: str,
+                  inpainted: frozenset = frozenset()) -> list[Recipe]:
+    """The recipes of the kinds asked for, per synthetic set; `inpainted`: the sets of lesions inserted into real
+    scans, whose added-data recipe is real+inpainted (real+synthetic would add scans of subjects outside the
+    real subset at a fraction below 1)."""
     unknown = [k for k in kinds if k not in RECIPE_KINDS]
     if unknown:
         raise UserError(f"--recipes: unknown recipe {unknown[0]!r} (choose from {', '.join(RECIPE_KINDS)})")
@@ -69,9 +79,13 @@ def build_recipes(kinds: list[str], synthetic: list[str], ratios: list[float], t
         raise UserError("--recipes real+balanced needs a classification dataset (class image folders)")
     if any(k != "real" for k in kinds) and not synthetic:
         raise UserError("--recipes: synthetic recipes need --synthetic_dir")
+    if "real+inpainted" in kinds and not inpainted:
+        raise UserError("--recipes real+inpainted needs a --synthetic_dir written by generate.py --inpaint_into")
     out = [Recipe("real")]
     for s in synthetic:
-        out += [Recipe("real+synthetic", s, r) for r in ratios if "real+synthetic" in kinds]
+        adds = "real+inpainted" if s in inpainted else "real+synthetic"
+        asked = "real+synthetic" in kinds or (s in inpainted and "real+inpainted" in kinds)
+        out += [Recipe(adds, s, r) for r in ratios if asked]
         out += [Recipe("real+balanced", s)] if "real+balanced" in kinds else []
         out += [Recipe("synthetic", s)] if "synthetic" in kinds else []
     return out
@@ -104,12 +118,18 @@ def compose(recipe: Recipe, real: TaskSet, synthetic: dict[str, TaskSet], seed: 
     rng = np.random.default_rng([seed, 7])
     if recipe.kind == "synthetic":
         return syn, {"n_real": 0, "n_synthetic": len(syn)}
-    if recipe.kind == "real+synthetic":
+    if recipe.kind in ("real+synthetic", "real+inpainted"):
+        pool, of = np.arange(len(syn)), ""
+        if recipe.kind == "real+inpainted":     # only lesions inserted into the subset's own scans
+            own = {digest(unit_name(u)) for u in real.units}
+            pool = np.flatnonzero([syn.edited_from.get(Path(u).name) in own for u in syn.units])
+            of = " inserted into the real subset's own scans"
         want = int(round(recipe.ratio * len(real)))
-        take = min(want, len(syn))
+        take = min(want, len(pool))
         if take < want:
-            warn(f"{recipe.name}: asked for {want} synthetic images, {syn.name} has {len(syn)}; using all of them")
-        pick = np.sort(rng.choice(len(syn), take, replace=False))
+            warn(f"{recipe.name}: asked for {want} synthetic images{of}, {syn.name} has {len(pool)}; "
+                 "using all of them")
+        pick = np.sort(rng.choice(pool, take, replace=False))
         return concat(recipe.name, [real, syn.subset(pick)]), {"n_real": len(real), "n_synthetic": int(take),
                                                                "n_synthetic_wanted": want,
                                                                "actual_ratio": take / max(1, len(real))}
