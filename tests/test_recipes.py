@@ -148,7 +148,7 @@ def _labels(runs):
 def _inpaint(runs):
     metrics = {m["metric"]: m for m in json.loads((runs / "inserted_eval" / "metrics.json").read_text())["metrics"]}
     assert metrics["inpaint_outside_max_abs_diff"]["value"] == 0.0
-    assert "real+inserted x1" in (runs / "inserted_utility" / "utility.md").read_text()
+    assert "real+inpainted inserted x1" in (runs / "inserted_utility" / "utility.md").read_text()
 
 
 def _control(runs):
