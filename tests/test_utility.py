@@ -293,7 +293,9 @@ def test_balanced_recipe_fills_minority_classes():
 def test_inpainted_recipe_adds_only_lesions_inserted_into_the_subsets_own_scans():
     """real+inpainted at a real fraction adds the edits of the subset's own scans and nothing else: real+synthetic
     would add scans of the subjects the fraction left out."""
-    from medgen.common.splits import digest
+    from medgen.common.splits import anonymous_key, digest, source_unit_digest
+    for key in ("/data/train/subj1#slice3", "/data/train/subj1", "/other/root/subj1#slice9"):    # plain or hashed
+        assert source_unit_digest(key) == source_unit_digest(anonymous_key(key)) == digest("subj1")
     subjects = [f"/data/train/subj{k}" for k in range(6)]
     real = data.TaskSet("real", torch.zeros(12, 1, 8, 8), torch.zeros(12, 1, 8, 8), subjects * 2,
                         [f"{s}#slice{k}" for k in (0, 1) for s in subjects])
