@@ -274,6 +274,7 @@ def test_classification_study_shuffled_labels_hurt(tmp_path):
     assert balanced["vs_real"]["diff"] == 0 and not balanced["vs_real"]["distinguishable"]
     md = (out / "utility.md").read_text()
     assert "Adding 2x shuffled worsened test balanced accuracy" in md and "Recall per class" in md
+    assert "balancing the classes with shuffled at 100% real data: not assessable (it adds no synthetic image" in md
 
 
 def test_balanced_recipe_fills_minority_classes():

@@ -236,5 +236,9 @@ def summarise(results: dict, recipes: list[Recipe], fractions: list[float], prim
             if recipe.kind != "real":
                 row["vs_real"] = {"metric": primary, **scores.seed_paired_test(res, base, primary, unit),
                                   "test_set": scores.paired_bootstrap(res, base, primary, n_boot, seed)}
+                if not any(r["train"]["n_synthetic"] for r in res):     # no verdict on a comparison with itself
+                    row["vs_real"].update(assessable=False, distinguishable=False,
+                                          why_not="it adds no synthetic image here, so its models are the real "
+                                                  "recipe's")
             rows.append(row)
     return rows
