@@ -81,8 +81,8 @@ def test_one_test_subject_or_two_seeds_is_not_assessable():
         a, b = seed_study(rng, n_seeds, n_units, -0.05)
         res = {(1.0, "real"): fake_results(b), (1.0, "real+copy x1"): fake_results(a)}
         for k, r in enumerate((*res[(1.0, "real")], *res[(1.0, "real+copy x1")])):
-            r.update(train={"n_real": 4, "n_synthetic": 0}, n_items=n_units, metrics={}, training={"steps": 10},
-                     seed=k % n_seeds)
+            r.update(train={"n_real": 4, "n_synthetic": 4 * (k >= n_seeds)}, n_items=n_units, metrics={},
+                     training={"steps": 10}, seed=k % n_seeds)
         rows = study.summarise(res, [study.Recipe("real"), study.Recipe("real+synthetic", "copy", 1.0)], [1.0],
                                "dice_subject", 200, 0, "subject")
         vs = rows[1]["vs_real"]
