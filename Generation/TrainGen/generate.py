@@ -322,7 +322,7 @@ def insert_lesions(args, rt) -> int:
     from medgen.Generation.TrainGen.core.generate import Job, run_job, split_work, throughput_line
     from medgen.Generation.TrainGen.core.generation.conditions import MaskFilter
     from medgen.Generation.TrainGen.core.generation.models import load_model
-    from medgen.common.splits import digest, unit_name
+    from medgen.common.splits import source_unit_digest
     from medgen.Generation.TrainGen.core import inserting as I
     check_counts(args, ("batch_size", "num_images", "num_steps", "max_attempts", "repaint_jumps"))
     if not args.image_model or bool(args.seg_model) == bool(args.masks_from):
@@ -356,7 +356,7 @@ def insert_lesions(args, rt) -> int:
     jumps = args.repaint_jumps or (own.jumps if own else 5)
     every = (args.inpaint_replace or (own.replace if own else "every")) == "every"
     inserter = I.Inserter(scans, I.Placement(args.min_lesion_area, args.max_lesion_area, margin, args.max_attempts,
-                                             args.allow_overlap), jumps=jumps, replace_every=every)
+                                             args.allow_overlap), jumps=jumps, replace_every=every, seed=args.seed)
     if args.masks_from:
         inserter.bank, inserter.bank_keys = I.lesion_bank(args.masks_from, image, args.skip_bad, args.compute)
     worker, workers = split_work(args.shard, rt.rank, rt.world)
@@ -369,7 +369,7 @@ def insert_lesions(args, rt) -> int:
               max_attempts=args.max_attempts, png=args.png, worker=worker, workers=workers, device=rt.device,
               autocast=rt.autocast, anonymize_sources=args.anonymize_sources, extra_roles=["seg", I.REGION_ROLE],
               inpaint=inserter.settings(args.inpaint_into),
-              source_units=sorted({digest(unit_name(s.split("#")[0])) for s in scans.sources}))
+              source_units=sorted({source_unit_digest(s) for s in scans.sources}))
     rt.print(f"inserting lesions into {len(scans.sources)} scans of {args.inpaint_into}: {job.num_images} samples "
              f"({'the inpaint model' if own else 'RePaint'}, {jumps} jump(s) per step, known pixels "
              f"{'after every step' if every else 'at the end'}, "

@@ -25,6 +25,7 @@ from pathlib import Path
 from medgen.common.cli import add_flag as _add
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
+from medgen.eval.obj_eval.core.inpainting import is_inpainted
 from medgen.eval.obj_eval.utility import data, models, report, scores, study
 from medgen.eval.obj_eval.utility.sections import reference_cache, run_audits
 
@@ -174,7 +175,7 @@ def main(argv=None, doc: str = DOC) -> int:
     kinds = (args.recipes.split(",") if args.recipes else
              ["real", "real+synthetic", "synthetic"] + (["real+balanced"] if task == "classification" else []))
     recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task,
-                                  frozenset(n for n, d in zip(names, args.synthetic_dir) if data.inserted_into_real(d)))
+                                  frozenset(n for n, d in zip(names, args.synthetic_dir) if is_inpainted(d)))
     synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute, natives[d])
                  for n, d in zip(names, args.synthetic_dir)}
     audits = parse_audits(args.audit, task) if synthetic else []

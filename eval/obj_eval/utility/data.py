@@ -23,6 +23,7 @@ from medgen.common.errors import UserError
 from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
 from medgen.common.splits import source_unit_digest
 from medgen.config.paths import PathConfig
+from medgen.eval.obj_eval.core.inpainting import is_inpainted
 from medgen.eval.obj_eval.core.inputs import existing_folder, manifest_conditions, native_size
 from medgen.eval.obj_eval.utility.scores import MIN_TEST_UNITS
 
@@ -258,20 +259,10 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     return ts
 
 
-def inserted_into_real(root) -> bool:
-    """Whether generate.py --inpaint_into wrote this folder (lesions inserted into real scans)."""
-    import json
-    try:
-        rec = json.loads((Path(root) / GENERATED_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(rec, dict) and bool(rec.get("inpaint"))
-
-
 def edited_sources(root: Path) -> dict[str, str] | None:
     """A folder that generate.py --inpaint_into wrote: {sample folder name: the hashed unit (subject or image) of
     the real scan its lesion was inserted into}, from the manifest; None for any other folder."""
-    if not inserted_into_real(root):
+    if not is_inpainted(root):
         return None
     out = {name: source_unit_digest(cond) for name, cond in manifest_conditions(root).items() if cond}
     if not out:
