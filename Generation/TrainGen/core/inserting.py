@@ -8,7 +8,7 @@ scan's own tumour and the inserted lesion, region.nii.gz: what was regenerated) 
 in the manifest; like every generation job it is resumable and sharded."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +100,7 @@ def lesion_bank(directory: str, model, skip_bad: bool = False, compute: str = "a
     """(N, 1, ...) label maps of the lesions of a real dataset (slices with a lesion), and their keys."""
     from medgen.Generation.TrainGen.core.generation.conditions import load_real_conditions
     probe = replace(model, mode=_MasksOnly(model.mode))
-    masks, keys = load_real_conditions(directory, probe, skip_bad=skip_bad, compute=compute)
-    return masks, keys
+    return load_real_conditions(directory, probe, skip_bad=skip_bad, compute=compute)
 
 
 class _MasksOnly:
@@ -147,15 +146,17 @@ class Inserter:
     bank_keys: list[str] | None = None
     jumps: int = 1                             # RePaint jumps (non-inpaint models)
     replace_every: bool = True
-    order: np.ndarray | None = None            # the scans' seeded order (scan_of)
+    seed: int = 0                              # the job's seed: the order of the scans
+    order: np.ndarray = field(init=False, repr=False)
 
-    def scan_of(self, job: Job, i: int) -> int:
+    def __post_init__(self):
+        n = len(self.scans.sources)
+        self.order = np.random.default_rng([self.seed, PLACE_STREAM, n]).permutation(n)
+
+    def scan_of(self, i: int) -> int:
         """The scan sample i edits: the scans in a seeded order (every scan once per len(scans) samples), so that a
         job of fewer samples than scans spreads over the subjects instead of taking the first ones."""
-        n = len(self.scans.sources)
-        if self.order is None or len(self.order) != n:
-            self.order = np.random.default_rng([job.seed, PLACE_STREAM, n]).permutation(n)
-        return int(self.order[i % n])
+        return int(self.order[i % len(self.order)])
 
     def settings(self, directory: str) -> dict:
         return {"inpaint_into": str(Path(directory).resolve()), **self.placement.__dict__, "jumps": self.jumps,
@@ -198,14 +199,14 @@ class Inserter:
                 return moved, region, {"lesion": origin, "placement_shift": ",".join(map(str, shift)),
                                        "mask_attempts": attempt + 1}
             why = "does not fit inside the brain" + ("" if p.overlap else " clear of the scan's own tumour")
-        raise UserError(f"sample {i}: no lesion could be placed in {self.scans.sources[self.scan_of(job, i)]} "
+        raise UserError(f"sample {i}: no lesion could be placed in {self.scans.sources[self.scan_of(i)]} "
                         f"after --max_attempts {p.attempts} ({why}); lower --min_lesion_area/--max_lesion_area, "
                         "raise --max_attempts, or choose scans with more room")
 
     def batch(self, job: Job, indices: list[int]) -> dict[int, dict]:
         """{index: {'arrays', 'row'}} of inserted lesions (core/generate.py's batch format)."""
         model, mode = job.main_model, job.main_mode
-        which = [self.scan_of(job, i) for i in indices]
+        which = [self.scan_of(i) for i in indices]
         scans = torch.stack([self.scans.images[s] for s in which]).to(job.device)
         own = [self.scans.labels[s].to(job.device) if self.scans.labels is not None else None for s in which]
         placed = [self.lesion_for(job, i, scans[k], own[k]) for k, i in enumerate(indices)]

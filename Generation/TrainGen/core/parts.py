@@ -69,15 +69,14 @@ def build_parts(cfg, num_classes: int | None, image_channels: int | None, device
 def build_network(cfg, mode) -> torch.nn.Module:
     """The denoising network of a run: the preset's UNet, or for a ControlNet run the frozen UNet with its
     ControlNet (weights as built: the caller loads them)."""
-    if not isinstance(mode, ControlledMode):
-        return build_unet(cfg.model, mode.in_channels, mode.out_channels, mode.class_embeds,
-                          spatial_dims=cfg.data.spatial_dims)
-    sample_channels = mode.mode.in_channels
-    base = build_unet(cfg.model, sample_channels, mode.out_channels, mode.class_embeds,
-                      spatial_dims=cfg.data.spatial_dims)
-    control = build_controlnet(cfg.model, base, sample_channels, mode.vocab.channels, cfg.data.spatial_dims,
+    controlled = isinstance(mode, ControlledMode)
+    in_channels = mode.mode.in_channels if controlled else mode.in_channels   # a ControlNet reads the mask
+    net = build_unet(cfg.model, in_channels, mode.out_channels, mode.class_embeds, spatial_dims=cfg.data.spatial_dims)
+    if not controlled:
+        return net
+    control = build_controlnet(cfg.model, net, in_channels, mode.vocab.channels, cfg.data.spatial_dims,
                                mode.class_embeds)
-    return ControlledUNet(base, control, mode.out_channels, cfg.runtime.control_scale)
+    return ControlledUNet(net, control, mode.out_channels, cfg.runtime.control_scale)
 
 
 def check_grid(cfg, shape: tuple[int, ...]) -> None:
@@ -114,12 +113,12 @@ def build_run_parts(cfg, train_data, device) -> RunParts:
     frozen = read_model(cfg.runtime.control_from, "--control_from") if cfg.runtime.control_from else None
     strategy, mode = build_parts(cfg, meta["num_classes"], channels, device, train_data,
                                  latent_scale=frozen[1]["meta"].get("latent_scale") if frozen else None)
-    if cfg.optim.region_contrast_weight > 0 and (MASK_ROLE not in mode.condition_roles or
-                                                 latent.in_latent(mode) is not None):
+    inner = latent.in_latent(mode)
+    if cfg.optim.region_contrast_weight > 0 and (MASK_ROLE not in mode.condition_roles or inner is not None):
         raise UserError(f"optim.region_contrast_weight: mode {mode.name} is not conditioned on a mask in pixel space "
                         "(the region contrast relabels a region of the conditioning mask)")
-    if latent.in_latent(mode) is not None:
-        meta.update(latent_scale=latent.in_latent(mode).scale, autoencoder_sha256=latent.in_latent(mode).ae.sha256)
+    if inner is not None:
+        meta.update(latent_scale=inner.scale, autoencoder_sha256=inner.ae.sha256)
     strategy.check_sampler(cfg.strategy.sampler)  # a wrong sampler fails now, not at the first validation
     check_grid(cfg, latent.sample_shape(cfg, mode))
     net = build_network(cfg, mode).to(device)

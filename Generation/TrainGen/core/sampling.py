@@ -35,8 +35,7 @@ def sample(model, strategy, mode, cond: dict, noise: torch.Tensor, sampler: str 
             if jump:                                   # RePaint: back to t, and the step again
                 x = renoise(strategy, x, t_next, t, generator)
                 state = {"model": predict}             # a multistep sampler's history ends at a jump
-            x_prev = x
-            x = step(strategy, predict(x_prev, t), x_prev, t, t_next, generator, state)
+            x = step(strategy, predict(x, t), x, t, t_next, generator, state)
             if repaint:
                 x = constrain(strategy, x, known[0], known[1], t_next, generator)
         if trajectory is not None:

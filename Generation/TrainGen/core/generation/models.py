@@ -132,9 +132,10 @@ def check_frozen(meta: dict, what: str) -> None:
     if not path.is_file():
         raise UserError(f"{what}: its frozen run {path} is missing (a ControlNet samples with the run it was trained "
                         "for); restore it, or sample from an export of this run (medgen export)")
-    if sha256_of(path) != control["frozen_sha256"]:
+    found = sha256_of(path)
+    if found != control["frozen_sha256"]:
         raise UserError(f"{what}: its frozen run {path} changed since the ControlNet was trained (SHA-256 "
-                        f"{sha256_of(path)[:12]}, recorded {control['frozen_sha256'][:12]}); retrain the ControlNet "
+                        f"{found[:12]}, recorded {control['frozen_sha256'][:12]}); retrain the ControlNet "
                         "for it, or restore the original checkpoint")
 
 
