@@ -22,12 +22,23 @@ def lookup(registry: dict, name: str, flag: str):
     return registry[name]
 
 
+def os_error_text(err: OSError) -> str:
+    """One line for an OSError (a read-only folder, a file where a folder is needed, a full disk...)."""
+    reason = err.strerror or type(err).__name__
+    return f"{err.filename}: {reason}" if err.filename is not None else (reason if err.strerror else str(err))
+
+
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run an entry point; turn UserError into `error: ...` on stderr and exit 2."""
+    """Run an entry point; turn UserError into `error: ...` on stderr and exit 2. An OSError that reaches here
+    (a folder the user named is read-only, a file stands where a folder must be, the disk is full) is the
+    user's environment, not a bug: one line naming the path, exit 2."""
     try:
         code = main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"error: {os_error_text(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from medgen.common.errors import UserError
+from medgen.common.names import inside
 
 
 def _owner() -> dict:
@@ -36,6 +37,8 @@ def _alive(pid: int) -> bool:
 
 
 def is_stale(owner: dict) -> bool:
+    if owner.get("damaged"):      # unreadable for over a minute: no writer is still filling it
+        return True
     me = _owner()
     if owner.get("slurm_job") and owner["slurm_job"] == me["slurm_job"]:
         return True
@@ -47,22 +50,28 @@ def is_stale(owner: dict) -> bool:
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        owner = json.loads(path.read_text())
+        if isinstance(owner, dict):
+            return owner
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        # being written this instant, or damaged: damaged and older than a minute is stale
-        try:
-            return {} if time.time() - path.stat().st_mtime > 60 else {"host": "?", "pid": -1, "writing": True}
-        except FileNotFoundError:
-            return None
+        pass
+    # being written this instant, or damaged (not JSON, not an object): damaged and older than a minute is stale
+    try:
+        old = time.time() - path.stat().st_mtime > 60
+    except FileNotFoundError:
+        return None
+    return {"damaged": True} if old else {"host": "?", "pid": -1, "writing": True}
 
 
 def acquire(folder: Path, what: str, name: str = ".lock") -> Path:
     """Create folder/name for this process, or raise UserError naming the live owner."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+    path = inside(folder, name, what)
+    if path.is_dir():
+        raise UserError(f"{what} {folder}: its lock {path} is a folder, not a lock file medgen wrote; remove it")
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -70,7 +79,11 @@ def acquire(folder: Path, what: str, name: str = ".lock") -> Path:
             owner = _read(path)
             if owner is None:
                 continue                       # released meanwhile
-            if owner.get("writing") or not is_stale(owner):
+            if owner.get("writing"):
+                raise UserError(f"{what} {folder}: its lock {path} is being written or is damaged; if no other "
+                                f"job uses this folder, delete {path} (or wait a minute: a damaged lock is then "
+                                "taken over)")
+            if not is_stale(owner):
                 who = (f"{owner.get('host')} pid {owner.get('pid')}" +
                        (f" (SLURM job {owner['slurm_job']})" if owner.get("slurm_job") else "") +
                        (f" since {owner['since']}: {owner.get('command', '')}" if owner.get("since") else ""))

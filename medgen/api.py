@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from medgen.common.args import BIG, SEED, STEPS, Flag, Int, Real, Text, validated
 from medgen.common.data import MASK_ROLE
 from medgen.common.errors import UserError
 from medgen.Generation.TrainGen.core.generate import UNCONDITIONAL, Job, generate_batch, model_classes, run_job
@@ -25,6 +26,8 @@ from medgen.Generation.TrainGen.core.generation.models import Model, load_model,
 from medgen.Generation.TrainGen.core.runtime import Runtime, local_runtime
 
 
+@validated(checked_inside=("path",), device=Text(("auto", "cpu", "cuda")), sampler=Text(optional=True),
+           steps=STEPS, compile=Flag())
 def load(path, device: str = "auto", sampler: str | None = None, steps: int | None = None,
          compile: bool = False) -> "Pipeline":
     """A trained model ready to sample: EMA weights, its strategy and mode, on `device` (auto: CUDA when there is
@@ -43,7 +46,8 @@ class Samples:
     results: dict = field(repr=False)
     saver: object = field(default=None, repr=False)   # segment models: generate.py --images_from's writer
 
-    def save(self, output_dir) -> Path:
+    @validated(output_dir=Text(path=True))
+    def save(self, output_dir: str | Path) -> Path:
         """Write the samples as generate.py does (NIfTI subject folders or class folders of PNGs, manifest.csv,
         generation.json, previews; for a segment model its masks, means and uncertainty maps); a folder made
         with other settings is refused, and re-saving is a no-op."""
@@ -95,6 +99,9 @@ class Pipeline:
                        steps=steps or (self.model.steps if sampler is None else run_steps(self.model.cfg,
                                                                                           self.model.strategy, chosen)))
 
+    @validated(checked_inside=("masks", "labels", "images"), n=Int(1, BIG, optional=True, what="samples"),
+               sampler=Text(optional=True), steps=STEPS, guidance=Real(0, 100, optional=True), seed=SEED,
+               batch_size=Int(1, 4096), ensemble=Int(1, 1000, optional=True), mask_filter=Flag())
     def sample(self, n: int | None = None, *, masks=None, labels=None, images=None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 16,
                ensemble: int | None = None, mask_filter: bool = True) -> Samples:
@@ -106,8 +113,6 @@ class Pipeline:
           label   labels: one class name per sample (None or 'none': unconditional); guidance: the CFG scale
           image   images: a (N, C, H, W) tensor in [0, 1] or a folder (as --images_from); ensemble samples each
         """
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         model = self.with_sampler(sampler, steps)
         needs = self.needs
         given = {"masks": masks is not None, "labels": labels is not None, "images": images is not None}
@@ -241,6 +246,7 @@ def counts_text(plan: list[int], names: list[str]) -> str:
     return ",".join(f"{name}={count}" for name, count in runs)
 
 
+@validated(checked_inside=("config", "flags"))
 def train(config=None, /, **flags) -> Path:
     """Train a model; returns its run folder. `config`: a Config, a preset name or YAML file (or a list of them),
     or a dict of sections ({'optim': {'epochs': 5}}) or dotted keys ({'optim.epochs': 5}). `flags`: train.py's
@@ -270,19 +276,21 @@ def train(config=None, /, **flags) -> Path:
     return run_training(build_config(*layers))
 
 
+@validated(checked_inside=("options",), synthetic=Text(path=True), real=Text(optional=True, path=True),
+           metrics=Text(), output=Text(optional=True, path=True))
 def evaluate(synthetic, real=None, metrics: str = "all", output=None, **options) -> dict:
     """run_evaluation.py as a call: every metric record ({metric, value, n, ci95, method} or {available: False,
     reason}) in result['metrics']; written to `output` (metrics.json, report.md, plots) when given. options: the
     fields of eval/obj_eval/core/evaluate.py's Options (positive_only=True, image_type='t1_gd', ...)."""
     import dataclasses
-    from medgen.eval.obj_eval.core.evaluate import Options, evaluate as run, parse_metrics, write_outputs
+    from medgen.eval.obj_eval.core.evaluate import Options, claim_output, evaluate as run, parse_metrics, write_outputs
     known = {f.name for f in dataclasses.fields(Options)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"evaluate(): unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
     opts = Options(str(synthetic), None if real is None else str(real), parse_metrics(metrics),
                    output=None if output is None else str(output), **options)
-    out = Path(output) if output is not None else None
+    out = claim_output(opts, Path(output)) if output is not None else None
     result = run(opts, out)
     if out is not None:
         write_outputs(result, out)
@@ -290,6 +298,7 @@ def evaluate(synthetic, real=None, metrics: str = "all", output=None, **options)
     return result
 
 
+@validated(checked_inside=("synthetic", "flags"), real=Text(path=True), output=Text(optional=True, path=True))
 def utility(real, synthetic=None, output=None, **flags) -> dict:
     """run_utility.py as a call (flags by name: seeds=3, recipes='real,real+synthetic', preset='tiny', ...);
     returns utility.json as a dict (rows, verdict figures, audit sections)."""
@@ -303,5 +312,9 @@ def utility(real, synthetic=None, output=None, **flags) -> dict:
             argv.append(f"--{name}")
         elif value not in (False, None):
             argv += [f"--{name}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    main(argv)
+    try:
+        main(argv)
+    except SystemExit as stop:       # argparse refused a flag (its line is on stderr)
+        if stop.code:
+            raise UserError(f"utility(): a flag was refused ({' '.join(argv)}); see the line above") from None
     return json.loads((out / "utility.json").read_text())

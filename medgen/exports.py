@@ -21,13 +21,16 @@ from pathlib import Path
 
 import torch
 
+from medgen.common.args import Text, validated
 from medgen.common.cli import HelpFormatter, add_flag
+from medgen.common.outputs import check_apart, check_path
 from medgen.common.errors import UserError
 from medgen.common.features import sha256_of
 from medgen.Generation.TrainGen.core.checkpoint import model_weights
 from medgen.Generation.TrainGen.core.config import stored_config, to_dict
 from medgen.Generation.TrainGen.core.exported import (AUTOENCODER_DIR, AUTOENCODER_FORMAT, CONFIG_FILE, FORMAT,
-                                                      FORMAT_VERSION, WEIGHTS_FILE, data_contract, read_model)
+                                                      FORMAT_VERSION, WEIGHTS_FILE, data_contract, read_model,
+                                                      record_digest)
 from medgen.Generation.TrainGen.core.parts import build_network, build_parts
 
 
@@ -78,9 +81,14 @@ def _write_weights(state: dict, path: Path, kind: str) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata={"format": kind})
 
 
-def export(run, out, license: str | None = None, evaluation: str | None = None, utility: str | None = None) -> Path:
+@validated(run=Text(path=True), out=Text(path=True), license=Text(optional=True),
+           evaluation=Text(optional=True, path=True), utility=Text(optional=True, path=True))
+def export(run: str | Path, out: str | Path, license: str | None = None, evaluation: str | None = None,
+           utility: str | None = None) -> Path:
     """Write the export of `run` (a run folder, checkpoint file or another export) to the new folder `out`."""
     out = Path(out)
+    check_apart(out, "OUT", {"RUN": run})
+    check_path(out, "OUT")                       # a file, or a path under a file: one line
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"OUT {out}: exists and is not empty (an export is never written over another folder)")
     source, state = read_model(run, "RUN")
@@ -115,7 +123,9 @@ def export(run, out, license: str | None = None, evaluation: str | None = None, 
         if hasattr(mode, "ae"):      # a latent run: its autoencoder travels with it
             export_autoencoder(mode.ae, tmp / AUTOENCODER_DIR)
             info["config"]["latent"]["autoencoder"] = AUTOENCODER_DIR
-        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str))
+        info = json.loads(json.dumps(info, default=str))       # as config.json will hold it, then its digest
+        info["config_sha256"] = record_digest(info)
+        (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2))
         (tmp / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         if cfg.model.backend == "diffusers":
             write_diffusers(net, sched, mode, cfg.data.image_size, tmp)

@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgen.common.args import Flag, Real, Text, validated
 from medgen.common.cli import HelpFormatter, add_flag
 from medgen.common.errors import UserError
 from medgen.common.features import HASH_IN_NAME, RADIMAGENET_FILE, default_weights_dir, sha256_of
@@ -67,19 +68,36 @@ def check_digest(digest: str, file_name: str, expected: str | None, where: str) 
                         f"published name {file_name} promises (a different or corrupted file; nothing was kept)")
 
 
-def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True) -> str:
-    """Stream url into dest (a temp file the caller renames), returning the SHA-256; a short read, an HTTP error
-    or an HTML page is a UserError."""
+STALL_S = 60.0          # no byte for this long: the server stalled
+DEADLINE_S = 3600.0     # the whole download: RadImageNet (~100 MB) takes minutes on a slow link, never an hour
+
+
+def check_url(url: str) -> str:
+    """An http(s) or file URL, else one UserError naming it."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+        raise UserError(f"--url {url!r}: not an http(s):// or file:// address")
+    return url
+
+
+def download(url: str, dest: Path, stall_s: float = STALL_S, deadline_s: float = DEADLINE_S,
+             progress: bool = True) -> str:
+    """Stream url into dest (a temp file the caller renames), returning the SHA-256; a short read, an HTTP error,
+    an HTML page, a server silent for stall_s or a download longer than deadline_s is a UserError."""
+    import time
     from tqdm import tqdm
     h = hashlib.sha256()
     got, expected = 0, None
+    start = time.monotonic()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
+        with urllib.request.urlopen(check_url(url), timeout=stall_s) as resp, open(dest, "wb") as f:
             expected = int(resp.headers.get("Content-Length") or 0) or None
+            read = getattr(resp, "read1", resp.read)        # what has arrived: a trickle still meets the deadline
             with tqdm(total=expected, unit="B", unit_scale=True, desc=Path(dest).name, disable=not progress,
                       leave=False) as bar:
                 while True:
-                    chunk = resp.read(CHUNK)
+                    chunk = read(CHUNK)
                     if not chunk:
                         break
                     if got == 0 and chunk.lstrip()[:15].lower().startswith((b"<!doctype", b"<html")):
@@ -90,6 +108,9 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
                     h.update(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+                    if time.monotonic() - start > deadline_s:
+                        raise UserError(f"{url}: the download took longer than --deadline {deadline_s:g} s "
+                                        f"({got} bytes so far; nothing was kept)")
             f.flush()
             os.fsync(f.fileno())
     except urllib.error.HTTPError as err:
@@ -97,7 +118,7 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
     except http.client.IncompleteRead as err:
         raise UserError(f"{url}: the download ended after {got + len(err.partial)} of {expected} bytes (truncated; "
                         "nothing was kept)") from None
-    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as err:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(f"{url}: download failed ({reason}); this machine may have no internet access: fetch "
                         "on one that has and copy the file into the weights folder") from None
@@ -106,28 +127,60 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
     return h.hexdigest()
 
 
-def fetch_weights(kind: str, dest=None, url: str | None = None, sha256: str | None = None, force: bool = False,
-                  progress: bool = True) -> Path:
-    """Download one kind of weights into dest (default: the weights folder) and check it; returns the file."""
+def check_loadable(file: Path, where: str) -> None:
+    """The file loads as PyTorch weights (weights only, onto the meta device: no code runs, no memory is used)
+    and holds tensors; a zip or pickle of something else is refused."""
+    import torch
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the reason, not a weights file
+        raise UserError(f"{where}: not a PyTorch weights file ({type(err).__name__}; nothing was kept)") from None
+    values = state.values() if isinstance(state, dict) else [state]
+    if not any(isinstance(v, torch.Tensor) or isinstance(v, dict) for v in values):
+        raise UserError(f"{where}: loads, but holds no tensors (not a weights file; nothing was kept)")
+
+
+def recorded_digest(folder: Path, file: str) -> str | None:
+    record = folder / f"{file}.sha256"
+    try:
+        return record.read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+@validated(kind=Text(), dest=Text(optional=True, path=True), url=Text(optional=True), sha256=Text(optional=True),
+           force=Flag(), progress=Flag(), stall_s=Real(0, 3600, low_open=True),
+           deadline_s=Real(0, 86400, low_open=True))
+def fetch_weights(kind: str, dest: str | Path | None = None, url: str | None = None, sha256: str | None = None,
+                  force: bool = False, progress: bool = True, stall_s: float = STALL_S,
+                  deadline_s: float = DEADLINE_S) -> Path:
+    """Download one kind of weights into dest (default: the weights folder) and check it; returns the file. A
+    file already there is checked against the published digest, or the one recorded when it was fetched."""
     if kind not in SOURCES:
         raise UserError(f"unknown weights {kind!r} (choose from {', '.join(SOURCES)})")
     src = SOURCES[kind]
     folder = Path(dest) if dest else default_weights_dir()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--dest {folder}: exists and is not a folder")
     target = folder / src.file
     expected = sha256 or src.sha256
+    if url is not None:
+        check_url(url)
     if target.is_file() and not force:
-        check_digest(sha256_of(target), src.file, expected, str(target))
+        pinned = expected or recorded_digest(folder, src.file)
+        try:
+            check_digest(sha256_of(target), src.file, pinned, str(target))
+        except UserError as err:
+            raise UserError(f"{str(err).replace('; nothing was kept', '')}; it was left in place: fetch again "
+                            "with --force to replace it") from None
         return target
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{src.file}.", suffix=".part")
     os.close(fd)
     try:
-        digest = download(url or src.url, Path(tmp), progress=progress)
+        digest = download(url or src.url, Path(tmp), stall_s, deadline_s, progress=progress)
         check_digest(digest, src.file, expected, url or src.url)
-        with open(tmp, "rb") as f:
-            head = f.read(4)
-        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-            raise UserError(f"{url or src.url}: not a PyTorch weights file (it starts with {head!r}; nothing was kept)")
+        check_loadable(Path(tmp), url or src.url)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -147,11 +200,16 @@ def main(argv=None) -> int:
     add_flag(p, "url", default=None, help="download from this mirror instead of the published location (one KIND)")
     add_flag(p, "sha256", default=None, help="the full SHA-256 the file must have (one KIND)")
     add_flag(p, "force", action="store_true", help="download again even when the file is there and checks out")
+    add_flag(p, "stall_timeout", type=Real(0, 3600, low_open=True), default=STALL_S,
+             help="seconds without a byte before the download is given up")
+    add_flag(p, "deadline", type=Real(0, 86400, low_open=True), default=DEADLINE_S,
+             help="seconds the whole download may take")
     args = p.parse_args(argv)
     kinds = list(SOURCES) if "all" in args.kinds else list(dict.fromkeys(args.kinds))
     if (args.url or args.sha256) and len(kinds) != 1:
         raise UserError("--url and --sha256 apply to one KIND at a time")
     for kind in kinds:
-        path = fetch_weights(kind, args.dest, args.url, args.sha256, args.force)
+        path = fetch_weights(kind, args.dest, args.url, args.sha256, args.force, stall_s=args.stall_timeout,
+                             deadline_s=args.deadline)
         print(f"{kind}: {path} (SHA-256 {sha256_of(path)})")
     return 0

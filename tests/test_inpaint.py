@@ -218,8 +218,10 @@ def test_a_changed_or_other_frozen_run_is_refused(frozen_run, demo_root, tmp_pat
     res = run_script(GENERATE, "--image_model", str(run), "--masks_from", str(demo_root / "brain" / "test"),
                      "--output_dir", str(tmp_path / "gen"))
     assert res.returncode == 2 and "changed since the ControlNet was trained" in res.stderr
-    with pytest.raises(UserError, match="ControlNet was trained for another frozen run"):   # its weights differ now
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(UserError, match="as it was then; its weights have changed since"):   # its weights differ now
         medgen.train(["tiny", {"optim.max_steps": 4, "runtime.val_interval": 100}], resume="auto", **args)
+    assert (run / "config.yaml").read_bytes() == before          # a refused resume changes nothing in the run
     with pytest.raises(UserError, match="a ControlNet run itself"):
         medgen.train(["tiny", {"optim.max_steps": 2}], control_from=str(run), data_dir=str(demo_root / "brain"),
                      run_dir=str(tmp_path / "c2"))

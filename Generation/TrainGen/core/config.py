@@ -77,6 +77,8 @@ class StrategyConfig:
     rflow: RFlowOptions = field(default_factory=RFlowOptions)
 
     def __post_init__(self):
+        _check(self.sample_steps is None or 1 <= self.sample_steps <= MAX_TIMESTEPS,
+               f"strategy.sample_steps must be in [1, {MAX_TIMESTEPS}] (or null), got {self.sample_steps}")
         _check(2 <= self.num_timesteps <= MAX_TIMESTEPS, f"strategy.num_timesteps must be in [2, {MAX_TIMESTEPS}], "
                f"got {self.num_timesteps} (its schedule tensors alone would hold {self.num_timesteps * 8 * 4 / 2 ** 30:.3g}"
                " GiB; published schedules use 1000)")

@@ -58,10 +58,35 @@ def read_export(root: Path, flag: str) -> dict:
                         f"medgen reads ({FORMAT_VERSION}); update medgen")
     if not isinstance(info.get("config"), dict) or not isinstance(info.get("meta"), dict):
         raise UserError(f"{flag} {root / CONFIG_FILE}: no config or meta section (a damaged export)")
+    check_record(info, root / CONFIG_FILE, flag)
     config = info["config"]
     if (root / AUTOENCODER_DIR / CONFIG_FILE).is_file():      # a latent run decodes with the one exported beside it
         config = {**config, "latent": {**config.get("latent", {}), "autoencoder": str(root / AUTOENCODER_DIR)}}
     return {"config": config, "meta": info["meta"], "model": _load_weights(root / WEIGHTS_FILE, flag)}
+
+
+def record_digest(info: dict) -> str:
+    """SHA-256 of what an export's sampling depends on in config.json: the config and meta sections."""
+    import hashlib
+    text = json.dumps({"config": info["config"], "meta": info["meta"]}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_record(info: dict, file: Path, flag: str) -> None:
+    """An export's config.json is read as written only if it is the one medgen wrote: its config and meta agree
+    with the summary fields written beside them (strategy, prediction, mode) and with the digest recorded at
+    export. An edited file (ddpm on rflow weights, another mode or size) is refused naming the field."""
+    config, meta = info["config"], info["meta"]
+    said = {"strategy": (info.get("strategy"), (config.get("strategy") or {}).get("name"), meta.get("strategy")),
+            "mode": (info.get("mode"), (config.get("mode") or {}).get("name"), meta.get("mode"))}
+    for field, (top, in_config, in_meta) in said.items():
+        if top is not None and not top == in_config == in_meta:
+            raise UserError(f"{flag} {file}: edited after export: '{field}' is {top!r}, config.{field}.name "
+                            f"{in_config!r} and meta.{field} {in_meta!r}; they must agree (export the run again)")
+    recorded = info.get("config_sha256")
+    if recorded is not None and recorded != record_digest(info):
+        raise UserError(f"{flag} {file}: edited after export: its config and meta no longer match the SHA-256 "
+                        f"recorded by medgen export ({str(recorded)[:12]}); export the run again")
 
 
 def read_autoencoder_export(root: Path, flag: str) -> tuple[Path, dict, str] | None:

@@ -120,6 +120,13 @@ class Job:
             record["training_data"]["scans"] = {"train": self.source_units}
         return record
 
+    def inputs(self) -> dict:
+        """{flag: path} of everything this job reads, which its output folder must keep apart from."""
+        return {"--image_model": self.image_model and str(self.image_model.path),
+                "--seg_model": self.seg_model and str(self.seg_model.path), "--masks_from": self.masks_from,
+                "--inpaint_into": (self.inpaint or {}).get("inpaint_into"),
+                "--class_model": [str(m.path) for m in self.class_models.values()]}
+
     def roles(self) -> list[str]:
         return list(dict.fromkeys(self.extra_roles + self.main_mode.written_roles()))
 
@@ -377,9 +384,14 @@ def run_job(job: Job, barrier=None, make=None) -> dict:
     make(indices) -> {index: {'arrays', 'row'}} draws a batch (default generate_batch; the Python API passes the
     samples it drew already)."""
     out = job.output_dir
-    open_output_dir(out, SETTINGS_FILE, job.settings(), record=job.provenance())
-    with locked(out, f"--output_dir (worker {job.worker} of {job.workers})", f".lock-{job.worker}"):
-        return _run_locked(job, barrier, make or (lambda chunk: generate_batch(job, chunk)))
+    created = open_output_dir(out, SETTINGS_FILE, job.settings(), record=job.provenance(), inputs=job.inputs())
+    try:
+        with locked(out, f"--output_dir (worker {job.worker} of {job.workers})", f".lock-{job.worker}"):
+            return _run_locked(job, barrier, make or (lambda chunk: generate_batch(job, chunk)))
+    except BaseException:
+        if created:
+            writers.forget_settings(out, SETTINGS_FILE)
+        raise
 
 
 def _run_locked(job: Job, barrier, make) -> dict:

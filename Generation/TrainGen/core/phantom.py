@@ -22,6 +22,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from medgen.common.data import MASK_ROLE
+from medgen.common.outputs import MARK, check_owned
 
 DEMO_VERSION = 3          # 3: seg.nii.gz holds the BraTS 2021 labels (binary reading unchanged)
 SEQUENCES = ("t1_pre", "t1_gd", "bravo")
@@ -164,8 +165,10 @@ DEMO_TEST_SUBJECTS = 12   # a fixed test split: 12 phantoms of which 10 hold a t
 
 def ensure_demo_data(root: Path, n_subjects=40, shape=(64, 64, 48), seed=0, n_test=DEMO_TEST_SUBJECTS) -> Path:
     """Build <root>/brain (train/val of n_subjects, and n_test test subjects) and <root>/lesions once;
-    concurrent callers (DDP ranks) never see a partial set."""
+    concurrent callers (DDP ranks) never see a partial set. A root that holds anything but an earlier demo set
+    is refused (common/outputs.py), so rebuilding with other parameters replaces only medgen's own files."""
     root = Path(root)
+    check_owned(root, "demo", "--out", own=("demo.json",))
     params = {"version": DEMO_VERSION, "n_subjects": n_subjects, "shape": list(shape), "seed": seed,
               "n_test": n_test}
     stamp = root / "demo.json"
@@ -176,6 +179,7 @@ def ensure_demo_data(root: Path, n_subjects=40, shape=(64, 64, 48), seed=0, n_te
     make_brain_dataset(tmp / "brain", n_subjects, shape, seed=seed, n_test=n_test)
     make_lesion_dataset(tmp / "lesions", seed=seed)
     (tmp / "demo.json").write_text(json.dumps(params))
+    (tmp / MARK).write_text(json.dumps({"kind": "demo"}))
     if stamp.is_file() and json.loads(stamp.read_text()) == params:  # another process finished first
         shutil.rmtree(tmp)
         return root

@@ -25,7 +25,8 @@ from medgen.Generation.TrainGen.core.checkpoint import REQUEUE_FILE
 from medgen.Generation.TrainGen.core.exported import is_export
 from medgen.Generation.TrainGen.core.parts import build_run_parts
 from medgen.Generation.TrainGen.core.pretrained import load_init_weights
-from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer
+from medgen.Generation.TrainGen.core.trainer import DiffusionTrainer, check_resume
+from medgen.common.outputs import claim
 
 
 class RunLogger:
@@ -172,6 +173,7 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     stale temp files removed, its config.yaml, and the logger."""
     if not rt.is_main:
         return None
+    claim(run_dir, "train", "--run_dir", run_inputs(cfg), own=("config.yaml",))
     lock = acquire(run_dir, "--run_dir")
     if run_dir.is_dir():
         remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
@@ -184,6 +186,13 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     logger.text(f"run folder {run_dir}; {len(train_data)} train / {len(val_data) if val_data else 0} val "
                 f"{unit}; {rt.world} process(es) on {rt.device}")
     return logger
+
+
+def run_inputs(cfg) -> dict:
+    """{flag: path} of what a training run reads, which its run folder must keep apart from."""
+    r = cfg.runtime
+    return {"--data_dir": cfg.data.data_dir, "--control_from": r.control_from, "--init_from": r.init_from,
+            "--latent": cfg.latent.autoencoder}
 
 
 def with_control(cfg):
@@ -265,10 +274,11 @@ def run_training(cfg) -> Path:
         init_notes = []
         if resume is None and cfg.runtime.init_from:   # weights accepted before the run folder is made
             init_notes = load_init_weights(parts.net, parts.mode, cfg.runtime.init_from, parts.meta)
+        state = check_resume(cfg, parts.meta, parts.mode, resume) if resume is not None else None
         logger = open_run_folder(cfg, rt, run_dir, train_data, val_data)
         tr = DiffusionTrainer(cfg, rt, train_data, val_data, run_dir, logger, parts)
         if resume is not None:
-            tr.resume(resume)
+            tr.resume(resume, state)
         elif init_notes:
             tr.sync_ema()
             for note in init_notes:

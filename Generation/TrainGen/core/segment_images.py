@@ -49,6 +49,7 @@ class ImageSet:
     sizes: list[tuple[int, int]] | None = None   # image files: each one's (H, W), where its masks are written
     volumes: dict[str, tuple[Path, str]] | None = None   # NIfTI: subject -> (its image file, its name under DIR)
     crop: int | None = None                      # NIfTI: the model's data.crop_size (undone on the way back)
+    root: str | None = None                      # the folder they were read from (kept apart from the output)
 
 
 def read_images(directory: str, model, skip_bad: bool = False, compute: str = "auto") -> ImageSet:
@@ -71,7 +72,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         volumes = {str(s.resolve()): (nifti.subject_files(s, layout, [key])[0][key], s.relative_to(root).as_posix())
                    for s in subjects}
         return ImageSet(data.images.float(), data.masks.float() if with_masks else None, data.slice_keys(), True,
-                        volumes=volumes, crop=cfg.crop_size)
+                        volumes=volumes, crop=cfg.crop_size, root=str(root))
     if (root / "images").is_dir():
         items, problems = imagefolder.pairs_in(root, need_masks=False)
     else:
@@ -84,7 +85,7 @@ def read_images(directory: str, model, skip_bad: bool = False, compute: str = "a
         raise UserError(f"{len(problems)} problem(s) in {root} (use --skip_bad to leave those images out):\n  "
                         + "\n  ".join(map(str, problems)))
     masks = tensors["masks"].float() if tensors["masks"] is not None else None
-    return ImageSet(tensors["images"].float(), masks, tensors["files"], False, tensors["sizes"])
+    return ImageSet(tensors["images"].float(), masks, tensors["files"], False, tensors["sizes"], root=str(root))
 
 
 def _files(images: ImageSet, index: int) -> dict[str, str]:
@@ -114,7 +115,8 @@ def segment(model, images: ImageSet, out: Path, ensemble: int, batch_size: int, 
         raise UserError(f"--images_from has {images.images.shape[1]}-channel images; the model was trained on "
                         f"{model.meta.get('image_channels')}-channel ones")
     open_output_dir(out, SETTINGS, {"sha256": model.sha256, "sampler": model.sampler, "steps": model.steps,
-                                    "ensemble": ensemble, "seed": seed, "sources": len(images.sources)})
+                                    "ensemble": ensemble, "seed": seed, "sources": len(images.sources)},
+                    inputs={"--image_model": str(model.path), "--images_from": images.root}, kind="segment")
     with locked(out, "--output_dir"):
         return _segment_todo(model, images, out, ensemble, batch_size, seed, device, autocast)
 

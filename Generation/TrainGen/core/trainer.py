@@ -324,27 +324,14 @@ class DiffusionTrainer:
         else:  # a different world size cannot continue the same noise streams; start fresh ones
             self.gen.manual_seed(self.cfg.runtime.seed * self.rt.world + self.rt.rank + 7919 * self.step)
 
-    def resume(self, path) -> None:
-        """Continue a run exactly: its model, EMA, optimizer, schedule, RNG streams and data position."""
-        state = load_checkpoint(path, self.log_line)
-        saved = to_dict(stored_config(state["config"]))  # a run started before a config key moved still resumes
-        for section in RESUME_FIXED:
-            if saved.get(section) != to_dict(self.cfg)[section]:
-                raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
-                                f"resume with the same --{section if section != 'model' else 'config'}")
-        frozen = (state["meta"].get("control") or {}).get("frozen_sha256")
-        if frozen != (self.meta.get("control") or {}).get("frozen_sha256"):
-            raise UserError(f"--resume {path}: the checkpoint's ControlNet was trained for another frozen run "
-                            f"({(state['meta'].get('control') or {}).get('frozen_run', 'none')}) than this run's "
-                            f"--control_from ({(self.meta.get('control') or {}).get('frozen_run', 'none')})")
-        if state["meta"].get("labels", BINARY.record()) != self.meta["labels"]:
-            raise UserError(f"--resume {path}: the checkpoint was trained with the label vocabulary "
-                            f"{from_record(state['meta'].get('labels')).describe()}, this run has "
-                            f"{from_record(self.meta['labels']).describe()} (data.labels)")
+    def resume(self, path, state: dict | None = None) -> None:
+        """Continue a run exactly: its model, EMA, optimizer, schedule, RNG streams and data position. `state`:
+        the checkpoint check_resume already read and accepted."""
+        if state is None:
+            state = check_resume(self.cfg, self.meta, self.mode, path, self.log_line)
         self.load_state(state)
         inner = latent.in_latent(self.mode)
         if inner is not None:                          # the run's scale, as measured when it started
-            latent.check_unchanged(inner, state["meta"], f"--resume {path}")
             inner.scale = self.meta["latent_scale"] = state["meta"]["latent_scale"]
         self.log_line(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
 
@@ -352,3 +339,29 @@ class DiffusionTrainer:
         """The EMA copy equal to the network (after weights were loaded into it)."""
         if self.ema is not None:
             self.ema.ema_model.load_state_dict(self.net.state_dict())
+
+
+def check_resume(cfg, meta: dict, mode, path, say=print) -> dict:
+    """The checkpoint to resume from, read and checked against this run's settings (before the run folder is
+    touched, so that a refused resume changes nothing in it)."""
+    state = load_checkpoint(path, say)
+    saved = to_dict(stored_config(state["config"]))  # a run started before a config key moved still resumes
+    for section in RESUME_FIXED:
+        if saved.get(section) != to_dict(cfg)[section]:
+            raise UserError(f"--resume {path}: the checkpoint's {section} settings differ from this run's; "
+                            f"resume with the same --{section if section != 'model' else 'config'}")
+    old, new = state["meta"].get("control") or {}, meta.get("control") or {}
+    if old.get("frozen_sha256") != new.get("frozen_sha256"):
+        same = old.get("frozen_run") == new.get("frozen_run")
+        raise UserError(f"--resume {path}: the checkpoint's ControlNet was trained for "
+                        + (f"the frozen run {old.get('frozen_run')} as it was then; its weights have changed since"
+                           if same else f"another frozen run ({old.get('frozen_run', 'none')}) than this run's "
+                           f"--control_from ({new.get('frozen_run', 'none')})"))
+    if state["meta"].get("labels", BINARY.record()) != meta["labels"]:
+        raise UserError(f"--resume {path}: the checkpoint was trained with the label vocabulary "
+                        f"{from_record(state['meta'].get('labels')).describe()}, this run has "
+                        f"{from_record(meta['labels']).describe()} (data.labels)")
+    inner = latent.in_latent(mode)
+    if inner is not None:
+        latent.check_unchanged(inner, state["meta"], f"--resume {path}")
+    return state

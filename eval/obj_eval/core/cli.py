@@ -93,11 +93,9 @@ def run(opts: Options, strict: bool) -> int:
     import json
     from pathlib import Path
 
-    from medgen.eval.obj_eval.core.evaluate import evaluate, write_outputs
+    from medgen.eval.obj_eval.core.evaluate import claim_output, evaluate, write_outputs
     from medgen.eval.obj_eval.core.report import markdown
-    out = Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: exists and is not a folder")
+    out = claim_output(opts, Path(opts.output) if opts.output else Path(opts.synthetic_dir) / "eval")
     result = evaluate(opts, None if strict else out)
     missing = [r for r in result["metrics"] if r.get("available") is False]
     if strict and missing and len(missing) == len(result["metrics"]):

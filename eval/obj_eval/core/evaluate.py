@@ -18,6 +18,7 @@ from medgen.config.paths import PathConfig
 from medgen.eval.obj_eval.core import metrics as M
 from medgen.eval.obj_eval.core.inputs import EvalSet, load_set, pair
 from medgen.eval.obj_eval.core.networks import load_fid_network, load_lpips
+from medgen.common.outputs import claim
 from medgen.common.errors import UserError, shape_text
 from medgen.common.fileio import atomic_write, atomic_write_text
 
@@ -447,6 +448,14 @@ def write_metrics_json(result: dict, out_dir: Path) -> Path:
         now = {r["metric"] for r in merged["metrics"]}
         merged["metrics"] = [r for r in old.get("metrics", []) if r.get("metric") not in now] + merged["metrics"]
     return atomic_write_text(path, json.dumps(merged, indent=2, allow_nan=False, default=float))
+
+
+def claim_output(o: Options, out: Path) -> Path:
+    """The evaluation's --output folder (common/outputs.py): new, empty or an earlier evaluation's, apart from
+    the real data; a sub-folder of the synthetic set it evaluates (the default, SYNTHETIC/eval) is allowed."""
+    return claim(out, "evaluation", "--output", {"--synthetic-dir": o.synthetic_dir, "--real-dir": o.real_dir,
+                                                "--real-train-dir": o.real_train_dir},
+                 own=("metrics.json",), nest_ok=("--synthetic-dir",))
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:

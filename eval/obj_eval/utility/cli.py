@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from medgen.common.cli import add_flag as _add
+from medgen.common.outputs import claim
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
 from medgen.eval.obj_eval.core.inpainting import is_inpainted
@@ -155,8 +156,8 @@ def main(argv=None, doc: str = DOC) -> int:
     ratios = study.parse_list(args.synthetic_ratio, "--synthetic-ratio")
     out = Path(args.output) if args.output else (Path(args.synthetic_dir[0]) / "utility" if args.synthetic_dir
                                                   else Path("utility"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: exists and is not a folder")
+    claim(out, "utility", "--output", {"--real-dir": args.real_dir, "--synthetic-dir": args.synthetic_dir},
+          own=("utility.json",), nest_ok=("--synthetic-dir",))
     device = resolve_device(args.device)
     roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
     natives, size = eval_size(args)

@@ -111,7 +111,12 @@ def load_model(path, flag: str, device, strategy: str | None, sampler: str | Non
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         raise UserError(f"{flag} {file}: the weights hold NaN/inf values (a diverged run); sample from an "
                         "earlier checkpoint of that run")
-    net.load_state_dict(weights)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:      # a config that does not describe these weights (another preset, size, mode)
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UserError(f"{flag} {file}: the weights do not fit the network its config describes ({detail[:200]})"
+                        ) from None
     net = BatchInvariant(net.to(device).eval())
     if compile_model:
         net = torch.compile(net)

@@ -16,6 +16,7 @@ from PIL import Image
 from medgen.common.data import GENERATED_MARKER, MASK_ROLE, from_slices, to_slices
 from medgen.common.errors import UserError
 from medgen.common.names import inside
+from medgen.common.outputs import claim
 from medgen.common.fileio import atomic_write, atomic_write_text, exclusive_write_text, remove_stale_tmp
 from medgen.common.grid import mid_planes, save_grid
 
@@ -96,23 +97,46 @@ def read_rows(out: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def open_output_dir(out: Path, settings_file: str, settings: dict, record: dict | None = None) -> None:
-    """Create out (removing temp files a kill left there 10 minutes or more ago: other shards may be writing
-    now) and record the settings that decide its contents; a folder made with other settings is refused. The
-    file is created exclusively (the first of several starting jobs writes it, every one then compares), so
-    two jobs with different settings cannot both pass. `record`: more that the file keeps (provenance),
-    written beside the settings but not compared."""
-    out.mkdir(parents=True, exist_ok=True)
+def open_output_dir(out: Path, settings_file: str, settings: dict, record: dict | None = None,
+                    inputs: dict | None = None, kind: str = "generate") -> bool:
+    """Claim out for a `kind` job (common/outputs.py: new, empty or made by the same kind of job; apart from
+    `inputs`, {flag: path}), remove temp files a kill left there 10 minutes or more ago (other shards may be
+    writing now) and record the settings that decide its contents; a folder made with other settings is refused.
+    The file is created exclusively (the first of several starting jobs writes it, every one then compares), so
+    two jobs with different settings cannot both pass. `record`: more that the file keeps (provenance), written
+    beside the settings but not compared. Returns whether this call created the settings file (a job that then
+    fails before its first sample removes it again: forget_settings)."""
+    claim(out, kind, "--output_dir", inputs, own=(settings_file,))
     remove_stale_tmp(out, older_than_s=600)
     path = out / settings_file
+    created = False
     if not path.is_file():
         with contextlib.suppress(FileExistsError):
             exclusive_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
-    old = json.loads(path.read_text())
+            created = True
+    old = _settings(path)
     diff = [k for k in settings if old.get(k) != settings[k]]
     if diff:
         raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
                         f"use a new --output_dir or the same settings to continue it")
+    return created
+
+
+def forget_settings(out: Path, settings_file: str) -> None:
+    """After a job that created the settings file failed before committing a sample: remove the file, so that
+    the corrected command is not refused as 'made with different settings' by a folder that holds nothing."""
+    if not any((Path(out) / ROWS_DIR).glob("sample_*.json")):
+        (Path(out) / settings_file).unlink(missing_ok=True)
+
+
+def _settings(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: damaged (not the JSON settings medgen writes); give a new --output_dir")
+    return record
 
 
 def write_manifest(out: Path, fields: tuple[str, ...] = MANIFEST_FIELDS) -> list[dict]:
