@@ -32,9 +32,13 @@ class Arg:
     def convert(self, value, name: str):
         raise NotImplementedError
 
+    def parse(self, text: str):
+        """A flag's text as the value an API caller would pass (numbers parsed; API strings are never numbers)."""
+        return text
+
     def __call__(self, text: str):               # argparse type=: the message argparse prints after the flag
         try:
-            return self.convert(text, "")
+            return self.convert(self.parse(text), "")
         except UserError as err:
             raise argparse.ArgumentTypeError(str(err).lstrip(": ")) from None
 
@@ -42,14 +46,15 @@ class Arg:
         return type(self).__name__
 
 
+def _parse_number(text: str, kind):
+    try:
+        return kind(text) if kind is int else float(text)
+    except ValueError:
+        raise UserError(f": expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
 def _number_text(value, name: str, kind):
-    """A number from an API value or a flag's text; bools and non-numbers refused."""
-    if isinstance(value, str):
-        try:
-            number = kind(value) if kind is int else float(value)
-        except ValueError:
-            raise UserError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-        return number
+    """A number (bools, strings and other objects refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
         raise UserError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got "
                         f"{type(value).__name__} {value!r}")
@@ -61,6 +66,9 @@ def _number_text(value, name: str, kind):
 
 
 class Int(Arg):
+    def parse(self, text: str):
+        return _parse_number(text, int)
+
     def __init__(self, low: int = 0, high: int = BIG, optional: bool = False, what: str = ""):
         self.low, self.high, self.optional, self.what = low, high, optional, what
 
@@ -76,6 +84,9 @@ class Int(Arg):
 
 
 class Real(Arg):
+    def parse(self, text: str):
+        return _parse_number(text, float)
+
     def __init__(self, low: float = 0.0, high: float = 1e6, optional: bool = False, low_open: bool = False):
         self.low, self.high, self.optional, self.low_open = low, high, optional, low_open
 

@@ -175,6 +175,10 @@ class Pipeline:
             if not masks.model.mode.makes_masks or self.needs != "mask":
                 raise UserError(f"masks=: {masks.model.path} does not make masks for this model (a seg model "
                                 "conditions mask-conditioned models)")
+            theirs, ours = masks.model.mode.vocab, self.model.mode.vocab
+            if theirs.record() != ours.record():
+                raise UserError(f"masks=: {masks.model.path} makes masks of {theirs.describe()}; this model is "
+                                f"conditioned on {ours.describe()} (data.labels)")
             if masks.shape != self.shape:
                 raise UserError(f"masks=: the seg model makes {masks.shape} masks, this model expects {self.shape}")
             job.seg_model = masks.model
@@ -191,6 +195,8 @@ class Pipeline:
         if tuple(cond.shape[1:]) != (len(roles), *self.shape):
             raise UserError(f"masks= has shape {tuple(cond.shape)}; this model takes (N, {len(roles)}, "
                             f"{', '.join(map(str, self.shape))}) ({', '.join(roles)})")
+        if not len(cond):
+            raise UserError("masks= holds no masks (its first dimension is 0)")
         vocab = self.model.mode.vocab
         images = [k for k, r in enumerate(roles) if r != MASK_ROLE]
         if not torch.isfinite(cond).all() or (images and (cond[:, images].min() < 0 or cond[:, images].max() > 1)):
@@ -200,7 +206,9 @@ class Pipeline:
             if vocab.binary:
                 if cond[:, k].min() < 0 or cond[:, k].max() > 1:
                     raise UserError("masks= must hold values in [0, 1] (binary masks {0, 1})")
-                cond[:, k] = (cond[:, k] > 0.5).float()
+                if not ((cond[:, k] == 0) | (cond[:, k] == 1)).all():
+                    raise UserError("masks= holds values between 0 and 1 (soft masks); give binary masks {0, 1}, "
+                                    "e.g. (masks > 0.5).float()")
             else:
                 from medgen.common.labels import unknown_values
                 bad = unknown_values(cond[:, k].numpy(), vocab)

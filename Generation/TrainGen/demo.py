@@ -12,6 +12,7 @@ if not __package__:   # run as a script path: the checkout's root holds the medg
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medgen.config.paths import PathConfig  # noqa: E402
+from medgen.common.args import Int, SEED  # noqa: E402
 from medgen.common.cli import HelpFormatter  # noqa: E402
 from medgen.common.errors import UserError, run_main  # noqa: E402
 from medgen.Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
@@ -21,11 +22,11 @@ from medgen.Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="demo root (default: the local cache, as --compute local uses)")
-    p.add_argument("--subjects", type=int, default=40, help="brain phantoms in train/ and val/")
-    p.add_argument("--test_subjects", type=int, default=DEMO_TEST_SUBJECTS,
+    p.add_argument("--subjects", type=Int(2, 10_000), default=40, help="brain phantoms in train/ and val/")
+    p.add_argument("--test_subjects", type=Int(0, 10_000), default=DEMO_TEST_SUBJECTS,
                    help="brain phantoms in test/ (12: 10 of them hold a tumour, the utility study's minimum)")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=Int(16, 512), nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")
+    p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
     if args.subjects < 2 or args.test_subjects < 0 or min(args.shape) < 16:
         raise UserError("--subjects must be at least 2, --test_subjects at least 0 and every --shape size at least 16")

@@ -25,6 +25,7 @@ from pathlib import Path
 if not __package__:   # run as a script path: the checkout's root holds the medgen package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from medgen.common.args import BIG, Int, Real, SEED, STEPS  # noqa: E402
 from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
 from medgen.Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
 from medgen.common.errors import UserError, run_main, shape_text  # noqa: E402
@@ -37,19 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "strategy", default=None, help="must match the checkpoints (default: theirs)")
     add_flag(p, "seg_model", default=None, metavar="RUN", help="mask model: run folder or checkpoint file")
     add_flag(p, "image_model", default=None, metavar="RUN", help="image model (bravo, dual or class)")
-    add_flag(p, "num_images", type=int, default=None, help="samples to make (default: one per real mask with "
+    add_flag(p, "num_images", type=Int(1, BIG), default=None, help="samples to make (default: one per real mask with "
                                                            "--masks_from; the sum of --class_counts)")
-    add_flag(p, "num_steps", type=int, default=None,
+    add_flag(p, "num_steps", type=STEPS, default=None,
              help="sampling steps (default: the run's strategy.sample_steps, as its validation grids; unset there: "
                   "1000 ddpm, 50 ddim, 20 dpmpp_2m, 30 euler, 15 heun)")
     add_flag(p, "sampler", default=None, help="ddpm, ddim or dpmpp_2m (DDPM models), euler or heun (RFlow models); "
                                                "the image model's, or the seg model's in seg mode")
     add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
-    add_flag(p, "seg_num_steps", type=int, default=None, help="the seg model's steps in a chained run")
-    add_flag(p, "batch_size", type=int, default=64, help="samples per batch; does not change any sample")
+    add_flag(p, "seg_num_steps", type=STEPS, default=None, help="the seg model's steps in a chained run")
+    add_flag(p, "batch_size", type=Int(1, 4096), default=64, help="samples per batch; does not change any sample")
     add_flag(p, "output_dir", required=True, metavar="DIR", help="the synthetic dataset (re-running continues it)")
-    add_flag(p, "seed", type=int, default=0, help="sample i uses seeds derived from (seed, i)")
-    add_flag(p, "guidance_scale", type=float, default=None, help="class mode: classifier-free guidance scale")
+    add_flag(p, "seed", type=SEED, default=0, help="sample i uses seeds derived from (seed, i)")
+    add_flag(p, "guidance_scale", type=Real(0, 100), default=None, help="class mode: classifier-free guidance scale")
     add_flag(p, "masks_from", default=None, metavar="DIR",
              help="condition on the real masks of this NIfTI dataset (slices with mask voxels) instead of generated ones")
     add_flag(p, "class_counts", default=None, metavar="NAME=N,...",
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "balance", default=None, metavar="DATA_DIR",
              help="class mode: generate what each class of this class image folder (its train/ split when it has "
                   "one) or labels CSV lacks to reach the majority count (or --balance_to)")
-    add_flag(p, "balance_to", type=int, default=None, metavar="N", help="--balance: fill every class up to N images")
+    add_flag(p, "balance_to", type=Int(1, BIG), default=None, metavar="N", help="--balance: fill every class up to N images")
     add_flag(p, "reject_copies", action="store_true",
              help="redraw an image closer to a training image than the 1st percentile of the real validation images "
                   "(the memorization audit's criterion); needs the image model's training data on this machine")
@@ -68,39 +69,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "class_model", action="append", default=[], metavar="NAME=RUN",
              help="class mode: draw class NAME with its own model (e.g. fine-tuned on that class); repeatable")
     add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
-    add_flag(p, "output_size", type=int, default=None, help="resize outputs (bilinear images, nearest masks)")
+    add_flag(p, "output_size", type=Int(8, 4096), default=None, help="resize outputs (bilinear images, nearest masks)")
     add_flag(p, "progression", action="store_true", help="write progression.png: the denoising trajectory of 4 samples")
     add_flag(p, "compile", action="store_true", help="torch.compile the networks")
     add_flag(p, "shard", default=None, metavar="I/N", help="take every N-th index starting at I (SLURM arrays)")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
-    add_flag(p, "min_mask_area", type=float, default=0.0005,
+    add_flag(p, "min_mask_area", type=Real(0, 1), default=0.0005,
              help="mask filter: smallest area, fraction of the image (and at least 4 pixels)")
     add_flag(p, "no_mask_filter", action="store_true",
              help="accept every generated mask, empty ones included (a smoke test of a young seg model)")
-    add_flag(p, "max_mask_area", type=float, default=0.25, help="mask filter: largest area, fraction of the image")
-    add_flag(p, "min_components", type=int, default=1, help="mask filter: fewest connected components")
-    add_flag(p, "max_components", type=int, default=8, help="mask filter: most connected components")
-    add_flag(p, "max_attempts", type=int, default=20, help="masks drawn per sample before giving up")
+    add_flag(p, "max_mask_area", type=Real(0, 1), default=0.25, help="mask filter: largest area, fraction of the image")
+    add_flag(p, "min_components", type=Int(0, 10_000), default=1, help="mask filter: fewest connected components")
+    add_flag(p, "max_components", type=Int(0, 10_000), default=8, help="mask filter: most connected components")
+    add_flag(p, "max_attempts", type=Int(1, 100_000), default=20, help="masks drawn per sample before giving up")
     add_flag(p, "skip_bad", action="store_true", help="--masks_from: leave out subjects whose files fail the scan")
     add_flag(p, "images_from", default=None, metavar="DIR",
              help="segment these images with a segment-mode --image_model (NIfTI dataset, images/ + masks/ PNG "
                   "folders, or a folder of images); with ground-truth masks, Dice and IoU are reported")
-    add_flag(p, "ensemble", type=int, default=None, help="--images_from: samples averaged per image "
+    add_flag(p, "ensemble", type=Int(1, 1000), default=None, help="--images_from: samples averaged per image "
                                                          "(default: the model's mode.segment.ensemble)")
     add_flag(p, "inpaint_into", default=None, metavar="DIR",
              help="insert lesions into the real scans of DIR (NIfTI dataset or images/ + masks/): lesions from "
                   "--seg_model or the real label maps of --masks_from, regenerated by an inpaint-mode --image_model "
                   "(or RePaint with any image model of the scan's sequence); outside each lesion's region the scan "
                   "is kept exactly")
-    add_flag(p, "min_lesion_area", type=float, default=0.0005, help="--inpaint_into: smallest lesion, fraction of "
+    add_flag(p, "min_lesion_area", type=Real(0, 1), default=0.0005, help="--inpaint_into: smallest lesion, fraction of "
                                                                       "the image")
-    add_flag(p, "max_lesion_area", type=float, default=0.1, help="--inpaint_into: largest lesion, fraction of the "
+    add_flag(p, "max_lesion_area", type=Real(0, 1), default=0.1, help="--inpaint_into: largest lesion, fraction of the "
                                                                   "image")
-    add_flag(p, "inpaint_margin", type=int, default=None,
+    add_flag(p, "inpaint_margin", type=Int(0, 1000), default=None,
              help="--inpaint_into: px regenerated around the lesion and kept clear of the brain's edge and the scan's "
                   "own tumour (default: the inpaint model's mode.inpaint.margin, else 2)")
     add_flag(p, "allow_overlap", action="store_true", help="--inpaint_into: lesions may cover the scan's own tumour")
-    add_flag(p, "repaint_jumps", type=int, default=None,
+    add_flag(p, "repaint_jumps", type=Int(1, 1000), default=None,
              help="--inpaint_into: RePaint's resampling jumps per step (default: an inpaint model's "
                   "mode.inpaint.jumps, 1; any other model 5)")
     add_flag(p, "inpaint_replace", default=None, choices=("every", "end"),

@@ -18,6 +18,7 @@ from pathlib import Path
 if not __package__:   # run as a script path: the checkout's root holds the medgen package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from medgen.common.args import BIG, Int, Real  # noqa: E402
 from medgen.common.cli import HelpFormatter  # noqa: E402
 from medgen.eval.obj_eval.core.cli import add_fid_flags, add_flag, add_input_flags, add_weight_flags, options, run  # noqa: E402
 from medgen.common.errors import run_main  # noqa: E402
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     add_fid_flags(p, many=True)
     add_weight_flags(p, ("inception", "radimagenet", "alex", "vgg"))
     add_flag(p, "lpips-net", default="alex", choices=("alex", "vgg"))
-    add_flag(p, "max-pairs", type=int, default=2000, help="diversity: pairs drawn at most")
-    add_flag(p, "data-range", type=float, default=1.0, help="value range of the images (MAE/PSNR/MS-SSIM)")
+    add_flag(p, "max-pairs", type=Int(1, BIG), default=2000, help="diversity: pairs drawn at most")
+    add_flag(p, "data-range", type=Real(0, 1e6, low_open=True), default=1.0, help="value range of the images (MAE/PSNR/MS-SSIM)")
     args = p.parse_args(argv)
     return run(options(args, args.metrics, lpips_net=args.lpips_net, max_pairs=args.max_pairs,
                        data_range=args.data_range, real_train_dir=args.real_train_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from medgen.eval.obj_eval.core.evaluate import Options, parse_metrics
+from medgen.common.args import Int, SEED
 from medgen.common.cli import add_flag as _add
 from medgen.common.errors import UserError
 from medgen.eval.obj_eval.core.inputs import parse_volume_shape
@@ -19,19 +20,19 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
              help="real dataset, any layout the training loaders read" +
              ("" if real_required else " (diversity: optional, gives the real-vs-real reference)"))
     add_flag(p, "image-type", default="bravo", help="modality compared (bravo, t1_pre, t1_gd, seg, ...)")
-    add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
+    add_flag(p, "image-size", type=Int(8, 4096), default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
     add_flag(p, "labels", default=None, choices=("binary", "brats2021", "brats2023"),
              help="the masks' label vocabulary (label maps: per-region faithfulness and intensities); default: the "
                   "synthetic folder's generation.json, else binary")
     add_flag(p, "positive-only", action="store_true", help="only slices with mask voxels")
-    add_flag(p, "spatial-dims", type=int, default=2, choices=(2, 3),
+    add_flag(p, "spatial-dims", type=Int(2, 3), default=2, choices=(2, 3),
              help="3: compare whole volumes (2.5D FID per plane and mean, 3D MS-SSIM, MAE/PSNR per volume)")
     add_flag(p, "volume-shape", default=None, metavar="H,W,D",
              help="--spatial-dims 3: the grid both sets are read on (default: the synthetic volumes')")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
-    add_flag(p, "batch-size", type=int, default=64, help="images per network pass")
-    add_flag(p, "seed", type=int, default=0, help="pair sampling, bootstrap and real-set halves")
+    add_flag(p, "batch-size", type=Int(1, 4096), default=64, help="images per network pass")
+    add_flag(p, "seed", type=SEED, default=0, help="pair sampling, bootstrap and real-set halves")
     add_flag(p, "output", default=None, metavar="DIR", help="where metrics.json and the report go "
                                                            "(default: <synthetic-dir>/eval)")
     add_flag(p, "no-floor", action="store_true", help="skip the real-vs-real reference")
@@ -44,7 +45,7 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
 def add_fid_flags(p, many: bool) -> None:
     add_flag(p, "feature-network", default="inception,radimagenet" if many else "inception",
              help="inception and/or radimagenet (comma list)")
-    add_flag(p, "bootstrap", type=int, default=50, help="bootstrap resamples for the FID interval")
+    add_flag(p, "bootstrap", type=Int(100, 10**6), default=50, help="bootstrap resamples for the FID interval")
 
 
 def add_weight_flags(p, kinds: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 if not __package__:   # run as a script path: the checkout's root holds the medgen package
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from medgen.common.args import BIG, Int, Real  # noqa: E402
 from medgen.common.cli import HelpFormatter  # noqa: E402
 from medgen.eval.obj_eval.core.cli import add_flag, add_input_flags, options, run  # noqa: E402
 from medgen.common.errors import run_main  # noqa: E402
@@ -22,8 +23,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_input_flags(p, real_required=False)
     add_flag(p, "mode", default="quality", choices=("quality", "diversity"), help="quality: pairs; diversity: among samples")
-    add_flag(p, "max-pairs", type=int, default=2000, help="diversity: pairs drawn at most")
-    add_flag(p, "data-range", type=float, default=1.0, help="value range of the images")
+    add_flag(p, "max-pairs", type=Int(1, BIG), default=2000, help="diversity: pairs drawn at most")
+    add_flag(p, "data-range", type=Real(0, 1e6, low_open=True), default=1.0, help="value range of the images")
     args = p.parse_args(argv)
     return run(options(args, "ms_ssim", modes=(args.mode,), max_pairs=args.max_pairs, data_range=args.data_range),
                strict=True)

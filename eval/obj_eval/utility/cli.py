@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from medgen.common.args import BIG, Int, Real, SEED
 from medgen.common.cli import add_flag as _add
 from medgen.common.outputs import claim
 from medgen.common.errors import UserError
@@ -41,22 +42,22 @@ def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("downstream model (MONAI BasicUNet / ResNet)")
     add_flag(g, "preset", default="small", choices=tuple(models.PRESETS),
              help="network width and step budget: tiny (CPU, minutes), small, full (GPU)")
-    add_flag(g, "max-steps", type=int, default=None, help="training steps per model (default: the preset's)")
-    add_flag(g, "epochs", type=float, default=None, help="instead of --max-steps: passes over each recipe's data")
-    add_flag(g, "train-batch-size", type=int, default=None, help="default: the preset's")
-    add_flag(g, "lr", type=float, default=None, help="peak learning rate of the one-cycle schedule")
-    add_flag(g, "val-every", type=int, default=None, help="steps between validations on the real val split")
-    add_flag(g, "patience", type=int, default=5, help="early stopping: validations without improvement")
+    add_flag(g, "max-steps", type=Int(1, BIG), default=None, help="training steps per model (default: the preset's)")
+    add_flag(g, "epochs", type=Real(0, 1e6, low_open=True), default=None, help="instead of --max-steps: passes over each recipe's data")
+    add_flag(g, "train-batch-size", type=Int(1, 4096), default=None, help="default: the preset's")
+    add_flag(g, "lr", type=Real(0, 10, low_open=True), default=None, help="peak learning rate of the one-cycle schedule")
+    add_flag(g, "val-every", type=Int(1, BIG), default=None, help="steps between validations on the real val split")
+    add_flag(g, "patience", type=Int(0, BIG), default=5, help="early stopping: validations without improvement")
     add_flag(g, "no-bf16", action="store_true", help="CUDA: train in float32 instead of bf16 autocast")
     add_flag(g, "compile", action="store_true", help="CUDA: torch.compile the downstream network")
     add_split_flags(g)
 
 
 def add_split_flags(p) -> None:
-    add_flag(p, "split-seed", type=int, default=None,
+    add_flag(p, "split-seed", type=SEED, default=None,
              help="a flat real folder (no train/val folders): its split seed (default: the generator's, from the "
                   "synthetic folder's generation.json; else 0)")
-    add_flag(p, "val-fraction", type=float, default=None,
+    add_flag(p, "val-fraction", type=Real(0, 0.9), default=None,
              help="a flat real folder: its validation share (default: the generator's; else 0.2)")
 
 
@@ -93,8 +94,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "synthetic-ratio", default="1", help="real+synthetic and real+inpainted: synthetic images per real "
                                                      "image (comma list)")
     add_flag(p, "real-fraction", default="1", help="fractions of the real training data (comma list)")
-    add_flag(p, "seeds", type=int, default=3, help="models per recipe and fraction (at least 2 for a CI)")
-    add_flag(p, "seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
+    add_flag(p, "seeds", type=Int(2, 1000), default=3, help="models per recipe and fraction (at least 2 for a CI)")
+    add_flag(p, "seed", type=SEED, default=0, help="first seed (seeds are seed, seed+1, ...)")
     add_flag(p, "primary", default="auto", help="score of the verdict: auto (dice_subject; balanced_accuracy, or "
                                                 "kappa_quadratic for ordinal grades) or one of " +
                                                 ", ".join(dict.fromkeys(scores.SEG_METRICS + scores.SEG_METRICS_3D
@@ -104,16 +105,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "audit", default="all", help="sections beside the study: all, none, or a comma list of "
                                              + ", ".join(AUDITS) + " (faithfulness: segmentation only)")
     add_flag(p, "image-type", default="bravo", help="NIfTI data: the image channel(s), comma list (e.g. t1_pre,t1_gd)")
-    add_flag(p, "image-size", type=int, default=None, help="evaluation size (default: the synthetic images')")
+    add_flag(p, "image-size", type=Int(8, 4096), default=None, help="evaluation size (default: the synthetic images')")
     add_flag(p, "positive-only", action="store_true", help="NIfTI data: only slices with mask voxels")
-    add_flag(p, "spatial-dims", type=int, default=2, choices=(2, 3),
+    add_flag(p, "spatial-dims", type=Int(2, 3), default=2, choices=(2, 3),
              help="3: whole NIfTI volumes and a 3D BasicUNet (the grid: --volume-shape, default the synthetic set's)")
     add_flag(p, "volume-shape", default=None, metavar="H,W,D", help="--spatial-dims 3: the evaluation grid")
     add_flag(p, "layout", default="original", choices=("original", "brats2021", "brats2023"), help="NIfTI naming")
     add_flag(p, "labels", default=None, choices=("binary", "brats2021", "brats2023"),
              help="the masks' label vocabulary: label maps are scored per region (WT, TC, ET); default: the one the "
                   "synthetic folders' generation.json records, else binary")
-    add_flag(p, "bootstrap", type=int, default=1000, help="resamples of the paired comparison")
+    add_flag(p, "bootstrap", type=Int(100, 10**6), default=1000, help="resamples of the paired comparison")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
     add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"), help="where caches live")
     add_downstream_flags(p)
