@@ -40,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "image_model", default=None, metavar="RUN", help="image model (bravo, dual or class)")
     add_flag(p, "num_images", type=Int(1, BIG), default=None, help="samples to make (default: one per real mask with "
                                                            "--masks_from; the sum of --class_counts)")
-    add_flag(p, "num_steps", type=STEPS, default=None,
+    add_flag(p, "num_steps", type=Int(-BIG, BIG), default=None,
              help="sampling steps (default: the run's strategy.sample_steps, as its validation grids; unset there: "
                   "1000 ddpm, 50 ddim, 20 dpmpp_2m, 30 euler, 15 heun)")
     add_flag(p, "sampler", default=None, help="ddpm, ddim or dpmpp_2m (DDPM models), euler or heun (RFlow models); "
                                                "the image model's, or the seg model's in seg mode")
     add_flag(p, "seg_sampler", default=None, help="the seg model's sampler in a chained run (default: its strategy's)")
-    add_flag(p, "seg_num_steps", type=STEPS, default=None, help="the seg model's steps in a chained run")
+    add_flag(p, "seg_num_steps", type=Int(-BIG, BIG), default=None, help="the seg model's steps in a chained run")
     add_flag(p, "batch_size", type=Int(1, 4096), default=64, help="samples per batch; does not change any sample")
     add_flag(p, "output_dir", required=True, metavar="DIR", help="the synthetic dataset (re-running continues it)")
     add_flag(p, "seed", type=SEED, default=0, help="sample i uses seeds derived from (seed, i)")
@@ -81,12 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(p, "max_mask_area", type=Real(0, 1), default=0.25, help="mask filter: largest area, fraction of the image")
     add_flag(p, "min_components", type=Int(0, 10_000), default=1, help="mask filter: fewest connected components")
     add_flag(p, "max_components", type=Int(0, 10_000), default=8, help="mask filter: most connected components")
-    add_flag(p, "max_attempts", type=Int(1, 100_000), default=20, help="masks drawn per sample before giving up")
+    add_flag(p, "max_attempts", type=Int(-BIG, 100_000), default=20, help="masks drawn per sample before giving up")
     add_flag(p, "skip_bad", action="store_true", help="--masks_from: leave out subjects whose files fail the scan")
     add_flag(p, "images_from", default=None, metavar="DIR",
              help="segment these images with a segment-mode --image_model (NIfTI dataset, images/ + masks/ PNG "
                   "folders, or a folder of images); with ground-truth masks, Dice and IoU are reported")
-    add_flag(p, "ensemble", type=Int(1, 1000), default=None, help="--images_from: samples averaged per image "
+    add_flag(p, "ensemble", type=Int(0, 1000), default=None, help="--images_from: samples averaged per image "
                                                          "(default: the model's mode.segment.ensemble)")
     add_flag(p, "inpaint_into", default=None, metavar="DIR",
              help="insert lesions into the real scans of DIR (NIfTI dataset or images/ + masks/): lesions from "
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="--inpaint_into: px regenerated around the lesion and kept clear of the brain's edge and the scan's "
                   "own tumour (default: the inpaint model's mode.inpaint.margin, else 2)")
     add_flag(p, "allow_overlap", action="store_true", help="--inpaint_into: lesions may cover the scan's own tumour")
-    add_flag(p, "repaint_jumps", type=Int(1, 1000), default=None,
+    add_flag(p, "repaint_jumps", type=Int(0, 1000), default=None,
              help="--inpaint_into: RePaint's resampling jumps per step (default: an inpaint model's "
                   "mode.inpaint.jumps, 1; any other model 5)")
     add_flag(p, "inpaint_replace", default=None, choices=("every", "end"),

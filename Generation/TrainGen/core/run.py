@@ -21,7 +21,7 @@ from medgen.Generation.TrainGen.core.modes import MODES
 from medgen.Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from medgen.Generation.TrainGen.core.strategies import STRATEGIES
 from medgen.Generation.TrainGen.core.runtime import init_runtime, shutdown
-from medgen.Generation.TrainGen.core.checkpoint import REQUEUE_FILE
+from medgen.Generation.TrainGen.core.checkpoint import PREEMPT_FILE, REQUEUE_FILE
 from medgen.Generation.TrainGen.core.exported import is_export
 from medgen.Generation.TrainGen.core.parts import build_run_parts
 from medgen.Generation.TrainGen.core.pretrained import load_init_weights
@@ -173,7 +173,7 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     stale temp files removed, its config.yaml, and the logger."""
     if not rt.is_main:
         return None
-    claim(run_dir, "train", "--run_dir", run_inputs(cfg), own=("config.yaml",))
+    claim(run_dir, "train", "--run_dir", run_inputs(cfg), own=("config.yaml", PREEMPT_FILE, REQUEUE_FILE))
     lock = acquire(run_dir, "--run_dir")
     if run_dir.is_dir():
         remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now

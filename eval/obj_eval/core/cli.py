@@ -45,7 +45,7 @@ def add_input_flags(p: argparse.ArgumentParser, real_required: bool = True) -> N
 def add_fid_flags(p, many: bool) -> None:
     add_flag(p, "feature-network", default="inception,radimagenet" if many else "inception",
              help="inception and/or radimagenet (comma list)")
-    add_flag(p, "bootstrap", type=Int(100, 10**6), default=50, help="bootstrap resamples for the FID interval")
+    add_flag(p, "bootstrap", type=Int(0, 10**6), default=50, help="bootstrap resamples for the FID interval")
 
 
 def add_weight_flags(p, kinds: tuple[str, ...]) -> None:

@@ -455,7 +455,8 @@ def claim_output(o: Options, out: Path) -> Path:
     the real data; a sub-folder of the synthetic set it evaluates (the default, SYNTHETIC/eval) is allowed."""
     return claim(out, "evaluation", "--output", {"--synthetic-dir": o.synthetic_dir, "--real-dir": o.real_dir,
                                                 "--real-train-dir": o.real_train_dir},
-                 own=("metrics.json",), nest_ok=("--synthetic-dir",))
+                 own=("metrics.json",), nest_ok=("--synthetic-dir",) + (("--real-dir",) if o.real_dir and
+                 Path(o.real_dir).resolve() == Path(o.synthetic_dir).resolve() else ()))
 
 
 def write_outputs(result: dict, out_dir: Path) -> list[Path]:

@@ -94,7 +94,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "synthetic-ratio", default="1", help="real+synthetic and real+inpainted: synthetic images per real "
                                                      "image (comma list)")
     add_flag(p, "real-fraction", default="1", help="fractions of the real training data (comma list)")
-    add_flag(p, "seeds", type=Int(2, 1000), default=3, help="models per recipe and fraction (at least 2 for a CI)")
+    add_flag(p, "seeds", type=Int(0, 1000), default=3, help="models per recipe and fraction (at least 2 for a CI)")
     add_flag(p, "seed", type=SEED, default=0, help="first seed (seeds are seed, seed+1, ...)")
     add_flag(p, "primary", default="auto", help="score of the verdict: auto (dice_subject; balanced_accuracy, or "
                                                 "kappa_quadratic for ordinal grades) or one of " +
@@ -114,7 +114,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "labels", default=None, choices=("binary", "brats2021", "brats2023"),
              help="the masks' label vocabulary: label maps are scored per region (WT, TC, ET); default: the one the "
                   "synthetic folders' generation.json records, else binary")
-    add_flag(p, "bootstrap", type=Int(100, 10**6), default=1000, help="resamples of the paired comparison")
+    add_flag(p, "bootstrap", type=Int(0, 10**6), default=1000, help="resamples of the paired comparison")
     add_flag(p, "device", default="auto", choices=("auto", "cpu", "cuda"))
     add_flag(p, "compute", default="auto", choices=("auto", "local", "cluster"), help="where caches live")
     add_downstream_flags(p)
