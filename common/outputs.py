@@ -95,7 +95,7 @@ def check_owned(out: Path, kind: str, flag: str, own: tuple[str, ...] = ()) -> N
     if made is None and (out / MARK).exists():
         raise UserError(f"{flag} {out}: its {MARK} is damaged, so medgen cannot tell that it made this folder; "
                         "give another folder")
-    if made is None and not any((out / name).is_file() for name in own):
+    if made is None and not any(p.is_file() for pattern in own for p in out.glob(pattern)):
         foreign = next((p for p in entries if not p.name.startswith(".")), entries[0])
         raise UserError(f"{flag} {out}: holds {foreign.name}, which medgen did not make; medgen writes only into a "
                         "new or empty folder, or one it made for the same job, and never over a file of yours: "

@@ -173,7 +173,8 @@ def open_run_folder(cfg, rt, run_dir: Path, train_data, val_data) -> RunLogger |
     stale temp files removed, its config.yaml, and the logger."""
     if not rt.is_main:
         return None
-    claim(run_dir, "train", "--run_dir", run_inputs(cfg), own=("config.yaml", PREEMPT_FILE, REQUEUE_FILE))
+    claim(run_dir, "train", "--run_dir", run_inputs(cfg), own=("config.yaml", "ckpt_*.pt", "best.pt", ".*.tmp",
+                                                             PREEMPT_FILE, REQUEUE_FILE))
     lock = acquire(run_dir, "--run_dir")
     if run_dir.is_dir():
         remove_stale_tmp(run_dir)  # left by a killed write; nothing else writes here now
