@@ -25,7 +25,7 @@ from pathlib import Path
 if not __package__:   # run as a script path: the checkout's root holds the medgen package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from medgen.common.args import BIG, Int, Real, SEED, STEPS  # noqa: E402
+from medgen.common.args import BIG, Int, Real, SEED  # noqa: E402
 from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
 from medgen.Generation.TrainGen.core.plugins import load_plugins  # noqa: E402
 from medgen.common.errors import UserError, run_main, shape_text  # noqa: E402
