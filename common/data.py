@@ -312,9 +312,34 @@ def load_subject(subject: Path, layout: Layout, roles: list[str], affines_out: d
             vols[role], affines[role] = vol, affine
     if vols:
         problems += check_volumes(files, vols, affines, layout)
+        problems += companion_problems(subject, layout, [r for r in layout.patterns if r not in files], files, vols)
     if affines_out is not None:
         affines_out.update(affines)
     return ({} if any(p.fatal for p in problems) else vols), problems
+
+
+def companion_problems(subject: Path, layout: Layout, others: list[str], files: dict, vols: dict) -> list[Problem]:
+    """The subject's files of the layout's other roles, when present, must share the grid of what was read (a job
+    that reads only the masks still keeps their scans registered to them): a header-only check."""
+    ref = "seg" if "seg" in vols else next(iter(vols))
+    problems = []
+    for role in others:
+        paths = _match(subject, layout.patterns[role])
+        if len(paths) != 1:
+            continue                     # absent (a masks-only folder) or ambiguous: nothing to compare here
+        try:
+            img = nib.load(str(paths[0]))
+            shape = tuple(img.shape[:3]) + (1,) * (3 - len(img.shape[:3]))
+            axes = ornt.io_orientation(img.affine)[:, 0]
+        except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError):
+            continue                     # not this job's file: reading it is the job that uses it
+        ras = [0, 0, 0]
+        for i, axis in enumerate(axes[:3]):
+            ras[int(axis) if axis == axis else i] = shape[i]
+        if tuple(ras) != vols[ref].shape:
+            problems.append(Problem(paths[0], f"shape {tuple(ras)} differs from {files[ref].name} "
+                                              f"{vols[ref].shape} (the subject's files are not on one grid)"))
+    return problems
 
 
 # ---------------------------------------------------------------- preprocessing

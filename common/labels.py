@@ -21,6 +21,7 @@ holds the vocabulary's values. Why this and not the alternatives:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +74,19 @@ PRESETS = {
 LABEL_CHOICES = (*PRESETS, "custom")
 
 
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+
 def custom_vocabulary(labels: dict[str, int], regions: dict[str, list[str]] | None) -> Vocabulary:
     """data.labels=custom: data.custom_labels {name: id} (ids 1-255, each once), data.regions {region: [label
     names]} (default: every label alone, and 'all' of them)."""
-    if not labels:
+    if not labels or not isinstance(labels, dict):
         raise UserError("data.labels=custom needs data.custom_labels (label name -> id, e.g. {edema: 2})")
+    for name in [*labels, *(regions or {})]:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise UserError(f"data.custom_labels / data.regions: {name!r} is not a usable label or region name "
+                            "(1-32 letters, digits, '_' or '-', starting with a letter or digit: names become "
+                            "manifest fields and report columns)")
     ids = list(labels.values())
     if any(not isinstance(i, int) or not 1 <= i <= 255 for i in ids):
         raise UserError(f"data.custom_labels: ids must be integers 1-255 (0 is the background), got {labels}")
@@ -110,6 +119,10 @@ def vocabulary(data_cfg) -> Vocabulary:
         return custom_vocabulary(data_cfg.custom_labels or {}, data_cfg.regions)
     if name not in PRESETS:
         raise UserError(f"data.labels {name!r} is unknown (choose from {', '.join(LABEL_CHOICES)})")
+    for field in ("custom_labels", "regions"):
+        if getattr(data_cfg, field, None):
+            raise UserError(f"data.{field} is given but data.labels is {name!r}, whose labels are fixed; set "
+                            f"data.labels=custom to use your own, or leave data.{field} out")
     return PRESETS[name]
 
 
@@ -152,6 +165,17 @@ def foreground(labels) -> np.ndarray | torch.Tensor:
 
 
 # ---------------------------------------------------------------- checks
+def check_not_binary(masks, vocab: Vocabulary, where: str) -> None:
+    """Binary 0/1 masks read for a vocabulary of several labels would all become its first label (the whole
+    tumour as NCR): refused, naming where they came from."""
+    if masks is None or vocab.binary or len(vocab.ids) < 2 or len(masks) == 0:
+        return
+    if float(masks.max()) <= 1:
+        raise UserError(f"{where}: every mask holds only 0 and 1, binary masks; the model is for label maps of "
+                        f"{vocab.describe()} (data.labels): give label maps, or use a binary model "
+                        "(data.labels binary)")
+
+
 def unknown_values(values, vocab: Vocabulary) -> list[int]:
     """The label values outside the vocabulary (and 0)."""
     allowed = {0, *vocab.ids}

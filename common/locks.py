@@ -65,6 +65,22 @@ def _read(path: Path) -> dict | None:
     return {"damaged": True} if old else {"host": "?", "pid": -1, "writing": True}
 
 
+def describe(owner: dict) -> str:
+    """'host pid N (SLURM job J) since T: command' of a lock's owner."""
+    return (f"{owner.get('host')} pid {owner.get('pid')}" +
+            (f" (SLURM job {owner['slurm_job']})" if owner.get("slurm_job") else "") +
+            (f" since {owner['since']}: {owner.get('command', '')}" if owner.get("since") else ""))
+
+
+def holder(folder: Path, name: str = ".lock") -> dict | None:
+    """The live owner of folder's lock (or {'writing': True} for one being written), None when it is free."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    owner = _read(path)
+    return None if owner is None or is_stale(owner) else owner
+
+
 def acquire(folder: Path, what: str, name: str = ".lock") -> Path:
     """Create folder/name for this process, or raise UserError naming the live owner."""
     folder = Path(folder)
@@ -84,11 +100,8 @@ def acquire(folder: Path, what: str, name: str = ".lock") -> Path:
                                 f"job uses this folder, delete {path} (or wait a minute: a damaged lock is then "
                                 "taken over)")
             if not is_stale(owner):
-                who = (f"{owner.get('host')} pid {owner.get('pid')}" +
-                       (f" (SLURM job {owner['slurm_job']})" if owner.get("slurm_job") else "") +
-                       (f" since {owner['since']}: {owner.get('command', '')}" if owner.get("since") else ""))
-                raise UserError(f"{what} {folder} is in use by {who}; wait for it to finish or use another "
-                                f"folder (if that process is gone, delete {path})")
+                raise UserError(f"{what} {folder} is in use by {describe(owner)}; wait for it to finish or use "
+                                f"another folder (if that process is gone, delete {path})")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()                  # stale: its owner is gone
             continue

@@ -110,7 +110,8 @@ class Pipeline:
           mask    masks: a (N, 1, H, W) tensor or array of {0, 1}, a NIfTI dataset folder (its masks, as
                   --masks_from), or the Pipeline of a seg model (generated masks, as --seg_model)
           roles   masks: the conditioning roles as a (N, C, H, W) tensor in [0, 1], or a NIfTI dataset folder
-          label   labels: one class name per sample (None or 'none': unconditional); guidance: the CFG scale
+          label   labels: one class name per sample (None or 'none': unconditional), one name for all n, or
+                  {name: count}; guidance: the CFG scale
           image   images: a (N, C, H, W) tensor in [0, 1] or a folder (as --images_from); ensemble samples each
         """
         model = self.with_sampler(sampler, steps)
@@ -184,8 +185,7 @@ class Pipeline:
             job.seg_model = masks.model
             return
         if isinstance(masks, (str, Path)):
-            job.real_conditions, job.real_sources = load_real_conditions(str(masks), self.model)
-            job.masks_from = str(Path(masks).resolve())
+            job.use_real_conditions(masks, *load_real_conditions(str(masks), self.model))
             job.num_images = n or len(job.real_sources)
             return
         cond = torch.as_tensor(masks).float()
@@ -224,7 +224,20 @@ class Pipeline:
         names = self.classes
         if labels is None:
             raise UserError(f"a class model needs labels= (one of {', '.join(names)} per sample, or None)")
-        labels = [labels] * (n or 1) if isinstance(labels, str) else list(labels)
+        if isinstance(labels, dict):        # {class: count}, as --class_counts
+            bad = [(k, v) for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+            if bad or not sum(labels.values()):
+                raise UserError(f"labels=: a dict gives each class its number of samples (whole numbers >= 0, not "
+                                f"all 0), got {bad[0][0]!r}: {bad[0][1]!r}" if bad else
+                                "labels=: a dict gives each class its number of samples; every count is 0")
+            labels = [name for name, count in labels.items() for _ in range(count)]
+        elif isinstance(labels, str):
+            labels = [labels] * (n or 1)
+        elif hasattr(labels, "__iter__"):
+            labels = list(labels)
+        else:
+            raise UserError(f"labels=: give a class name, a list of names (one per sample) or a dict "
+                            f"{{name: count}}, not {type(labels).__name__}")
         plan = []
         for lab in labels:
             if lab is None or lab == "none" or lab == UNCONDITIONAL:

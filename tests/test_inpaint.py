@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import socket
 
 import nibabel as nib
 import numpy as np
@@ -134,15 +136,23 @@ def test_the_utility_study_adds_lesions_inserted_into_the_subsets_own_scans(inpa
 
 def test_repaint_inserts_with_any_mask_conditioned_model(tiny_models, demo_root, tmp_path):
     out = tmp_path / "repaint"
-    res = run_script(GENERATE, "--image_model", str(tiny_models["bravo"]), "--inpaint_into",
-                     str(demo_root / "brain" / "test"), "--masks_from", str(demo_root / "brain" / "train"),
-                     "--num_images", "3", "--num_steps", "4", "--repaint_jumps", "2", "--max_lesion_area", "0.06",
-                     "--max_attempts", "100", "--output_dir", str(out))
+    scans = tmp_path / "scans"
+    shutil.copytree(demo_root / "brain" / "test", scans)
+    args = [GENERATE, "--image_model", str(tiny_models["bravo"]), "--inpaint_into", str(scans), "--masks_from",
+            str(demo_root / "brain" / "train"), "--num_images", "3", "--num_steps", "4", "--repaint_jumps", "2",
+            "--max_lesion_area", "0.06", "--max_attempts", "100", "--output_dir", str(out)]
+    res = run_script(*args)
     assert res.returncode == 0, res.stderr
     assert "RePaint, 2 jump(s) per step" in res.stdout
     for sample in sorted(out.glob("sample_*")):
         region = read(sample, "region") > 0.5
         assert region.any() and not region.all()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    subject = next(p for p in sorted((demo_root / "brain" / "train").iterdir()) if p.is_dir())
+    shutil.copytree(subject, scans / subject.name)         # the same folder now holds another scan
+    res = run_script(*[("6" if a == "3" else a) for a in args])          # and a longer run is asked for
+    assert res.returncode == 2 and "the files read from --inpaint_into changed" in res.stderr, res.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_insertion_bad_inputs_are_one_line(inpaint_run, tiny_models, demo_root, tmp_path):
@@ -165,6 +175,23 @@ def test_insertion_bad_inputs_are_one_line(inpaint_run, tiny_models, demo_root, 
                      str(demo_root / "brain" / "test"), "--masks_from", str(demo_root / "brain" / "train"),
                      "--output_dir", str(tmp_path / "o2"))
     assert res.returncode == 2 and "does not generate one image sequence" in res.stderr
+    binary, offgrid = tmp_path / "binary", tmp_path / "offgrid" / "train"
+    shutil.copytree(demo_root / "brain" / "test", binary)
+    for seg in binary.glob("*/seg.nii.gz"):                     # the scans' own tumours as binary masks
+        img = nib.load(str(seg))
+        nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), seg)
+    for k, subject in enumerate(sorted((demo_root / "brain" / "train").iterdir())[:2]):
+        shutil.copytree(subject, offgrid / subject.name)
+    bravo = next(offgrid.glob("*/bravo.nii.gz"))                 # one scan on another grid than its mask
+    img = nib.load(str(bravo))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::2].copy(), img.affine), bravo)
+    for into, masks, message in ((binary, demo_root / "brain" / "train", f"--inpaint_into {binary}: every mask "
+                                  "holds only 0 and 1, binary masks"),
+                                 (demo_root / "brain" / "test", offgrid.parent, f"{bravo}: shape")):
+        res = run_script(GENERATE, "--image_model", str(inpaint_run), "--inpaint_into", str(into), "--masks_from",
+                         str(masks), "--output_dir", str(tmp_path / "o3"))
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "o3").exists()
 
 
 # ---------------------------------------------------------------- ControlNet
@@ -231,3 +258,26 @@ def test_a_controlnet_needs_an_unconditional_monai_run(tiny_models, demo_root, t
     with pytest.raises(UserError, match="a ControlNet adds mask control to an unconditional run"):
         medgen.train(["tiny", {"optim.max_steps": 2}], control_from=str(tiny_models["bravo"]),
                      data_dir=str(demo_root / "brain"), run_dir=str(tmp_path / "c"))
+
+
+def test_control_from_checks_the_frozen_run_before_training(frozen_run, tiny_models, demo_root, tmp_path, capsys):
+    args = dict(data_dir=str(demo_root / "brain"), positive_only=True)
+    short = ["tiny", {"optim.max_steps": 1, "runtime.val_interval": 100}]
+    with pytest.raises(UserError, match="mode 'seg'; a ControlNet adds mask control to an unconditional run"):
+        medgen.train(short, control_from=str(tiny_models["seg"]), run_dir=str(tmp_path / "c_seg"), **args)
+    live = tmp_path / "live"
+    shutil.copytree(frozen_run, live)
+    (live / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": "now"}))
+    with pytest.raises(UserError, match="that run is still training"):
+        medgen.train(short, control_from=str(live), run_dir=str(tmp_path / "c_live"), **args)
+    assert not (tmp_path / "c_seg").exists() and not (tmp_path / "c_live").exists()
+    best_only = tmp_path / "best_only"                       # the folder generate.py samples: best.pt alone
+    best_only.mkdir()
+    shutil.copy(frozen_run / "best.pt", best_only / "best.pt")
+    capsys.readouterr()
+    run = medgen.train(short, control_from=str(best_only), strategy="ddpm", image_size=64,
+                       run_dir=str(tmp_path / "c_best"), **args)
+    note = capsys.readouterr().out
+    assert "takes the frozen run's" in note and "strategy 'rflow' (this run's settings said 'ddpm')" in note
+    assert "image_size 32 (this run's settings said 64)" in note
+    assert stored_config(torch.load(run / "best.pt", weights_only=True)["config"]).strategy.name == "rflow"

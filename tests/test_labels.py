@@ -4,6 +4,7 @@ and intensities, and the bad inputs of each."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -32,13 +33,19 @@ def test_presets_regions_and_custom_vocabularies():
                                      ({"a": 0}, None, "ids must be integers 1-255"),
                                      ({"a": 1}, {"r": ["c"]}, "names 'c'"),
                                      ({"a": 1, "b": 2}, {"a": ["a", "b"]}, "has the name of a label"),
-                                     ({"a": 1}, {"r": ["a", "a"]}, "lists a label twice")]:
+                                     ({"a": 1}, {"r": ["a", "a"]}, "lists a label twice"),
+                                     ({"a:b;c": 1}, None, "'a:b;c' is not a usable label"),    # manifest fields
+                                     ({"../x": 1}, None, "'../x' is not a usable"),
+                                     ({"": 1}, None, "'' is not a usable"),
+                                     ({"a": 1}, {"r;s": ["a"]}, "'r;s' is not a usable")]:
         with pytest.raises(UserError, match=message):
             custom_vocabulary(labels, regions)
     with pytest.raises(UserError, match="data.labels 'brats2000' is unknown"):
         build_config({"data": {"labels": "brats2000"}})
     with pytest.raises(UserError, match="data.custom_labels: id 2"):
         build_config({"data": {"labels": "custom", "custom_labels": {"x": 2, "y": 2}}})
+    with pytest.raises(UserError, match="data.custom_labels is given but data.labels is 'brats2021'"):
+        build_config({"data": {"labels": "brats2021", "custom_labels": {"a": 1, "b": 2, "c": 4}}})
 
 
 def test_decoding_only_ever_gives_vocabulary_values_and_inverts_the_coding():
@@ -158,6 +165,11 @@ def test_chained_label_maps_and_vocabulary_mismatches(label_runs, tiny_models, d
     res = run_script("Generation/TrainGen/generate.py", "--image_model", str(label_runs["dual"]), "--masks_from",
                      str(binary), "--output_dir", str(tmp_path / "bad2"))
     assert res.returncode == 2 and "binary masks" in res.stderr and str(binary) in res.stderr
+    shutil.copytree(binary / "test", binary / "train")                # and trained as label maps: refused too
+    with pytest.raises(UserError, match="--data_dir .*binary masks"):
+        medgen.train(["tiny", {"data.labels": "brats2021", "optim.max_steps": 1}], mode="seg", data_dir=str(binary),
+                     run_dir=str(tmp_path / "bin_run"))
+    assert not (tmp_path / "bin_run").exists()
     dual = medgen.load(label_runs["dual"])
     with pytest.raises(UserError, match=r"holds \[3\], not labels of brats2021"):
         dual.sample(masks=torch.full((1, 1, 32, 32), 3.0))

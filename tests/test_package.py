@@ -115,6 +115,12 @@ def test_api_class_labels_equal_generate_py_class_counts(tiny_models, tmp_path):
     assert res.returncode == 0, res.stderr
     assert same_folders(tmp_path / "api", tmp_path / "cli") == []
     assert [r["class"] for r in out.rows] == ["melanoma"] * 3 + ["nevus"] * 2
+    counted = pipe.sample(labels={"melanoma": 3, "nevus": 2}, guidance=2.0, seed=1)      # as --class_counts
+    assert torch.equal(counted.images["image"], out.images["image"])
+    for labels, message in (({"melanoma": 2.5}, "whole numbers"), ({"melanoma": 0}, "every count is 0"),
+                            (3, "not int")):
+        with pytest.raises(UserError, match=message):
+            pipe.sample(labels=labels)
 
 
 def test_api_chains_a_seg_model_and_refuses_what_does_not_fit(tiny_models):

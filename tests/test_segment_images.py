@@ -95,6 +95,10 @@ def test_images_without_masks_and_bad_input(png_model, tmp_path):
     with pytest.raises(UserError, match="--images_from .*: folder does not exist"):
         generate_main(["--image_model", str(png_model), "--images_from", str(tmp_path / "none"), "--output_dir",
                        str(tmp_path / "o3"), "--device", "cpu"])
+    with pytest.raises(UserError, match="--anonymize_sources does not apply to --images_from"):
+        generate_main(["--image_model", str(png_model), "--images_from", str(flat), "--anonymize_sources",
+                       "--output_dir", str(tmp_path / "o4"), "--device", "cpu"])
+    assert not (tmp_path / "o4").exists()
 
 
 def test_nifti_images_with_masks(demo_root, tmp_path, tiny_models):

@@ -210,9 +210,8 @@ def build_job(args, rt):
               progression=args.progression, worker=worker, workers=workers, device=rt.device, autocast=rt.autocast,
               anonymize_sources=args.anonymize_sources)
     if args.masks_from:
-        job.real_conditions, job.real_sources = load_real_conditions(args.masks_from, image, skip_bad=args.skip_bad,
-                                                                     compute=args.compute)
-        job.masks_from = str(Path(args.masks_from).resolve())
+        job.use_real_conditions(args.masks_from, *load_real_conditions(args.masks_from, image, skip_bad=args.skip_bad,
+                                                                       compute=args.compute))
         job.num_images = args.num_images or len(job.real_sources)
     if mode.needs == "label":
         plan_classes(job, args, class_paths, image_path, load)
@@ -300,6 +299,10 @@ def segment_images(args, rt) -> int:
     from medgen.Generation.TrainGen.core.segment_images import read_images, segment
     if not args.image_model or args.seg_model:
         raise UserError("--images_from needs --image_model RUN (a segment-mode model) and no --seg_model")
+    if args.anonymize_sources:   # the masks are written under the images' own names: nothing here is anonymous
+        raise UserError("--anonymize_sources does not apply to --images_from: each mask is written under its "
+                        "image's name (volumes/<subject>/, manifest.csv, segmentation.md); rename the images "
+                        "first if their names identify patients")
     check_counts(args, ("num_steps", "ensemble", "batch_size"))
     model = load_model(args.image_model, "--image_model", rt.device, args.strategy, args.sampler, args.num_steps,
                        args.compile)
@@ -320,7 +323,7 @@ def segment_images(args, rt) -> int:
 
 def insert_lesions(args, rt) -> int:
     """--inpaint_into: lesions inserted into real scans (core/inserting.py)."""
-    from medgen.Generation.TrainGen.core.generate import Job, run_job, split_work, throughput_line
+    from medgen.Generation.TrainGen.core.generate import Job, content_digest, run_job, split_work, throughput_line
     from medgen.Generation.TrainGen.core.generation.conditions import MaskFilter
     from medgen.Generation.TrainGen.core.generation.models import load_model
     from medgen.common.splits import source_unit_digest
@@ -370,7 +373,10 @@ def insert_lesions(args, rt) -> int:
               max_attempts=args.max_attempts, png=args.png, worker=worker, workers=workers, device=rt.device,
               autocast=rt.autocast, anonymize_sources=args.anonymize_sources, extra_roles=["seg", I.REGION_ROLE],
               inpaint=inserter.settings(args.inpaint_into),
-              source_units=sorted({source_unit_digest(s) for s in scans.sources}))
+              source_units=sorted({source_unit_digest(s) for s in scans.sources}),
+              contents={"--inpaint_into": content_digest(scans.sources, scans.images, scans.labels),
+                        **({"--masks_from": content_digest(inserter.bank_keys, inserter.bank)}
+                           if args.masks_from else {})})
     rt.print(f"inserting lesions into {len(scans.sources)} scans of {args.inpaint_into}: {job.num_images} samples "
              f"({'the inpaint model' if own else 'RePaint'}, {jumps} jump(s) per step, known pixels "
              f"{'after every step' if every else 'at the end'}, "

@@ -11,6 +11,7 @@ Guarantees, in order of importance:
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -76,6 +77,8 @@ class Job:
     inpaint: dict | None = None                      # region) and the insertion's settings
     source_units: list[str] | None = None            # --inpaint_into: the edited scans' units, hashed (a study
                                                      # must not test on scans whose edits it trains on)
+    contents: dict = field(default_factory=dict)     # {flag: content_digest} of the data read from input
+                                                     # folders: a resume after they changed is refused
 
     @property
     def main_model(self) -> Model:
@@ -106,7 +109,8 @@ class Job:
                 **({"reject_copies": self.copy_check.threshold} if self.copy_check else {}),
                 **({"anonymize_sources": True} if self.anonymize_sources else {}),
                 **({"class_models": {n: m.sha256 for n, m in sorted(self.class_models.items())}}
-                   if self.class_models else {}), **({"inpaint": self.inpaint} if self.inpaint else {})}
+                   if self.class_models else {}), **({"inpaint": self.inpaint} if self.inpaint else {}),
+                **({"contents": self.contents} if self.contents else {})}
 
     def provenance(self) -> dict:
         """What generation.json records beside the settings: the hashed training units of each model, so that an
@@ -126,6 +130,13 @@ class Job:
                 "--seg_model": self.seg_model and str(self.seg_model.path), "--masks_from": self.masks_from,
                 "--inpaint_into": (self.inpaint or {}).get("inpaint_into"),
                 "--class_model": [str(m.path) for m in self.class_models.values()]}
+
+    def use_real_conditions(self, directory, conditions: torch.Tensor, sources: list[str]) -> None:
+        """--masks_from DIR (or masks=DIR): the real conditions read from it, its resolved path and a digest of
+        what was read (a resume after its files changed is refused)."""
+        self.real_conditions, self.real_sources = conditions, sources
+        self.masks_from = str(Path(directory).resolve())
+        self.contents["--masks_from"] = content_digest(sources, conditions)
 
     def roles(self) -> list[str]:
         return list(dict.fromkeys(self.extra_roles + self.main_mode.written_roles()))
@@ -157,6 +168,17 @@ class Job:
 
     def files(self, index: int) -> list[str]:
         return [rel for rel, _ in self.file_roles(index)]
+
+
+def content_digest(keys: list[str], *tensors) -> str:
+    """SHA-256 of what a job read from an input folder (the slice keys and the tensors built from them): the same
+    folder path with other files gives another digest."""
+    h = hashlib.sha256("\n".join(keys).encode())
+    for t in tensors:
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def source_name(slice_key: str, anonymize: bool) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from medgen.common.data import MASK_ROLE
 from medgen.common.errors import UserError
-from medgen.common.labels import unknown_values
+from medgen.common.labels import check_not_binary, unknown_values
 from medgen.Generation.TrainGen.core.generate import Job, draw, source_name
 from medgen.Generation.TrainGen.core.generation.writers import IMAGE_STREAM, MASK_STREAM, sample_seed
 from medgen.Generation.TrainGen.core.inpainting import compose, dilate
@@ -65,6 +65,7 @@ def read_scans(directory: str, model, skip_bad: bool = False, compute: str = "au
     images/ + masks/ folder, read as the model's training data (its layout, size and crop), with their own masks
     where they have them."""
     scans = _read_scans(directory, model, skip_bad, compute)
+    check_not_binary(scans.labels, model.mode.vocab, f"--inpaint_into {directory}")
     keep = torch.tensor([float(brain_mask(x).float().mean()) >= MIN_BRAIN for x in scans.images], dtype=torch.bool)
     idx = torch.nonzero(keep)[:, 0]
     return Scans(scans.images[idx], None if scans.labels is None else scans.labels[idx],

@@ -16,7 +16,8 @@ from medgen.Generation.TrainGen.core.datasource import data_source
 from medgen.common.errors import UserError, grid_text, lookup, shape_text
 from medgen.Generation.TrainGen.core.latent import in_latent, sample_shape
 from medgen.common.fileio import remove_stale_tmp
-from medgen.common.locks import acquire, release
+from medgen.common.labels import check_not_binary, vocabulary
+from medgen.common.locks import acquire, describe, holder, release
 from medgen.Generation.TrainGen.core.modes import MODES
 from medgen.Generation.TrainGen.core.pretrained import apply_to_config, is_diffusers_folder, read_folder
 from medgen.Generation.TrainGen.core.strategies import STRATEGIES
@@ -114,7 +115,7 @@ def preflight(cfg) -> None:
             continue                              # an exported folder (medgen export): read with the weights
         elif path and path != "auto":
             try:
-                checkpoint_file(Path(path))
+                checkpoint_file(Path(path), prefer_best=flag == "--control_from")  # the run generate.py samples
             except UserError as err:
                 raise UserError(f"{flag}: {err}") from None
 
@@ -136,6 +137,7 @@ def load_data(cfg, rt):
         torch.distributed.barrier()
     if rt.is_main:
         print_problems(train_data.problems)
+    check_not_binary(train_data.masks, vocabulary(cfg.data), f"--data_dir {src.root}")
     if rt.device.type == "cuda" and cache_on_device(cfg.data.cache_device, rt.device, train_data, val_data):
         train_data = train_data.to(rt.device)
         val_data = val_data.to(rt.device) if val_data is not None else None
@@ -203,19 +205,37 @@ def with_control(cfg):
         return cfg
     from medgen.Generation.TrainGen.core.config import stored_config
     from medgen.Generation.TrainGen.core.exported import read_model
-    _, state = read_model(cfg.runtime.control_from, "--control_from")
+    given = cfg.runtime.control_from
+    file, state = read_model(given, "--control_from")
     if not isinstance(state, dict) or "config" not in state:
-        raise UserError(f"--control_from {cfg.runtime.control_from}: not a training checkpoint of this framework")
+        raise UserError(f"--control_from {given}: not a training checkpoint of this framework")
+    owner = holder(file.parent)
+    if owner is not None:             # its checkpoints are still being written and pruned
+        raise UserError(f"--control_from {given}: that run is still training ({describe(owner)}); a ControlNet "
+                        "is bound to the frozen weights it starts from, so wait for the run to finish")
     frozen = stored_config(state["config"])
     if frozen.runtime.control_from:
-        raise UserError(f"--control_from {cfg.runtime.control_from}: a ControlNet run itself; give the frozen run")
-    if cfg.mode.name != frozen.mode.name:
-        print(f"note: --control_from: the run's mode is the frozen run's, {frozen.mode.name!r}, with mask control")
+        raise UserError(f"--control_from {given}: a ControlNet run itself; give the frozen run")
+    if frozen.mode.name != "image":
+        raise UserError(f"--control_from {given}: the frozen run generates mode {frozen.mode.name!r}; a ControlNet "
+                        "adds mask control to an unconditional run (--mode image)")
     d = frozen.data
     data = replace(cfg.data, image_size=d.image_size, spatial_dims=d.spatial_dims, volume_shape=d.volume_shape,
                    crop_size=d.crop_size, norm_percentiles=d.norm_percentiles)
-    return replace(cfg, data=data, model=frozen.model, strategy=frozen.strategy, mode=frozen.mode,
-                   latent=frozen.latent)
+    taken = replace(cfg, data=data, model=frozen.model, strategy=frozen.strategy, mode=frozen.mode,
+                    latent=frozen.latent)
+    changed = [f"{name} {new!r} (this run's settings said {old!r})" for name, old, new in (
+        ("mode", cfg.mode.name, frozen.mode.name), ("strategy", cfg.strategy.name, frozen.strategy.name),
+        ("image_size", cfg.data.image_size, d.image_size), ("spatial_dims", cfg.data.spatial_dims, d.spatial_dims),
+        ("volume_shape", cfg.data.volume_shape, d.volume_shape), ("crop_size", cfg.data.crop_size, d.crop_size),
+        ("norm_percentiles", cfg.data.norm_percentiles, d.norm_percentiles),
+        ("latent", cfg.latent.autoencoder, frozen.latent.autoencoder)) if old != new]
+    changed += [f"{name} settings" for name, old, new in (
+        ("model", cfg.model, frozen.model), ("strategy", cfg.strategy, frozen.strategy),
+        ("latent", cfg.latent, frozen.latent)) if old != new and not any(c.startswith(name + " ") for c in changed)]
+    if changed:
+        print(f"note: --control_from: the ControlNet run takes the frozen run's {'; '.join(changed)}")
+    return taken
 
 
 def with_pretrained(cfg):

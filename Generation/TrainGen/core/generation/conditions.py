@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from medgen.common.data import MASK_ROLE
 from medgen.common.errors import UserError
+from medgen.common.labels import check_not_binary
 from medgen.common.names import check_name
 from medgen.Generation.TrainGen.core.generation.models import Model
 
@@ -148,11 +149,8 @@ def load_real_conditions(directory: str, model: Model, positive_only: bool = Tru
     data = load_folder(data_cfg, Path(directory), roles, cache)
     if len(data) == 0:
         raise UserError(f"--masks_from {directory}: no usable slices of {', '.join(roles)}")
-    vocab = model.mode.vocab
-    if MASK_ROLE in roles and not vocab.binary and len(vocab.ids) > 1 and int(data.masks.max()) <= 1:
-        raise UserError(f"--masks_from {directory}: every mask holds only 0 and 1, binary masks; the model was "
-                        f"trained on label maps of {vocab.describe()} (data.labels): give label maps, or a binary "
-                        "model")
+    if MASK_ROLE in roles:
+        check_not_binary(data.masks, model.mode.vocab, f"--masks_from {directory}")
     image_roles = [r for r in roles if r != MASK_ROLE]
     channels = [data.masks.float() if r == MASK_ROLE else
                 data.images[:, image_roles.index(r)][:, None].float().clamp(0, 1) for r in roles]

@@ -115,7 +115,10 @@ def open_output_dir(out: Path, settings_file: str, settings: dict, record: dict 
             exclusive_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
             created = True
     old = _settings(path)
-    diff = [k for k in settings if old.get(k) != settings[k]]
+    diff = [k for k in settings if old.get(k) != settings[k] and not (k == "contents" and k not in old)]
+    if "contents" in diff:            # (a folder made before contents were recorded is compared by path only)
+        changed = [f for f, d in settings["contents"].items() if old["contents"].get(f) != d]
+        diff[diff.index("contents")] = f"the files read from {' and '.join(changed) or 'the inputs'} changed"
     if diff:
         raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
                         f"use a new --output_dir or the same settings to continue it")
