@@ -200,7 +200,8 @@ class Inserter:
                 return moved, region, {"lesion": origin, "placement_shift": ",".join(map(str, shift)),
                                        "mask_attempts": attempt + 1}
             why = "does not fit inside the brain" + ("" if p.overlap else " clear of the scan's own tumour")
-        raise UserError(f"sample {i}: no lesion could be placed in {self.scans.sources[self.scan_of(i)]} "
+        raise UserError(f"sample {i}: no lesion could be placed in "
+                        f"{source_name(self.scans.sources[self.scan_of(i)], job.anonymize_sources)} "
                         f"after --max_attempts {p.attempts} ({why}); lower --min_lesion_area/--max_lesion_area, "
                         "raise --max_attempts, or choose scans with more room")
 
