@@ -65,41 +65,41 @@ def _number_text(value, name: str, kind):
     return int(value) if kind is int else float(value)
 
 
-class Int(Arg):
-    def parse(self, text: str):
-        return _parse_number(text, int)
+class Number(Arg):
+    """A bounded finite number; Int and Real differ only in the kind they accept."""
+    kind: type = float
+    noun = "a number"
 
-    def __init__(self, low: int = 0, high: int = BIG, optional: bool = False, what: str = ""):
-        self.low, self.high, self.optional, self.what = low, high, optional, what
+    def __init__(self, low=0, high=BIG, optional: bool = False, what: str = "", low_open: bool = False):
+        self.low, self.high, self.optional, self.what, self.low_open = low, high, optional, what, low_open
+
+    def parse(self, text: str):
+        return _parse_number(text, self.kind)
 
     def convert(self, value, name: str):
-        number = _number_text(value, name, int)
-        if not self.low <= number <= self.high:
-            raise UserError(f"{name}: must be an integer in [{self.low}, {self.high}]"
-                            f"{' (' + self.what + ')' if self.what else ''}, got {number}")
-        return number
-
-    def describe(self) -> str:
-        return f"an integer in [{self.low}, {self.high}]"
-
-
-class Real(Arg):
-    def parse(self, text: str):
-        return _parse_number(text, float)
-
-    def __init__(self, low: float = 0.0, high: float = 1e6, optional: bool = False, low_open: bool = False):
-        self.low, self.high, self.optional, self.low_open = low, high, optional, low_open
-
-    def convert(self, value, name: str):
-        number = _number_text(value, name, float)
+        number = _number_text(value, name, self.kind)
         below = number <= self.low if self.low_open else number < self.low
         if not math.isfinite(number) or below or number > self.high:
-            raise UserError(f"{name}: must be a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-                            f", got {number:g}")
+            raise UserError(f"{name}: must be {self.describe()}{' (' + self.what + ')' if self.what else ''}, "
+                            f"got {_shown(number)}")
         return number
 
     def describe(self) -> str:
-        return f"a number in [{self.low:g}, {self.high:g}]"
+        return f"{self.noun} in {'(' if self.low_open else '['}{_shown(self.low)}, {_shown(self.high)}]"
+
+
+def _shown(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+class Int(Number):
+    kind, noun = int, "an integer"
+
+
+class Real(Number):
+    def __init__(self, low: float = 0.0, high: float = 1e6, optional: bool = False, low_open: bool = False,
+                 what: str = ""):
+        super().__init__(low, high, optional, what, low_open)
 
 
 class Text(Arg):
