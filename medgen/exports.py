@@ -210,8 +210,9 @@ def model_card(info: dict, figures: dict, weights_sha256: str) -> str:
              f"- network: {info['architecture']['class']} "
              f"({info['architecture']['parameters'] / 1e6:.2f}M parameters)", "",
              "## Training data", "",
-             f"- {counts} {unit} (names are not recorded: the run keeps SHA-256 digests of them, config.json "
-             "`meta.data_units`, so an evaluation can refuse test data the model saw)",
+             f"- {counts} {unit} (names are not recorded: the run keeps keyed digests of them, HMAC-SHA-256 with "
+             "the training site's key, config.json `meta.data_units`, so an evaluation where that key is can refuse "
+             "test data the model saw)",
              f"- preprocessing: {contract['normalisation']}",
              "- masks: " + mask_text(contract["mask_labels"]), "",
              "## Intended use and limits", "",

@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
     torch.set_num_threads(1)
 
+# the site key of the keyed unit digests (common/splits.py) is made on first use under XDG_CONFIG_HOME: the tests
+# use a key of their own, never the developer's. The first pytest process makes the folder (and removes it at
+# exit); the xdist workers and the scripts the tests start inherit it, so that they all share one key.
+if not os.environ.get("MEDGEN_KEY_FILE") and "medgen-test-config-" not in os.environ.get("XDG_CONFIG_HOME", ""):
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="medgen-test-config-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
+
 from medgen.Generation.TrainGen.core.phantom import ensure_demo_data  # noqa: E402
 
 # `make test` hands whole files to two workers (--dist loadfile --no-loadscope-reorder), in collection order: the

@@ -318,6 +318,38 @@ def test_a_pickled_bin_and_absurd_sizes_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- manifest privacy, wording
+def test_unit_digests_are_keyed_and_a_record_of_another_key_is_refused(tmp_path, monkeypatch):
+    """Review 7.09: an unsalted SHA-256 of a folder name is reversed by trying candidate MRNs. The digest is an
+    HMAC with a site key kept outside every output folder: the same guess no longer finds the subject, another
+    key's record is refused naming both keys, and a record from before keyed digests is still checked."""
+    import hashlib
+    from medgen.common import splits
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("MEDGEN_KEY_FILE", raising=False)
+    name = "DOE_JOHN_MRN4711"
+    keyed = splits.digest(name)                                 # made on first use, owner-only
+    made = tmp_path / "config" / "medgen" / "unit-key"
+    assert made.is_file() and made.stat().st_mode & 0o077 == 0 and len(made.read_bytes()) == 32
+    guesses = {hashlib.sha256(f"DOE_JOHN_MRN{k:04d}".encode()).hexdigest()[:20]: k for k in range(10 ** 4)}
+    assert keyed not in guesses and splits.digest(name, "sha256") in guesses      # the old scheme falls
+    other = tmp_path / "other.key"
+    other.write_bytes(bytes(range(32)))
+    monkeypatch.setenv("MEDGEN_KEY_FILE", str(other))
+    assert splits.digest(name) != keyed
+    foreign = {"key_id": splits.key_id(), "train": [splits.digest(name)]}
+    monkeypatch.setenv("MEDGEN_KEY_FILE", str(made))
+    with pytest.raises(UserError, match=f"site key {foreign['key_id']}.*is {splits.key_id()}.*MEDGEN_KEY_FILE"):
+        splits.check_no_leak({"image": foreign}, {"test": [f"/d/test/{name}"]}, "--real_dir d")
+    own = {"key_id": splits.key_id(), "train": [keyed]}
+    legacy = {"train": [splits.digest(name, "sha256")]}         # a record from before keyed digests
+    for rec in (own, legacy):
+        with pytest.raises(UserError, match=f"1 of the 1 test subjects.*{name}"):
+            splits.check_no_leak({"image": rec}, {"test": [f"/d/test/{name}"]}, "--real_dir d")
+    monkeypatch.setenv("MEDGEN_KEY_FILE", str(tmp_path / "missing.key"))
+    with pytest.raises(UserError, match="missing.key: no such key file"):
+        splits.digest(name)
+
+
 def test_anonymized_sources_keep_pairing(tiny_models, demo_root, tmp_path):
     from medgen.eval.obj_eval.core.inputs import load_set, pair
     out = tmp_path / "anon"
@@ -328,7 +360,7 @@ def test_anonymized_sources_keep_pairing(tiny_models, demo_root, tmp_path):
     with open(out / "manifest.csv", newline="") as f:
         conditions = [r["condition"] for r in csv.DictReader(f)]
     names = [p.name for p in val.iterdir()]
-    assert all(c.startswith("sha256:") for c in conditions) and not any(n in c for c in conditions for n in names)
+    assert all(c.startswith("hmac:") for c in conditions) and not any(n in c for c in conditions for n in names)
     synth, real = load_set(out, what="--synthetic-dir"), load_set(val)
     s_idx, r_idx, how = pair(synth, real)
     assert len(s_idx) == 3 and how.startswith("conditioning mask")

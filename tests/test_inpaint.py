@@ -165,7 +165,7 @@ def test_insertion_bad_inputs_are_one_line(inpaint_run, tiny_models, demo_root, 
     cases = [(["--masks_from", str(demo_root / "brain" / "train"), "--max_lesion_area", "0.0001",
                "--min_lesion_area", "0.00001"], "no lesion could be placed"),          # nothing fits the range
              (["--masks_from", str(demo_root / "brain" / "train"), "--max_lesion_area", "0.0001",
-               "--min_lesion_area", "0.00001", "--anonymize_sources"], "no lesion could be placed in sha256:"),
+               "--min_lesion_area", "0.00001", "--anonymize_sources"], "no lesion could be placed in hmac:"),
              (["--masks_from", str(empty)], f"{empty}: the 'train' split has no usable slices"),   # no lesion
              (["--seg_model", str(tiny_models["seg"])], "masks of binary"),            # another vocabulary
              ([], "exactly one of --seg_model"),

@@ -294,16 +294,17 @@ def test_balanced_recipe_fills_minority_classes():
 def test_inpainted_recipe_adds_only_lesions_inserted_into_the_subsets_own_scans():
     """real+inpainted at a real fraction adds the edits of the subset's own scans and nothing else: real+synthetic
     would add scans of the subjects the fraction left out."""
-    from medgen.common.splits import anonymous_key, digest, source_unit_digest
+    from medgen.common.splits import anonymous_key, digest, key_id, legacy_anonymous_key, source_unit_digest
     for key in ("/data/train/subj1#slice3", "/data/train/subj1", "/other/root/subj1#slice9"):    # plain or hashed
-        assert source_unit_digest(key) == source_unit_digest(anonymous_key(key)) == digest("subj1")
+        assert source_unit_digest(key) == source_unit_digest(anonymous_key(key)) == (key_id(), digest("subj1"))
+        assert source_unit_digest(legacy_anonymous_key(key)) == ("sha256", digest("subj1", "sha256"))
     subjects = [f"/data/train/subj{k}" for k in range(6)]
     real = data.TaskSet("real", torch.zeros(12, 1, 8, 8), torch.zeros(12, 1, 8, 8), subjects * 2,
                         [f"{s}#slice{k}" for k in (0, 1) for s in subjects])
     source = [k % 6 for k in range(30)]                       # sample k edits a scan of subject k % 6
     syn = data.TaskSet("s", torch.arange(30.0).view(30, 1, 1, 1).expand(30, 1, 8, 8).clone(), torch.ones(30, 1, 8, 8),
                        [f"/out/sample_{k:06d}" for k in range(30)], [f"sample_{k:06d}#slice0" for k in range(30)],
-                       edited_from={f"sample_{k:06d}": digest(f"subj{source[k]}") for k in range(30)})
+                       edited_from={f"sample_{k:06d}": (key_id(), digest(f"subj{source[k]}")) for k in range(30)})
     subset = study.real_subset(real, 0.5, seed=3)
     own = {int(u[-1]) for u in subset.units}
     assert len(own) == 3

@@ -63,9 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="redraw an image closer to a training image than the 1st percentile of the real validation images "
                   "(the memorization audit's criterion); needs the image model's training data on this machine")
     add_flag(p, "anonymize_sources", action="store_true",
-             help="--masks_from: the manifest's condition column names each real slice by the SHA-256 of its "
-                  "subject folder's name (hospital exports name folders by MRN) instead of its path; evaluation "
-                  "still pairs samples with their real slices")
+             help="--masks_from: the manifest's condition column names each real slice by a keyed digest of its "
+                  "subject folder's name (hospital exports name folders by MRN) instead of its path, with the site "
+                  "key (MEDGEN_KEY_FILE, default ~/.config/medgen/unit-key); evaluation where that key is still "
+                  "pairs samples with their real slices")
     add_flag(p, "class_model", action="append", default=[], metavar="NAME=RUN",
              help="class mode: draw class NAME with its own model (e.g. fine-tuned on that class); repeatable")
     add_flag(p, "png", action="store_true", help="also write a PNG per sample and modality")
@@ -373,7 +374,7 @@ def insert_lesions(args, rt) -> int:
               max_attempts=args.max_attempts, png=args.png, worker=worker, workers=workers, device=rt.device,
               autocast=rt.autocast, anonymize_sources=args.anonymize_sources, extra_roles=["seg", I.REGION_ROLE],
               inpaint=inserter.settings(args.inpaint_into),
-              source_units=sorted({source_unit_digest(s) for s in scans.sources}),
+              source_units=sorted({source_unit_digest(s)[1] for s in scans.sources}),
               contents={"--inpaint_into": content_digest(scans.sources, scans.images, scans.labels),
                         **({"--masks_from": content_digest(inserter.bank_keys, inserter.bank)}
                            if args.masks_from else {})})

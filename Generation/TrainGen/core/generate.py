@@ -25,7 +25,7 @@ from medgen.common.data import MASK_ROLE, fit_square
 from medgen.common.errors import UserError
 from medgen.common.labels import nesting_violations
 from medgen.common.locks import locked
-from medgen.common.splits import anonymous_key
+from medgen.common.splits import anonymous_key, key_id
 from medgen.Generation.TrainGen.core.generation.conditions import FIX, MaskFilter
 from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
 from medgen.Generation.TrainGen.core.generation.models import Model
@@ -121,7 +121,9 @@ class Job:
         if self.main_mode.needs != "label":          # what the masks' values mean (common/labels.py)
             record["labels"] = self.main_mode.vocab.record()
         if self.source_units:
-            record["training_data"]["scans"] = {"train": self.source_units}
+            record["training_data"]["scans"] = {"key_id": key_id(), "train": self.source_units}
+        if self.anonymize_sources:                   # the key the manifest's 'hmac:' names were made with
+            record["anonymous_key_id"] = key_id()
         return record
 
     def inputs(self) -> dict:

@@ -26,7 +26,7 @@ from medgen.common.data import DataConfig
 from medgen.common.data import is_nifti_dataset, nifti_files, walk_files
 from medgen.common.dataset import load_folder
 from medgen.common.errors import UserError
-from medgen.common.splits import anonymous_key
+from medgen.common.splits import KEYED_PREFIX, anonymous_key, check_scheme, legacy_anonymous_key
 
 
 @dataclass
@@ -139,11 +139,24 @@ def load_set(root, image_type: str = "bravo", size: int | None = None, positive_
     return EvalSet(root, "nifti", data.images[:, :1].float(), ids, paths, groups)
 
 
+def anonymous_key_id(root: Path) -> str:
+    """The site key id that generate.py recorded for the manifest's 'hmac:' names (generation.json)."""
+    import json
+    try:
+        rec = json.loads((Path(root) / "generation.json").read_text())
+    except (OSError, ValueError):
+        rec = {}
+    return rec.get("anonymous_key_id") or "unknown"
+
+
 def pair(synthetic: EvalSet, real: EvalSet) -> tuple[list[int], list[int], str]:
     """(synthetic indices, real indices, how) of matched pairs; empty lists when nothing matches."""
     by_path = {p: i for i, p in enumerate(real.paths)}
-    if any(g.startswith("sha256:") for g in synthetic.groups):     # generate.py --anonymize_sources
+    if any(g.startswith(KEYED_PREFIX) for g in synthetic.groups):  # generate.py --anonymize_sources
+        check_scheme(anonymous_key_id(synthetic.root), f"{synthetic.root}: the manifest's anonymous source names")
         by_path.update({anonymous_key(p): i for i, p in enumerate(real.paths)})
+    if any(g.startswith("sha256:") for g in synthetic.groups):     # a manifest from before keyed names
+        by_path.update({legacy_anonymous_key(p): i for i, p in enumerate(real.paths)})
     s_idx, r_idx = [], []
     for i, g in enumerate(synthetic.groups):
         if g in by_path and g not in synthetic.paths:

@@ -21,7 +21,7 @@ from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nif
 from medgen.common.dataset import SliceData, load_split
 from medgen.common.errors import UserError
 from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
-from medgen.common.splits import source_unit_digest
+from medgen.common.splits import check_scheme, source_unit_digest
 from medgen.config.paths import PathConfig
 from medgen.eval.obj_eval.core.inpainting import is_inpainted
 from medgen.eval.obj_eval.core.inputs import existing_folder, manifest_conditions, native_size
@@ -40,7 +40,7 @@ class TaskSet:
     classes: list[str] = field(default_factory=list)
     spacing: torch.Tensor | None = None   # volumes: (N, 3) grid spacing in mm, (D, H, W) order (HD95 in mm)
     vocab: Vocabulary = BINARY            # segmentation: what the mask values mean
-    edited_from: dict[str, str] | None = None   # a --inpaint_into set: {sample folder: hashed unit of its real scan}
+    edited_from: dict[str, tuple] | None = None  # --inpaint_into set: {sample folder: (scheme, digest) of its scan's unit}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -261,10 +261,13 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
 
 def edited_sources(root: Path) -> dict[str, str] | None:
     """A folder that generate.py --inpaint_into wrote: {sample folder name: the hashed unit (subject or image) of
-    the real scan its lesion was inserted into}, from the manifest; None for any other folder."""
+    the real scan its lesion was inserted into, as (digest scheme, digest)}, from the manifest; None for any other
+    folder."""
     if not is_inpainted(root):
         return None
     out = {name: source_unit_digest(cond) for name, cond in manifest_conditions(root).items() if cond}
+    for scheme in {s for s, _ in out.values()}:
+        check_scheme(scheme, f"--synthetic_dir {root}: the manifest's source scans")
     if not out:
         raise UserError(f"--synthetic_dir {root}: lesions inserted into real scans (generation.json), but its "
                         "manifest.csv names no source scan")

@@ -121,7 +121,8 @@ def compose(recipe: Recipe, real: TaskSet, synthetic: dict[str, TaskSet], seed: 
     if recipe.kind in ("real+synthetic", "real+inpainted"):
         pool, of = np.arange(len(syn)), ""
         if recipe.kind == "real+inpainted":     # only lesions inserted into the subset's own scans
-            own = {digest(unit_name(u)) for u in real.units}
+            schemes = {scheme for scheme, _ in syn.edited_from.values()}
+            own = {(scheme, digest(unit_name(u), scheme)) for u in real.units for scheme in schemes}
             pool = np.flatnonzero([syn.edited_from.get(Path(u).name) in own for u in syn.units])
             of = " inserted into the real subset's own scans"
         want = int(round(recipe.ratio * len(real)))
