@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
-import torch
-import torch.nn.functional as F
+import numpy as np   # torch is imported in the functions that use it: the config layer and --help run without it
 from nibabel import orientations as ornt
 
 from medgen.common.errors import UserError, require as _check
+
+if TYPE_CHECKING:
+    import torch
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MASK_ROLE = "seg"   # the data role of a segmentation mask (label checks, nearest resizing, thresholded outputs)
@@ -374,6 +375,7 @@ def normalise(vol: np.ndarray, percentiles: tuple[float, float] | None = (0.5, 9
 
 def pad_square(x: torch.Tensor, side: int | None = None) -> torch.Tensor:
     """Zero-pad the last two axes, centred, to side x side (default: the longer of the two)."""
+    import torch.nn.functional as F
     h, w = x.shape[-2:]
     side = max(h, w) if side is None else side
     ph, pw = side - h, side - w
@@ -382,6 +384,7 @@ def pad_square(x: torch.Tensor, side: int | None = None) -> torch.Tensor:
 
 def fit_square(x: torch.Tensor, size: int, crop: int | None, mode: str) -> torch.Tensor:
     """(N, C, H, W): centre crop to `crop`, zero-pad to a square, resize to size x size."""
+    import torch.nn.functional as F
     h, w = x.shape[-2:]
     if crop is not None:
         top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
@@ -400,6 +403,7 @@ def unfit_square(x: torch.Tensor, shape: tuple[int, int], mode: str, crop: int |
     """The inverse of fit_square(., size, crop, mode): (C, s, s) at the model's size back to an input slice of
     shape (H, W): resized to the padded square, its padding removed, and placed where the crop was cut; zero
     outside the crop. Image folders are read with crop = the shorter side; NIfTI slices with data.crop_size."""
+    import torch.nn.functional as F
     h, w = shape
     ch, cw = (h, w) if crop is None else (min(h, crop), min(w, crop))
     side = max(ch, cw)
@@ -432,6 +436,7 @@ def oriented_like(ras: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def fit_volume(x: torch.Tensor, shape: tuple[int, int, int], crop: int | None, mode: str) -> torch.Tensor:
     """(N, C, D, H, W): centre crop in-plane to `crop`, zero-pad in-plane to a square, then per axis zero-pad up to
     `shape` (D, H, W) and downsample what is larger (area for images, nearest for masks)."""
+    import torch.nn.functional as F
     n, c, d, h, w = x.shape
     x = fit_square(x.reshape(n, c * d, h, w), max(h, w) if crop is None else min(crop, max(h, w)), crop, mode)
     x = x.reshape(n, c, d, *x.shape[-2:])
@@ -474,6 +479,7 @@ class Preprocess:
     def __call__(self, vols: dict[str, np.ndarray], spacing=(1.0, 1.0, 1.0)) -> dict[str, torch.Tensor]:
         """Volumes of one subject -> {'images': (S, C, H, W) float32, 'masks': (S, 1, H, W) uint8, 'index': (S,)};
         with volume_shape one (1, C, D, H, W) volume, index [-1] and its grid 'spacing' (1, 3)."""
+        import torch
         imgs = np.stack([to_slices(normalise(vols[r], self.percentiles)) for r in self.image_roles], 1) \
             if self.image_roles else None
         mask = None
@@ -503,6 +509,7 @@ class Preprocess:
     def volume(self, imgs: np.ndarray | None, mask: np.ndarray | None, spacing) -> dict[str, torch.Tensor]:
         """(Z, C, H, W) slices of one subject -> one volume on the configured grid (none when positive_only and
         the mask is empty)."""
+        import torch
         source = imgs if imgs is not None else mask
         n = 0 if self.positive_only and mask is not None and not mask.any() else 1
         grid = grid_spacing(spacing, (source.shape[0], *source.shape[2:]), self.volume_shape, self.crop_size)

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from medgen.common.errors import UserError
 
 
@@ -67,6 +65,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def safe_load(path: Path, what: str) -> dict:
     """torch.load(weights_only=True): a file is untrusted input; any failure is one UserError line."""
+    import torch
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file

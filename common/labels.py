@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+import numpy as np   # torch is imported where a function needs it: the config layer runs without it
 
 from medgen.common.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ def encode(labels: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
     """(N, 1, ...) label ids -> (N, K, ...) float {0, 1}, one channel per label. Binary: the mask itself."""
     if vocab.binary:
         return labels.float()
+    import torch
     return torch.cat([(labels == i).float() for i in vocab.ids], 1)
 
 
@@ -149,6 +153,7 @@ def decode(x: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
     0, else the label of the largest channel. Binary: (x + 1) / 2 > 0.5, as masks always were."""
     if vocab.binary:
         return (((x + 1) / 2).clamp(0, 1) > 0.5).float()
+    import torch
     best = x.argmax(1, keepdim=True)
     ids = torch.tensor(vocab.ids, dtype=x.dtype, device=x.device)
     return torch.where(x.amax(1, keepdim=True) > 0, ids[best], torch.zeros_like(best, dtype=x.dtype))
@@ -156,6 +161,7 @@ def decode(x: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
 
 def region_masks(labels: torch.Tensor, vocab: Vocabulary) -> dict[str, torch.Tensor]:
     """{region: boolean mask} of a label map (any shape)."""
+    import torch
     return {name: torch.isin(labels, torch.tensor(ids, device=labels.device)) for name, ids in vocab.regions}
 
 

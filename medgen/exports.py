@@ -19,19 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from medgen.common.args import Text, validated
 from medgen.common.cli import HelpFormatter, add_flag
 from medgen.common.outputs import check_apart, check_path
 from medgen.common.errors import UserError
-from medgen.common.features import sha256_of
-from medgen.Generation.TrainGen.core.checkpoint import model_weights
 from medgen.Generation.TrainGen.core.config import stored_config, to_dict
-from medgen.Generation.TrainGen.core.exported import (AUTOENCODER_DIR, AUTOENCODER_FORMAT, CONFIG_FILE, FORMAT,
-                                                      FORMAT_VERSION, WEIGHTS_FILE, data_contract, read_model,
-                                                      record_digest)
-from medgen.Generation.TrainGen.core.parts import build_network, build_parts
+# torch and the model code are imported by the functions that use them: `medgen export --help` runs without torch
 
 
 def scheduler_config(strategy) -> dict:
@@ -40,6 +33,7 @@ def scheduler_config(strategy) -> dict:
     'linspace' spacing our DDIM grid uses. Rectified flow: FlowMatchEulerDiscreteScheduler with the run's shift
     (diffusers' flow models output noise - x0, the negative of our velocity)."""
     import diffusers
+    import torch
     if strategy.name == "ddpm":
         abar = strategy.alphas_cumprod
         betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -86,6 +80,13 @@ def _write_weights(state: dict, path: Path, kind: str) -> None:
 def export(run: str | Path, out: str | Path, license: str | None = None, evaluation: str | None = None,
            utility: str | None = None) -> Path:
     """Write the export of `run` (a run folder, checkpoint file or another export) to the new folder `out`."""
+    import torch
+
+    from medgen.common.features import sha256_of
+    from medgen.Generation.TrainGen.core.checkpoint import model_weights
+    from medgen.Generation.TrainGen.core.exported import (AUTOENCODER_DIR, CONFIG_FILE, FORMAT, FORMAT_VERSION,
+                                                          WEIGHTS_FILE, data_contract, read_model, record_digest)
+    from medgen.Generation.TrainGen.core.parts import build_network, build_parts
     out = Path(out)
     check_apart(out, "OUT", {"RUN": run})
     check_path(out, "OUT")                       # a file, or a path under a file: one line
@@ -146,6 +147,7 @@ def architecture(cfg, mode, net) -> dict:
 
 
 def export_autoencoder(ae, folder: Path) -> None:
+    from medgen.Generation.TrainGen.core.exported import AUTOENCODER_FORMAT, CONFIG_FILE, WEIGHTS_FILE
     folder.mkdir()
     _write_weights(ae.net.state_dict(), folder / WEIGHTS_FILE, AUTOENCODER_FORMAT)
     (folder / CONFIG_FILE).write_text(json.dumps({"format": AUTOENCODER_FORMAT, "config": to_dict(ae.cfg),
@@ -191,6 +193,7 @@ def mask_text(masks: dict | None) -> str:
 
 
 def model_card(info: dict, figures: dict, weights_sha256: str) -> str:
+    from medgen.Generation.TrainGen.core.exported import WEIGHTS_FILE
     meta, contract, cfg = info["meta"], info["data_contract"], info["config"]
     units = meta.get("data_units") or {}
     counts = ", ".join(f"{len(units.get(s, []))} {s}" for s in ("train", "val")) if units else "not recorded"

@@ -28,7 +28,7 @@ from pathlib import Path
 from medgen.common.args import Flag, Real, Text, validated
 from medgen.common.cli import HelpFormatter, add_flag
 from medgen.common.errors import UserError
-from medgen.common.features import HASH_IN_NAME, RADIMAGENET_FILE, default_weights_dir, sha256_of
+from medgen.common.weightfiles import HASH_IN_NAME, RADIMAGENET_FILE, default_weights_dir, sha256_of
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,33 @@ def test_medgen_subcommands_are_the_scripts(capsys):
     assert stop.value.code == 0 and "usage: medgen train" in capsys.readouterr().out
 
 
+HELP_WITHOUT_TORCH = """
+import contextlib, importlib, io, sys
+from medgen.cli import COMMANDS
+for name, (module, _) in COMMANDS.items():
+    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    assert "usage: " in shown.getvalue(), name
+    heavy = [m for m in ("torch", "monai") if m in sys.modules]
+    assert not heavy, (name, heavy)
+print("ok", len(COMMANDS))
+"""
+
+
+def test_every_command_help_runs_without_importing_torch():
+    """`medgen <job> --help` answers in a fraction of a second: nothing on the way to the parser imports torch
+    (its import alone takes seconds), and the --mode / --strategy names it lists are the registries'."""
+    res = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
+    from medgen.Generation.TrainGen.core.cli import BUILTIN_NAMES, registered_names
+    from medgen.Generation.TrainGen.core.modes import MODES
+    from medgen.Generation.TrainGen.core.strategies import STRATEGIES
+    builtin = {k: v for k, v in MODES.items() if v.__module__.startswith("medgen.")}
+    assert BUILTIN_NAMES["mode"] == tuple(builtin) and registered_names("mode") == tuple(MODES)
+    assert BUILTIN_NAMES["strategy"] == tuple(k for k, v in STRATEGIES.items() if v.__module__.startswith("medgen."))
+
+
 # ---------------------------------------------------------------- the Python API
 def same_folders(a: Path, b: Path) -> list[str]:
     """Files that differ or exist on one side only (the lock files of a finished job are gone on both)."""

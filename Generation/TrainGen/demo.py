@@ -15,7 +15,6 @@ from medgen.config.paths import PathConfig  # noqa: E402
 from medgen.common.args import Int, SEED  # noqa: E402
 from medgen.common.cli import HelpFormatter  # noqa: E402
 from medgen.common.errors import UserError, run_main  # noqa: E402
-from medgen.Generation.TrainGen.core.preview import preview_brain, preview_lesions  # noqa: E402
 from medgen.Generation.TrainGen.core.phantom import DEMO_TEST_SUBJECTS, ensure_demo_data  # noqa: E402
 
 
@@ -28,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", type=Int(16, 512), nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"), help="volume size")
     p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
+    from medgen.Generation.TrainGen.core.preview import preview_brain, preview_lesions   # torch: not for --help
     if args.subjects < 2 or args.test_subjects < 0 or min(args.shape) < 16:
         raise UserError("--subjects must be at least 2, --test_subjects at least 0 and every --shape size at least 16")
     root = args.out or PathConfig.from_compute("local").demo_root

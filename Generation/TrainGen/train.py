@@ -14,7 +14,6 @@ if not __package__:   # run as a script path: the checkout's root holds the medg
 
 from medgen.common.cli import HelpFormatter, add_flag  # noqa: E402
 from medgen.Generation.TrainGen.core.cli import add_config_flags, config_from_args  # noqa: E402
-from medgen.Generation.TrainGen.core.datasource import check_data  # noqa: E402
 from medgen.common.errors import run_main  # noqa: E402
 from medgen.Generation.TrainGen.core.plugins import load_plugins, plugin_paths  # noqa: E402
 
@@ -31,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.check_data:
+        from medgen.Generation.TrainGen.core.datasource import check_data
         return check_data(cfg, every_modality=args.mode is None)
     from medgen.Generation.TrainGen.core.run import train
     return train(cfg)

@@ -31,13 +31,13 @@ def load(path: str) -> tuple[Path, dict]:
 
 
 def main(argv=None) -> int:
-    from tabulate import tabulate
-
-    from medgen.eval.obj_eval.core.report import markdown, plot_metrics
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_flag(p, "results", nargs="+", required=True, help="metrics.json files or their folders")
     add_flag(p, "output", default=None, help="Markdown file (default: report.md beside the first results)")
     args = p.parse_args(argv)
+    from tabulate import tabulate
+
+    from medgen.eval.obj_eval.core.report import markdown, plot_metrics   # here: --help runs without torch
     loaded = [load(r) for r in args.results]
     out = Path(args.output) if args.output else loaded[0][0].parent / "report.md"
     if len(loaded) == 1:

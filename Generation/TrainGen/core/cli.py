@@ -26,6 +26,21 @@ SWITCHES = {
 }
 
 
+BUILTIN_NAMES = {"mode": ("seg", "bravo", "dual", "class", "segment", "image", "inpaint"),   # core/modes
+                 "strategy": ("ddpm", "rflow")}                                           # core/strategies
+
+
+def registered_names(kind: str) -> tuple[str, ...]:
+    """The --mode / --strategy names: the registry's when it is loaded (a plugin added to it), else the built-in
+    ones, so that `--help` runs without importing torch (tests/test_package.py checks that they agree)."""
+    import sys
+    module = sys.modules.get(f"medgen.Generation.TrainGen.core.{kind}s" if kind == "mode" else
+                             "medgen.Generation.TrainGen.core.strategies")
+    if module is None:
+        return BUILTIN_NAMES[kind]
+    return tuple(module.MODES if kind == "mode" else module.STRATEGIES)
+
+
 def field_help(field: str) -> str:
     """'-> section.key (default V; one of a, b)' from the config dataclasses, for the train.py flags."""
     import typing
@@ -34,12 +49,8 @@ def field_help(field: str) -> str:
     value = getattr(defaults, key)
     tp = typing.get_type_hints(type(defaults))[key]
     choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
-    if field == "mode.name":
-        from medgen.Generation.TrainGen.core.modes import MODES
-        choices = tuple(MODES)
-    elif field == "strategy.name":
-        from medgen.Generation.TrainGen.core.strategies import STRATEGIES
-        choices = tuple(STRATEGIES)
+    if field in ("mode.name", "strategy.name"):
+        choices = registered_names(field.split(".")[0])
     text = f"-> {field} (default {value})"
     return text[:-1] + f"; one of {', '.join(map(str, choices))})" if choices else text
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from medgen.eval.obj_eval.core.evaluate import Options, parse_metrics
 from medgen.common.args import Int, SEED
 from medgen.common.cli import add_flag as _add
 from medgen.common.errors import UserError
-from medgen.eval.obj_eval.core.inputs import parse_volume_shape
+
+if TYPE_CHECKING:
+    from medgen.eval.obj_eval.core.evaluate import Options
 
 
 def add_flag(p, name: str, **kw):
@@ -60,6 +62,8 @@ def add_weight_flags(p, kinds: tuple[str, ...]) -> None:
 
 def options(args, metrics: str, weights_kind: str | None = None, **extra) -> Options:
     """Options from parsed flags; weights_kind names the network a single-metric script's --weights is for."""
+    from medgen.eval.obj_eval.core.evaluate import Options, parse_metrics   # here: --help runs without torch
+    from medgen.eval.obj_eval.core.inputs import parse_volume_shape
     from medgen.eval.obj_eval.core.networks import check_fid_network
     if args.real_dir is None and "quality" in extra.get("modes", ("quality",)):
         raise UserError("--real-dir is needed for --mode quality (pairs of synthetic and real images)")

@@ -21,15 +21,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medgen.common.args import BIG, Int, Real, SEED
 from medgen.common.cli import add_flag as _add
 from medgen.common.outputs import claim
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
-from medgen.eval.obj_eval.core.inpainting import is_inpainted
-from medgen.eval.obj_eval.utility import data, models, report, scores, study
-from medgen.eval.obj_eval.utility.sections import reference_cache, run_audits
+from medgen.eval.obj_eval.utility import names
+
+if TYPE_CHECKING:
+    from medgen.eval.obj_eval.utility import models
 
 AUDITS = ("faithfulness", "memorization", "domain")
 
@@ -40,7 +42,7 @@ def add_flag(p, name: str, **kw):
 
 def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("downstream model (MONAI BasicUNet / ResNet)")
-    add_flag(g, "preset", default="small", choices=tuple(models.PRESETS),
+    add_flag(g, "preset", default="small", choices=tuple(names.PRESETS),
              help="network width and step budget: tiny (CPU, minutes), small, full (GPU)")
     add_flag(g, "max-steps", type=Int(1, BIG), default=None, help="training steps per model (default: the preset's)")
     add_flag(g, "epochs", type=Real(0, 1e6, low_open=True), default=None, help="instead of --max-steps: passes over each recipe's data")
@@ -62,6 +64,7 @@ def add_split_flags(p) -> None:
 
 
 def train_settings(args, task: str, device: str) -> models.TrainSettings:
+    from medgen.eval.obj_eval.utility import models
     for flag in ("max_steps", "train_batch_size", "val_every", "patience"):
         v = getattr(args, flag, None)
         if v is not None and v < 1:
@@ -88,7 +91,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
              help="synthetic dataset (generate.py output or any folder the loaders read); repeat for several")
     add_flag(p, "output", default=None, metavar="DIR", help="results (default: <first synthetic dir>/utility)")
     add_flag(p, "recipes", default=None,
-             help=f"comma list of {', '.join(study.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
+             help=f"comma list of {', '.join(names.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
                   "plus real+balanced for class data; a set of lesions inserted into real scans takes "
                   "real+inpainted, its own scans only, for real+synthetic)")
     add_flag(p, "synthetic-ratio", default="1", help="real+synthetic and real+inpainted: synthetic images per real "
@@ -98,8 +101,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "seed", type=SEED, default=0, help="first seed (seeds are seed, seed+1, ...)")
     add_flag(p, "primary", default="auto", help="score of the verdict: auto (dice_subject; balanced_accuracy, or "
                                                 "kappa_quadratic for ordinal grades) or one of " +
-                                                ", ".join(dict.fromkeys(scores.SEG_METRICS + scores.SEG_METRICS_3D
-                                                                        + scores.CLASS_METRICS)))
+                                                ", ".join(dict.fromkeys(names.SEG_METRICS + names.SEG_METRICS_3D
+                                                                        + names.CLASS_METRICS)))
     add_flag(p, "ordinal", action="store_true",
              help="class data: the classes are ordered grades (automatic when every class name is an integer)")
     add_flag(p, "audit", default="all", help="sections beside the study: all, none, or a comma list of "
@@ -124,6 +127,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def eval_size(args) -> tuple[dict, object]:
     """({synthetic folder: native size}, the evaluation size: px, or an [H, W, D] grid with --spatial-dims 3)."""
     from medgen.eval.obj_eval.core.inputs import parse_volume_shape
+    from medgen.eval.obj_eval.utility import data
     volume = parse_volume_shape(args.volume_shape, args.spatial_dims)
     if args.spatial_dims == 2:
         natives = data.native_sizes(args.synthetic_dir)
@@ -149,6 +153,9 @@ def parse_audits(text: str, task: str) -> list[str]:
 
 def main(argv=None, doc: str = DOC) -> int:
     args = parser(doc).parse_args(argv)
+    from medgen.eval.obj_eval.core.inpainting import is_inpainted   # here: --help runs without torch
+    from medgen.eval.obj_eval.utility import data, models, scores, study
+    from medgen.eval.obj_eval.utility.sections import reference_cache, run_audits
     if args.seeds < 2:
         raise UserError("--seeds must be at least 2: the confidence intervals and paired comparisons are over seeds")
     if args.bootstrap < 100:
@@ -223,10 +230,10 @@ def choose_primary(name: str, task: str, spatial_dims: int, ordinal: bool, class
     only means something for ordered grades (diabetic retinopathy 0-4): the default for those, refused for
     unordered classes, where balanced accuracy is the headline and kappa a secondary column."""
     if task == "segmentation":
-        base = scores.SEG_METRICS_3D if spatial_dims == 3 else scores.SEG_METRICS
+        base = names.SEG_METRICS_3D if spatial_dims == 3 else names.SEG_METRICS
         allowed = tuple(base) + tuple(f"{m}_{r}" for r in regions for m in base)   # label maps: per region too
     else:
-        allowed = scores.CLASS_METRICS
+        allowed = names.CLASS_METRICS
     if name == "auto":
         return "dice_subject" if task == "segmentation" else "kappa_quadratic" if ordinal else "balanced_accuracy"
     if name not in allowed:
@@ -249,6 +256,7 @@ def downstream_options(args) -> dict:
 
 
 def write(summary: dict, out: Path) -> None:
+    from medgen.eval.obj_eval.utility import report
     out.mkdir(parents=True, exist_ok=True)
     plots = [report.plot_fractions(summary, out / "utility_scores.png")]
     plots += [Path(p) for r in summary["audit"] for p in r.get("plots", [])]

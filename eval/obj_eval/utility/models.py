@@ -29,16 +29,8 @@ from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write
 from medgen.common.labels import BINARY
 from medgen.common.overlap import dice, region_dice
+from medgen.eval.obj_eval.utility.names import PRESETS
 
-# features of the BasicUNet levels / ResNet widths and layers, and each preset's budget
-PRESETS = {
-    "tiny": {"unet": (8, 8, 16, 32, 64, 8), "layers": (1, 1, 1, 1), "planes": (8, 16, 32, 64), "max_steps": 300,
-             "batch_size": 32, "lr": 1e-2, "val_every": 50},
-    "small": {"unet": (16, 16, 32, 64, 128, 16), "layers": (2, 2, 2, 2), "planes": (32, 64, 128, 256),
-              "max_steps": 3000, "batch_size": 32, "lr": 1e-3, "val_every": 200},
-    "full": {"unet": (32, 32, 64, 128, 256, 32), "layers": (2, 2, 2, 2), "planes": (64, 128, 256, 512),
-             "max_steps": 10000, "batch_size": 64, "lr": 1e-3, "val_every": 500},
-}
 
 
 @dataclass

@@ -21,10 +21,8 @@ import torch
 from scipy import stats
 
 from medgen.common.overlap import hd95
+from medgen.eval.obj_eval.utility.names import CLASS_METRICS, SEG_METRICS, SEG_METRICS_3D  # noqa: F401
 
-SEG_METRICS = ("dice_subject", "dice_slice", "hd95_slice")
-SEG_METRICS_3D = ("dice_subject", "hd95_volume")     # volumes: one item per subject, HD95 in mm
-CLASS_METRICS = ("balanced_accuracy", "accuracy", "auc_macro_ovr", "kappa_quadratic")
 HIGHER_IS_BETTER = {"hd95_slice": False, "hd95_volume": False}
 LABELS = {"dice_subject": "Dice per subject", "dice_slice": "Dice per slice", "hd95_slice": "HD95 per slice (px)",
           "hd95_volume": "HD95 per volume (mm)",

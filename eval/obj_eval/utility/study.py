@@ -29,8 +29,8 @@ from medgen.common.fileio import atomic_write_text
 from medgen.common.splits import digest, unit_name
 from medgen.eval.obj_eval.utility import models, scores
 from medgen.eval.obj_eval.utility.data import TaskSet, concat, warn
+from medgen.eval.obj_eval.utility.names import RECIPE_KINDS
 
-RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced", "real+inpainted")
 
 
 @dataclass(frozen=True)
