@@ -269,6 +269,49 @@ def test_trained_runs_record_their_units_and_generation_copies_them(tiny_models,
         data.load_real(leak, 32, ["bravo"], compute="local", generators=data.generator_records([out]))
 
 
+def test_held_out_copies_of_training_subjects_are_found_by_content(demo_root, tmp_path):
+    """Review (evidence 1): a training subject copied into the test split under another name, a symlink or
+    another letter case passed the name check. Each is refused naming the copy and what it copies; a copy
+    resaved with rounding noise too; the clean dataset, and a flat image folder without copies, pass."""
+    import nibabel as nib
+    from medgen.common.leaks import find_copies
+    brain = tmp_path / "brain"
+    shutil.copytree(demo_root / "brain", brain)
+    assert data.load_real(brain, 32, ["bravo"], compute="local")[0]["test"]       # no copies: accepted
+    train = sorted((brain / "train").iterdir())
+    cases = {"renamed": lambda d: shutil.copytree(train[0], d / "BraTS2023_00017"),
+             "symlink": lambda d: (d / "P_0042").symlink_to(train[1], target_is_directory=True),
+             "re-cased": lambda d: shutil.copytree(train[2], d / train[2].name.upper())}
+    shown = {"renamed": f"BraTS2023_00017 copies {train[0].name}", "symlink": f"P_0042 copies {train[1].name}",
+             "re-cased": f"{train[2].name.upper()} copies {train[2].name}"}
+    for case, plant in cases.items():
+        root = tmp_path / case
+        shutil.copytree(brain, root, symlinks=True)
+        plant(root / "test")
+        with pytest.raises(UserError, match=f"1 test subject.*identical to within an RMS.*{shown[case]}"):
+            data.load_real(root, 32, ["bravo"], compute="local")
+    noisy = tmp_path / "noisy"                         # resaved: int16 rounding and a little noise
+    shutil.copytree(brain, noisy)
+    copy = noisy / "val" / "resaved"
+    shutil.copytree(train[3], copy)
+    rng = np.random.default_rng(0)
+    for f in copy.glob("*.nii.gz"):
+        img = nib.load(str(f))
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+        if "seg" not in f.name:
+            arr = np.round(arr * (1 + 0.002 * rng.standard_normal(arr.shape)))
+        nib.save(nib.Nifti1Image(arr.astype(np.int16), img.affine), str(f))
+    with pytest.raises(UserError, match=f"1 val subject.*resaved copies {train[3].name}"):
+        data.load_real(noisy, 32, ["bravo"], compute="local")
+    lesions = data.load_real(demo_root / "lesions", 32, [], compute="local")[0]       # images: no copies
+    assert not find_copies(lesions["train"].images, lesions["train"].units, lesions["test"].images,
+                           lesions["test"].units)
+    dup = lesions["test"].subset([0])                  # one training image saved again in the test split
+    dup.images = lesions["train"].images[[5]]
+    found = find_copies(lesions["train"].images, lesions["train"].units, dup.images, dup.units)
+    assert [(c.unit, c.source) for c in found] == [(dup.units[0], lesions["train"].units[5])]
+
+
 def test_memorization_needs_the_training_data(tmp_path, demo_root):
     from medgen.eval.obj_eval.core.evaluate import Options, downstream_records
     o = Options(str(demo_root / "brain" / "val"), str(demo_root / "brain" / "val"), metrics=("memorization",))

@@ -217,12 +217,31 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     for s in ("val", "test"):
         if len(sets[s]) == 0:
             raise UserError(f"{flag} {root}: the {s} split is empty")
+    check_no_copies(sets, f"{flag} {root}")
     if generators:
         notes += check_no_leak(generators, {s: sets[s].units for s in ("val", "test")}, f"{flag} {root}")
     elif generators is not None:
         notes.append("no generator record (a synthetic folder from generate.py holds one): the test subjects could "
                      "not be checked against the generator's training data")
     return sets, notes
+
+
+def check_no_copies(sets: dict[str, TaskSet], what: str) -> None:
+    """Refuse val or test subjects whose content copies a training subject (common/leaks.py): a renamed
+    re-release, a symlink or a re-cased copy is a leak that a name check cannot see."""
+    from medgen.common.leaks import MATCH_RMS, find_copies
+    from medgen.common.splits import unit_name
+    train = sets["train"]
+    for split in ("val", "test"):
+        copies = find_copies(train.images, train.units, sets[split].images, sets[split].units)
+        if copies:
+            shown = "; ".join(f"{unit_name(c.unit)} copies {unit_name(c.source)} ({c.matched} of its {c.informative} "
+                              "slices)" for c in copies[:5]) + (f"; and {len(copies) - 5} more" if len(copies) > 5
+                                                                else "")
+            raise UserError(f"{what}: {len(copies)} {split} subject(s)/image(s) hold the same images as training "
+                            f"subjects, identical to within an RMS of {MATCH_RMS:g}: {shown}; a held-out copy of "
+                            "training data (a re-release under new ids, a renamed folder, a symlink) makes every "
+                            "score optimistic: remove it from one split")
 
 
 def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compute: str = "auto",
