@@ -211,6 +211,10 @@ def test_segmentation_study_end_to_end_and_resume(brain, real, tmp_path, capsys)
     argv = ["--real_dir", str(brain), "--synthetic_dir", str(synth), "--output", str(out), "--seeds", "2",
             "--real_fraction", "0.5,1", "--recipes", "real,real+synthetic", "--positive_only", "--compute", "local",
             *FAST, "--max_steps", "12"]                                     # the machinery, not the models
+    with pytest.raises(UserError, match=r"--primary-comparison 'real\+synth@0.5': not a comparison of this study "
+                                        r"\(choose one of real\+synth x1@0.5, real\+synth x1@1\)"):
+        utility_main(argv + ["--primary-comparison", "real+synth@0.5"])          # refused before any training
+    assert not out.exists()                                                      # and before any write
     assert utility_main(argv) == 0
     assert "reference model (real train, seed 0): from the cache" in capsys.readouterr().out   # the study's real model
     summary = json.loads((out / "utility.json").read_text())

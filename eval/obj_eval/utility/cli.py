@@ -28,7 +28,7 @@ from medgen.common.cli import add_flag as _add
 from medgen.common.outputs import claim
 from medgen.common.errors import UserError
 from medgen.common.fileio import atomic_write_text
-from medgen.eval.obj_eval.utility import names
+from medgen.eval.obj_eval.utility import names as named
 
 if TYPE_CHECKING:
     from medgen.eval.obj_eval.utility import models
@@ -42,7 +42,7 @@ def add_flag(p, name: str, **kw):
 
 def add_downstream_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("downstream model (MONAI BasicUNet / ResNet)")
-    add_flag(g, "preset", default="small", choices=tuple(names.PRESETS),
+    add_flag(g, "preset", default="small", choices=tuple(named.PRESETS),
              help="network width and step budget: tiny (CPU, minutes), small, full (GPU)")
     add_flag(g, "max-steps", type=Int(1, BIG), default=None, help="training steps per model (default: the preset's)")
     add_flag(g, "epochs", type=Real(0, 1e6, low_open=True), default=None, help="instead of --max-steps: passes over each recipe's data")
@@ -91,7 +91,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
              help="synthetic dataset (generate.py output or any folder the loaders read); repeat for several")
     add_flag(p, "output", default=None, metavar="DIR", help="results (default: <first synthetic dir>/utility)")
     add_flag(p, "recipes", default=None,
-             help=f"comma list of {', '.join(names.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
+             help=f"comma list of {', '.join(named.RECIPE_KINDS)} (default: real,real+synthetic,synthetic, "
                   "plus real+balanced for class data; a set of lesions inserted into real scans takes "
                   "real+inpainted, its own scans only, for real+synthetic)")
     add_flag(p, "synthetic-ratio", default="1", help="real+synthetic and real+inpainted: synthetic images per real "
@@ -101,8 +101,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
     add_flag(p, "seed", type=SEED, default=0, help="first seed (seeds are seed, seed+1, ...)")
     add_flag(p, "primary", default="auto", help="score of the verdict: auto (dice_subject; balanced_accuracy, or "
                                                 "kappa_quadratic for ordinal grades) or one of " +
-                                                ", ".join(dict.fromkeys(names.SEG_METRICS + names.SEG_METRICS_3D
-                                                                        + names.CLASS_METRICS)))
+                                                ", ".join(dict.fromkeys(named.SEG_METRICS + named.SEG_METRICS_3D
+                                                                        + named.CLASS_METRICS)))
+    add_flag(p, "correction", default="holm", choices=named.CORRECTIONS,
+             help="family-wise error control over the study's comparisons (every recipe x real fraction): holm "
+                  "(adjusted p decides 'distinguishable'), or none (each comparison at alpha 0.05 on its own)")
+    add_flag(p, "primary-comparison", default=None, metavar="RECIPE[@FRACTION]",
+             help="one comparison declared before the study, tested alone at full alpha; the others form the "
+                  "corrected family (the report says which)")
     add_flag(p, "ordinal", action="store_true",
              help="class data: the classes are ordered grades (automatic when every class name is an integer)")
     add_flag(p, "audit", default="all", help="sections beside the study: all, none, or a comma list of "
@@ -164,8 +170,6 @@ def main(argv=None, doc: str = DOC) -> int:
     ratios = study.parse_list(args.synthetic_ratio, "--synthetic-ratio")
     out = Path(args.output) if args.output else (Path(args.synthetic_dir[0]) / "utility" if args.synthetic_dir
                                                   else Path("utility"))
-    claim(out, "utility", "--output", {"--real-dir": args.real_dir, "--synthetic-dir": args.synthetic_dir},
-          own=("utility.json",), nest_ok=("--synthetic-dir",))
     device = resolve_device(args.device)
     roles = [r.strip() for r in args.image_type.split(",") if r.strip()]
     natives, size = eval_size(args)
@@ -185,6 +189,7 @@ def main(argv=None, doc: str = DOC) -> int:
              ["real", "real+synthetic", "synthetic"] + (["real+balanced"] if task == "classification" else []))
     recipes = study.build_recipes([k.strip() for k in kinds if k.strip()], names, ratios, task,
                                   frozenset(n for n, d in zip(names, args.synthetic_dir) if is_inpainted(d)))
+    declared = study.parse_comparison(args.primary_comparison, recipes, fractions)
     synthetic = {n: data.load_synthetic(d, size, roles, real["train"], args.compute, natives[d])
                  for n, d in zip(names, args.synthetic_dir)}
     audits = parse_audits(args.audit, task) if synthetic else []
@@ -198,6 +203,9 @@ def main(argv=None, doc: str = DOC) -> int:
                                     for t in (ts.images, ts.targets)), roles, size, scores.SCORES_VERSION,
                                   *([edited] if edited else []))
     seeds = list(range(args.seed, args.seed + args.seeds))
+    # the first write, after every check: a refused study leaves no folder behind
+    claim(out, "utility", "--output", {"--real-dir": args.real_dir, "--synthetic-dir": args.synthetic_dir},
+          own=("utility.json",), nest_ok=("--synthetic-dir",))
     results = study.run_study(out, task, recipes, fractions, seeds, real, synthetic, settings, data_key,
                               reference_cache(args.compute) if audits else None)
     s = settings.resolved()
@@ -213,7 +221,9 @@ def main(argv=None, doc: str = DOC) -> int:
                            f"steps, patience {s.patience}, on {device}",
                "settings": s.key(), "seeds": seeds, "real_fractions": fractions, "bootstrap": args.bootstrap,
                "sets": {k: {"n": len(v), "units": len(set(v.units))} for k, v in {**real, **synthetic}.items()},
-               "rows": study.summarise(results, recipes, fractions, primary, args.bootstrap, args.seed, unit)}
+               "correction": args.correction, "primary_comparison": args.primary_comparison,
+               "rows": study.summarise(results, recipes, fractions, primary, args.bootstrap, args.seed, unit,
+                                       args.correction, declared)}
     summary["audit"] = run_audits(audits, real, synthetic, settings, args.seed, device, out, args.compute, notes)
     write(summary, out)
     return 0
@@ -230,10 +240,10 @@ def choose_primary(name: str, task: str, spatial_dims: int, ordinal: bool, class
     only means something for ordered grades (diabetic retinopathy 0-4): the default for those, refused for
     unordered classes, where balanced accuracy is the headline and kappa a secondary column."""
     if task == "segmentation":
-        base = names.SEG_METRICS_3D if spatial_dims == 3 else names.SEG_METRICS
+        base = named.SEG_METRICS_3D if spatial_dims == 3 else named.SEG_METRICS
         allowed = tuple(base) + tuple(f"{m}_{r}" for r in regions for m in base)   # label maps: per region too
     else:
-        allowed = names.CLASS_METRICS
+        allowed = named.CLASS_METRICS
     if name == "auto":
         return "dice_subject" if task == "segmentation" else "kappa_quadratic" if ordinal else "balanced_accuracy"
     if name not in allowed:

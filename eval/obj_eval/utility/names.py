@@ -15,3 +15,4 @@ RECIPE_KINDS = ("real", "real+synthetic", "synthetic", "real+balanced", "real+in
 SEG_METRICS = ("dice_subject", "dice_slice", "hd95_slice")
 SEG_METRICS_3D = ("dice_subject", "hd95_volume")     # volumes: one item per subject, HD95 in mm
 CLASS_METRICS = ("balanced_accuracy", "accuracy", "auc_macro_ovr", "kappa_quadratic")
+CORRECTIONS = ("holm", "none")   # family-wise error control over a study's comparisons (study.correct_family)

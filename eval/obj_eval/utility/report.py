@@ -49,10 +49,22 @@ def comparison(row: dict, label: str, primary: str) -> str:
     if vs["distinguishable"]:
         return (f"{what} {'improved' if better else 'worsened'} test {label} by {vs['diff']:+.3f} "
                 f"{_ci(vs['ci95'], sign='+')} at {where} (distinguishable from zero over {vs['n_seeds']} seeds, "
-                f"p = {vs['p']:.3f})")
+                f"p = {vs['p']:.3f}{_adjusted(vs)})")
+    if vs["p"] < 0.05 and vs.get("p_adjusted") is not None and vs["p_adjusted"] >= 0.05:
+        return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}: p = "
+                f"{vs['p']:.3f} alone, but not distinguishable from zero once corrected for the "
+                f"{vs['family_size']} comparisons of this study (Holm-adjusted p = {vs['p_adjusted']:.2f})")
     return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}, not "
             f"distinguishable from zero (p = {vs['p']:.2f}); with the seed-to-seed spread seen here this study "
             f"detects about {vs['detectable']:.3f} (80% power), so a smaller effect is not ruled out")
+
+
+def _adjusted(vs: dict) -> str:
+    if vs.get("correction") == "pre-declared primary":
+        return ", the pre-declared primary comparison, tested alone"
+    if vs.get("correction") == "holm" and vs.get("family_size", 1) > 1:
+        return f", Holm-adjusted p = {vs['p_adjusted']:.3f} over {vs['family_size']} comparisons"
+    return ""
 
 
 def verdict(study: dict) -> str:
@@ -67,7 +79,7 @@ def verdict(study: dict) -> str:
         text += (f"Each comparison pairs the recipe with `real` on the same {n_seeds} seeds: the interval and p are "
                  f"over the per-seed differences, each scored on all {study['rows'][0]['n_test_units']} test "
                  f"{unit}s, so they include what changes between training runs; scores are on the real test "
-                 f"split only.")
+                 f"split only." + family_sentence(study))
     for rec in study.get("audit", []):
         if rec.get("metric") == "faithfulness_dice" and rec.get("value") is not None:
             text += (f" Faithfulness: the real-data segmenter finds the conditioning mask in the synthetic images "
@@ -79,6 +91,26 @@ def verdict(study: dict) -> str:
             text += "."
         if rec.get("metric") == "memorization":
             text += " " + memorization_sentence(rec)
+    return text
+
+
+def family_sentence(study: dict) -> str:
+    """How the study's comparisons were corrected for their number."""
+    vs = [r["vs_real"] for r in study["rows"] if r.get("vs_real") and r["vs_real"].get("family_size")]
+    if not vs:
+        return ""
+    family = [v for v in vs if v.get("correction") != "pre-declared primary"]
+    primary = [r for r in study["rows"] if r.get("vs_real", {}).get("correction") == "pre-declared primary"]
+    text = ""
+    if family and family[0]["correction"] == "holm" and family[0]["family_size"] > 1:
+        text = (f" The {family[0]['family_size']} comparisons form one family: 'distinguishable' needs a "
+                "Holm-adjusted p below 0.05, so that the chance of any false 'distinguishable' stays at 5%.")
+    elif family and family[0]["correction"] == "none" and family[0]["family_size"] > 1:
+        text = (f" The {family[0]['family_size']} comparisons are not corrected for their number (--correction "
+                "none): with several, a false 'distinguishable' somewhere is more likely than 5%.")
+    if primary:
+        text += (f" {primary[0]['recipe']} at {_pct(primary[0]['real_fraction'])} was declared the primary "
+                 "comparison before the study and is tested alone, at 5%.")
     return text
 
 
@@ -102,7 +134,7 @@ def markdown(study: dict) -> str:
             f"{size_label(study['image_size'])}; downstream model: {study['model']}; training: {study['training']}.", ""]
     out += [f"- {n}" for n in study.get("notes", [])] + ([""] if study.get("notes") else [])
     head = ["real fraction", "recipe", "N train (synthetic)", "steps"] + [metric_label(m) for m in metric_names] + \
-           [f"{metric_label(primary)} vs real [95% CI over seeds]", "p", "test-set CI (models fixed)"]
+           [f"{metric_label(primary)} vs real [95% CI over seeds]", "p", "adjusted p", "test-set CI (models fixed)"]
     body = []
     for r in study["rows"]:
         cells = [f"{r['real_fraction']:g}", r["recipe"], f"{int(np.mean(r['n_train']))} ({int(np.mean(r['n_synthetic']))})",
@@ -114,7 +146,8 @@ def markdown(study: dict) -> str:
         body.append(cells)
     out += ["## Scores on the real test split", "",
             "Mean over seeds with the 95% t-interval. The comparison with `real` pairs the same seeds: its interval "
-            "and p come from the per-seed differences (a paired t-test over seeds), the verdict's basis. The "
+            "and p come from the per-seed differences (a paired t-test over seeds), the verdict's basis; the "
+            "adjusted p corrects p for the number of comparisons (Holm), and decides 'distinguishable'. The "
             "test-set CI resamples test units with the trained models fixed: how much the figure would move on "
             "another test set, not on another training run. A comparison needs at least "
             f"{MIN_SEEDS} seeds and {MIN_TEST_UNITS} test {study['unit']}s; below that it reads 'not assessable'.", "",
@@ -160,11 +193,12 @@ def _steps(steps) -> str:
 
 def _vs_cells(vs) -> list[str]:
     if not vs:
-        return ["", "", ""]
+        return ["", "", "", ""]
     test_set = _ci(vs["test_set"]["ci95"], sign="+") if vs.get("test_set") else "-"
     if not vs.get("assessable", True):
-        return ["not assessable", "-", test_set]
-    return [f"{vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')}", _f(vs.get("p")), test_set]
+        return ["not assessable", "-", "-", test_set]
+    adjusted = ("primary" if vs.get("correction") == "pre-declared primary" else _f(vs.get("p_adjusted")))
+    return [f"{vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')}", _f(vs.get("p")), adjusted, test_set]
 
 
 def _below_cells(b: dict) -> list[str]:

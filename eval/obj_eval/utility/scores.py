@@ -14,6 +14,7 @@ resample test units and recompute each score exactly.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -211,7 +212,7 @@ def seed_ci(values) -> dict:
     if len(v) < 2:
         return {"mean": float(v.mean()), "ci95": None, "sd": None, "n": 1}
     sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
+    half = float(t_quantile(0.975, len(v) - 1) * sd / np.sqrt(len(v)))
     return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "sd": sd, "n": len(v)}
 
 
@@ -258,10 +259,27 @@ def scored_units(result: dict, name: str) -> int:
     return len(set(result["units"]))
 
 
+@functools.lru_cache(maxsize=256)
+def t_quantile(q: float, df: int) -> float:
+    """Student's t quantile, cached: studies and their simulations ask for the same few degrees of freedom."""
+    return float(stats.t.ppf(q, df))
+
+
 def detectable_difference(sd: float, n: int, power: float = POWER) -> float:
     """The smallest true difference a two-sided 5% paired t-test over n seeds finds with the given power when
     the per-seed differences spread by sd (the usual (t_0.975 + t_power) sd / sqrt(n) approximation)."""
-    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(power, n - 1)) * sd / np.sqrt(n))
+    return float((t_quantile(0.975, n - 1) + t_quantile(power, n - 1)) * sd / np.sqrt(n))
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (in the given order): the family-wise error rate of 'adjusted p <
+    alpha' is at most alpha for any dependence between the tests."""
+    order = np.argsort(p, kind="stable")
+    m, out, running = len(p), [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p[i])))
+        out[i] = running
+    return out
 
 
 def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str = "unit",
@@ -286,7 +304,7 @@ def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str 
     if len(d) < 2:
         return out
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n))
+    half = float(t_quantile(0.975, n - 1) * sd / np.sqrt(n))
     if sd > 0:
         p = float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
     else:                                   # identical differences on every seed (deterministic training)

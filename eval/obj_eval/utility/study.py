@@ -29,7 +29,7 @@ from medgen.common.fileio import atomic_write_text
 from medgen.common.splits import digest, unit_name
 from medgen.eval.obj_eval.utility import models, scores
 from medgen.eval.obj_eval.utility.data import TaskSet, concat, warn
-from medgen.eval.obj_eval.utility.names import RECIPE_KINDS
+from medgen.eval.obj_eval.utility.names import RECIPE_KINDS  # noqa: F401 (re-exported)
 
 
 
@@ -212,11 +212,47 @@ def run_study(out: Path, task: str, recipes: list[Recipe], fractions: list[float
     return results
 
 
+def parse_comparison(text: str | None, recipes: list[Recipe], fractions: list[float]) -> tuple[str, float] | None:
+    """--primary-comparison RECIPE[@FRACTION] -> (recipe name, fraction); the fraction may be left out when the
+    study has one. Anything that names no comparison of this study is refused, listing those it has."""
+    if text is None:
+        return None
+    name, _, frac = text.partition("@")
+    names = [r.name for r in recipes if r.kind != "real"]
+    listed = ", ".join(f"{n}@{f:g}" for n in names for f in fractions)
+    try:
+        fraction = float(frac) if frac else (fractions[0] if len(fractions) == 1 else None)
+    except ValueError:
+        fraction = None
+    if name not in names or fraction not in fractions:
+        raise UserError(f"--primary-comparison {text!r}: not a comparison of this study (choose one of {listed})")
+    return name, fraction
+
+
+def correct_family(rows: list[dict], correction: str = "holm", primary: tuple[str, float] | None = None) -> None:
+    """Family-wise error control over the study's comparisons (every assessable recipe x fraction): Holm's
+    adjusted p decides 'distinguishable'; a pre-declared primary comparison is tested alone, at full alpha."""
+    tested = [r for r in rows if r.get("vs_real") and r["vs_real"].get("assessable") and r["vs_real"]["p"] is not None]
+    is_primary = lambda r: primary is not None and (r["recipe"], r["real_fraction"]) == primary  # noqa: E731
+    family = [r for r in tested if not is_primary(r)]
+    adjusted = scores.holm([r["vs_real"]["p"] for r in family]) if correction == "holm" else \
+        [r["vs_real"]["p"] for r in family]
+    for r, p_adj in zip(family, adjusted):
+        vs = r["vs_real"]
+        vs.update(p_adjusted=p_adj, family_size=len(family), correction=correction,
+                  distinguishable=bool(vs["distinguishable"] and p_adj < 0.05))
+    for r in tested:
+        if is_primary(r):
+            r["vs_real"].update(p_adjusted=r["vs_real"]["p"], family_size=1, correction="pre-declared primary")
+
+
 def summarise(results: dict, recipes: list[Recipe], fractions: list[float], primary: str, n_boot: int,
-              seed: int, unit: str = "unit") -> list[dict]:
+              seed: int, unit: str = "unit", correction: str = "holm",
+              primary_comparison: tuple[str, float] | None = None) -> list[dict]:
     """One row per (fraction, recipe): every score's mean and seed CI, the training steps each seed ran; for
-    every recipe but real, the verdict on the primary score (paired over seeds, scores.seed_paired_test) and
-    the test-set uncertainty of these trained models (paired bootstrap over test units)."""
+    every recipe but real, the verdict on the primary score (paired over seeds, scores.seed_paired_test, then
+    corrected over the study's family of comparisons: correct_family) and the test-set uncertainty of these
+    trained models (paired bootstrap over test units)."""
     rows = []
     for fraction in fractions:
         base = results[(fraction, "real")]
@@ -242,4 +278,5 @@ def summarise(results: dict, recipes: list[Recipe], fractions: list[float], prim
                                           why_not="it adds no synthetic image here, so its models are the real "
                                                   "recipe's")
             rows.append(row)
+    correct_family(rows, correction, primary_comparison)
     return rows
