@@ -107,6 +107,14 @@ def test_a_study_family_keeps_its_family_wise_error_rate_and_finds_a_planted_eff
           f"effect found: Holm {np.mean(found_holm):.2f}, as the primary {np.mean(found_primary):.2f}")
 
 
+def test_zero_seed_variance_is_not_assessable():
+    """Review (evidence 6): identical per-seed differences gave p = 0 and 'distinguishable'."""
+    base = np.tile(np.linspace(0.5, 0.8, 12), (3, 1))
+    vs = scores.seed_paired_test(fake_results(base + 0.01), fake_results(base), "dice_subject")
+    assert not vs["assessable"] and not vs["distinguishable"] and vs["p"] is None
+    assert "the 3 seeds gave the same difference (+0.0100)" in vs["why_not"]
+
+
 def test_holm_adjusted_p_is_the_step_down_bonferroni():
     rng = np.random.default_rng(3)
     for m in (1, 2, 5, 12):

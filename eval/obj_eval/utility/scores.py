@@ -304,11 +304,14 @@ def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str 
     if len(d) < 2:
         return out
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):   # identical differences on every seed (deterministic training)
+        out.update(sd=sd, assessable=False, why_not=(
+            f"the {n} seeds gave the same difference ({mean:+.4f}): with no seed-to-seed variation there is "
+            "nothing to test it against (do the seeds change the training? data order and initialisation "
+            "should differ between them)"))
+        return out
     half = float(t_quantile(0.975, n - 1) * sd / np.sqrt(n))
-    if sd > 0:
-        p = float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
-    else:                                   # identical differences on every seed (deterministic training)
-        p = 1.0 if mean == 0 else 0.0
+    p = float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
     out.update(ci95=[mean - half, mean + half], p=p, sd=sd, detectable=detectable_difference(sd, n),
                distinguishable=bool(out["assessable"] and (mean - half > 0 or mean + half < 0)))
     return out
