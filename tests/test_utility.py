@@ -182,6 +182,27 @@ def test_memorization_copies_vs_fresh_samples(real, tmp_path):
     assert all(Path(p).is_file() for p in rec_copy["plots"])
 
 
+def test_memorization_with_a_leaked_held_out_subject_still_flags_copies(real):
+    """Review (evidence 1): one training subject in the held-out split made its distance (0) the threshold, and
+    copies with noise or a small rotation were flagged 0%. The duplicate is named and left out instead."""
+    from scipy.ndimage import rotate
+    train, held = real["train"], real["test"]
+    first = train.units[0]
+    leaked = data.concat("held+leak", [held, train.subset([i for i, u in enumerate(train.units) if u == first])])
+    picked = train.subset(range(0, len(train), 3))
+    rng = torch.Generator().manual_seed(0)
+    noisy = data.TaskSet("noisy", (picked.images + 0.02 * torch.randn(picked.images.shape, generator=rng)).clamp(0, 1),
+                         picked.targets, picked.units, picked.ids)
+    turned = torch.from_numpy(rotate(picked.images.numpy(), 3, axes=(-2, -1), reshape=False, order=1)).float()
+    rotated = data.TaskSet("rotated", turned, picked.targets, picked.units, picked.ids)
+    for copies in (noisy, rotated):
+        rec = audit.memorization(copies, train, leaked, None, "cpu")
+        assert rec["sections"]["pixel"]["below"]["p1"]["fraction"] > 0.9, copies.name
+        assert rec["sections"]["pixel"]["below"]["p1"]["excess"]
+        assert any(f"1 held-out subject(s) or image(s) hold copies of training images" in w and Path(first).name in w
+                   for w in rec["warnings"])
+
+
 def test_faithfulness_drops_when_masks_are_shifted(real, segmenter):
     model, _ = segmenter
     test = real["test"]

@@ -97,6 +97,7 @@ def _faithful(pred_s, true_s, pred_r, true_r, true_train, ids: list[str], seed: 
 # ---------------------------------------------------------------- memorization
 QUANTILES = (("p1", 0.01), ("p5", 0.05))
 MIN_HELDOUT = 100          # held-out units below which the 1st-percentile threshold is the smallest distance
+DUPLICATE_DISTANCE = 1e-3  # a held-out image this close to a training image is a copy of it, not a reference
 
 
 def below_threshold(d_synth: np.ndarray, d_held: np.ndarray, q: float) -> dict:
@@ -142,8 +143,12 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
     """Nearest training neighbours of synthetic images vs those of held-out real images (see below_threshold
     for what is expected without copying), by copy distance (common/neighbours) and in a feature space."""
     from skimage.metrics import structural_similarity
-    reference = real_heldout.subset(one_per_unit(real_heldout.units, seed))
     index = CopyIndex(real_train.images, device)
+    d_all, _ = index.query(real_heldout.images)
+    duplicated = sorted({u for u, d in zip(real_heldout.units, d_all) if d < DUPLICATE_DISTANCE})
+    if duplicated:     # a held-out copy of a training image would set the threshold at 0 and hide every copy
+        real_heldout = real_heldout.subset([i for i, u in enumerate(real_heldout.units) if u not in duplicated])
+    reference = real_heldout.subset(one_per_unit(real_heldout.units, seed))
     d_s, j_s = index.query(synthetic.images)
     d_h, _ = index.query(reference.images)
     sections = {"pixel": _nn_section(d_s, j_s, d_h, f"pixels: sqrt(2 - 2 r), r = Pearson correlation, minimum "
@@ -163,6 +168,11 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
         closest.append({"synthetic": synthetic.ids[i], "train": real_train.ids[px["_nn"][i]],
                         "distance": round(float(px["_d_synth"][i]), 5), "ssim": round(float(ssim), 4)})
     warnings = []
+    if duplicated:
+        shown = ", ".join(Path(u).name for u in duplicated[:5]) + (" ..." if len(duplicated) > 5 else "")
+        warnings.append(f"{len(duplicated)} held-out subject(s) or image(s) hold copies of training images (copy "
+                        f"distance below {DUPLICATE_DISTANCE:g}: {shown}): a leak in the real splits; they are "
+                        "left out of the threshold, which they would have set at zero")
     n_held, n_units = len(real_heldout), len(reference)
     if n_units < MIN_HELDOUT:
         p1 = px["below"]["p1"]
