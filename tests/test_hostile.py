@@ -186,7 +186,9 @@ def test_a_second_training_on_a_running_folder_is_refused_then_allowed(running_t
 def test_output_folder_settings_are_created_once(tmp_path):
     from medgen.Generation.TrainGen.core.generation.writers import open_output_dir
     open_output_dir(tmp_path, "generation.json", {"seed": 1})
-    with pytest.raises(UserError, match="different settings \\(seed\\)"):
+    with pytest.raises(UserError, match=f"different settings \\(seed: 1 there, 2 now\\): use a new --output_dir, "
+                                        f"rerun with the folder's settings to continue it, or delete {tmp_path} "
+                                        "to start over"):
         open_output_dir(tmp_path, "generation.json", {"seed": 2})
     assert json.loads((tmp_path / "generation.json").read_text())["seed"] == 1
     path = locks.acquire(tmp_path, "--output_dir", ".lock-0")            # a shard runs ...

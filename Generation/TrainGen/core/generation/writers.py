@@ -115,14 +115,24 @@ def open_output_dir(out: Path, settings_file: str, settings: dict, record: dict 
             exclusive_write_text(path, json.dumps({**settings, **(record or {})}, indent=2))
             created = True
     old = _settings(path)
-    diff = [k for k in settings if old.get(k) != settings[k] and not (k == "contents" and k not in old)]
-    if "contents" in diff:            # (a folder made before contents were recorded is compared by path only)
+    keys = [k for k in settings if old.get(k) != settings[k] and not (k == "contents" and k not in old)]
+    diff = [_setting_change(k, old.get(k), settings[k]) for k in keys]
+    if "contents" in keys:            # (a folder made before contents were recorded is compared by path only)
         changed = [f for f, d in settings["contents"].items() if old["contents"].get(f) != d]
-        diff[diff.index("contents")] = f"the files read from {' and '.join(changed) or 'the inputs'} changed"
+        diff[keys.index("contents")] = f"the files read from {' and '.join(changed) or 'the inputs'} changed"
     if diff:
-        raise UserError(f"--output_dir {out} holds samples made with different settings ({', '.join(diff)}); "
-                        f"use a new --output_dir or the same settings to continue it")
+        raise UserError(f"--output_dir {out} holds samples made with different settings ({'; '.join(diff)}): "
+                        f"use a new --output_dir, rerun with the folder's settings to continue it, or delete {out} "
+                        "to start over")
     return created
+
+
+def _setting_change(key: str, was, now) -> str:
+    """'steps: 10 there, 20 now' (long values, such as checkpoint digests, cut short)."""
+    def shown(v):
+        text = json.dumps(v, sort_keys=True, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"{key}: {shown(was)} there, {shown(now)} now"
 
 
 def forget_settings(out: Path, settings_file: str) -> None:
