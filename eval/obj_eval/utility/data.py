@@ -198,8 +198,11 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     sets = {s: _load(root, s, kind, cfg, roles, compute, f"real {s}") for s in ("train", "val", "test") if s in names}
     notes = []
     if not any((root / s).is_dir() for s in SPLIT_NAMES):
-        notes.append(f"{root} has no split folders: split by subject with seed {s_seed} and val fraction "
-                     f"{s_frac:g} ({how})")
+        notes.append(f"{root} has no split folders: split by {'subject' if kind == 'nifti' else 'image file'} "
+                     f"with seed {s_seed} and val fraction {s_frac:g} ({how})" +
+                     ("" if kind == "nifti" else "; a patient with several images (views, visits, both eyes) can "
+                      "have images on both sides, which the content check does not see: split such data by "
+                      "patient into train/ val/ test/ folders yourself"))
     if "val" not in sets:
         sets["train"], sets["val"] = carve(sets["train"], 0.2, seed, ("real train", "real val"))
         notes.append(f"no val split in {root}: a fifth of the training subjects (seeded) is the validation set")
