@@ -60,14 +60,45 @@ def unchecked_numeric_flags(parser: argparse.ArgumentParser) -> list[str]:
     return bad
 
 
-# train.py's research flags map onto config fields, whose types and ranges the config layer checks (and
-# generate.py shares): tests/test_config.py. Every other command parses its numbers with common/args.py.
+def unchecked_config_flags(flags: dict) -> list[str]:
+    """train.py's research flags map onto config fields (core/cli.py), whose types and ranges the config layer
+    checks: each numeric one must refuse every one of BAD_NUMBERS, by argparse or by the config layer."""
+    import contextlib
+    import io
+    from medgen.Generation.TrainGen.core.cli import add_config_flags, config_from_args
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, flags)
+    bad = []
+    for action in parser._actions:
+        if action.type not in (int, float) and getattr(action.type, "__name__", "") != "int_or_auto":
+            continue
+        for text in BAD_NUMBERS + ["-1", str(10**20)]:     # integers out of every field's range, too
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    args = parser.parse_args([action.option_strings[0], text])
+            except SystemExit:
+                continue
+            try:
+                config_from_args(args, flags)
+            except UserError:
+                continue
+            bad.append(f"{action.option_strings[0]} accepts {text!r}")
+    return bad
+
+
 CONFIG_MAPPED = {"train"}
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - CONFIG_MAPPED))
 def test_every_numeric_flag_is_bounded_by_the_argument_layer(command):
     assert unchecked_numeric_flags(parser_of(COMMANDS[command][0])) == []
+
+
+def test_every_numeric_train_flag_is_bounded_by_the_config_layer():
+    from medgen.Generation.TrainGen.core.cli import TRAIN_FLAGS
+    assert unchecked_config_flags(TRAIN_FLAGS) == []
+    planted = {**TRAIN_FLAGS, "planted": ("ema.update_every", int)}      # a config field nothing bounds
+    assert unchecked_config_flags(planted) == ["--planted accepts '-1'", f"--planted accepts '{10**20}'"]
 
 
 def test_the_flag_check_fails_on_a_planted_unchecked_flag():

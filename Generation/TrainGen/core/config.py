@@ -16,11 +16,14 @@ from typing import Any, Literal
 import yaml
 
 from medgen.common.data import DataConfig
+from medgen.common.args import BIG
 from medgen.common.errors import UserError, require as _check
 from medgen.common.fileio import atomic_write_text
 
 
 MAX_TIMESTEPS = 100_000      # published schedules use 1000; far more is a typo that would allocate first
+MAX_BATCH = 65_536           # images per batch (and micro-batches per step); far more is a typo
+MAX_SEED = 2**63 - 1         # common/args.py SEED: the same range as every other --seed
 MAX_CHANNELS = 8192          # per UNet level; the widest published diffusion UNets use 1280-2048
 
 
@@ -146,10 +149,14 @@ class OptimConfig:
     find_lr_steps: int = 100             # steps of the LR sweep (1e-6 to 1, exponential); it stops early on divergence
 
     def __post_init__(self):
-        _check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
-               "optim.epochs, optim.batch_size and optim.grad_accum must be positive")
-        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr (--lr) must be a positive finite number, got {self.lr}")
-        _check(self.max_steps is None or self.max_steps >= 1, "optim.max_steps (--max_steps) must be at least 1")
+        _check(1 <= self.epochs <= BIG and 1 <= self.batch_size <= MAX_BATCH and 1 <= self.grad_accum <= MAX_BATCH,
+               f"optim.epochs (--epochs) must be in [1, {BIG}], optim.batch_size (--batch_size) and optim.grad_accum "
+               f"in [1, {MAX_BATCH}]")
+        _check(math.isfinite(self.lr) and 0 < self.lr <= 10,
+               f"optim.lr (--lr) must be a finite number in (0, 10], got {self.lr}")
+        _check(self.max_steps is None or 1 <= self.max_steps <= BIG,
+               f"optim.max_steps (--max_steps) must be in [1, {BIG}]")
+        _check(0 <= self.warmup_epochs <= BIG, f"optim.warmup_epochs (--warmup_epochs) must be in [0, {BIG}]")
         _check(self.find_lr_steps >= 2, "optim.find_lr_steps must be at least 2")
         _check(self.region_contrast_weight >= 0 and self.region_contrast_margin > 0,
                "optim.region_contrast_weight must be >= 0 and optim.region_contrast_margin > 0")
@@ -185,6 +192,15 @@ class RuntimeConfig:
     max_nonfinite: int = 5               # stop after this many consecutive non-finite steps
     early_stop_patience: int | None = None  # segment mode: validations without Dice improvement
     stage: Literal["diffusion", "autoencoder"] = "diffusion"  # autoencoder: train latent diffusion's first stage
+
+    def __post_init__(self):
+        _check(0 <= self.seed <= MAX_SEED, f"runtime.seed (--seed) must be in [0, {MAX_SEED}], got {self.seed}")
+        _check(1 <= self.val_interval <= BIG and 1 <= self.log_interval <= BIG and 1 <= self.checkpoint_every <= BIG,
+               f"runtime.val_interval (--val_interval), runtime.log_interval and runtime.checkpoint_every must be "
+               f"in [1, {BIG}]")
+        _check(0 <= self.keep_last <= 1000 and 1 <= self.num_val_samples <= 1024 and self.max_nonfinite >= 1,
+               "runtime.keep_last must be in [0, 1000], runtime.num_val_samples in [1, 1024] and "
+               "runtime.max_nonfinite at least 1")
 
 
 @dataclass
