@@ -50,6 +50,12 @@ def comparison(row: dict, label: str, primary: str) -> str:
         return (f"{what} {'improved' if better else 'worsened'} test {label} by {vs['diff']:+.3f} "
                 f"{_ci(vs['ci95'], sign='+')} at {where} (distinguishable from zero over {vs['n_seeds']} seeds, "
                 f"p = {vs['p']:.3f}{_adjusted(vs)})")
+    if vs.get("only_over_seeds"):
+        ts = vs["test_set"]
+        return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}: it "
+                f"stands out over the {vs['n_seeds']} training runs (p = {vs['p']:.3f}) but not over the "
+                f"{vs['n_units']} test units (their interval {_ci(ts['units_ci95'], sign='+')} includes zero), so "
+                "not distinguishable: the difference may belong to these particular patients")
     if vs["p"] < 0.05 and vs.get("p_adjusted") is not None and vs["p_adjusted"] >= 0.05:
         return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}: p = "
                 f"{vs['p']:.3f} alone, but not distinguishable from zero once corrected for the "

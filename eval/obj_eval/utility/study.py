@@ -229,6 +229,21 @@ def parse_comparison(text: str | None, recipes: list[Recipe], fractions: list[fl
     return name, fraction
 
 
+def require_both(vs: dict) -> None:
+    """'distinguishable' needs the difference to stand out over training runs (the seed-paired test) and over
+    test subjects (the test-set bootstrap, the same sign): a recipe that helps some patients and hurts others
+    shows a difference on one fixed test set that the seeds confirm and that another set of patients would
+    not. The simulation in tests/test_evidence.py holds the false rate under such an interaction."""
+    ts = vs.get("test_set") or {}
+    ci = ts.get("units_ci95")
+    over_subjects = bool(ci is not None and vs.get("diff") is not None and (ci[0] > 0 or ci[1] < 0)
+                         and np.sign(ts["diff"]) == np.sign(vs["diff"]))
+    vs["over_subjects"] = over_subjects
+    if vs["distinguishable"] and not over_subjects:
+        vs["distinguishable"] = False
+        vs["only_over_seeds"] = True
+
+
 def correct_family(rows: list[dict], correction: str = "holm", primary: tuple[str, float] | None = None) -> None:
     """Family-wise error control over the study's comparisons (every assessable recipe x fraction): Holm's
     adjusted p decides 'distinguishable'; a pre-declared primary comparison is tested alone, at full alpha."""
@@ -273,6 +288,7 @@ def summarise(results: dict, recipes: list[Recipe], fractions: list[float], prim
             if recipe.kind != "real":
                 row["vs_real"] = {"metric": primary, **scores.seed_paired_test(res, base, primary, unit),
                                   "test_set": scores.paired_bootstrap(res, base, primary, n_boot, seed)}
+                require_both(row["vs_real"])
                 if not any(r["train"]["n_synthetic"] for r in res):     # no verdict on a comparison with itself
                     row["vs_real"].update(assessable=False, distinguishable=False,
                                           why_not="it adds no synthetic image here, so its models are the real "
