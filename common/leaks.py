@@ -9,9 +9,10 @@ contrast (background, the first and last slices of a volume) are left out: they 
 
 What counts: an RMS difference of at most MATCH_RMS (intensities in [0, 1]) on the fingerprint, i.e. the same
 voxels up to resaving and rounding. The closest slices of two different subjects differ by 4x that in the demo
-phantoms (0.013; their median 0.075), whose subjects are drawn from one smooth template, and by more in scans. Not found: a copy moved, flipped, cropped or resampled onto another grid (the copy
-detector of the memorization audit, common/neighbours.py, measures those), and one patient split into two units
-(slices of a patient's different files: group the units by patient instead).
+phantoms (0.013; their median 0.075), whose subjects are drawn from one smooth template, and by more in scans.
+Not found: a copy moved, flipped, cropped or resampled onto another grid (the copy detector of the memorization
+audit, common/neighbours.py, measures those), and one patient split into two units (slices of a patient's
+different files: group the units by patient instead).
 """
 from __future__ import annotations
 

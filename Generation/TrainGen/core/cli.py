@@ -34,11 +34,9 @@ def registered_names(kind: str) -> tuple[str, ...]:
     """The --mode / --strategy names: the registry's when it is loaded (a plugin added to it), else the built-in
     ones, so that `--help` runs without importing torch (tests/test_package.py checks that they agree)."""
     import sys
-    module = sys.modules.get(f"medgen.Generation.TrainGen.core.{kind}s" if kind == "mode" else
-                             "medgen.Generation.TrainGen.core.strategies")
-    if module is None:
-        return BUILTIN_NAMES[kind]
-    return tuple(module.MODES if kind == "mode" else module.STRATEGIES)
+    module_name, registry = {"mode": ("modes", "MODES"), "strategy": ("strategies", "STRATEGIES")}[kind]
+    module = sys.modules.get(f"medgen.Generation.TrainGen.core.{module_name}")
+    return BUILTIN_NAMES[kind] if module is None else tuple(getattr(module, registry))
 
 
 def field_help(field: str) -> str:

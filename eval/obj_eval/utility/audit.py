@@ -147,10 +147,11 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
     d_all, _ = index.query(real_heldout.images)
     duplicated = sorted({u for u, d in zip(real_heldout.units, d_all) if d < DUPLICATE_DISTANCE})
     if duplicated:     # a held-out copy of a training image would set the threshold at 0 and hide every copy
-        real_heldout = real_heldout.subset([i for i, u in enumerate(real_heldout.units) if u not in duplicated])
-    reference = real_heldout.subset(one_per_unit(real_heldout.units, seed))
+        keep = [i for i, u in enumerate(real_heldout.units) if u not in duplicated]
+        real_heldout, d_all = real_heldout.subset(keep), d_all[keep]
+    picked = one_per_unit(real_heldout.units, seed)
+    reference, d_h = real_heldout.subset(picked), d_all[picked]
     d_s, j_s = index.query(synthetic.images)
-    d_h, _ = index.query(reference.images)
     sections = {"pixel": _nn_section(d_s, j_s, d_h, f"pixels: sqrt(2 - 2 r), r = Pearson correlation, minimum "
                                                     f"over {TOLERANCE}")}
     if feature_net is not None:

@@ -21,7 +21,7 @@ from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nif
 from medgen.common.dataset import SliceData, load_split
 from medgen.common.errors import UserError
 from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
-from medgen.common.splits import check_scheme, source_unit_digest
+from medgen.common.splits import check_scheme, source_unit_digest, unit_name
 from medgen.config.paths import PathConfig
 from medgen.eval.obj_eval.core.inpainting import is_inpainted
 from medgen.eval.obj_eval.core.inputs import existing_folder, manifest_conditions, native_size
@@ -40,7 +40,7 @@ class TaskSet:
     classes: list[str] = field(default_factory=list)
     spacing: torch.Tensor | None = None   # volumes: (N, 3) grid spacing in mm, (D, H, W) order (HD95 in mm)
     vocab: Vocabulary = BINARY            # segmentation: what the mask values mean
-    edited_from: dict[str, tuple] | None = None  # --inpaint_into set: {sample folder: (scheme, digest) of its scan's unit}
+    edited_from: dict[str, tuple] | None = None  # --inpaint_into: {sample folder: (scheme, digest) of its scan}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -233,7 +233,6 @@ def check_no_copies(sets: dict[str, TaskSet], what: str) -> None:
     """Refuse val or test subjects whose content copies a training subject (common/leaks.py): a renamed
     re-release, a symlink or a re-cased copy is a leak that a name check cannot see."""
     from medgen.common.leaks import MATCH_RMS, find_copies
-    from medgen.common.splits import unit_name
     train = sets["train"]
     for split in ("val", "test"):
         copies = find_copies(train.images, train.units, sets[split].images, sets[split].units)
@@ -281,7 +280,7 @@ def load_synthetic(root, size: int, image_roles: list[str], real: TaskSet, compu
     return ts
 
 
-def edited_sources(root: Path) -> dict[str, str] | None:
+def edited_sources(root: Path) -> dict[str, tuple[str, str]] | None:
     """A folder that generate.py --inpaint_into wrote: {sample folder name: the hashed unit (subject or image) of
     the real scan its lesion was inserted into, as (digest scheme, digest)}, from the manifest; None for any other
     folder."""

@@ -32,7 +32,6 @@ from medgen.eval.obj_eval.utility.data import TaskSet, concat, warn
 from medgen.eval.obj_eval.utility.names import RECIPE_KINDS  # noqa: F401 (re-exported)
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     kind: str                    # one of RECIPE_KINDS
