@@ -43,6 +43,10 @@ Suites
          4x smaller per axis, encoded on the fly; the latent grid must still divide by 4 for the UNet). Memory is the CUDA peak on a GPU and, on CPU, the bytes
          autograd saves for the backward pass. On CUDA also the largest volume that trains at batch 1, with
          and without latents. 32x32x16 on CPU (tiny), 64x64x48 (tiny) or 128x128x96 (research) on a GPU.
+  copies   what the memorization audit's copy distance flags: transformed copies of training slices (moves of
+         3-5 px in random directions, flips, crops of 80-90% at random offsets resized back, a zoom-out,
+         rotations, intensity, noise, blur) and fresh phantoms of other subjects, each against the held-out
+         thresholds of audit.memorization, and the seconds per query. Ask for it with --suite copies.
 """
 from __future__ import annotations
 
@@ -803,6 +807,113 @@ def bench_volumes(device: str, preset: str, work: Path) -> list[dict]:
     return rows
 
 
+COPIES_PRESETS = {"ci": (12, 2, (32, 32, 12), 32), "tiny": (60, 20, (64, 64, 24), 64),
+                  "research": (60, 20, (128, 128, 48), 128)}   # subjects, train subjects, volume, image size
+
+
+def copy_transforms(x: torch.Tensor, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Transformed copies of the (N, C, S, S) images x in [0, 1], each image with its own random parameters
+    (direction of a move, offset of a crop) drawn from seed."""
+    import math
+
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+    g = torch.Generator().manual_seed(seed)
+    n, s = len(x), x.shape[-1]
+
+    def each(fn):
+        return torch.stack([fn(img) for img in x])
+
+    def move(img, px):                      # zero-filled, by px along a random one of the 8 directions
+        dy, dx = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)][torch.randint(8, (1,), generator=g)]
+        dy, dx = dy * px, dx * px
+        out = torch.zeros_like(img)
+        out[..., max(dy, 0):s + min(dy, 0), max(dx, 0):s + min(dx, 0)] = \
+            img[..., max(-dy, 0):s + min(-dy, 0), max(-dx, 0):s + min(-dx, 0)]
+        return out
+
+    def crop(img, lo, hi):                  # a crop of a random fraction in [lo, hi] at a random offset, resized
+        c = int(round(s * (lo + (hi - lo) * float(torch.rand(1, generator=g)))))
+        oy, ox = (int(v) for v in torch.randint(s - c + 1, (2,), generator=g))
+        return F.interpolate(img[None, :, oy:oy + c, ox:ox + c], size=(s, s), mode="bilinear",
+                             align_corners=False)[0]
+
+    def zoom_out(img, frac):                # shrunk and zero-padded at a random offset
+        c = int(round(s * frac))
+        small = F.interpolate(img[None], size=(c, c), mode="bilinear", align_corners=False, antialias=True)[0]
+        oy, ox = (int(v) for v in torch.randint(s - c + 1, (2,), generator=g))
+        return F.pad(small, (ox, s - c - ox, oy, s - c - oy))
+
+    def rotate(imgs, deg):
+        a = math.radians(deg)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0]], dtype=imgs.dtype)
+        grid = F.affine_grid(theta.expand(len(imgs), 2, 3), imgs.shape, align_corners=False)
+        return F.grid_sample(imgs, grid, align_corners=False, padding_mode="zeros")
+
+    noise = lambda sd: (x + sd * torch.randn(x.shape, generator=g)).clamp(0, 1)  # noqa: E731
+    return {
+        "exact copy": x,
+        "move 3 px, random direction": each(lambda i: move(i, 3)),
+        "move 4 px, random direction": each(lambda i: move(i, 4)),
+        "move 5 px, random direction": each(lambda i: move(i, 5)),
+        "mirror left-right + move 3 px": each(lambda i: move(i.flip(-1), 3)),
+        "flip up-down": x.flip(-2),
+        "turn 180 degrees": x.flip(-1, -2),
+        "crop 90-95% at a random offset + resize": each(lambda i: crop(i, 0.90, 0.95)),
+        "crop 80-90% at a random offset + resize": each(lambda i: crop(i, 0.80, 0.90)),
+        "shrink to 85% + pad at a random offset": each(lambda i: zoom_out(i, 0.85)),
+        "rotate 2 degrees": rotate(x, 2), "rotate 5 degrees": rotate(x, 5), "rotate 10 degrees": rotate(x, 10),
+        "intensity x0.7 + 0.1": (x * 0.7 + 0.1).clamp(0, 1),
+        "gamma 0.6": x.clamp(0, 1) ** 0.6,
+        "noise sd 0.02": noise(0.02), "noise sd 0.05": noise(0.05), "noise sd 0.10": noise(0.10),
+        "blur sigma 1 px": torch.from_numpy(gaussian_filter(x.numpy(), (0, 0, 1, 1))).float(),
+    }
+
+
+def bench_copies(device: str, preset: str, work: Path, seed: int = 0) -> list[dict]:
+    """What audit.memorization's copy distance flags (docs/utility.md prints the tiny preset's table): copies
+    of every training slice transformed (copy_transforms) and one slice of each of 40 fresh phantoms (other
+    subjects of another seed: no copy), each set against the thresholds from one held-out slice per held-out
+    subject (drawn with `seed`). Rows: the share below the p1 and p5 thresholds and the median copy distance;
+    then seconds per query of the copy distance against the whole training set."""
+    from medgen.Generation.TrainGen.core.phantom import make_subject, write_subject
+    from medgen.common.neighbours import CopyIndex
+    from medgen.eval.obj_eval.utility import audit, data
+    n_subjects, n_train, shape, size = COPIES_PRESETS[preset]
+    root = work / "copies" / "brain"
+    for i in range(n_subjects):
+        split = "train" if i < n_train else "val" if i < n_train + max(1, n_subjects // 12) else "test"
+        write_subject(root / split / f"s{i:02d}", make_subject(5, i, shape))
+    n_fresh = 40 if preset != "ci" else 8
+    for i in range(n_fresh):
+        write_subject(root.parent / "fresh" / "train" / f"f{i:02d}", make_subject(77, i, shape))
+    sets, _ = data.load_real(root, size, ["bravo"], positive_only=True, compute="local")
+    train, held = sets["train"], sets["test"]
+    fresh = data.load_synthetic(root.parent / "fresh", size, ["bravo"], train, compute="local")
+    fresh = fresh.subset(audit.one_per_unit(fresh.units, seed))
+    note = (f"{size} px phantoms; {len(train)} training slices of {len(set(train.units))} subjects; threshold from "
+            f"{len(set(held.units))} held-out subjects (one slice each, seed {seed})")
+    rows = []
+    cases = list(copy_transforms(train.images).items()) + [("fresh phantoms (no copy)", None)]
+    for name, imgs in cases:
+        syn = fresh if imgs is None else data.TaskSet(name, imgs, train.targets, train.units, train.ids)
+        rec = audit.memorization(syn, train, held, device=device, seed=seed)
+        px = rec["sections"]["pixel"]
+        for q in ("p1", "p5"):
+            b = px["below"][q]
+            rows.append({"suite": "copies", "metric": f"{name}: below held-out {q}", "value": b["fraction"],
+                         "unit": "fraction", "note": f"expected {b['expected']:.3f} without copying, 95% range "
+                         f"{b['null_range'][0]:.3f}-{b['null_range'][1]:.3f}{' EXCESS' if b['excess'] else ''}"})
+        rows.append({"suite": "copies", "metric": f"{name}: median copy distance", "value": px["synthetic_nn"]["median"],
+                     "unit": "distance", "note": f"held-out median {px['heldout_nn']['median']:.4f}"})
+    index = CopyIndex(train.images, device)
+    t0 = time.perf_counter()
+    index.query(held.images)
+    rows.append({"suite": "copies", "metric": "copy distance: seconds per query", "value":
+                 (time.perf_counter() - t0) / len(held), "unit": "s", "note": note})
+    return rows
+
+
 def _tiny_yaml() -> dict:
     from medgen.Generation.TrainGen.core.config import load_yaml
     return load_yaml(Path(__file__).resolve().parents[1] / "config" / "tiny.yaml")
@@ -901,7 +1012,7 @@ def bench_gpu(device: str, preset: str, work: Path) -> list[dict]:
 
 SUITES = {"data": bench_data, "training": bench_training, "sampling": bench_sampling, "metrics": bench_metrics,
           "minsnr": bench_minsnr, "nfe": bench_nfe, "volumes": bench_volumes, "gpu": bench_gpu,
-          "regions": bench_regions, "control": bench_control, "inpaint": bench_inpaint}
+          "regions": bench_regions, "control": bench_control, "inpaint": bench_inpaint, "copies": bench_copies}
 DEFAULT_SUITES = ("data", "training", "sampling", "metrics", "volumes")
 
 

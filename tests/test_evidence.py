@@ -285,12 +285,18 @@ def brain_slices(tmp_path_factory):
     return sets
 
 
-@pytest.mark.parametrize("how", ["move 1 px", "move 2 px", "mirror", "move 1 px + mirror"])
-def test_moved_and_mirrored_copies_are_flagged(brain_slices, how):
+@pytest.mark.parametrize("how", ["move 1 px", "move 2 px", "move 3 px, random direction",
+                                 "move 4 px, random direction", "mirror left-right + move 3 px", "flip up-down",
+                                 "turn 180 degrees", "crop 80-90% at a random offset + resize",
+                                 "shrink to 85% + pad at a random offset", "intensity x0.7 + 0.1"])
+def test_moved_flipped_and_cropped_copies_are_flagged(brain_slices, how):
+    """At 32 px the search covers moves of up to 4 px (1/8 of the side); the transforms are the benchmark's
+    (bench/benchmark.py --suite copies), zero-filled where a move or a shrink leaves an edge."""
+    from bench.benchmark import copy_transforms
     train, held = brain_slices["train"], brain_slices["test"]
     x = train.images
-    copies = {"move 1 px": x.roll(1, -1), "move 2 px": x.roll((2, -2), (-2, -1)), "mirror": x.flip(-1),
-              "move 1 px + mirror": x.flip(-1).roll(-1, -2)}[how]
+    copies = {"move 1 px": x.roll(1, -1), "move 2 px": x.roll((2, -2), (-2, -1))}.get(how)
+    copies = copy_transforms(x)[how] if copies is None else copies
     rec = audit.memorization(data.TaskSet("copies", copies, train.targets, train.units, train.ids), train, held)
     below = rec["sections"]["pixel"]["below"]["p1"]
     assert below["fraction"] >= 0.9 and below["excess"], how
@@ -313,7 +319,8 @@ def test_fresh_samples_fall_at_the_expected_rate(brain_slices, tmp_path):
         assert b["null_range"][0] <= b["fraction"] <= b["null_range"][1] and not b["excess"], (q, b)
     assert rec["warnings"] and "fewer than 100" in rec["warnings"][0]
     md = "\n".join(report._audit_section(rec))
-    assert "does not detect rotations" in md and "expected (95% range)" in md
+    assert "does not detect rotations of 10 degrees" in md and "expected (95% range)" in md
+    assert "drawn with seed 0" in md and rec["heldout_seed"] == 0
 
 
 # ---------------------------------------------------------------- leak-free splits

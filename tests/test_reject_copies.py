@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.common.neighbours import CopyIndex
+from medgen.common.neighbours import CANDIDATES, SCALES, SMOOTH, CopyIndex, rescale, smooth
 from medgen.common.errors import UserError
 from medgen.Generation.TrainGen.core.generate import COPY, Job, draw_checked
 from medgen.Generation.TrainGen.core.generation.copies import CopyCheck
 from medgen.Generation.TrainGen.core.generation.models import load_model
+from medgen.Generation.TrainGen.core.phantom import make_subject
 from medgen.Generation.TrainGen.generate import main as generate_main
 
 
@@ -20,27 +21,59 @@ def rflow_model(tiny_models):
     return load_model(tiny_models["bravo_rflow"], "--image_model", torch.device("cpu"), None, "euler", 3)
 
 
-def copy_distance_by_hand(a: np.ndarray, b: np.ndarray, s: int = 2) -> float:
-    """The copy distance written out: over mirroring and moves of up to s px, sqrt(2 - 2 r) of the windows."""
-    h, w = b.shape[-2:]
-    ref = b[..., s:h - s, s:w - s].ravel()
-    best = np.inf
-    for q in (a, a[..., ::-1]):
-        for dy in range(-s, s + 1):
-            for dx in range(-s, s + 1):
-                r = np.corrcoef(q[..., s + dy:h - s + dy, s + dx:w - s + dx].ravel(), ref)[0, 1]
-                best = min(best, np.sqrt(max(2 - 2 * r, 0.0)))
+def best_r_by_hand(search: np.ndarray, tmpl: np.ndarray) -> float:
+    """The largest Pearson correlation of tmpl with any window of search, every position tried."""
+    h, w = tmpl.shape[-2:]
+    best = -1.0
+    for y in range(search.shape[-2] - h + 1):
+        for x in range(search.shape[-1] - w + 1):
+            patch = search[..., y:y + h, x:x + w].ravel()
+            if patch.std() > 1e-9 and tmpl.std() > 1e-9:
+                best = max(best, np.corrcoef(patch, tmpl.ravel())[0, 1])
     return best
+
+
+def copy_distance_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The copy distance written out (common/neighbours.py): both blurred, over the four flips of the query, its
+    centre window moved over the training image, and for every crop size down to 80% the smaller of the resized
+    one and the other image slid over every position of the larger; sqrt(2 - 2 r) of the best."""
+    n = a.shape[-1]
+    m = n // 8
+    a, b = smooth(a.float(), SMOOTH * n / 64).double(), smooth(b.float(), SMOOTH * n / 64).double()
+    best = -1.0
+    for q in (a, a.flip(-1), a.flip(-2), a.flip(-1, -2)):
+        best = max(best, best_r_by_hand(b.numpy(), q[..., m:n - m, m:n - m].numpy()))
+        for size in range(n - 1, int(min(SCALES) * n) - 1, -1):
+            best = max(best, best_r_by_hand(b.numpy(), rescale(q, size)[..., 1:size - 1, 1:size - 1].numpy()),
+                       best_r_by_hand(q.numpy(), rescale(b, size)[..., 1:size - 1, 1:size - 1].numpy()))
+    return float(np.sqrt(max(2 - 2 * best, 0.0)))
 
 
 def test_copy_distance_against_a_direct_computation():
     rng = np.random.default_rng(0)
     train = torch.from_numpy(rng.random((5, 1, 16, 16)))
-    queries = torch.cat([torch.from_numpy(rng.random((3, 1, 16, 16))), train[:1].roll(1, -1), train[1:2].flip(-1)])
-    d, j = CopyIndex(train).query(queries)
-    want = np.array([[copy_distance_by_hand(q.numpy(), t.numpy()) for t in train] for q in queries])
+    queries = torch.cat([torch.from_numpy(rng.random((2, 1, 16, 16))), train[:1].roll(1, -1), train[1:2].flip(-1),
+                         train[2:3].flip(-2), rescale(train[3:4, ..., 1:15, 1:15], 16)])
+    d, j = CopyIndex(train).query(queries)       # 5 training images: all of them are searched exactly
+    want = np.array([[copy_distance_by_hand(q, t) for t in train] for q in queries])
     assert d == pytest.approx(want.min(1), abs=1e-6) and (j == want.argmin(1)).all()   # sqrt of float64 round-off
-    assert d[3] < 1e-6 and d[4] < 1e-6                       # a rolled and a mirrored training image are copies
+    assert (d[2:5] < 1e-6).all()                 # rolled, mirrored and flipped training images are copies
+    assert d[5] < want[:2].min() / 2             # a crop resized: far closer than unrelated images
+
+
+def test_candidates_hold_the_source_of_transformed_copies():
+    """With more training images than CANDIDATES, the exact search sees only the descriptor's nearest: the
+    source of a moved, flipped or cropped copy is among them."""
+    vols = [make_subject(5, i, (64, 64, 24))["bravo"] for i in range(6)]
+    train = torch.from_numpy(np.concatenate([np.moveaxis(v, -1, 0)[6:18] for v in vols]))[:, None]
+    assert len(train) > 4 * CANDIDATES
+    x = train[::5]
+    moved = torch.zeros_like(x)
+    moved[..., 5:, :61] = x[..., :-5, 3:]
+    index = CopyIndex(train)
+    for copies in (moved, x.flip(-2), x.flip(-1, -2), rescale(x[..., 6:58, 6:58], 64)):
+        d, j = index.query(copies)
+        assert (j == np.arange(0, len(train), 5)).all() and d.max() < 0.15
 
 
 def test_threshold_is_the_heldout_order_statistic(rflow_model):
@@ -53,6 +86,7 @@ def test_threshold_is_the_heldout_order_statistic(rflow_model):
     assert check.threshold == pytest.approx(np.sort(d)[k - 1])
     assert check.distances(train.images[:3, :1].float()).max() < 1e-6          # a training image is a copy
     assert check.distances(train.images[:3, :1].float().roll(2, -2)).max() < 1e-6   # moved by 2 px: still one
+    assert check.distances(train.images[:3, :1].float().flip(-2)).max() < 1e-6      # flipped: still one
 
 
 def test_rejected_samples_are_redrawn_from_their_next_seed(rflow_model, tmp_path):

@@ -4,7 +4,7 @@
   it; Dice against the conditioning mask (the mask file generate.py wrote beside the image), overall and per
   tumour-size bin, next to the same segmenter's Dice on real test images (the ceiling).
 * memorization: is a synthetic image a copy of a training image? Its nearest training neighbour, by copy
-  distance (pixel correlation, tolerant of small moves and mirroring: common/neighbours.py) and by distance in
+  distance (pixel correlation, searched over moves, flips and crops: common/neighbours.py) and by distance in
   the downstream feature space, compared with the nearest-neighbour distances of real held-out images to the
   same training set. Without copying the fraction of synthetic images below the held-out q-th order statistic
   follows a known beta-binomial law (below_threshold): its mean is k / (n + 1) for n held-out images, about q
@@ -182,7 +182,8 @@ def memorization(synthetic, real_train, real_heldout, feature_net=None, device="
                         f"{p1['expected'] * 100:.1f}% of fresh samples fall below it and only more than "
                         f"{p1['null_range'][1] * 100:.1f}% is flagged as an excess")
     rec = {"metric": "memorization", "value": px["below"]["p1"]["fraction"], "n": len(synthetic),
-           "n_train": len(real_train), "n_heldout": n_held, "n_heldout_units": n_units, "closest": closest,
+           "n_train": len(real_train), "n_heldout": n_held, "n_heldout_units": n_units, "heldout_seed": seed,
+           "closest": closest,
            "tolerance": TOLERANCE, "detects": DETECTS, "misses": MISSES, "warnings": warnings,
            "notes": list(notes or []),
            "sections": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sections.items()}}

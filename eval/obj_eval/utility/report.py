@@ -258,7 +258,9 @@ def _audit_section(rec: dict) -> list[str]:
                 tabulate(rows, ["distance", "below held-out p1", "expected (95% range)", "below p5",
                                 "expected (95% range)", "median NN synthetic", "median NN held-out",
                                 "min NN synthetic"], tablefmt="github"), "",
-                f"The pixel distance detects {rec['detects']}; it does not detect {rec['misses']}.", "",
+                f"The held-out image of each subject is drawn with seed {rec.get('heldout_seed', 0)}. The pixel "
+                f"distance detects {rec['detects']}; it does not detect {rec['misses']} (measured on phantoms: "
+                "docs/utility.md, 'What the copy distance detects').", "",
                 *[f"- warning: {w}" for w in rec.get("warnings", [])], *[f"- note: {n}" for n in rec.get("notes", [])],
                 f"Closest pairs: {pairs}.", ""]
     warn = [f"- warning: {rec['warning']}", ""] if rec.get("warning") else []
