@@ -197,7 +197,7 @@ def lesion_study(tmp_path_factory):
     empirical distribution, the same step budget) and pure noise images as the synthetic sets."""
     root = tmp_path_factory.mktemp("lesions")
     real = root / "real"
-    for split, n, seed in (("train", 8, 1), ("val", 4, 2), ("test", 6, 3)):
+    for split, n, seed in (("train", 8, 1), ("val", 4, 2), ("test", 12, 3)):
         _lesions(real / split, n, seed)
     copy = _lesions(root / "copy", 8, 1)                 # the real training images again
     noise = root / "noise"
@@ -217,7 +217,7 @@ def test_cli_null_and_noise_images_never_read_as_an_improvement(lesion_study):
     summary, md = lesion_study
     rows = {r["recipe"]: r for r in summary["rows"]}
     copy, noise = rows["real+copy x1"]["vs_real"], rows["real+noise x1"]["vs_real"]
-    assert copy["assessable"] and copy["n_seeds"] == 3 and copy["n_units"] == 18
+    assert copy["assessable"] and copy["n_seeds"] == 3 and copy["n_units"] == 36
     assert not copy["distinguishable"]                   # the end-to-end null
     assert not (noise["distinguishable"] and noise["diff"] > 0)
     assert "adding 1x noise improved" not in md.lower()
