@@ -398,3 +398,37 @@ def test_run_evaluation_downstream_metrics(brain, real, tmp_path):
     assert "faithfulness_dice" in (out / "report.md").read_text()
     with pytest.raises(UserError, match="--metrics: unknown metric 'faithful'"):
         evaluation_main(["--synthetic_dir", str(synth), "--real_dir", str(brain), "--metrics", "faithful"])
+
+
+def test_a_flat_image_folder_with_a_labels_csv_is_read_as_the_trainer_reads_it(tmp_path):
+    """APTOS ships train_images/<id>.png and train.csv (id_code, diagnosis): the trainer reads it with
+    data.labels_csv, and so does the study (--labels-csv), with the same split; integer grades are ordinal."""
+    from medgen.common.data import DataConfig
+    from medgen.common.dataset import load_split
+    flat, rows = tmp_path / "train_images", ["id_code,diagnosis"]
+    flat.mkdir()
+    for k in range(30):
+        grade = k % 3
+        Image.fromarray((make_lesion_image(1, grade, k, 32) * 255).round().astype(np.uint8)).save(flat / f"id{k:03d}.png")
+        rows.append(f"id{k:03d},{grade}")
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    synth = _lesions(tmp_path / "synth", 6, 4)
+    for name, grade in (("melanoma", "0"), ("nevus", "1"), ("vascular", "2")):
+        (synth / name).rename(synth / grade)                # generate.py names class folders by the labels
+    with pytest.raises(UserError, match="no images found"):    # without the CSV: no class folders
+        data.load_real(flat, 32, [], compute="local")
+    with pytest.raises(UserError, match="--labels-csv .*no such file"):
+        data.load_real(flat, 32, [], compute="local", labels_csv=str(tmp_path / "missing.csv"))
+    out = tmp_path / "study"
+    assert utility_main(["--real_dir", str(flat), "--labels-csv", str(csv), "--synthetic_dir", str(synth),
+                         "--output", str(out), "--seeds", "2", "--recipes", "real,real+synthetic", "--audit", "none",
+                         "--compute", "local", *FAST, "--max_steps", "4", "--val_every", "2"]) == 0
+    summary = json.loads((out / "utility.json").read_text())
+    assert summary["task"] == "classification" and summary["ordinal"] and summary["primary"] == "kappa_quadratic"
+    assert any("split by image file" in n for n in summary["notes"])
+    sets, _ = data.load_real(flat, 32, [], compute="local", labels_csv=str(csv))
+    trainer = load_split(DataConfig(data_dir=str(flat), image_size=32, labels_csv=str(csv)), flat, "train", [],
+                         tmp_path / "cache", "images")
+    assert sorted(sets["train"].units) == sorted(trainer.sources)
+    assert sets["train"].classes == ["0", "1", "2"] and summary["sets"]["train"]["n"] == len(trainer.sources)

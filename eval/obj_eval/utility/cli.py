@@ -61,6 +61,9 @@ def add_split_flags(p) -> None:
                   "synthetic folder's generation.json; else 0)")
     add_flag(p, "val-fraction", type=Real(0, 0.9), default=None,
              help="a flat real folder: its validation share (default: the generator's; else 0.2)")
+    add_flag(p, "labels-csv", default=None, metavar="FILE",
+             help="a flat real image folder: its labels CSV, the one the generator trained with "
+                  "(--set data.labels_csv=FILE: filename,label; APTOS id_code,diagnosis; ISIC one-hot)")
 
 
 def train_settings(args, task: str, device: str) -> models.TrainSettings:
@@ -177,7 +180,8 @@ def main(argv=None, doc: str = DOC) -> int:
     generators = data.generator_records(args.synthetic_dir) if args.synthetic_dir else None
     vocab = data.mask_vocabulary(args.synthetic_dir, args.labels)
     real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute,
-                                 generators, args.split_seed, args.val_fraction, vocab=vocab)
+                                 generators, args.split_seed, args.val_fraction, vocab=vocab,
+                                 labels_csv=args.labels_csv)
     task = "classification" if real["train"].classes else "segmentation"
     ordinal = task == "classification" and (args.ordinal or scores.ordinal_classes(real["train"].classes))
     primary = choose_primary(args.primary, task, args.spatial_dims, ordinal, real["train"].classes,

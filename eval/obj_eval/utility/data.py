@@ -80,12 +80,14 @@ def task_of(root: Path) -> str:
 
 
 def _config(root: Path, size, positive_only: bool, layout: str, val_fraction: float, seed: int,
-            skip_bad: bool = False, vocab: Vocabulary = BINARY) -> DataConfig:
-    """`size`: the evaluation size in px, or a volume grid [H, W, D] (whole volumes, data.spatial_dims 3)."""
+            skip_bad: bool = False, vocab: Vocabulary = BINARY, labels_csv: str | None = None) -> DataConfig:
+    """`size`: the evaluation size in px, or a volume grid [H, W, D] (whole volumes, data.spatial_dims 3);
+    `labels_csv`: a flat image folder's labels, as the trainer's data.labels_csv."""
     volume = list(size) if isinstance(size, (list, tuple)) else None
     return DataConfig(data_dir=str(root), image_size=128 if volume else size, positive_only=positive_only,
                       layout=layout, val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad,
-                      spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48], **config_fields(vocab))
+                      spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48], labels_csv=labels_csv,
+                      **config_fields(vocab))
 
 
 def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
@@ -94,7 +96,7 @@ def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
     elif kind == "pairs":
         splits = imagefolder.find_pair_splits(root, cfg.val_fraction, cfg.split_seed)[0]
     else:
-        splits = imagefolder.find_image_splits(root, None, cfg.val_fraction, cfg.split_seed)[0]
+        splits = imagefolder.find_image_splits(root, cfg.labels_csv, cfg.val_fraction, cfg.split_seed)[0]
     return [s for s, items in splits.items() if items]
 
 
@@ -177,16 +179,22 @@ def split_settings(records: dict[str, dict], split_seed: int | None, val_fractio
 def load_real(root, size: int, image_roles: list[str], positive_only: bool = False, layout: str = "original",
               seed: int = 0, compute: str = "auto", generators: dict[str, dict] | None = None,
               split_seed: int | None = None, val_fraction: float | None = None,
-              flag: str = "--real_dir", vocab: Vocabulary = BINARY) -> tuple[dict[str, TaskSet], list[str]]:
+              flag: str = "--real_dir", vocab: Vocabulary = BINARY, labels_csv: str | None = None
+              ) -> tuple[dict[str, TaskSet], list[str]]:
     """({'train', 'val', 'test'}: TaskSet, notes). A flat folder is split as the generator split it (its record
-    in `generators`, or --split-seed / --val-fraction); a missing test split is carved from val by subject (half
-    of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator
-    trained on is refused, naming it (generators None: no synthetic data to check against)."""
+    in `generators`, or --split-seed / --val-fraction); a flat image folder with a labels CSV (`labels_csv`,
+    as the trainer's data.labels_csv: APTOS train_images/ + train.csv) is read and split as the trainer reads
+    it; a missing test split is carved from val by subject (half of it), a missing val split from train (a
+    fifth); the notes say so. Any val or test unit that a generator trained on is refused, naming it
+    (generators None: no synthetic data to check against)."""
     from medgen.common.splits import check_no_leak
     root = existing_folder(root, flag)
-    kind = kind_of(root)
+    kind = "images" if labels_csv else kind_of(root)
+    if labels_csv and not Path(labels_csv).is_file():
+        raise UserError(f"--labels-csv {labels_csv}: no such file")
     s_seed, s_frac, how = split_settings(generators or {}, split_seed, val_fraction)
-    cfg = _config(root, size, positive_only, layout, s_frac, s_seed, vocab=vocab if kind == "nifti" else BINARY)
+    cfg = _config(root, size, positive_only, layout, s_frac, s_seed, vocab=vocab if kind == "nifti" else BINARY,
+                  labels_csv=labels_csv)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     names = _split_names(cfg, root, kind)
     if "train" not in names:
@@ -197,7 +205,7 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
             raise UserError(f"{flag} {root}: the {s} split ({root / s}) is empty")
     sets = {s: _load(root, s, kind, cfg, roles, compute, f"real {s}") for s in ("train", "val", "test") if s in names}
     notes = []
-    if not any((root / s).is_dir() for s in SPLIT_NAMES):
+    if labels_csv or not any((root / s).is_dir() for s in SPLIT_NAMES):
         notes.append(f"{root} has no split folders: split by {'subject' if kind == 'nifti' else 'image file'} "
                      f"with seed {s_seed} and val fraction {s_frac:g} ({how})" +
                      ("" if kind == "nifti" else "; a patient with several images (views, visits, both eyes) can "
