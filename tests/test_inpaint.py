@@ -283,3 +283,40 @@ def test_control_from_checks_the_frozen_run_before_training(frozen_run, tiny_mod
     assert "takes the frozen run's" in note and "strategy 'rflow' (this run's settings said 'ddpm')" in note
     assert "image_size 32 (this run's settings said 64)" in note
     assert stored_config(torch.load(run / "best.pt", weights_only=True)["config"]).strategy.name == "rflow"
+
+
+def test_a_perfect_insertion_has_a_seam_score_of_one_at_every_margin(monkeypatch):
+    """A perfect insertion: the same phantom drawn with and without its tumours (the same random draws), the
+    tumour scan inside the region (the lesion grown by the margin), the healthy scan outside, as the inserter
+    composes. Band pixels by the lesion's own edge used to dominate the score (2.0 at margin 0, 1.06 at 2 px in
+    the evidence review); away from them it reads 1 at every margin, and an added step reads above 1."""
+    from medgen.common.data import fit_square
+    from medgen.eval.obj_eval.core.inpainting import seam_ratios
+    import medgen.Generation.TrainGen.core.phantom as P
+    real_tumours = P._tumours
+    edited, source, lesion = [], [], []
+    for i in range(8):
+        monkeypatch.setattr(P, "_tumours", real_tumours)
+        t = P.make_subject(9, i, (64, 64, 24))
+        monkeypatch.setattr(P, "_tumours", lambda *a: tuple(np.zeros_like(m) for m in real_tumours(*a)))
+        h = P.make_subject(9, i, (64, 64, 24))
+        fg = h["bravo"][h["bravo"] > 0]
+        lo, hi = np.percentile(fg, (0.5, 99.5))                  # one scale for both versions of the scan
+        read = lambda v, mode="bilinear": fit_square(torch.from_numpy(to_slices(v))[:, None], 32, None, mode)  # noqa: E731
+        ts, hs = (read(np.clip((v["bravo"] - lo) / (hi - lo), 0, 1).astype(np.float32)) for v in (t, h))
+        lab = read(t["seg"].astype(np.float32), "nearest")
+        keep = (lab > 0).flatten(1).sum(1) >= 8
+        edited.append(ts[keep]), source.append(hs[keep]), lesion.append(lab[keep] > 0)
+    ts, hs, lesion = torch.cat(edited), torch.cat(source), torch.cat(lesion)
+    assert len(ts) >= 20
+    for margin in range(5):
+        region = dilate(lesion.float(), margin) > 0.5
+        ratio, unscored = seam_ratios(torch.where(region, ts, hs), hs, region, lesion)
+        if margin <= 1:                                          # the whole band lies by the lesion
+            assert len(ratio) + unscored == len(ts)
+        if len(ratio):
+            assert abs(ratio.mean() - 1) < 0.02, (margin, ratio.mean())
+        if margin >= 2:
+            assert unscored == 0
+            step = torch.where(region, (ts + 0.15).clamp(0, 1), hs)     # a visible edge: the region brighter
+            assert seam_ratios(step, hs, region, lesion)[0].mean() > 1.2

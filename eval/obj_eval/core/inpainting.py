@@ -5,8 +5,12 @@ was kept.
   inpaint_outside_max_abs_diff  the largest |synthetic - source| outside the region over every pair: exactly 0
                                 when the scan was kept as acquired (as read by the loaders)
   inpaint_seam                  the mean gradient magnitude on the region's border band (one pixel either side)
-                                of the edited slice over that of the source slice at the same pixels: 1 is a seam
-                                as smooth as the scan's own tissue, above 1 a visible edge; bootstrap CI over pairs
+                                of the edited slice over that of the source slice at the same pixels, leaving out
+                                the band pixels within LESION_EDGE px of the inserted lesion (there the lesion's own
+                                edge, not a seam, raises the gradient: a perfect insertion scored 2.0 at margin 0,
+                                1.4 at 1 and 1.06 at 2 px with them): 1 is a seam as smooth as the scan's own
+                                tissue, above 1 a visible edge; bootstrap CI over pairs. A pair whose whole band
+                                lies by the lesion (--inpaint_margin 0-1) cannot be scored, and is counted
   inpaint_contrast_<label>      per label of the inserted lesion (the written mask inside the region): its mean
                                 intensity over the mean of normal tissue outside the region, for the edited slice,
                                 beside the same ratio of the source slice's pixels (what was there before: about 1
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from medgen.common.data import GENERATED_MARKER, fit_square, to_slices
 from medgen.common.errors import UserError
+from medgen.Generation.TrainGen.core.inpainting import dilate
 from medgen.eval.obj_eval.core import metrics as M
 from medgen.eval.obj_eval.core.inputs import pair
 
@@ -59,6 +64,23 @@ def gradient(x: torch.Tensor) -> torch.Tensor:
     return (gx ** 2 + gy ** 2).sqrt()
 
 
+LESION_EDGE = 2     # px: band pixels this close to the inserted lesion are left out of the seam score
+
+
+def seam_ratios(edited: torch.Tensor, source: torch.Tensor, region: torch.Tensor, lesion: torch.Tensor
+                ) -> tuple[np.ndarray, int]:
+    """(edited / source mean gradient on each pair's border band away from the lesion, pairs with no such band
+    pixel): the inpaint_seam score of the module docstring."""
+    region = region.float()
+    band = (F.max_pool2d(region, 3, 1, 1) - (-F.max_pool2d(-region, 3, 1, 1))) > 0.5     # dilated - eroded
+    band = band & ~(dilate(lesion, LESION_EDGE) > 0.5)
+    ga, gb = gradient(edited.float()), gradient(source.float())
+    n_band = band.flatten(1).sum(1).clamp(min=1)
+    ratio = ((ga * band).flatten(1).sum(1) / n_band) / ((gb * band).flatten(1).sum(1) / n_band).clamp(min=1e-6)
+    has = band.flatten(1).any(1)
+    return ratio[has].numpy().astype(np.float64), int((~has).sum())
+
+
 def inpainting_records(synth, real, seed: int = 0) -> list[dict]:
     s_idx, r_idx, how = pair(synth, real)
     if not s_idx:
@@ -70,12 +92,7 @@ def inpainting_records(synth, real, seed: int = 0) -> list[dict]:
     a, b = synth.images[s_idx].float(), real.images[r_idx].float()
     outside = ~region
     diff = float((a - b).abs()[outside].max()) if bool(outside.any()) else 0.0
-    band = F.max_pool2d(region.float(), 3, 1, 1) - (-F.max_pool2d(-region.float(), 3, 1, 1))   # dilated - eroded
-    band = band > 0.5
-    ga, gb = gradient(a), gradient(b)
-    n_band = band.flatten(1).sum(1).clamp(min=1)
-    ratio = ((ga * band).flatten(1).sum(1) / n_band) / ((gb * band).flatten(1).sum(1) / n_band).clamp(min=1e-6)
-    ratio = ratio[band.flatten(1).any(1)].numpy().astype(np.float64)
+    ratio, unscored = seam_ratios(a, b, region, region & (labels > 0))
     method = {"pairs_by": how, "region": "region.nii.gz of each sample"}
     records = [{"metric": "inpaint_outside_max_abs_diff", "value": diff, "n": len(s_idx), "ci95": None,
                 "method": {**method, "what": "max |synthetic - source| outside the region"}}]
@@ -96,5 +113,9 @@ def inpainting_records(synth, real, seed: int = 0) -> list[dict]:
                                                      "tissue outside it; real: the source slice's pixels"}})
     return records + [
         {"metric": "inpaint_seam", "value": float(ratio.mean()) if len(ratio) else None, "n": int(len(ratio)),
-         "ci95": M.bootstrap_mean_ci(ratio, 1000, seed) if len(ratio) > 1 else None,
-         "method": {**method, "what": "gradient magnitude on the region's border band, edited / source"}}]
+         "ci95": M.bootstrap_mean_ci(ratio, 1000, seed) if len(ratio) > 1 else None, "unscored": unscored,
+         "method": {**method, "what": f"gradient magnitude on the region's border band farther than {LESION_EDGE} "
+                                      "px from the inserted lesion, edited / source; 1 for a seamless insertion",
+                    **({"unscored": f"{unscored} pair(s) whose band lies within {LESION_EDGE} px of the lesion "
+                                    "(a margin of 0-1 px): a seam there cannot be told from the lesion's edge"}
+                       if unscored else {})}}]
