@@ -139,7 +139,7 @@ class OptimConfig:
     perceptual_weight: float = 0.0       # RadImageNet ResNet-50 feature loss on the predicted x0 (0: off)
     perceptual_weights: str | None = None  # local weights file (default $MEDGEN_WEIGHTS/radimagenet_resnet50.pt)
     perceptual_sha256: str | None = None   # expected SHA-256 of that file (checked when given)
-    region_contrast_weight: float = 0.0  # mask-conditioned modes: region-specific contrastive loss (MAISI-v2): one
+    region_contrast_weight: float = 0.0  # mask-conditioned modes: region contrast after MAISI-v2's idea: one
                                          # label region per sample relabelled as background must change the
                                          # prediction inside it and nowhere else (0: off; costs a second forward)
     region_contrast_margin: float = 0.5  # the mean |prediction difference| asked for inside the region
