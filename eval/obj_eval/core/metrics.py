@@ -29,12 +29,20 @@ FID_MIN_VOLUMES = 100   # 2.5D FID: volumes below which the report warns
 
 
 # ---------------------------------------------------------------- statistics
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float] | None:
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, groups=None) -> list[float] | None:
+    """Percentile interval of the mean. `groups`: the unit of each value (a subject's slices); units are
+    resampled whole, since values of one unit are not independent (None when there are fewer than 2 units)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return None
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    if groups is None:
+        means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    else:
+        members = unit_members(groups)
+        if len(members) < 2:
+            return None
+        means = np.array([values[cluster_resample(rng, members, len(values))].mean() for _ in range(n_boot)])
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
@@ -111,25 +119,35 @@ def cluster_resample(rng, members: list[np.ndarray] | None, n: int) -> np.ndarra
 
 
 def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50, seed: int = 0,
-                      groups=None) -> dict:
+                      groups=None, real_groups=None) -> dict:
     """FID with a bootstrap interval; sets smaller than the feature dimension take the exact sample form
     (frechet_from_samples), which is many times faster there. `groups`: the unit of each synthetic row (the
-    volume of a slice); units are resampled whole, since the slices of one volume are not independent."""
+    volume of a slice); units are resampled whole, since the slices of one volume are not independent.
+    `real_groups`: the real rows are a sample too (held-out slices of a few subjects): each resample also draws
+    the real units, whole; without it the real statistics are held fixed."""
     members = None if groups is None else unit_members(groups)
-    if max(len(real), len(synthetic)) < real.shape[1]:
-        distance = lambda syn: frechet_from_samples(real, syn)  # noqa: E731
+    real_members = None if real_groups is None else unit_members(real_groups)
+    small = max(len(real), len(synthetic)) < real.shape[1]
+    if small:
+        distance = lambda syn, ref=real: frechet_from_samples(ref, syn)  # noqa: E731
     else:
         mu_r, s_r = gaussian_stats(real)
         a = _sqrt_psd(s_r)
-        distance = lambda syn: frechet_distance(mu_r, s_r, *gaussian_stats(syn), a)  # noqa: E731
+
+        def distance(syn, ref=None):
+            if ref is None:
+                return frechet_distance(mu_r, s_r, *gaussian_stats(syn), a)
+            return frechet_distance(*gaussian_stats(ref), *gaussian_stats(syn))
     value = distance(synthetic)
     out = {"value": value, "ci95": None, "n": {"real": int(len(real)), "synthetic": int(len(synthetic))}}
     n_units = len(synthetic) if members is None else len(members)
-    if n_boot > 1 and n_units > 1:
+    if n_boot > 1 and n_units > 1 and (real_members is None or len(real_members) > 1):
         rng = np.random.default_rng(seed)
         boots = []
         for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False, disable=n_boot < 20):
-            boots.append(distance(synthetic[cluster_resample(rng, members, len(synthetic))]))
+            syn = synthetic[cluster_resample(rng, members, len(synthetic))]
+            ref = None if real_members is None else real[cluster_resample(rng, real_members, len(real))]
+            boots.append(distance(syn) if ref is None else distance(syn, ref))
         out["ci95"], out["resampling_bias"] = fid_interval(boots, value)
     return out
 
@@ -193,7 +211,8 @@ def kid_from_features(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, gr
     return {"value": float(est), "se": float(np.sqrt(var)), "n": {"real": m, "synthetic": n},
             "method": "unbiased squared MMD, cubic polynomial kernel (x.y/d + 1)^3, whole sets"
                       + (f" (random subsets of {max_n} rows)" if subset else "")
-                      + "; standard error: two-sample jackknife" + (" by volume" if groups is not None else "")}
+                      + "; standard error: two-sample jackknife" + (" by unit (a volume's or a subject's rows together)"
+                                                                  if gx is not None or gy is not None else "")}
 
 
 def kid_record(name: str, kid: dict, method: dict) -> dict:

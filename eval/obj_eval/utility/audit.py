@@ -30,9 +30,12 @@ LOW_DICE = 0.5                      # faithfulness: samples listed by id below t
 SIZE_BINS = ("small", "medium", "large")
 
 
-def _mean_ci(values: np.ndarray, seed: int) -> dict:
+def _mean_ci(values: np.ndarray, seed: int, units: np.ndarray) -> dict:
+    """Mean with a 95% interval that resamples units (subjects) whole: slices of one subject are not
+    independent. Fewer than 2 units: no interval."""
     return {"mean": float(values.mean()) if len(values) else None, "n": int(len(values)),
-            "ci95": M.bootstrap_mean_ci(values, 1000, seed) if len(values) > 1 else None}
+            "n_units": int(len(set(units.tolist()))),
+            "ci95": M.bootstrap_mean_ci(values, 1000, seed, units) if len(values) > 1 else None}
 
 
 def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int = 0) -> dict:
@@ -50,7 +53,8 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
         ps, ts, pr, tr, tt = (cut(x) for x in (pred_s, synthetic.targets, pred_r, real_test.targets,
                                                real_train.targets))
         masks = {r: (ps[r].float(), ts[r].float(), pr[r].float(), tr[r].float(), tt[r].float()) for r in ps}
-    regions = {r: _faithful(*m, synthetic.ids, seed) for r, m in masks.items()}
+    regions = {r: _faithful(*m, synthetic.ids, seed, np.asarray(synthetic.units), np.asarray(real_test.units))
+               for r, m in masks.items()}
     head = next(iter(regions.values()))
     out = {"metric": "faithfulness_dice", **head,
            "method": {"segmenter": "downstream segmenter trained on the real training split (the utility harness)",
@@ -58,14 +62,16 @@ def faithfulness(segmenter, synthetic, real_test, real_train, device, seed: int 
                       if vocab.binary else "per synthetic image and region with a non-empty conditioning region; "
                       "prediction: the most probable label", "bins": "lesion area as a fraction of the image; "
                       "edges at the terciles of the real training masks' areas (per region for label maps)",
-                      "ci": "bootstrap over images (1000 resamples)"}}
+                      "ci": "bootstrap over units (1000 resamples): a subject's slices (or a sample's) drawn "
+                            "together"}}
     if not vocab.binary:
         out["regions"] = regions
         out["vocabulary"] = vocab.record()
     return out
 
 
-def _faithful(pred_s, true_s, pred_r, true_r, true_train, ids: list[str], seed: int) -> dict:
+def _faithful(pred_s, true_s, pred_r, true_r, true_train, ids: list[str], seed: int, units_s: np.ndarray,
+              units_r: np.ndarray) -> dict:
     """Faithfulness of one binary mask kind: value, CI, ceiling on real test images, size bins, the lowest."""
     pixels = true_s[0, 0].numel()
     area = lambda t: (t > 0.5).flatten(1).sum(1).numpy() / pixels  # noqa: E731
@@ -79,16 +85,17 @@ def _faithful(pred_s, true_s, pred_r, true_r, true_train, ids: list[str], seed: 
         hi = edges[b] if b < 2 else 1.0
         in_s, in_r = ((a > 0) & (a >= lo) & ((a < hi) if b < 2 else (a <= hi)) for a in (a_s, a_r))
         bins.append({"bin": name, "area_fraction": [float(lo), float(hi)],
-                     "synthetic": _mean_ci(d_s[in_s], seed), "real_test": _mean_ci(d_r[in_r], seed)})
+                     "synthetic": _mean_ci(d_s[in_s], seed, units_s[in_s]),
+                     "real_test": _mean_ci(d_r[in_r], seed, units_r[in_r])})
     pos_s = a_s > 0
     order = np.argsort(d_s[pos_s], kind="stable")
     names = np.asarray(ids)[pos_s]
     low = [{"id": str(names[i]), "dice": round(float(d_s[pos_s][i]), 4),
             "area_fraction": round(float(a_s[pos_s][i]), 4)} for i in order if d_s[pos_s][i] < LOW_DICE]
     empty = ~pos_s
-    overall = _mean_ci(d_s[pos_s], seed)
-    return {"value": overall["mean"], "n": overall["n"], "ci95": overall["ci95"],
-            "ceiling": _mean_ci(d_r[a_r > 0], seed), "bins": bins, "low_dice_threshold": LOW_DICE,
+    overall = _mean_ci(d_s[pos_s], seed, units_s[pos_s])
+    return {"value": overall["mean"], "n": overall["n"], "n_units": overall["n_units"], "ci95": overall["ci95"],
+            "ceiling": _mean_ci(d_r[a_r > 0], seed, units_r[a_r > 0]), "bins": bins, "low_dice_threshold": LOW_DICE,
             "low": low[:200], "n_low": len(low),
             "empty_masks": {"n": int(empty.sum()),
                             "predicted_foreground": int((pred_s[torch.from_numpy(empty)].flatten(1).sum(1) > 0).sum())}}
@@ -223,12 +230,15 @@ def domain(feature_net, synthetic, real_heldout, device="cpu", n_boot: int = 50,
     space = ("pooled deep encoder features of the downstream network trained on the real training split, "
              f"{f_real.shape[1]} dims, scaled so the real set's mean per-dimension variance is 1; real reference = "
              "the real held-out images")
-    fid = M.fid_from_features(f_real, f_syn, n_boot, seed)
-    kid = M.kid_from_features(f_real, f_syn, seed)
+    # the held-out reference is slices of a few subjects: both sets are resampled (FID) or left out (KID) by unit
+    g_real, g_syn = np.asarray(real_heldout.units), np.asarray(synthetic.units)
+    fid = M.fid_from_features(f_real, f_syn, n_boot, seed, g_syn, g_real)
+    kid = M.kid_from_features(f_real, f_syn, seed, groups=g_syn, real_groups=g_real)
     n = {"synthetic": len(f_syn), "real": len(f_real)}
     rec = {"metric": "fid_domain", "value": fid["value"], "n": fid["n"], "ci95": fid["ci95"],
            "method": {"feature_network": "downstream (real data)", "space": space,
-                      "ci": f"{n_boot} resamples; {M.FID_CI_METHOD}" if fid["ci95"] else "none"}}
+                      "ci": f"{n_boot} resamples of whole units (subjects) of both sets, re-centred on the value "
+                            "(percentiles of FID* - (mean FID* - FID))" if fid["ci95"] else "none"}}
     warning = M.small_n_warning(len(f_real), len(f_syn), f_real.shape[1])
     if warning:
         rec["warning"] = warning

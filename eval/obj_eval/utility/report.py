@@ -62,7 +62,8 @@ def comparison(row: dict, label: str, primary: str) -> str:
                 f"{vs['family_size']} comparisons of this study (Holm-adjusted p = {vs['p_adjusted']:.2f})")
     return (f"{what} changed test {label} by {vs['diff']:+.3f} {_ci(vs['ci95'], sign='+')} at {where}, not "
             f"distinguishable from zero (p = {vs['p']:.2f}); with the seed-to-seed spread seen here this study "
-            f"detects about {vs['detectable']:.3f} (80% power), so a smaller effect is not ruled out")
+            f"detects about {vs['detectable']:.3f} (80% power; up to {vs['detectable_upper']:.3f} at the 90% "
+            f"upper bound of a spread estimated from {vs['n_seeds']} seeds), so a smaller effect is not ruled out")
 
 
 def _adjusted(vs: dict) -> str:

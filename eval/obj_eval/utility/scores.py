@@ -276,6 +276,15 @@ def detectable_difference(sd: float, n: int, power: float = POWER) -> float:
     return float((t_quantile(0.975, n - 1) + t_quantile(power, n - 1)) * sd / np.sqrt(n))
 
 
+DETECTABLE_BOUND = 0.9   # the one-sided confidence of the detectable difference's upper bound
+
+
+def sd_upper(sd: float, n: int, confidence: float = DETECTABLE_BOUND) -> float:
+    """Upper confidence bound of a normal spread estimated from n values: sd sqrt((n - 1) / chi2_{1-c}(n - 1)).
+    At 3 seeds the estimate has 2 degrees of freedom and the bound is 3.1 sd: a seed sd is a rough figure."""
+    return float(sd * np.sqrt((n - 1) / stats.chi2.ppf(1 - confidence, n - 1)))
+
+
 def holm(p: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (in the given order): the family-wise error rate of 'adjusted p <
     alpha' is at most alpha for any dependence between the tests."""
@@ -292,7 +301,8 @@ def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str 
     """The verdict of recipe vs real on one score: the mean of the per-seed paired differences, its 95%
     t-interval and two-sided p-value (a paired t-test over seeds), and whether it is assessable at all
     (enough seeds and test units; else `why_not` gives the counts). `detectable` is the difference this
-    study would find with 80% power, from the seed-to-seed spread it observed."""
+    study would find with 80% power, from the seed-to-seed spread it observed, and `detectable_upper` the same
+    at the spread's 90% upper confidence bound (few seeds estimate the spread roughly)."""
     if len(recipe) != len(real) or not recipe:
         raise ValueError("paired results need the same seeds")
     every = np.arange(len(real[0]["units"]))
@@ -318,5 +328,6 @@ def seed_paired_test(recipe: list[dict], real: list[dict], name: str, unit: str 
     half = float(t_quantile(0.975, n - 1) * sd / np.sqrt(n))
     p = float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
     out.update(ci95=[mean - half, mean + half], p=p, sd=sd, detectable=detectable_difference(sd, n),
+               detectable_upper=detectable_difference(sd_upper(sd, n), n),
                distinguishable=bool(out["assessable"] and (mean - half > 0 or mean + half < 0)))
     return out
