@@ -70,6 +70,9 @@ class DataConfig:
                                          # APTOS id_code,diagnosis; ISIC image + one-hot columns (detected)
     csv_image_column: str | None = None  # labels_csv: the image column, when the layout is not detected
     csv_label_column: str | None = None  # labels_csv: the label column (None with csv_image_column: one-hot)
+    patient_pattern: str | None = None   # flat image folders: a regex whose first group (or whole match) in each
+                                         # file name is its patient, e.g. '^(P\d+)_': a patient's images stay on
+                                         # one side of the split and are one unit of the evaluation's statistics
     cache: bool = True                   # build preprocessed slices once, reuse while inputs and params match
     cache_dir: str | None = None         # None: <paths cache root>/slices
     cache_device: Literal["auto", "cpu", "cuda"] = "auto"  # where the cached tensors live during training; auto:
@@ -91,6 +94,9 @@ class DataConfig:
         _check(voxels <= MAX_VOXELS, f"data.volume_shape {self.volume_shape} holds {voxels:,} voxels "
                f"({voxels * 4 / 2 ** 30:.1f} GiB per float32 channel and sample); at most {MAX_VOXELS:,} "
                "(512x512x512) are allowed")
+        if self.patient_pattern is not None:
+            from medgen.common.imagefolder import patient_regex
+            patient_regex(self.patient_pattern, "data.patient_pattern")
         from medgen.common.labels import vocabulary
         vocabulary(self)      # an unknown preset, custom labels sharing an id or regions naming no label: said now
         _check(self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE}, got "

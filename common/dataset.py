@@ -180,17 +180,19 @@ def scan_split(data_cfg, root: Path, split: str, roles: list[str], cache_dir: Pa
         raise UserError(f"{root}: data.spatial_dims 3 (--spatial_dims 3) needs NIfTI volumes; this is a 2D "
                         f"image folder")
     if kind == "pairs":
-        splits, folder_problems = imagefolder.find_pair_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
+        splits, folder_problems = imagefolder.find_pair_splits(root, data_cfg.val_fraction, data_cfg.split_seed,
+                                                               data_cfg.patient_pattern)
         files = [f for pair in splits.get(split, []) for f in pair if f is not None]
         params = {"kind": "pairs", "size": data_cfg.image_size, "val": data_cfg.val_fraction,
-                  "seed": data_cfg.split_seed}
+                  "seed": data_cfg.split_seed, "patients": data_cfg.patient_pattern}
     elif kind == "images":
         splits, classes, folder_problems = imagefolder.find_image_splits(
-            root, data_cfg.labels_csv, data_cfg.val_fraction, data_cfg.split_seed, csv_columns(data_cfg))
+            root, data_cfg.labels_csv, data_cfg.val_fraction, data_cfg.split_seed, csv_columns(data_cfg),
+            data_cfg.patient_pattern)
         files = [f for f, _ in splits.get(split, [])]
         params = {"kind": "images", "size": data_cfg.image_size, "val": data_cfg.val_fraction,
                   "seed": data_cfg.split_seed, "csv": data_cfg.labels_csv, "classes": classes,
-                  "csv_columns": csv_columns(data_cfg)}
+                  "csv_columns": csv_columns(data_cfg), "patients": data_cfg.patient_pattern}
     else:
         layout = nifti.layout_from_config(data_cfg)
         splits = nifti.find_splits(root, layout, data_cfg.val_fraction, data_cfg.split_seed)

@@ -132,8 +132,9 @@ def list_items(root: Path, labels_csv: str | None, columns: tuple | None = None
 
 
 def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, seed: int,
-                      columns: tuple | None = None):
-    """({split: [(file, class)]}, class names, problems)."""
+                      columns: tuple | None = None, patient_pattern: str | None = None):
+    """({split: [(file, class)]}, class names, problems). A flat folder is split per class by file, or with a
+    patient pattern by patient (split_by_patient)."""
     root = Path(root)
     if (root / "train").is_dir() and not labels_csv:
         splits, problems = {}, []
@@ -145,7 +146,9 @@ def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, s
         items, problems = list_items(root, labels_csv, columns)
         rng = np.random.default_rng(seed)
         splits = {"train": [], "val": []}
-        for name in sorted({c for _, c in items}):
+        if patient_pattern is not None:
+            splits = split_by_patient(items, [f for f, _ in items], patient_pattern, val_fraction, seed)
+        for name in sorted({c for _, c in items}) if patient_pattern is None else ():
             members = [it for it in items if it[1] == name]
             n_val = int(round(len(members) * val_fraction)) if len(members) > 1 else 0
             order = rng.permutation(len(members))
@@ -153,6 +156,42 @@ def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, s
             splits["train"] += [members[i] for i in sorted(order[n_val:])]
     classes = sorted({c for items in splits.values() for _, c in items})
     return splits, classes, problems
+
+
+def patient_regex(pattern: str, what: str = "data.patient_pattern") -> "re.Pattern":
+    """The compiled patient pattern, or one line naming `what` when it is not a usable regex."""
+    import re
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"{what} {pattern!r} is not a regular expression: {err}") from None
+    if not pattern:
+        raise UserError(f"{what} is empty: give a regex whose first group is the patient, e.g. '^(P\\d+)_'")
+    return rx
+
+
+def patient_of(path, pattern: str | None, what: str = "data.patient_pattern") -> str | None:
+    """The patient of an image file: the first group of the pattern's match in its file name (the whole match
+    when the pattern has no group); None without a pattern. A name that does not match is one line naming it."""
+    if pattern is None:
+        return None
+    m = patient_regex(pattern, what).search(Path(path).name)
+    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
+        raise UserError(f"{path}: its name does not match {what} {pattern!r}, so its patient is unknown")
+    return m.group(1) if m.re.groups else m.group(0)
+
+
+def split_by_patient(items: list, files: list[Path], pattern: str, val_fraction: float, seed: int
+                     ) -> dict[str, list]:
+    """{'train', 'val'}: the patients (patient_of each file) shuffled with the seed, val_fraction of them held
+    out with every one of their images."""
+    patients = [patient_of(f, pattern) for f in files]
+    names = sorted(set(patients))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = int(round(len(names) * val_fraction)) if len(names) > 1 else 0
+    held = {names[i] for i in order[:n_val]}
+    return {"train": [it for it, p in zip(items, patients) if p not in held],
+            "val": [it for it, p in zip(items, patients) if p in held]}
 
 
 def read_image(path: Path) -> tuple[Image.Image | None, Problem | None]:
@@ -221,9 +260,9 @@ def pairs_in(folder: Path, need_masks: bool = True) -> tuple[list[tuple[Path, Pa
     return items, problems
 
 
-def find_pair_splits(root: Path, val_fraction: float, seed: int):
+def find_pair_splits(root: Path, val_fraction: float, seed: int, patient_pattern: str | None = None):
     """({split: [(image, mask)]}, problems) from root/{train,val,test}/{images,masks}/ or a flat root/ split by
-    a seeded shuffle."""
+    a seeded shuffle (of patients, with a patient pattern: split_by_patient)."""
     root = Path(root)
     if (root / "train" / "images").is_dir():
         splits, problems = {}, []
@@ -233,6 +272,8 @@ def find_pair_splits(root: Path, val_fraction: float, seed: int):
                 problems += p
         return splits, problems
     items, problems = pairs_in(root)
+    if patient_pattern is not None:
+        return split_by_patient(items, [image for image, _ in items], patient_pattern, val_fraction, seed), problems
     order = np.random.default_rng(seed).permutation(len(items))
     n_val = int(round(len(items) * val_fraction)) if len(items) > 1 else 0
     return {"train": [items[i] for i in sorted(order[n_val:])], "val": [items[i] for i in sorted(order[:n_val])]}, \

@@ -130,11 +130,23 @@ def source_unit_digest(key: str) -> tuple[str, str]:
     return key_id(), digest(unit_name(path))
 
 
+def patient_units(sources: list[str], pattern: str | None) -> list[str]:
+    """The unit of each image file: itself, or with a patient pattern (data.patient_pattern) its patient, named
+    as a sibling of the file (<folder>/<patient>)."""
+    if pattern is None:
+        return list(sources)
+    from medgen.common.imagefolder import IMAGE_SUFFIXES, patient_of
+    return [str(Path(s).with_name(patient_of(s, pattern))) if Path(s).suffix.lower() in IMAGE_SUFFIXES else s
+            for s in sources]
+
+
 def units_record(data_cfg, train_sources: list[str], val_sources: list[str]) -> dict:
-    """What a training run records of its data: the split settings and the hashed unit names per split."""
-    hashed = lambda sources: sorted({digest(unit_name(s)) for s in sources})  # noqa: E731
+    """What a training run records of its data: the split settings and the hashed unit names per split (patients
+    with data.patient_pattern, which is recorded too)."""
+    pattern = getattr(data_cfg, "patient_pattern", None)
+    hashed = lambda sources: sorted({digest(unit_name(s)) for s in patient_units(sources, pattern)})  # noqa: E731
     return {"key_id": key_id(), "data_dir_name": Path(data_cfg.data_dir).name if data_cfg.data_dir else None,
-            "split_seed": data_cfg.split_seed, "val_fraction": data_cfg.val_fraction,
+            "split_seed": data_cfg.split_seed, "val_fraction": data_cfg.val_fraction, "patient_pattern": pattern,
             "train": hashed(train_sources), "val": hashed(val_sources)}
 
 

@@ -432,7 +432,7 @@ def test_held_out_copies_of_training_subjects_are_found_by_content(demo_root, tm
         data.load_real(noisy, 32, ["bravo"], compute="local")
     flat = _lesions(tmp_path / "flat", 6, 1)           # class folders, no split folders: split by file, said so
     notes = data.load_real(flat, 32, [], compute="local")[1]
-    assert any("split by image file" in n and "split such data by patient" in n for n in notes), notes
+    assert any("split by image file" in n and "give --patient-pattern" in n for n in notes), notes
     lesions = data.load_real(demo_root / "lesions", 32, [], compute="local")[0]       # images: no copies
     assert not find_copies(lesions["train"].images, lesions["train"].units, lesions["test"].images,
                            lesions["test"].units)

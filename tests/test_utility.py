@@ -432,3 +432,51 @@ def test_a_flat_image_folder_with_a_labels_csv_is_read_as_the_trainer_reads_it(t
                          tmp_path / "cache", "images")
     assert sorted(sets["train"].units) == sorted(trainer.sources)
     assert sets["train"].classes == ["0", "1", "2"] and summary["sets"]["train"]["n"] == len(trainer.sources)
+
+
+def _patient_views(root: Path, n_patients: int, seed: int) -> Path:
+    """Class folders of two views per patient, named P<k>_<view>.png: a flat folder without split folders."""
+    names = ["melanoma", "nevus", "vascular"]
+    for k in range(n_patients):
+        c = k % 3
+        (root / names[c]).mkdir(parents=True, exist_ok=True)
+        for view in ("a", "b"):
+            img = make_lesion_image(seed, c, 2 * k + (view == "b"), 32)
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(root / names[c] / f"P{k:03d}_{view}.png")
+    return root
+
+
+def test_image_folders_are_split_and_resampled_by_patient(tmp_path):
+    """Two views per patient: split by file, some patient lands on both sides (the content check cannot see
+    it); with a patient pattern the trainer's split and the study keep every patient on one side, its units are
+    patients, and a patient found in two given split folders is refused naming it."""
+    from medgen.common.data import DataConfig
+    from medgen.common.imagefolder import find_image_splits
+    from medgen.common.splits import units_record
+    flat = _patient_views(tmp_path / "flat", 30, 1)
+    patient = lambda f: Path(f).name.split("_")[0]  # noqa: E731
+    by_file = find_image_splits(flat, None, 0.3, 0)[0]
+    straddle = {patient(f) for f, _ in by_file["train"]} & {patient(f) for f, _ in by_file["val"]}
+    assert straddle                                        # the leak a patient pattern prevents
+    by_patient = find_image_splits(flat, None, 0.3, 0, None, r"^(P\d+)_")[0]
+    train, val = ({patient(f) for f, _ in by_patient[s]} for s in ("train", "val"))
+    assert not train & val and len(val) == 9 and len(train) == 21
+    sets, notes = data.load_real(flat, 32, [], compute="local", patient_pattern=r"^(P\d+)_")
+    assert all(len(set(ts.units)) * 2 == len(ts) for ts in sets.values())   # two images per unit: patients
+    assert any("split by patient" in n for n in notes)
+    _, notes = data.load_real(flat, 32, [], compute="local")
+    assert any("--patient-pattern" in n for n in notes)     # by file: the note says how to group
+    split = tmp_path / "split"
+    _patient_views(split / "train", 12, 1)
+    _patient_views(split / "val", 6, 2)
+    _patient_views(split / "test", 12, 3)                   # P000-P011 again (val too): the train patients' names
+    with pytest.raises(UserError, match="patient 'P000' has images in both the train and the val split"):
+        data.load_real(split, 32, [], compute="local", patient_pattern=r"^(P\d+)_")
+    with pytest.raises(UserError, match="--patient-pattern '\\(P' is not a regular expression"):
+        data.load_real(flat, 32, [], compute="local", patient_pattern="(P")
+    (flat / "nevus" / "scan.png").write_bytes((flat / "nevus" / "P001_a.png").read_bytes())
+    with pytest.raises(UserError, match="scan.png: its name does not match data.patient_pattern"):
+        data.load_real(flat, 32, [], compute="local", patient_pattern=r"^(P\d+)_")
+    files = [str(f) for f, _ in by_patient["train"]]
+    rec = units_record(DataConfig(data_dir=str(flat), patient_pattern=r"^(P\d+)_"), files, [])
+    assert rec["patient_pattern"] == r"^(P\d+)_" and len(rec["train"]) == 21     # patients, hashed

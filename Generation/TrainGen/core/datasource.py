@@ -71,10 +71,11 @@ def check_data(cfg, every_modality: bool = False) -> int:
     if every_modality and src.kind == "nifti":
         return check_every_modality(cfg, src)
     if src.kind == "pairs":
-        splits = imagefolder.find_pair_splits(src.root, cfg.data.val_fraction, cfg.data.split_seed)[0]
+        splits = imagefolder.find_pair_splits(src.root, cfg.data.val_fraction, cfg.data.split_seed,
+                                              cfg.data.patient_pattern)[0]
     elif src.kind == "images":
         splits = imagefolder.find_image_splits(src.root, cfg.data.labels_csv, cfg.data.val_fraction, 0,
-                                               csv_columns(cfg.data))[0]
+                                               csv_columns(cfg.data), cfg.data.patient_pattern)[0]
     else:
         splits = nifti.find_splits(src.root, nifti.layout_from_config(cfg.data), cfg.data.val_fraction,
                                    cfg.data.split_seed)

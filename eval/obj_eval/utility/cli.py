@@ -64,6 +64,10 @@ def add_split_flags(p) -> None:
     add_flag(p, "labels-csv", default=None, metavar="FILE",
              help="a flat real image folder: its labels CSV, the one the generator trained with "
                   "(--set data.labels_csv=FILE: filename,label; APTOS id_code,diagnosis; ISIC one-hot)")
+    add_flag(p, "patient-pattern", default=None, metavar="REGEX",
+             help="real image folders: a regex whose first group in each file name is its patient (e.g. "
+                  "'^(P\\d+)_'): a flat folder is split by patient and the statistics resample patients "
+                  "(default: the generator's data.patient_pattern)")
 
 
 def train_settings(args, task: str, device: str) -> models.TrainSettings:
@@ -181,7 +185,7 @@ def main(argv=None, doc: str = DOC) -> int:
     vocab = data.mask_vocabulary(args.synthetic_dir, args.labels)
     real, notes = data.load_real(args.real_dir, size, roles, args.positive_only, args.layout, args.seed, args.compute,
                                  generators, args.split_seed, args.val_fraction, vocab=vocab,
-                                 labels_csv=args.labels_csv)
+                                 labels_csv=args.labels_csv, patient_pattern=args.patient_pattern)
     task = "classification" if real["train"].classes else "segmentation"
     ordinal = task == "classification" and (args.ordinal or scores.ordinal_classes(real["train"].classes))
     primary = choose_primary(args.primary, task, args.spatial_dims, ordinal, real["train"].classes,

@@ -21,7 +21,7 @@ from medgen.common.data import GENERATED_MARKER, SPLIT_NAMES, DataConfig, is_nif
 from medgen.common.dataset import SliceData, load_split
 from medgen.common.errors import UserError
 from medgen.common.labels import BINARY, Vocabulary, config_fields, vocabulary
-from medgen.common.splits import check_scheme, source_unit_digest, unit_name
+from medgen.common.splits import check_scheme, patient_units, source_unit_digest, unit_name
 from medgen.config.paths import PathConfig
 from medgen.eval.obj_eval.core.inpainting import is_inpainted
 from medgen.eval.obj_eval.core.inputs import existing_folder, manifest_conditions, native_size
@@ -80,27 +80,30 @@ def task_of(root: Path) -> str:
 
 
 def _config(root: Path, size, positive_only: bool, layout: str, val_fraction: float, seed: int,
-            skip_bad: bool = False, vocab: Vocabulary = BINARY, labels_csv: str | None = None) -> DataConfig:
+            skip_bad: bool = False, vocab: Vocabulary = BINARY, labels_csv: str | None = None,
+            patient_pattern: str | None = None) -> DataConfig:
     """`size`: the evaluation size in px, or a volume grid [H, W, D] (whole volumes, data.spatial_dims 3);
     `labels_csv`: a flat image folder's labels, as the trainer's data.labels_csv."""
     volume = list(size) if isinstance(size, (list, tuple)) else None
     return DataConfig(data_dir=str(root), image_size=128 if volume else size, positive_only=positive_only,
                       layout=layout, val_fraction=val_fraction, split_seed=seed, format="auto", skip_bad=skip_bad,
                       spatial_dims=3 if volume else 2, volume_shape=volume or [64, 64, 48], labels_csv=labels_csv,
-                      **config_fields(vocab))
+                      patient_pattern=patient_pattern, **config_fields(vocab))
 
 
 def _split_names(cfg: DataConfig, root: Path, kind: str) -> list[str]:
     if kind == "nifti":
         splits = nifti.find_splits(root, nifti.layout_from_config(cfg), cfg.val_fraction, cfg.split_seed)
     elif kind == "pairs":
-        splits = imagefolder.find_pair_splits(root, cfg.val_fraction, cfg.split_seed)[0]
+        splits = imagefolder.find_pair_splits(root, cfg.val_fraction, cfg.split_seed, cfg.patient_pattern)[0]
     else:
-        splits = imagefolder.find_image_splits(root, cfg.labels_csv, cfg.val_fraction, cfg.split_seed)[0]
+        splits = imagefolder.find_image_splits(root, cfg.labels_csv, cfg.val_fraction, cfg.split_seed, None,
+                                               cfg.patient_pattern)[0]
     return [s for s, items in splits.items() if items]
 
 
-def _to_taskset(name: str, data: SliceData, kind: str, root: Path, vocab: Vocabulary = BINARY) -> TaskSet:
+def _to_taskset(name: str, data: SliceData, kind: str, root: Path, vocab: Vocabulary = BINARY,
+                patient_pattern: str | None = None) -> TaskSet:
     images = data.images.float()
     if kind == "images":
         targets = data.labels.long()
@@ -113,7 +116,8 @@ def _to_taskset(name: str, data: SliceData, kind: str, root: Path, vocab: Vocabu
     else:
         ids = [str(Path(s).resolve().relative_to(root.resolve())) for s in data.sources]
     spacing = data.spacing.float() if data.spacing is not None else None
-    return TaskSet(name, images, targets, list(data.sources), ids, list(data.class_names), spacing, vocab)
+    units = patient_units(list(data.sources), patient_pattern if kind != "nifti" else None)
+    return TaskSet(name, images, targets, units, ids, list(data.class_names), spacing, vocab)
 
 
 def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], compute: str, name: str) -> TaskSet:
@@ -122,7 +126,7 @@ def _load(root: Path, split: str, kind: str, cfg: DataConfig, roles: list[str], 
     skipped = [p for p in data.problems if p.startswith("skipped")]
     if skipped:   # a synthetic set: a blank sample is a generation failure, counted and named, not a stop
         warn(f"{name}: {len(skipped)} sample(s) left out, e.g. {skipped[0]}")
-    return _to_taskset(name, data, kind, root, vocabulary(cfg) if kind == "nifti" else BINARY)
+    return _to_taskset(name, data, kind, root, vocabulary(cfg) if kind == "nifti" else BINARY, cfg.patient_pattern)
 
 
 def carve(ts: TaskSet, fraction: float, seed: int, names: tuple[str, str]) -> tuple[TaskSet, TaskSet]:
@@ -179,13 +183,14 @@ def split_settings(records: dict[str, dict], split_seed: int | None, val_fractio
 def load_real(root, size: int, image_roles: list[str], positive_only: bool = False, layout: str = "original",
               seed: int = 0, compute: str = "auto", generators: dict[str, dict] | None = None,
               split_seed: int | None = None, val_fraction: float | None = None,
-              flag: str = "--real_dir", vocab: Vocabulary = BINARY, labels_csv: str | None = None
-              ) -> tuple[dict[str, TaskSet], list[str]]:
+              flag: str = "--real_dir", vocab: Vocabulary = BINARY, labels_csv: str | None = None,
+              patient_pattern: str | None = None) -> tuple[dict[str, TaskSet], list[str]]:
     """({'train', 'val', 'test'}: TaskSet, notes). A flat folder is split as the generator split it (its record
     in `generators`, or --split-seed / --val-fraction); a flat image folder with a labels CSV (`labels_csv`,
     as the trainer's data.labels_csv: APTOS train_images/ + train.csv) is read and split as the trainer reads
-    it; a missing test split is carved from val by subject (half of it), a missing val split from train (a
-    fifth); the notes say so. Any val or test unit that a generator trained on is refused, naming it
+    it; `patient_pattern` (as data.patient_pattern) makes each image file's patient its unit: a flat folder is
+    split by patient, and a patient with images in two given splits is refused; a missing test split is carved
+    from val by subject (half of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator trained on is refused, naming it
     (generators None: no synthetic data to check against)."""
     from medgen.common.splits import check_no_leak
     root = existing_folder(root, flag)
@@ -193,8 +198,9 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     if labels_csv and not Path(labels_csv).is_file():
         raise UserError(f"--labels-csv {labels_csv}: no such file")
     s_seed, s_frac, how = split_settings(generators or {}, split_seed, val_fraction)
+    patient_pattern = patient_setting(generators or {}, patient_pattern, kind)
     cfg = _config(root, size, positive_only, layout, s_frac, s_seed, vocab=vocab if kind == "nifti" else BINARY,
-                  labels_csv=labels_csv)
+                  labels_csv=labels_csv, patient_pattern=patient_pattern)
     roles = image_roles + ["seg"] if kind == "nifti" else []
     names = _split_names(cfg, root, kind)
     if "train" not in names:
@@ -205,12 +211,15 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
             raise UserError(f"{flag} {root}: the {s} split ({root / s}) is empty")
     sets = {s: _load(root, s, kind, cfg, roles, compute, f"real {s}") for s in ("train", "val", "test") if s in names}
     notes = []
+    by = "subject" if kind == "nifti" else f"patient (--patient-pattern {patient_pattern!r})" if patient_pattern \
+        else "image file"
     if labels_csv or not any((root / s).is_dir() for s in SPLIT_NAMES):
-        notes.append(f"{root} has no split folders: split by {'subject' if kind == 'nifti' else 'image file'} "
-                     f"with seed {s_seed} and val fraction {s_frac:g} ({how})" +
-                     ("" if kind == "nifti" else "; a patient with several images (views, visits, both eyes) can "
-                      "have images on both sides, which the content check does not see: split such data by "
-                      "patient into train/ val/ test/ folders yourself"))
+        notes.append(f"{root} has no split folders: split by {by} with seed {s_seed} and val fraction {s_frac:g} "
+                     f"({how})" + ("" if kind == "nifti" or patient_pattern else
+                                   "; a patient with several images (views, visits, both eyes) can have images on "
+                                   "both sides, which the content check does not see: give --patient-pattern (a "
+                                   "regex for the patient in the file names) or split by patient into train/ val/ "
+                                   "test/ folders yourself"))
     if "val" not in sets:
         sets["train"], sets["val"] = carve(sets["train"], 0.2, seed, ("real train", "real val"))
         notes.append(f"no val split in {root}: a fifth of the training subjects (seeded) is the validation set")
@@ -228,6 +237,8 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     for s in ("val", "test"):
         if len(sets[s]) == 0:
             raise UserError(f"{flag} {root}: the {s} split is empty")
+    if patient_pattern and kind != "nifti":
+        check_patients_apart(sets, f"{flag} {root}")
     check_no_copies(sets, f"{flag} {root}")
     if generators:
         notes += check_no_leak(generators, {s: sets[s].units for s in ("val", "test")}, f"{flag} {root}")
@@ -235,6 +246,34 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
         notes.append("no generator record (a synthetic folder from generate.py holds one): the test subjects could "
                      "not be checked against the generator's training data")
     return sets, notes
+
+
+def patient_setting(records: dict[str, dict], given: str | None, kind: str) -> str | None:
+    """The patient pattern of the study: the flag, else the generator's (its training record). A flag that
+    differs from the generator's would compare other units than the ones it recorded: refused."""
+    from medgen.common.imagefolder import patient_regex
+    if given is not None:
+        patient_regex(given, "--patient-pattern")
+    recorded = next((r["patient_pattern"] for r in records.values() if r.get("patient_pattern")), None)
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--patient-pattern {given!r}: the generator grouped its training images by "
+                        f"{recorded!r}; give the same pattern, so that its training patients are the ones checked")
+    if given is not None and kind == "nifti":
+        raise UserError("--patient-pattern: NIfTI data are already grouped by subject folder; the pattern is for "
+                        "image folders")
+    return given if given is not None else recorded if kind != "nifti" else None
+
+
+def check_patients_apart(sets: dict[str, TaskSet], what: str) -> None:
+    """Refuse a patient with images in two splits (given split folders that were not split by patient)."""
+    seen: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        for unit in dict.fromkeys(sets[split].units):
+            other = seen.setdefault(unit_name(unit), split)
+            if other != split:
+                raise UserError(f"{what}: patient {unit_name(unit)!r} has images in both the {other} and the {split} "
+                                "split: a patient's images belong on one side (move them, or split the flat "
+                                "folder with --patient-pattern)")
 
 
 def check_no_copies(sets: dict[str, TaskSet], what: str) -> None:
