@@ -447,15 +447,17 @@ def bench_minsnr(device: str, preset: str, work: Path, seeds=(0, 1, 2), epochs: 
 
 
 REGION_STEPS = {"ci": 2, "tiny": 400, "research": 20000}    # optimizer steps per dual model
-REGION_VARIANTS = (("binary masks", "binary", 0.0), ("label maps", "brats2021", 0.0),
-                   ("label maps + region contrast", "brats2021", 0.1))
+REGION_VARIANTS = (("binary masks, core + rim (1+4)", "binary", 0.0, [1, 4]),    # the phantoms' default binary mask
+                   ("binary masks, whole tumour (1+2+4)", "binary", 0.0, [1, 2, 4]),
+                   ("label maps", "brats2021", 0.0, None), ("label maps + region contrast", "brats2021", 0.1, None))
 
 
 def bench_regions(device: str, preset: str, work: Path, seeds=(0, 1), steps: int | None = None) -> list[dict]:
     """Per-region faithfulness of dual (T1-pre + T1-gd) rectified-flow models conditioned three ways, side by side:
-    on binary tumour masks (the conditioning before label maps existed), on BraTS 2021 label maps, and on label
-    maps with the region-specific contrastive loss (optim.region_contrast_weight 0.1). Every model draws one
-    sample per real held-out slice, conditioned on that slice's mask (the binary model on its tumour, core + rim);
+    on binary tumour masks (the conditioning before label maps existed: the phantoms' default, core + rim, and the
+    whole tumour with data.tumour_labels [1, 2, 4]), on BraTS 2021 label maps, and on label maps with the
+    region-specific contrastive loss (optim.region_contrast_weight 0.1). Every model draws one sample per real
+    held-out slice, conditioned on that slice's mask (a binary model on the labels it was trained on);
     a label-map segmenter trained on the real training slices (the utility harness) scores each sample against
     the slice's label map per region (WT, TC, ET), and the enhancement ratio (T1-gd / T1-pre in a label over
     normal tissue) is measured inside ET and ED. Ask for it with --suite regions."""
@@ -477,18 +479,18 @@ def bench_regions(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
     real_ratios = ratios(tensor_sums(heldout.images, heldout.targets, torch.from_numpy(unit_of), roles, vocab),
                          roles, vocab)
     steps = steps or REGION_STEPS[preset]
-    results: dict[str, list[dict]] = {name: [] for name, _, _ in REGION_VARIANTS}
-    for name, labels, contrast in REGION_VARIANTS:
+    results: dict[str, list[dict]] = {name: [] for name, *_ in REGION_VARIANTS}
+    for name, labels, contrast, tumour in REGION_VARIANTS:
         for seed in seeds:
             run = medgen.train([_tiny_yaml(), {"data": {"labels": labels, "cache_dir": str(work / "cache"),
-                                                        "image_size": size},
+                                                        "image_size": size, "tumour_labels": tumour},
                                                "optim": {"max_steps": steps, "epochs": 10 ** 6, "batch_size": batch,
                                                          "region_contrast_weight": contrast},
                                                "model": {"preset": MODEL_PRESETS[preset][0]},
                                                "runtime": {"seed": seed, "device": device, "val_interval": 10 ** 6}}],
                                mode="dual", strategy="rflow", data_dir=str(root), positive_only=True,
-                               run_dir=str(work / f"regions_{labels}_{contrast}_{seed}"))
-            masks = heldout.targets if labels != "binary" else torch.isin(heldout.targets, torch.tensor([1., 4.]))
+                               run_dir=str(work / f"regions_{labels}_{contrast}_{tumour}_{seed}".replace(" ", "")))
+            masks = heldout.targets if tumour is None else torch.isin(heldout.targets, torch.tensor(tumour).float())
             out = medgen.load(run, device=device).sample(masks=masks.float(), seed=seed, steps=30, batch_size=64)
             images = torch.cat([out.images[r] for r in roles], 1)
             synth = data.TaskSet(f"synthetic {name}", images, heldout.targets, heldout.units, heldout.ids,

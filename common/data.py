@@ -49,6 +49,9 @@ class DataConfig:
     layout: Literal["original", "brats2021", "brats2023", "custom"] = "original"  # file naming preset
     modalities: dict[str, str] = field(default_factory=dict)  # layout=custom: role -> file glob, e.g. seg: "*_mask"
     mask_labels: list[int] | None = None  # allowed mask values; None: the layout's (original {0,1,2,4}, BraTS labels)
+    tumour_labels: list[int] | None = None  # data.labels binary: the label ids the mask keeps; None: the layout's
+                                         # (original: 1 + 4, the core without edema; BraTS: every label > 0),
+                                         # e.g. [1, 2, 4] for the whole tumour of the phantoms
     labels: str = "binary"               # label vocabulary (common/labels.py): binary (one tumour mask), brats2021
                                          # (1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 SNFH, 3 ET) or custom
     custom_labels: dict[str, int] | None = None  # labels=custom: name -> id, e.g. {necrosis: 1, edema: 2}
@@ -97,6 +100,11 @@ class DataConfig:
         if self.patient_pattern is not None:
             from medgen.common.imagefolder import patient_regex
             patient_regex(self.patient_pattern, "data.patient_pattern")
+        _check(self.tumour_labels is None or (len(self.tumour_labels) > 0 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.tumour_labels)),
+            "data.tumour_labels must be a list of label ids above 0 (or null)")
+        _check(self.tumour_labels is None or self.labels == "binary",
+               "data.tumour_labels is for binary masks (data.labels binary); a label vocabulary keeps every label")
         from medgen.common.labels import vocabulary
         vocabulary(self)      # an unknown preset, custom labels sharing an id or regions naming no label: said now
         _check(self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be at most {MAX_IMAGE_SIZE}, got "
@@ -163,6 +171,8 @@ def layout_from_config(data_cfg) -> Layout:
         return Layout(base.patterns, (0, *vocab.ids), None)
     if data_cfg.mask_labels is not None:
         base = Layout(base.patterns, tuple(data_cfg.mask_labels), base.tumour)
+    if data_cfg.tumour_labels is not None:
+        base = Layout(base.patterns, base.mask_labels, tuple(data_cfg.tumour_labels))
     return base
 
 

@@ -255,3 +255,24 @@ def test_resuming_with_another_vocabulary_is_refused(demo_root, tmp_path):
     with pytest.raises(UserError, match="label vocabulary binary .* this run has brats2021"):
         medgen.train(["tiny", {"optim.max_steps": 4, "runtime.val_interval": 100, "data.labels": "brats2021"}],
                      resume="auto", **args)
+
+
+def test_tumour_labels_choose_what_a_binary_mask_keeps(demo_root, tmp_path):
+    """The phantoms' BraTS 2021 maps read as binary keep the core (1 + 4) by the original layout; with
+    data.tumour_labels [1, 2, 4] the binary mask is the whole tumour, edema included, as a BraTS user reads WT."""
+    from medgen.common.data import DataConfig
+    from medgen.common.dataset import load_split
+    root = demo_root / "brain"
+    read = lambda **kw: load_split(DataConfig(data_dir=str(root), image_size=32, **kw), root, "val", ["bravo", "seg"],  # noqa: E731
+                                   tmp_path / "cache", "nifti")
+    maps = read(labels="brats2021").masks
+    core, whole = read().masks, read(tumour_labels=[1, 2, 4]).masks
+    assert set(core.unique().tolist()) <= {0, 1} and set(whole.unique().tolist()) <= {0, 1}
+    assert torch.equal(core.bool(), (maps == 1) | (maps == 4))
+    assert torch.equal(whole.bool(), maps > 0) and whole.sum() > core.sum()
+    for bad, why in (([], "a list of label ids above 0"), ([0, 1], "a list of label ids above 0"),
+                     (["x"], "a list of label ids above 0")):
+        with pytest.raises(UserError, match=why):
+            DataConfig(tumour_labels=bad)
+    with pytest.raises(UserError, match="data.tumour_labels is for binary masks"):
+        DataConfig(tumour_labels=[1, 2], labels="brats2021")
