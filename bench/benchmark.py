@@ -489,7 +489,7 @@ def bench_regions(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
                                                "model": {"preset": MODEL_PRESETS[preset][0]},
                                                "runtime": {"seed": seed, "device": device, "val_interval": 10 ** 6}}],
                                mode="dual", strategy="rflow", data_dir=str(root), positive_only=True,
-                               run_dir=str(work / f"regions_{labels}_{contrast}_{tumour}_{seed}".replace(" ", "")))
+                               run_dir=str(work / f"regions_{labels}_{contrast}_{'+'.join(map(str, tumour or []))}_{seed}"))
             masks = heldout.targets if tumour is None else torch.isin(heldout.targets, torch.tensor(tumour).float())
             out = medgen.load(run, device=device).sample(masks=masks.float(), seed=seed, steps=30, batch_size=64)
             images = torch.cat([out.images[r] for r in roles], 1)
