@@ -98,7 +98,7 @@ class DataConfig:
                f"({voxels * 4 / 2 ** 30:.1f} GiB per float32 channel and sample); at most {MAX_VOXELS:,} "
                "(512x512x512) are allowed")
         if self.patient_pattern is not None:
-            from medgen.common.imagefolder import patient_regex
+            from medgen.common.names import patient_regex
             patient_regex(self.patient_pattern, "data.patient_pattern")
         _check(self.tumour_labels is None or (len(self.tumour_labels) > 0 and all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.tumour_labels)),

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medgen.common.data import Problem, fit_square
 from medgen.common.errors import UserError
-from medgen.common.names import check_name
+from medgen.common.names import check_name, patient_of
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -156,29 +156,6 @@ def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, s
             splits["train"] += [members[i] for i in sorted(order[n_val:])]
     classes = sorted({c for items in splits.values() for _, c in items})
     return splits, classes, problems
-
-
-def patient_regex(pattern: str, what: str = "data.patient_pattern") -> "re.Pattern":
-    """The compiled patient pattern, or one line naming `what` when it is not a usable regex."""
-    import re
-    try:
-        rx = re.compile(pattern)
-    except re.error as err:
-        raise UserError(f"{what} {pattern!r} is not a regular expression: {err}") from None
-    if not pattern:
-        raise UserError(f"{what} is empty: give a regex whose first group is the patient, e.g. '^(P\\d+)_'")
-    return rx
-
-
-def patient_of(path, pattern: str | None, what: str = "data.patient_pattern") -> str | None:
-    """The patient of an image file: the first group of the pattern's match in its file name (the whole match
-    when the pattern has no group); None without a pattern. A name that does not match is one line naming it."""
-    if pattern is None:
-        return None
-    m = patient_regex(pattern, what).search(Path(path).name)
-    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
-        raise UserError(f"{path}: its name does not match {what} {pattern!r}, so its patient is unknown")
-    return m.group(1) if m.re.groups else m.group(0)
 
 
 def split_by_patient(items: list, files: list[Path], pattern: str, val_fraction: float, seed: int

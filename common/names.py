@@ -46,3 +46,26 @@ def inside(root: Path, rel: str | Path, what: str = "--output_dir") -> Path:
     if target != base and not target.is_relative_to(base):
         raise UserError(f"{what} {root}: refusing to write {rel} outside it (it resolves to {target})")
     return root / rel
+
+
+def patient_regex(pattern: str, what: str = "data.patient_pattern") -> "re.Pattern":
+    """The compiled patient pattern, or one line naming `what` when it is not a usable regex."""
+    import re
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"{what} {pattern!r} is not a regular expression: {err}") from None
+    if not pattern:
+        raise UserError(f"{what} is empty: give a regex whose first group is the patient, e.g. '^(P\\d+)_'")
+    return rx
+
+
+def patient_of(path, pattern: str | None, what: str = "data.patient_pattern") -> str | None:
+    """The patient of an image file: the first group of the pattern's match in its file name (the whole match
+    when the pattern has no group); None without a pattern. A name that does not match is one line naming it."""
+    if pattern is None:
+        return None
+    m = patient_regex(pattern, what).search(Path(path).name)
+    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
+        raise UserError(f"{path}: its name does not match {what} {pattern!r}, so its patient is unknown")
+    return m.group(1) if m.re.groups else m.group(0)

@@ -135,7 +135,8 @@ def patient_units(sources: list[str], pattern: str | None) -> list[str]:
     as a sibling of the file (<folder>/<patient>)."""
     if pattern is None:
         return list(sources)
-    from medgen.common.imagefolder import IMAGE_SUFFIXES, patient_of
+    from medgen.common.imagefolder import IMAGE_SUFFIXES
+    from medgen.common.names import patient_of
     return [str(Path(s).with_name(patient_of(s, pattern))) if Path(s).suffix.lower() in IMAGE_SUFFIXES else s
             for s in sources]
 

@@ -251,7 +251,7 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
 def patient_setting(records: dict[str, dict], given: str | None, kind: str) -> str | None:
     """The patient pattern of the study: the flag, else the generator's (its training record). A flag that
     differs from the generator's would compare other units than the ones it recorded: refused."""
-    from medgen.common.imagefolder import patient_regex
+    from medgen.common.names import patient_regex
     if given is not None:
         patient_regex(given, "--patient-pattern")
     recorded = next((r["patient_pattern"] for r in records.values() if r.get("patient_pattern")), None)
