@@ -489,7 +489,8 @@ def bench_regions(device: str, preset: str, work: Path, seeds=(0, 1), steps: int
                                                "model": {"preset": MODEL_PRESETS[preset][0]},
                                                "runtime": {"seed": seed, "device": device, "val_interval": 10 ** 6}}],
                                mode="dual", strategy="rflow", data_dir=str(root), positive_only=True,
-                               run_dir=str(work / f"regions_{labels}_{contrast}_{'+'.join(map(str, tumour or []))}_{seed}"))
+                               run_dir=str(work / f"regions_{labels}_{contrast}_{'+'.join(map(str, tumour or []))}_"
+                                                  f"{seed}"))
             masks = heldout.targets if tumour is None else torch.isin(heldout.targets, torch.tensor(tumour).float())
             out = medgen.load(run, device=device).sample(masks=masks.float(), seed=seed, steps=30, batch_size=64)
             images = torch.cat([out.images[r] for r in roles], 1)
@@ -826,9 +827,10 @@ def copy_transforms(x: torch.Tensor, seed: int = 1) -> dict[str, torch.Tensor]:
     def each(fn):
         return torch.stack([fn(img) for img in x])
 
+    directions = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
     def move(img, px):                      # zero-filled, by px along a random one of the 8 directions
-        dy, dx = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)][torch.randint(8, (1,), generator=g)]
-        dy, dx = dy * px, dx * px
+        dy, dx = (px * v for v in directions[int(torch.randint(8, (1,), generator=g))])
         out = torch.zeros_like(img)
         out[..., max(dy, 0):s + min(dy, 0), max(dx, 0):s + min(dx, 0)] = \
             img[..., max(-dy, 0):s + min(-dy, 0), max(-dx, 0):s + min(-dx, 0)]

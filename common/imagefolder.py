@@ -144,18 +144,25 @@ def find_image_splits(root: Path, labels_csv: str | None, val_fraction: float, s
                 problems += p
     else:
         items, problems = list_items(root, labels_csv, columns)
-        rng = np.random.default_rng(seed)
-        splits = {"train": [], "val": []}
         if patient_pattern is not None:
             splits = split_by_patient(items, [f for f, _ in items], patient_pattern, val_fraction, seed)
-        for name in sorted({c for _, c in items}) if patient_pattern is None else ():
-            members = [it for it in items if it[1] == name]
-            n_val = int(round(len(members) * val_fraction)) if len(members) > 1 else 0
-            order = rng.permutation(len(members))
-            splits["val"] += [members[i] for i in sorted(order[:n_val])]
-            splits["train"] += [members[i] for i in sorted(order[n_val:])]
+        else:
+            splits = split_by_class(items, val_fraction, seed)
     classes = sorted({c for items in splits.values() for _, c in items})
     return splits, classes, problems
+
+
+def split_by_class(items: list[tuple[Path, str]], val_fraction: float, seed: int) -> dict[str, list]:
+    """{'train', 'val'}: val_fraction of each class's files held out, by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "val": []}
+    for name in sorted({c for _, c in items}):
+        members = [it for it in items if it[1] == name]
+        n_val = int(round(len(members) * val_fraction)) if len(members) > 1 else 0
+        order = rng.permutation(len(members))
+        splits["val"] += [members[i] for i in sorted(order[:n_val])]
+        splits["train"] += [members[i] for i in sorted(order[n_val:])]
+    return splits
 
 
 def split_by_patient(items: list, files: list[Path], pattern: str, val_fraction: float, seed: int

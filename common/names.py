@@ -66,6 +66,7 @@ def patient_of(path, pattern: str | None, what: str = "data.patient_pattern") ->
     if pattern is None:
         return None
     m = patient_regex(pattern, what).search(Path(path).name)
-    if m is None or not (m.group(1) if m.re.groups else m.group(0)):
+    patient = None if m is None else m.group(1) if m.re.groups else m.group(0)
+    if not patient:
         raise UserError(f"{path}: its name does not match {what} {pattern!r}, so its patient is unknown")
-    return m.group(1) if m.re.groups else m.group(0)
+    return patient

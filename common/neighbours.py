@@ -3,7 +3,7 @@
 
 The copy distance of a query image to a training image is sqrt(2 - 2 r), r the largest normalised
 cross-correlation (the Pearson correlation of two overlapping windows) found over
-- every move of up to MARGIN of the side (8 px at 64 px) along each in-plane axis,
+- every move of up to 1/8 of the side (8 px at 64 px) along each in-plane axis,
 - the query as it is, mirrored left-right, flipped up-down, and both (a 180-degree turn),
 - every crop of 80% of the side or more, resized back, of either image inside the other: the smaller of
   the two (resized to the crop's size) slides over every position of the larger,
@@ -13,7 +13,8 @@ the brightness and contrast (the correlation ignores both); small rotations, noi
 little. Searching every training image that way is too slow, so each query's CANDIDATES nearest training
 images by a descriptor that moves and flips leave unchanged (the folded low-frequency magnitude spectrum, at
 the SCALES crops) are searched exactly: in float32 to find the closest, whose distance is then computed in
-float64. bench/copy_detector.py measures what it flags on the demo phantoms (the table in docs/utility.md).
+float64. `bench/benchmark.py --suite copies` measures what it flags on the demo phantoms (the table in
+docs/utility.md).
 """
 from __future__ import annotations
 

@@ -71,10 +71,9 @@ class DiffusionLoss:
         """Region-specific contrastive term after the idea of MAISI-v2 (Zhao et al. 2025), not its loss (no
         dilation, no ground-truth background term, per-pixel hinge: docs/training.md): in each sample one label
         present in its conditioning mask is relabelled as background and the network predicts again on the same
-        x_t and t. Inside
-        the region the two predictions must differ by at least the margin (a hinge on the channel-mean absolute
-        difference), outside it they must agree (the difference itself), each averaged over its pixels. It asks
-        the conditioning of each region to act where the region is and only there."""
+        x_t and t. Inside the region the two predictions must differ by at least the margin (a hinge on the
+        channel-mean absolute difference), outside it they must agree (the difference itself), each averaged
+        over its pixels. It asks the conditioning of each region to act where the region is and only there."""
         masks = batch["masks"]
         ids = torch.tensor(self.mode.vocab.ids, device=masks.device, dtype=masks.dtype)
         present = (masks.flatten(1)[:, None, :] == ids[None, :, None]).any(2).float()   # (N, K), no host sync

@@ -127,9 +127,9 @@ def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50,
     the real units, whole; without it the real statistics are held fixed."""
     members = None if groups is None else unit_members(groups)
     real_members = None if real_groups is None else unit_members(real_groups)
-    small = max(len(real), len(synthetic)) < real.shape[1]
-    if small:
-        distance = lambda syn, ref=real: frechet_from_samples(ref, syn)  # noqa: E731
+    if max(len(real), len(synthetic)) < real.shape[1]:
+        def distance(syn, ref=None):
+            return frechet_from_samples(real if ref is None else ref, syn)
     else:
         mu_r, s_r = gaussian_stats(real)
         a = _sqrt_psd(s_r)
@@ -147,7 +147,7 @@ def fid_from_features(real: np.ndarray, synthetic: np.ndarray, n_boot: int = 50,
         for _ in tqdm(range(n_boot), desc="FID bootstrap", leave=False, disable=n_boot < 20):
             syn = synthetic[cluster_resample(rng, members, len(synthetic))]
             ref = None if real_members is None else real[cluster_resample(rng, real_members, len(real))]
-            boots.append(distance(syn) if ref is None else distance(syn, ref))
+            boots.append(distance(syn, ref))
         out["ci95"], out["resampling_bias"] = fid_interval(boots, value)
     return out
 

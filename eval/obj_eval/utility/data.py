@@ -190,8 +190,9 @@ def load_real(root, size: int, image_roles: list[str], positive_only: bool = Fal
     as the trainer's data.labels_csv: APTOS train_images/ + train.csv) is read and split as the trainer reads
     it; `patient_pattern` (as data.patient_pattern) makes each image file's patient its unit: a flat folder is
     split by patient, and a patient with images in two given splits is refused; a missing test split is carved
-    from val by subject (half of it), a missing val split from train (a fifth); the notes say so. Any val or test unit that a generator trained on is refused, naming it
-    (generators None: no synthetic data to check against)."""
+    from val by subject (half of it), a missing val split from train (a fifth); the notes say so. Any val or
+    test unit that a generator trained on is refused, naming it (generators None: no synthetic data to check
+    against)."""
     from medgen.common.splits import check_no_leak
     root = existing_folder(root, flag)
     kind = "images" if labels_csv else kind_of(root)

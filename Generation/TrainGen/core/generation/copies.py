@@ -1,8 +1,8 @@
 """generate.py --reject_copies: a generated image closer to a training image than the held-out 1st-percentile
 threshold (the k-th smallest of the validation images' nearest-training-image distances, k = round(0.01 (n+1)))
 is dropped and drawn again: the memorization audit's criterion and copy distance (common/neighbours.py: pixel
-correlation, searched over moves of up to 1/8 of the side, flips and crops or zooms of 0.8-1.25). The training and validation splits are the image
-model's own, read as it was trained."""
+correlation, searched over moves of up to 1/8 of the side, flips and crops or zooms of 0.8-1.25). The training
+and validation splits are the image model's own, read as it was trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass
